@@ -1,0 +1,2666 @@
+#!/usr/bin/env python3
+"""FlowForge: git-centric developer time tracking, where TIME = MONEY.
+
+Every minute a developer tracks reaches the team's billing summary exactly once,
+even when hooks, daemons, disks, networks and people fail.  This is one file,
+Python 3.9+ standard library only: copy it into a repository and run it.
+
+Quick start (in a git work tree)
+    python3 flowforge.py init                    # creates .flowforge/; safe to run twice
+    python3 flowforge.py start 123 --note "login bug"
+    python3 flowforge.py pause                   # ... resume, switch 124, cancel
+    python3 flowforge.py stop
+    python3 flowforge.py log 124 1h30m --date 2026-11-20
+    python3 flowforge.py aggregate               # private entries -> committed team shards
+    git add .flowforge && git commit -m "Track time"
+    python3 flowforge.py report --by user,issue  # on any clone, no private data needed
+    python3 flowforge.py bill --month 2026-11
+
+Where the data lives
+    .flowforge/config.json      team config (committed): rates, rounding, granularity
+    .flowforge/team/            committed; every file has exactly one writer:
+        summaries/<user>--<store>/<YYYY-MM>.json   monthly shard with a sha256
+    .flowforge/user/<name>/     private, git-ignored, 0700: timers, entries, notes
+    .flowforge/state/           per machine, git-ignored: locks, caches, logs
+    .flowforge/quarantine/      damaged files set aside, with manifest.json
+
+Exit codes
+    0 ok    1 expected failure    64 usage    65 bad data    69 provider unavailable
+    73 cannot create    75 temporary (lock held)    77 permission    78 bad config
+
+Stability: the command line, the exit codes and the on-disk formats (each
+carries a "schema" number that is checked on read) are the public interface.
+Functions in this file may change between versions.
+
+Sections, in dependency order (each leans only on the ones above it):
+    1. Constants and errors
+    2. Small utilities: clock, time zones, parsing, canonical JSON, checksums, git
+    3. Atomic I/O and locks
+    4. Layout, config, identity and quarantine
+    5. Private store and timers
+    6. Aggregation and shards
+    7. Reports and billing
+    8. Command line
+"""
+
+import errno
+import json
+import os
+import re
+import sys
+import time
+import zlib
+
+if __name__ == "__main__":
+    # One module identity even when run as a script, so that code doing
+    # `import flowforge` (plugins, tests) gets this module, not a second copy.
+    sys.modules.setdefault("flowforge", sys.modules[__name__])
+
+
+# ############################################################################
+# 1. Constants and errors
+# ############################################################################
+
+VERSION = "0.1.0"
+
+EXIT_OK = 0
+EXIT_FAIL = 1          # an expected failure; the message says what to do
+EXIT_USAGE = 64        # bad command line or argument
+EXIT_DATA = 65         # bad or damaged data
+EXIT_UNAVAILABLE = 69  # a provider or facility is unavailable
+EXIT_CANTCREAT = 73    # cannot write (disk full, file too large, I/O error)
+EXIT_TEMPFAIL = 75     # try again later (lock held)
+EXIT_NOPERM = 77       # permission denied
+EXIT_CONFIG = 78       # bad configuration
+
+MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
+FUTURE_TOLERANCE = 60          # seconds of clock skew accepted for "now"
+NOTE_MAX = 2000
+
+# On-disk format versions.  A reader refuses a newer version instead of misreading it.
+CONFIG_SCHEMA = 1
+USER_SCHEMA = 1
+TIMER_SCHEMA = 1
+RECORD_SCHEMA = 1
+SHARD_SCHEMA = 1
+AGGSTATE_SCHEMA = 1
+QUARANTINE_SCHEMA = 1
+
+
+class FlowForgeError(Exception):
+    """An expected failure: `main` prints the message on one line and exits."""
+
+    def __init__(self, message, exit_code=EXIT_FAIL):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class LockBusy(FlowForgeError):
+    def __init__(self, message):
+        super().__init__(message, EXIT_TEMPFAIL)
+
+
+class CorruptFile(FlowForgeError):
+    """A file failed to parse, validate or match its checksum."""
+
+    def __init__(self, path, reason):
+        super().__init__("%s: %s" % (path, reason), EXIT_DATA)
+        self.path = path
+        self.reason = reason
+
+
+# ############################################################################
+# 2. Small utilities: clock, time zones, parsing, canonical JSON, checksums, git
+# ############################################################################
+
+def now():
+    """Current time in integer epoch seconds.
+
+    FLOWFORGE_NOW (epoch seconds or ISO-8601 with offset) pins the clock, for
+    reproducible tests and demos."""
+    pinned = os.environ.get("FLOWFORGE_NOW")
+    if pinned:
+        if pinned.lstrip("-").isdigit():
+            return int(pinned)
+        return parse_time(pinned, _utc(), int(time.time()))
+    return int(time.time())
+
+
+def _utc():
+    from datetime import timezone
+    return timezone.utc
+
+
+def load_timezone(name):
+    """A zoneinfo time zone by IANA name; a bad name is a configuration error."""
+    from zoneinfo import ZoneInfo
+    try:
+        if not name or name.startswith(("/", ".")) or ".." in name:
+            raise ValueError(name)
+        return ZoneInfo(name)
+    except Exception:
+        raise FlowForgeError("unknown time zone %r (use an IANA name such as "
+                             "Europe/Berlin)" % name, EXIT_CONFIG)
+
+
+def system_timezone_name():
+    """The machine's IANA zone name: $TZ, else /etc/localtime's target, else UTC."""
+    tz = os.environ.get("TZ", "").lstrip(":")
+    if tz and not tz.startswith("/"):
+        try:
+            load_timezone(tz)
+            return tz
+        except FlowForgeError:
+            pass
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            name = target.split("zoneinfo/", 1)[1]
+            load_timezone(name)
+            return name
+    except (OSError, FlowForgeError):
+        pass
+    return "UTC"
+
+
+def local_date(ts, tz):
+    """The calendar date (ISO string) of epoch second `ts` in zone `tz`."""
+    from datetime import datetime
+    return datetime.fromtimestamp(ts, tz).date().isoformat()
+
+
+class DayClock:
+    """Local calendar days of one time zone, for splitting time at local midnight.
+
+    Day starts are computed with zoneinfo, so 23- and 25-hour DST days come out
+    right; where midnight does not exist, the day starts at its first instant."""
+
+    def __init__(self, tz):
+        self.tz = tz
+        self._starts = {}
+
+    def day_start(self, day):
+        """Epoch second at which local date `day` (a datetime.date) begins."""
+        start = self._starts.get(day)
+        if start is None:
+            from datetime import datetime
+            start = int(datetime(day.year, day.month, day.day, tzinfo=self.tz).timestamp())
+            self._starts[day] = start
+        return start
+
+    def split(self, start, end):
+        """[(date ISO string, seconds)] covering [start, end); the parts sum to end - start."""
+        from datetime import datetime, timedelta
+        parts = []
+        day = datetime.fromtimestamp(start, self.tz).date()
+        one = timedelta(days=1)
+        while start < end:
+            boundary = self.day_start(day + one)
+            if boundary <= start:  # pathological zone data; always make progress
+                boundary = start + 1
+            stop = min(end, boundary)
+            parts.append((day.isoformat(), stop - start))
+            start = stop
+            day = day + one
+        return parts
+
+
+_TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+_DATE_TIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
+    r"\s*(Z|z|[+-]\d{2}:?\d{2})?)?$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_MONTH = re.compile(r"^\d{4}-\d{2}$")
+
+
+def parse_time(text, tz, now_ts):
+    """Epoch seconds for a time argument.
+
+    Accepts `now`, `09:30` (today in `tz`), `2026-11-22 09:30`, ISO-8601 with or
+    without an offset, a bare date (its midnight), and relative `-15m` / `-1h30m`."""
+    from datetime import datetime, timedelta, timezone
+    raw = text
+    text = text.strip()
+    if text == "now":
+        return now_ts
+    if text.startswith("-") and len(text) > 1:
+        try:
+            return now_ts - parse_duration(text[1:])
+        except FlowForgeError:
+            raise FlowForgeError("time %r is not valid: a relative time looks "
+                                 "like -15m or -1h30m" % raw, EXIT_USAGE)
+    m = _TIME_OF_DAY.match(text)
+    try:
+        if m:
+            hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+            today = datetime.fromtimestamp(now_ts, tz).date()
+            local = datetime(today.year, today.month, today.day, hour, minute, second, tzinfo=tz)
+            return int(local.timestamp())
+        m = _DATE_TIME.match(text)
+        if m:
+            y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            hour, minute, second = (int(m.group(4) or 0), int(m.group(5) or 0), int(m.group(6) or 0))
+            zone = tz
+            offset = m.group(7)
+            if offset:
+                if offset in ("Z", "z"):
+                    zone = timezone.utc
+                else:
+                    sign = -1 if offset[0] == "-" else 1
+                    digits = offset[1:].replace(":", "")
+                    zone = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+            return int(datetime(y, mo, d, hour, minute, second, tzinfo=zone).timestamp())
+    except (ValueError, OverflowError):
+        pass
+    raise FlowForgeError("time %r is not valid: use 09:30, 2026-11-22 09:30, "
+                         "ISO-8601 or -15m" % raw, EXIT_USAGE)
+
+
+def parse_date(text, what="date"):
+    """A `YYYY-MM-DD` argument as a datetime.date."""
+    from datetime import date
+    if _DATE.match(text or ""):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise FlowForgeError("%s %r is not valid: use YYYY-MM-DD" % (what, text), EXIT_USAGE)
+
+
+def parse_month(text):
+    if _MONTH.match(text or "") and 1 <= int(text[5:7]) <= 12:
+        return text
+    raise FlowForgeError("month %r is not valid: use YYYY-MM" % text, EXIT_USAGE)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([hms])")
+_UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
+
+
+def _exact_seconds(number, unit_seconds):
+    """Integer seconds for a decimal string times a unit, rounded half up, no floats."""
+    whole, _, frac = number.partition(".")
+    scale = 10 ** len(frac)
+    numerator = (int(whole) * scale + int(frac or 0)) * unit_seconds
+    return (2 * numerator + scale) // (2 * scale)
+
+
+def parse_duration(text):
+    """Positive integer seconds for `90m`, `1h30m`, `1.5h`, `45s`, `1:30` or `1:30:15`."""
+    raw = text
+    text = (text or "").strip().lower()
+    seconds = None
+    m = re.match(r"^(\d+):([0-5]\d)(?::([0-5]\d))?$", text)
+    if m:
+        seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0)
+    elif text and _DURATION_PART.sub("", text).strip() == "":
+        parts = _DURATION_PART.findall(text)
+        units = [u for _, u in parts]
+        if units == sorted(set(units), key="hms".index):
+            seconds = sum(_exact_seconds(n, _UNIT_SECONDS[u]) for n, u in parts)
+    if seconds is None:
+        hint = ""
+        if re.match(r"^\d+(\.\d+)?$", text):
+            hint = " (%sm or %sh? give a unit)" % (text, text)
+        raise FlowForgeError("duration %r is not valid: use 90m, 1h30m, 1.5h or 1:30%s"
+                             % (raw, hint), EXIT_USAGE)
+    if seconds <= 0:
+        raise FlowForgeError("duration %r is not positive" % raw, EXIT_USAGE)
+    return seconds
+
+
+def format_duration(seconds):
+    """`1h05m` style for people; the data itself stays in integer seconds."""
+    seconds = int(seconds)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return "%s%dh%02dm" % (sign, h, m)
+    if m:
+        return "%s%dm%02ds" % (sign, m, s) if s else "%s%dm" % (sign, m)
+    return "%s%ds" % (sign, s)
+
+
+def format_hours(seconds):
+    """`12:30` (hours:minutes, truncated) for tables."""
+    h, rest = divmod(int(seconds), 3600)
+    return "%d:%02d" % (h, rest // 60)
+
+
+_ISSUE_NUMBER = re.compile(r"^#?([0-9]{1,12})$")
+_ISSUE_REPO = re.compile(r"^([A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100})#([0-9]{1,12})$")
+_ISSUE_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,19})-([0-9]{1,12})$")
+
+
+def parse_issue(text):
+    """Canonical issue reference: `123` (also from `#123`), `owner/repo#123`, `ABC-12`."""
+    text = (text or "").strip()
+    m = _ISSUE_NUMBER.match(text)
+    if m:
+        return str(int(m.group(1)))
+    m = _ISSUE_REPO.match(text)
+    if m and not m.group(1).startswith((".", "-")):
+        return "%s#%d" % (m.group(1), int(m.group(2)))
+    m = _ISSUE_KEY.match(text)
+    if m:
+        return "%s-%d" % (m.group(1).upper(), int(m.group(2)))
+    raise FlowForgeError("issue %r is not valid: use 123, #123, owner/repo#123 or ABC-12"
+                         % text, EXIT_USAGE)
+
+
+_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,63}$")
+
+
+def parse_project(text):
+    if text is None:
+        return ""
+    if _PROJECT.match(text) and not text.endswith(" "):
+        return text
+    raise FlowForgeError("project %r is not valid: 1-64 letters, digits, space, . _ / -, "
+                         "starting with a letter or digit" % text, EXIT_USAGE)
+
+
+def parse_note(text):
+    if text is None:
+        return ""
+    if len(text) > NOTE_MAX:
+        raise FlowForgeError("note is longer than %d characters" % NOTE_MAX, EXIT_USAGE)
+    if any(ord(c) < 32 and c not in "\t\n" for c in text):
+        raise FlowForgeError("note contains control characters", EXIT_USAGE)
+    return text
+
+
+_USER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+
+
+def valid_user_name(name):
+    """Letters, digits, `.`, `_`, `-`; 1-64 characters; no leading dot (so no `..`)."""
+    return bool(name) and _USER_NAME.match(name) is not None
+
+
+def canonical_json(obj):
+    """Sorted keys, compact, UTF-8: the same data always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical_bytes(obj):
+    return (canonical_json(obj) + "\n").encode("utf-8")
+
+
+def encode_record(record):
+    """One checksummed line of the private store: `<crc32 hex> <canonical JSON>\\n`.
+
+    crc32 rather than sha256: it catches torn and flipped lines, and zlib is
+    already loaded, whereas hashlib costs the timers ~15 ms at start-up."""
+    body = canonical_json(record).encode("utf-8")
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode_record(line):
+    """The record of one line (without its newline); ValueError says what is wrong."""
+    if len(line) < 11 or line[8:9] != b" ":
+        raise ValueError("not a checksummed record")
+    body = line[9:]
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        raise ValueError("not a checksummed record")
+    if crc != zlib.crc32(body):
+        raise ValueError("checksum mismatch")
+    try:
+        record = json.loads(body)
+    except ValueError:
+        raise ValueError("not JSON")
+    if not isinstance(record, dict):
+        raise ValueError("not a record")
+    if record.get("v", 0) > RECORD_SCHEMA:
+        raise ValueError("written by a newer FlowForge (record version %s)" % record.get("v"))
+    return record
+
+
+_sha256 = None
+
+
+def sha256_hex(data):
+    # hashlib loads OpenSSL (~15 ms at import).  The interpreter's builtin
+    # SHA-256 gives the same digest and keeps report and hook start-up fast.
+    global _sha256
+    if _sha256 is None:
+        try:
+            from _sha2 import sha256 as _sha256  # Python 3.12+
+        except ImportError:
+            try:
+                from _sha256 import sha256 as _sha256
+            except ImportError:
+                from hashlib import sha256 as _sha256
+    return _sha256(data).hexdigest()
+
+
+def run_git(args, cwd, check=True):
+    """Run git; returns (exit code, stdout, stderr) as text.
+
+    posix_spawn instead of subprocess: importing subprocess costs ~15 ms, which
+    the timers and the hook cannot afford.  Inherits the environment, so inside
+    a git hook GIT_DIR and GIT_INDEX_FILE keep pointing at the right index."""
+    argv = ["git"] + list(args)
+    if not hasattr(os, "posix_spawnp"):  # pragma: no cover - non-POSIX
+        import subprocess
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        import select
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
+                       (os.POSIX_SPAWN_CLOSE, out_r), (os.POSIX_SPAWN_CLOSE, err_r)]
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
+            try:
+                pid = os.posix_spawnp("git", ["git", "-C", cwd] + list(args), os.environ,
+                                      file_actions=actions)
+            finally:
+                os.close(devnull)
+        except OSError as e:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise FlowForgeError("cannot run git: %s" % e.strerror, EXIT_UNAVAILABLE)
+        os.close(out_w)
+        os.close(err_w)
+        chunks = {out_r: [], err_r: []}
+        open_fds = [out_r, err_r]
+        while open_fds:
+            ready, _, _ = select.select(open_fds, [], [])
+            for fd in ready:
+                data = os.read(fd, 65536)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    open_fds.remove(fd)
+                    os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+            else (status >> 8)
+        out, err = b"".join(chunks[out_r]), b"".join(chunks[err_r])
+    out = out.decode("utf-8", "replace")
+    err = err.decode("utf-8", "replace")
+    if check and rc != 0:
+        raise FlowForgeError("git %s failed: %s" % (" ".join(args[:2]), err.strip().splitlines()[-1]
+                                                    if err.strip() else "exit %d" % rc))
+    return rc, out, err
+
+
+def git_config_get(root, key):
+    rc, out, _ = run_git(["config", "--get", key], root, check=False)
+    return out.strip() if rc == 0 else ""
+
+
+# ############################################################################
+# 3. Atomic I/O and locks
+# ############################################################################
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def fsync_dir(path):
+    """fsync a directory, so that a rename or a new file in it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write(path, data, mode=None):
+    """Replace `path` with `data` so that readers see the old bytes or the new, never a mix.
+
+    Temp file in the same directory (a rename across file systems is a copy),
+    fsync before the rename (otherwise a crash can leave the new name pointing
+    at empty data), os.replace, then fsync the directory (otherwise the rename
+    itself may not survive power loss).  On any failure the temp file is
+    removed and the target is untouched.  `mode` None keeps an existing file's
+    mode and gives a new one 0666 minus the umask."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, ".%s.tmp-%d-%s" % (name, os.getpid(), os.urandom(4).hex()))
+    keep_mode = None
+    if mode is None:
+        try:
+            keep_mode = os.lstat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                 0o666 if mode is None else mode)
+    try:
+        try:
+            if keep_mode is not None:
+                os.fchmod(fd, keep_mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory or ".")
+
+
+def append_durable(path, data, create_mode=0o600):
+    """Append `data` to `path` and fsync; returns the file's size before the append.
+
+    The caller holds the file's lock and has made sure the file ends with a
+    newline.  If the write fails half way (disk full), the file is cut back to
+    its old size so that no torn line is left behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
+                 create_mode)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+    if size == 0:
+        fsync_dir(os.path.dirname(path))  # a new file's directory entry must be durable too
+    return size
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def makedirs_private(path):
+    """Create a directory tree whose new parts are 0700 (private or per-machine data)."""
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+class FileLock:
+    """An exclusive `flock` on a lock file, waiting at most `timeout` seconds.
+
+    flock, not lockf: a POSIX record lock is dropped when the process closes
+    *any* descriptor of the file, while a flock belongs to our descriptor and
+    vanishes with the process, so a `kill -9` never leaves a stale lock.  The
+    lock file is never deleted: a waiter still holding the old inode and a
+    newcomer on a re-created path could otherwise both "hold" the lock.
+    O_NOFOLLOW refuses a planted symlink."""
+
+    def __init__(self, path, timeout, what):
+        self.path = path
+        self.timeout = timeout
+        self.what = what
+        self.fd = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            raise FlowForgeError("FlowForge needs POSIX file locks (fcntl), which this "
+                                 "platform does not have", EXIT_UNAVAILABLE)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise FlowForgeError("refusing lock file %s: it is a symbolic link"
+                                         % self.path, EXIT_NOPERM)
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LockBusy("%s is busy (another FlowForge process holds its lock); "
+                                   "try again" % self.what)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.05)
+                continue
+            if os.fstat(fd).st_nlink == 0:  # unlinked while we waited: lock the new file
+                os.close(fd)
+                continue
+            self.fd = fd
+            return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ############################################################################
+# 4. Layout, config, identity and quarantine
+# ############################################################################
+
+class UI:
+    """Where messages go: data on stdout, everything for people on stderr."""
+    quiet = False
+    verbose = False
+    color = False
+    json = False
+
+
+def info(message):
+    if not UI.quiet:
+        sys.stderr.write(message + "\n")
+
+
+def warn(message):
+    sys.stderr.write("warning: " + message + "\n")
+
+
+def debug(message):
+    if UI.verbose:
+        sys.stderr.write("debug: " + message + "\n")
+
+
+GITIGNORE = """\
+# FlowForge: private and per-machine data never leave this machine.
+/user/
+/state/
+/quarantine/
+"""
+
+DEFAULT_CONFIG = {
+    "schema": CONFIG_SCHEMA,
+    # day | week | month: the finest period that committed shards reveal.
+    "granularity": "day",
+    "billing": {
+        "currency": "USD",
+        "default_rate": "0.00",     # per hour, a decimal string
+        "user_rates": {},           # {"alice": "120.00"}
+        "project_rates": {},        # {"web": "95.00"}
+        "user_project_rates": {},   # {"alice/web": "150.00"}; the most specific rate wins
+        "round_minutes": 0,         # billing increment; 0 bills exact seconds
+        "round_mode": "up",         # up | nearest | down
+        "round_scope": "line",      # line: round each bill line; day: each user x issue x day
+    },
+    "hook": {"budget_ms": 400, "lock_wait_ms": 100},
+}
+
+_RATE = re.compile(r"^\d{1,9}(\.\d{1,4})?$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class Repo:
+    """A git work tree with FlowForge's layout under .flowforge/."""
+
+    def __init__(self, root):
+        self.root = root
+        self.ff = os.path.join(root, ".flowforge")
+        self.config_path = os.path.join(self.ff, "config.json")
+        self.team = os.path.join(self.ff, "team")
+        self.summaries = os.path.join(self.team, "summaries")
+        self.users = os.path.join(self.ff, "user")
+        self.state = os.path.join(self.ff, "state")
+        self.locks = os.path.join(self.state, "locks")
+        self.logs = os.path.join(self.state, "logs")
+        self.aggstate = os.path.join(self.state, "aggregate")
+        self.quarantine_dir = os.path.join(self.ff, "quarantine")
+        self._config = None
+
+    @classmethod
+    def find(cls, start):
+        """The work tree containing `start`: the nearest directory with a .git entry."""
+        path = os.path.abspath(start)
+        if not os.path.isdir(path):
+            raise FlowForgeError("%s is not a directory" % start, EXIT_USAGE)
+        while True:
+            if os.path.exists(os.path.join(path, ".git")):
+                return cls(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                raise FlowForgeError("%s is not inside a git work tree (run `git init` "
+                                     "first, or use -C REPO)" % os.path.abspath(start))
+            path = parent
+
+    def rel(self, path):
+        return os.path.relpath(path, self.root)
+
+    def require(self):
+        if not os.path.isfile(self.config_path):
+            raise FlowForgeError("FlowForge is not set up in %s: run `flowforge init`"
+                                 % self.root, EXIT_CONFIG)
+        return self
+
+    @property
+    def config(self):
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def ensure_machine_dirs(self):
+        for path in (self.locks, self.logs, self.aggstate, self.quarantine_dir):
+            makedirs_private(path)
+
+    def lock(self, name, timeout, what):
+        if not os.path.isdir(self.locks):
+            self.ensure_machine_dirs()
+        return FileLock(os.path.join(self.locks, name + ".lock"), timeout, what)
+
+
+def _merge_defaults(config, defaults):
+    merged = dict(defaults)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            merged[key] = _merge_defaults(value, defaults[key])
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path):
+    """The team config, with defaults for missing keys; anything wrong is exit 78."""
+    try:
+        raw = read_bytes(path)
+    except FileNotFoundError:
+        raise FlowForgeError("%s is missing: run `flowforge init`" % path, EXIT_CONFIG)
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise FlowForgeError("%s is not valid JSON (%s); fix it or restore it from git"
+                             % (path, e), EXIT_CONFIG)
+    if not isinstance(config, dict):
+        raise FlowForgeError("%s must hold a JSON object" % path, EXIT_CONFIG)
+    config = _merge_defaults(config, DEFAULT_CONFIG)
+    validate_config(config, path)
+    return config
+
+
+def validate_config(config, path):
+    def bad(what):
+        raise FlowForgeError("%s: %s" % (path, what), EXIT_CONFIG)
+
+    schema = config.get("schema")
+    if not isinstance(schema, int) or schema < 1:
+        bad("schema must be a positive integer")
+    if schema > CONFIG_SCHEMA:
+        bad("written by a newer FlowForge (schema %d); upgrade flowforge.py" % schema)
+    if config.get("granularity") not in ("day", "week", "month"):
+        bad("granularity must be day, week or month")
+    billing = config.get("billing")
+    if not isinstance(billing, dict):
+        bad("billing must be an object")
+    if not isinstance(billing.get("currency"), str) or not _CURRENCY.match(billing["currency"]):
+        bad("billing.currency must be a three-letter code such as EUR")
+
+    def rate(where, value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return
+        if not isinstance(value, str) or not _RATE.match(value):
+            bad("%s must be a non-negative decimal string such as \"120.00\"" % where)
+
+    rate("billing.default_rate", billing.get("default_rate"))
+    for table in ("user_rates", "project_rates", "user_project_rates"):
+        rates = billing.get(table)
+        if not isinstance(rates, dict):
+            bad("billing.%s must be an object" % table)
+        for key, value in rates.items():
+            rate("billing.%s[%r]" % (table, key), value)
+    minutes = billing.get("round_minutes")
+    if not isinstance(minutes, int) or isinstance(minutes, bool) or not 0 <= minutes <= 1440:
+        bad("billing.round_minutes must be a whole number of minutes from 0 to 1440")
+    if billing.get("round_mode") not in ("up", "nearest", "down"):
+        bad("billing.round_mode must be up, nearest or down")
+    if billing.get("round_scope") not in ("line", "day"):
+        bad("billing.round_scope must be line or day")
+    hook = config.get("hook")
+    if not isinstance(hook, dict):
+        bad("hook must be an object")
+    for key in ("budget_ms", "lock_wait_ms"):
+        value = hook.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 60000:
+            bad("hook.%s must be a whole number of milliseconds from 0 to 60000" % key)
+
+
+def derive_user_name(email):
+    """`Jane.Doe+work@example.com` -> `jane.doe`: a valid name from an e-mail address."""
+    local = email.split("@", 1)[0].split("+", 1)[0].lower()
+    name = re.sub(r"[^a-z0-9._-]", "-", local).lstrip(".-")[:64]
+    return name if valid_user_name(name) else ""
+
+
+def resolve_user(root, explicit):
+    """Who is tracking: --user, $FLOWFORGE_USER, git config flowforge.user, user.email."""
+    for source, name in (("--user", explicit), ("FLOWFORGE_USER", os.environ.get("FLOWFORGE_USER"))):
+        if name:
+            return check_user_name(name, source)
+    name = git_config_get(root, "flowforge.user")
+    if name:
+        return check_user_name(name, "git config flowforge.user")
+    email = git_config_get(root, "user.email")
+    name = derive_user_name(email) if email else ""
+    if name:
+        return name
+    raise FlowForgeError("cannot tell who you are: pass --user NAME, set FLOWFORGE_USER, "
+                         "or run `git config flowforge.user NAME`", EXIT_CONFIG)
+
+
+def check_user_name(name, source):
+    if not valid_user_name(name):
+        raise FlowForgeError("user name %r (from %s) is not valid: 1-64 letters, digits, "
+                             ". _ -, not starting with . or -" % (name, source), EXIT_USAGE)
+    return name
+
+
+def init_repo(root, user, timezone):
+    """Create the layout; safe to run twice (nothing existing is overwritten)."""
+    repo = Repo(root)
+    created = []
+    for path in (repo.summaries, os.path.join(repo.team, "audit"), os.path.join(repo.ff, "plugins")):
+        if not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+            created.append(repo.rel(path) + "/")
+    for path in (repo.users, repo.state):
+        if not os.path.isdir(path):
+            makedirs_private(path)
+            created.append(repo.rel(path) + "/")
+    repo.ensure_machine_dirs()
+    gitignore = os.path.join(repo.ff, ".gitignore")
+    try:
+        current = read_bytes(gitignore).decode("utf-8", "replace")
+    except FileNotFoundError:
+        current = ""
+    missing = [line for line in GITIGNORE.splitlines()
+               if line.startswith("/") and line not in current.splitlines()]
+    if missing:
+        text = current.rstrip("\n") + "\n" + "\n".join(missing) + "\n" if current else GITIGNORE
+        atomic_write(gitignore, text.encode("utf-8"))
+        created.append(repo.rel(gitignore))
+    if not os.path.exists(repo.config_path):
+        config = json.loads(json.dumps(DEFAULT_CONFIG))
+        config["repo_id"] = os.urandom(8).hex()  # names this repository's mirror
+        atomic_write(repo.config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n")
+                     .encode("utf-8"))
+        created.append(repo.rel(repo.config_path))
+    else:
+        repo.config  # validate the existing one
+    return repo, created
+
+
+class Quarantine:
+    """Damaged files, set aside (never deleted) with a manifest of why and when."""
+
+    def __init__(self, repo):
+        self.repo = repo
+        self.dir = repo.quarantine_dir
+        self.manifest_path = os.path.join(self.dir, "manifest.json")
+
+    def _load(self):
+        try:
+            doc = json.loads(read_bytes(self.manifest_path))
+            items = doc["items"]
+            if not isinstance(items, list):
+                raise ValueError
+            return items
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError):
+            # The manifest is only an index of the files beside it: rebuild it.
+            items = []
+            for name in sorted(os.listdir(self.dir)):
+                if re.match(r"^Q\d+-", name):
+                    items.append({"id": name.split("-", 1)[0], "file": name, "original": "",
+                                  "reason": "unknown (the manifest was damaged)", "time": 0,
+                                  "size": os.path.getsize(os.path.join(self.dir, name)),
+                                  "sha256": ""})
+            return items
+
+    def _save(self, items):
+        atomic_write(self.manifest_path, canonical_bytes(
+            {"schema": QUARANTINE_SCHEMA, "items": items}), 0o600)
+
+    def _lock(self):
+        return self.repo.lock("quarantine", 10, "the quarantine")
+
+    def put(self, path, reason, copy=False):
+        """Move (or copy) `path` into quarantine; returns the item id."""
+        makedirs_private(self.dir)
+        with self._lock():
+            items = self._load()
+            number = 1 + max([int(i["id"][1:]) for i in items if i["id"][1:].isdigit()] or [0])
+            item_id = "Q%d" % number
+            name = "%s-%s" % (item_id, os.path.basename(path))
+            dest = os.path.join(self.dir, name)
+            data = read_bytes(path)
+            if copy:
+                atomic_write(dest, data, 0o600)
+            else:
+                os.replace(path, dest)
+                fsync_dir(self.dir)
+            items.append({"id": item_id, "file": name, "original": self.repo.rel(path),
+                          "sha256": sha256_hex(data), "size": len(data), "reason": reason,
+                          "time": now()})
+            self._save(items)
+        log_event(self.repo, "quarantine", id=item_id, path=self.repo.rel(path), reason=reason)
+        return item_id
+
+    def list(self):
+        return self._load() if os.path.isdir(self.dir) else []
+
+    def _find(self, items, item_id):
+        for item in items:
+            if item["id"].lower() == item_id.lower():
+                return item
+        raise FlowForgeError("no quarantined item %s (see `flowforge quarantine list`)" % item_id)
+
+    def restore(self, item_id, force=False):
+        with self._lock():
+            items = self._load()
+            item = self._find(items, item_id)
+            if not item.get("original"):
+                raise FlowForgeError("%s has no recorded original path" % item["id"])
+            target = os.path.join(self.repo.root, item["original"])
+            if os.path.exists(target) and not force:
+                raise FlowForgeError("%s exists; move it away first or use --force" % item["original"])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            atomic_write(target, read_bytes(os.path.join(self.dir, item["file"])), 0o600)
+            os.unlink(os.path.join(self.dir, item["file"]))
+            items.remove(item)
+            self._save(items)
+        return item
+
+    def delete(self, item_id):
+        with self._lock():
+            items = self._load()
+            item = self._find(items, item_id)
+            try:
+                os.unlink(os.path.join(self.dir, item["file"]))
+            except FileNotFoundError:
+                pass
+            items.remove(item)
+            self._save(items)
+        return item
+
+
+LOG_MAX_BYTES = 1 << 20
+LOG_KEEP = 3
+
+
+def log_event(repo, event, **fields):
+    """Append one line to state/logs/flowforge.jsonl (size-rotated); never raises.
+
+    The log is diagnostics: losing a line to a full disk must not fail the
+    command that is reporting it."""
+    try:
+        makedirs_private(repo.logs)
+        path = os.path.join(repo.logs, "flowforge.jsonl")
+        try:
+            if os.path.getsize(path) > LOG_MAX_BYTES:
+                for i in range(LOG_KEEP - 1, 0, -1):
+                    if os.path.exists("%s.%d" % (path, i)):
+                        os.replace("%s.%d" % (path, i), "%s.%d" % (path, i + 1))
+                os.replace(path, path + ".1")
+        except OSError:
+            pass
+        fields.update(ts=now(), event=event, pid=os.getpid())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, canonical_bytes(fields))
+        finally:
+            os.close(fd)
+    except Exception:
+        pass
+
+
+# ############################################################################
+# 5. Private store and timers
+# ############################################################################
+#
+# .flowforge/user/<name>/ holds one developer's detailed data for this clone:
+#   config.json              store id (random, made once) and time zone
+#   time/current.json        the running or paused timer, replaced atomically
+#   time/daily/<day>.jsonl   append-only checksummed records, fsynced:
+#       {"op":"entry", "id", "issue", "project", "note", "segments":[[start,end],...]}
+#       {"op":"entry", ..., "date", "seconds"}            (logged without clock times)
+#       {"op":"edit", "id", "set":{...}}  {"op":"delete", "id"}   (latest wins)
+# An entry id is "<YYYYMMDD>-<8 hex>": the day names the file that holds the
+# entry and all its amendments, so finding an entry reads one small file.
+
+_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+_ENTRY_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})-[0-9a-f]{8}$")
+
+
+def entry_seconds(entry):
+    if "segments" in entry:
+        return sum(end - start for start, end in entry["segments"])
+    return entry["seconds"]
+
+
+def entry_start(entry):
+    return entry["segments"][0][0] if entry.get("segments") else None
+
+
+def _valid_record(record):
+    """Structural check of a record that passed its checksum."""
+    op = record.get("op")
+    if not isinstance(record.get("id"), str) or not _ENTRY_ID.match(record["id"]):
+        return False
+    if op == "entry":
+        return _valid_entry_fields(record) and isinstance(record.get("issue"), str)
+    if op == "edit":
+        return isinstance(record.get("set"), dict) and _valid_entry_fields(record["set"])
+    return op == "delete"
+
+
+def _valid_entry_fields(fields):
+    if "segments" in fields:
+        segments = fields["segments"]
+        if not isinstance(segments, list) or not segments:
+            return False
+        for seg in segments:
+            if (not isinstance(seg, list) or len(seg) != 2 or not all(type(x) is int for x in seg)
+                    or seg[0] >= seg[1]):
+                return False
+    if "seconds" in fields:
+        if type(fields["seconds"]) is not int or fields["seconds"] <= 0:
+            return False
+        if not isinstance(fields.get("date"), str) or not _DATE.match(fields["date"]):
+            return False
+    return True
+
+
+def resolve_entries(records):
+    """Entries by id after applying amendments in order (latest wins).
+
+    A deleted id stays deleted even if its entry record appears again, so
+    re-running an import never resurrects what the user removed."""
+    entries = {}
+    deleted = set()
+    for record in records:
+        op, entry_id = record["op"], record["id"]
+        if op == "entry":
+            if entry_id not in entries and entry_id not in deleted:
+                entries[entry_id] = {k: v for k, v in record.items() if k not in ("op", "v")}
+        elif op == "edit":
+            entry = entries.get(entry_id)
+            if entry is not None:
+                changes = record["set"]
+                if "segments" in changes:
+                    entry.pop("date", None)
+                    entry.pop("seconds", None)
+                if "seconds" in changes:
+                    entry.pop("segments", None)
+                entry.update(changes)
+        elif op == "delete":
+            entries.pop(entry_id, None)
+            deleted.add(entry_id)
+    return entries
+
+
+def new_entry_id(day_iso, key=None):
+    """`YYYYMMDD-xxxxxxxx`; with an idempotency key the id is derived from it."""
+    suffix = sha256_hex(key.encode("utf-8"))[:8] if key else os.urandom(4).hex()
+    return day_iso.replace("-", "") + "-" + suffix
+
+
+def day_of_entry_id(entry_id):
+    m = _ENTRY_ID.match(entry_id or "")
+    if not m:
+        raise FlowForgeError("entry id %r is not valid (ids look like 20261122-1a2b3c4d; "
+                             "see `flowforge entries`)" % entry_id, EXIT_USAGE)
+    return "%s-%s-%s" % m.groups()
+
+
+class PrivateStore:
+    """One developer's private data in this clone: .flowforge/user/<name>/."""
+
+    def __init__(self, repo, user):
+        self.repo = repo
+        self.user = user
+        self.dir = os.path.join(repo.users, user)
+        self.config_path = os.path.join(self.dir, "config.json")
+        self.time_dir = os.path.join(self.dir, "time")
+        self.daily = os.path.join(self.time_dir, "daily")
+        self.timer_path = os.path.join(self.time_dir, "current.json")
+        self._settings = None
+        self._tz = None
+        self._clock = None
+
+    # -- settings -----------------------------------------------------------
+
+    def exists(self):
+        return os.path.isfile(self.config_path)
+
+    def create(self, timezone=None):
+        """Create the store (0700 directories, a random store id); idempotent."""
+        if timezone:
+            load_timezone(timezone)
+        for path in (self.daily, os.path.join(self.time_dir, "archive")):
+            makedirs_private(path)
+        os.chmod(self.dir, 0o700)
+        if not self.exists():
+            settings = {"schema": USER_SCHEMA, "user": self.user, "store": os.urandom(5).hex(),
+                        "timezone": timezone or system_timezone_name(), "created": now()}
+            atomic_write(self.config_path, canonical_bytes(settings), 0o600)
+            self._settings = None
+            return True
+        if timezone and self.settings()["timezone"] != timezone:
+            settings = dict(self.settings(), timezone=timezone)
+            atomic_write(self.config_path, canonical_bytes(settings), 0o600)
+            self._settings = self._tz = self._clock = None
+        return False
+
+    def settings(self):
+        if self._settings is None:
+            try:
+                settings = json.loads(read_bytes(self.config_path))
+                if not isinstance(settings, dict) or not re.match(r"^[0-9a-f]{10}$",
+                                                                  settings.get("store", "")):
+                    raise ValueError("no valid store id")
+                if settings.get("schema", 0) > USER_SCHEMA:
+                    raise ValueError("written by a newer FlowForge")
+            except FileNotFoundError:
+                raise FlowForgeError("no private store for %s here: run `flowforge init`"
+                                     % self.user, EXIT_CONFIG)
+            except ValueError as e:
+                raise CorruptFile(self.repo.rel(self.config_path), "%s; run `flowforge "
+                                  "recover assess`" % e)
+            self._settings = settings
+        return self._settings
+
+    @property
+    def store_id(self):
+        return self.settings()["store"]
+
+    @property
+    def tz_name(self):
+        return self.settings().get("timezone") or "UTC"
+
+    @property
+    def tz(self):
+        if self._tz is None:
+            self._tz = load_timezone(self.tz_name)
+        return self._tz
+
+    @property
+    def clock(self):
+        if self._clock is None:
+            self._clock = DayClock(self.tz)
+        return self._clock
+
+    def lock(self, timeout=10.0):
+        """Serialises every read-modify-write of this store (timers, appends, edits)."""
+        return self.repo.lock("store." + self.user, timeout, "the private store of %s" % self.user)
+
+    # -- day files ----------------------------------------------------------
+
+    def day_path(self, day_iso):
+        return os.path.join(self.daily, day_iso + ".jsonl")
+
+    def days(self):
+        """Days that have a file, sorted."""
+        try:
+            names = os.listdir(self.daily)
+        except FileNotFoundError:
+            return []
+        return sorted(m.group(1) for m in map(_DAY_FILE.match, names) if m)
+
+    def read_day(self, day_iso):
+        """All records of one day file.  The caller holds the store lock.
+
+        A torn or corrupted line is never skipped silently: the file is copied
+        into quarantine, the good lines are written back, and a warning names
+        the quarantined copy."""
+        path = self.day_path(day_iso)
+        try:
+            raw = read_bytes(path)
+        except FileNotFoundError:
+            return []
+        return self._parse_day(path, raw)
+
+    def _parse_day(self, path, raw):
+        records, good, bad = [], [], []
+        lines = raw.split(b"\n")
+        torn_tail = lines[-1] != b""
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                record = decode_record(line)
+                if not _valid_record(record):
+                    raise ValueError("not a valid record")
+            except ValueError as e:
+                bad.append("line %d: %s" % (number, e))
+                continue
+            records.append(record)
+            good.append(line + b"\n")
+        if torn_tail:
+            bad.append("line %d: torn (no end of line)" % len(lines))
+        if bad:
+            self._salvage(path, b"".join(good), "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
+                          len(bad))
+        return records
+
+    def _salvage(self, path, good, reason, count):
+        item = Quarantine(self.repo).put(path, reason, copy=True)
+        atomic_write(path, good, 0o600)
+        warn("%s: %s; the original is quarantined as %s and %d damaged line(s) were set "
+             "aside (see `flowforge quarantine list`)" % (self.repo.rel(path), reason, item, count))
+
+    def append(self, day_iso, records):
+        """Append records to a day file durably.  The caller holds the store lock."""
+        makedirs_private(self.daily)
+        path = self.day_path(day_iso)
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a torn tail from an earlier crash
+                        f.seek(0)
+                        self._parse_day(path, f.read())
+        except FileNotFoundError:
+            pass
+        append_durable(path, b"".join(encode_record(dict(r, v=RECORD_SCHEMA)) for r in records))
+
+    def entries_of_day(self, day_iso):
+        return resolve_entries(self.read_day(day_iso))
+
+    def find_entry(self, entry_id):
+        day = day_of_entry_id(entry_id)
+        entry = self.entries_of_day(day).get(entry_id)
+        if entry is None:
+            raise FlowForgeError("no entry %s (see `flowforge entries`)" % entry_id)
+        return day, entry
+
+    def has_record(self, day_iso, entry_id):
+        """Whether an entry with this id was ever appended (cheap: one substring scan)."""
+        try:
+            raw = read_bytes(self.day_path(day_iso))
+        except FileNotFoundError:
+            return False
+        needle = b'"id":"%s"' % entry_id.encode("ascii")
+        if needle not in raw:
+            return False
+        return any(r["id"] == entry_id and r["op"] == "entry" for r in self._parse_day(
+            self.day_path(day_iso), raw))
+
+    # -- the timer ----------------------------------------------------------
+
+    def load_timer(self):
+        """The running or paused timer, or None.  The caller holds the store lock.
+
+        `stop` appends the entry first and clears the timer second.  If a crash
+        came in between, the entry id is already in its day file: the timer is
+        cleared here, so the time is never lost and never counted twice."""
+        try:
+            raw = read_bytes(self.timer_path)
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("schema", 0) > TIMER_SCHEMA:
+                raise ValueError("unknown timer format")
+            timer = doc.get("timer")
+            if timer is not None and not _valid_timer(timer):
+                raise ValueError("invalid timer")
+        except ValueError as e:
+            item = Quarantine(self.repo).put(self.timer_path, "timer state: %s" % e)
+            raise FlowForgeError("the timer state %s was damaged and was set aside as %s; "
+                                 "the running timer is lost: start it again with --at"
+                                 % (self.repo.rel(self.timer_path), item), EXIT_DATA)
+        if timer is not None and self.has_record(timer["day"], timer["id"]):
+            self.save_timer(None)
+            log_event(self.repo, "timer-healed", user=self.user, id=timer["id"])
+            debug("timer %s had already been recorded; cleared it" % timer["id"])
+            return None
+        return timer
+
+    def save_timer(self, timer):
+        makedirs_private(self.time_dir)
+        atomic_write(self.timer_path, canonical_bytes({"schema": TIMER_SCHEMA, "timer": timer}),
+                     0o600)
+
+
+def _valid_timer(timer):
+    return (isinstance(timer, dict) and isinstance(timer.get("id"), str)
+            and _ENTRY_ID.match(timer["id"]) is not None
+            and isinstance(timer.get("day"), str) and isinstance(timer.get("issue"), str)
+            and isinstance(timer.get("segments"), list)
+            and (timer.get("running_since") is None or type(timer["running_since"]) is int)
+            and (timer.get("segments") or timer.get("running_since") is not None))
+
+
+def timer_seconds(timer, at):
+    total = sum(end - start for start, end in timer["segments"])
+    if timer.get("running_since") is not None:
+        total += max(0, at - timer["running_since"])
+    return total
+
+
+def timer_last_point(timer):
+    if timer.get("running_since") is not None:
+        return timer["running_since"]
+    return timer["segments"][-1][1]
+
+
+class Timers:
+    """Timer commands of one user.  Each runs under the store lock and returns
+    (result dict for --json, list of messages for people)."""
+
+    def __init__(self, store, now_ts):
+        self.store = store
+        self.now = now_ts
+
+    def check_time(self, at, what):
+        if at > self.now + FUTURE_TOLERANCE:
+            raise FlowForgeError("%s %s is in the future" % (what, self.show(at)), EXIT_USAGE)
+        return at
+
+    def show(self, ts):
+        from datetime import datetime
+        return datetime.fromtimestamp(ts, self.store.tz).strftime("%Y-%m-%d %H:%M:%S")
+
+    def _finish(self, timer, at, messages):
+        """Record the timer as an entry ending at `at` (if running) and clear it."""
+        segments = [list(s) for s in timer["segments"]]
+        if timer.get("running_since") is not None:
+            if at < timer["running_since"]:
+                raise FlowForgeError("stop time %s is before the timer's start %s"
+                                     % (self.show(at), self.show(timer["running_since"])),
+                                     EXIT_USAGE)
+            segments.append([timer["running_since"], at])
+        segments = [s for s in segments if s[1] > s[0]]
+        seconds = sum(e - s for s, e in segments)
+        if seconds > MAX_ENTRY_SECONDS:
+            raise FlowForgeError("the timer for %s has run for %s, longer than 24h: stop it "
+                                 "with --at TIME, or cancel it" % (timer["issue"],
+                                                                  format_duration(seconds)))
+        entry = None
+        if seconds:
+            entry = {"op": "entry", "id": timer["id"], "issue": timer["issue"],
+                     "project": timer.get("project", ""), "note": timer.get("note", ""),
+                     "segments": segments, "src": "timer"}
+            self.store.append(timer["day"], [entry])
+            messages.append("stopped %s after %s" % (timer["issue"], format_duration(seconds)))
+        else:
+            messages.append("discarded %s: nothing to record (0s)" % timer["issue"])
+        self.store.save_timer(None)
+        return entry
+
+    def start(self, issue, project, note, at):
+        self.check_time(at, "start time")
+        messages = []
+        with self.store.lock():
+            timer = self.store.load_timer()
+            if timer is not None and timer["issue"] == issue:
+                if timer.get("running_since") is not None:
+                    messages.append("already tracking %s since %s"
+                                    % (issue, self.show(timer["running_since"])))
+                    return {"timer": timer, "changed": False}, messages
+                return self._resume(timer, at, messages)
+            stopped = None
+            if timer is not None:
+                if at < timer_last_point(timer):
+                    raise FlowForgeError("start time %s is before the current timer's %s"
+                                         % (self.show(at), self.show(timer_last_point(timer))),
+                                         EXIT_USAGE)
+                stopped = self._finish(timer, at, messages)
+            day = local_date(at, self.store.tz)
+            timer = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
+                     "note": note, "segments": [], "running_since": at}
+            self.store.save_timer(timer)
+        messages.append("tracking %s since %s" % (issue, self.show(at)))
+        return {"timer": timer, "stopped": stopped, "changed": True}, messages
+
+    def stop(self, at):
+        self.check_time(at, "stop time")
+        messages = []
+        with self.store.lock():
+            timer = self._require()
+            entry = self._finish(timer, at, messages)
+        return {"entry": entry}, messages
+
+    def pause(self, at):
+        self.check_time(at, "pause time")
+        with self.store.lock():
+            timer = self._require()
+            since = timer.get("running_since")
+            if since is None:
+                raise FlowForgeError("the timer for %s is already paused" % timer["issue"])
+            if at < since:
+                raise FlowForgeError("pause time %s is before the timer's start %s"
+                                     % (self.show(at), self.show(since)), EXIT_USAGE)
+            if at > since:
+                timer["segments"].append([since, at])
+            timer["running_since"] = None
+            if not timer["segments"]:
+                raise FlowForgeError("nothing to pause: the timer started at %s" % self.show(at),
+                                     EXIT_USAGE)
+            self.store.save_timer(timer)
+        return {"timer": timer}, ["paused %s at %s (%s so far)" % (
+            timer["issue"], self.show(at), format_duration(timer_seconds(timer, at)))]
+
+    def resume(self, at):
+        self.check_time(at, "resume time")
+        with self.store.lock():
+            timer = self._require()
+            if timer.get("running_since") is not None:
+                raise FlowForgeError("the timer for %s is already running" % timer["issue"])
+            return self._resume(timer, at, [])
+
+    def _resume(self, timer, at, messages):
+        last = timer_last_point(timer)
+        if at < last:
+            raise FlowForgeError("resume time %s is before the pause at %s"
+                                 % (self.show(at), self.show(last)), EXIT_USAGE)
+        timer["running_since"] = at
+        self.store.save_timer(timer)
+        messages.append("resumed %s at %s" % (timer["issue"], self.show(at)))
+        return {"timer": timer, "changed": True}, messages
+
+    def cancel(self):
+        with self.store.lock():
+            timer = self._require()
+            self.store.save_timer(None)
+        return {"timer": timer}, ["cancelled %s (%s discarded)" % (
+            timer["issue"], format_duration(timer_seconds(timer, self.now)))]
+
+    def status(self):
+        with self.store.lock():
+            timer = self.store.load_timer()
+            today = local_date(self.now, self.store.tz)
+            entries = self.store.entries_of_day(today)
+        today_seconds = sum(entry_seconds(e) for e in entries.values())
+        result = {"timer": timer, "today": today, "today_seconds": today_seconds}
+        if timer is None:
+            line = "no timer running"
+        else:
+            result["elapsed_seconds"] = timer_seconds(timer, self.now)
+            state = "tracking" if timer.get("running_since") is not None else "paused"
+            line = "%s %s%s: %s" % (state, timer["issue"],
+                                    " (%s)" % timer["project"] if timer.get("project") else "",
+                                    format_duration(result["elapsed_seconds"]))
+            if timer.get("running_since") is not None:
+                line += " since %s" % self.show(timer["running_since"])[11:16]
+            if timer.get("note"):
+                line += " - " + timer["note"]
+        return result, [line, "today %s: %s recorded" % (today, format_duration(today_seconds))]
+
+    def _require(self):
+        timer = self.store.load_timer()
+        if timer is None:
+            raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
+        return timer
+
+    def log(self, issue, seconds, day, project, note, key):
+        if seconds > MAX_ENTRY_SECONDS:
+            raise FlowForgeError("duration %s is longer than 24h; log each day separately"
+                                 % format_duration(seconds), EXIT_USAGE)
+        if day > local_date(self.now, self.store.tz):
+            raise FlowForgeError("date %s is in the future" % day, EXIT_USAGE)
+        entry_id = new_entry_id(day, key)
+        entry = {"op": "entry", "id": entry_id, "issue": issue, "project": project,
+                 "note": note, "date": day, "seconds": seconds, "src": "log"}
+        if key:
+            entry["key"] = key
+        with self.store.lock():
+            if key and self.store.has_record(day, entry_id):
+                return {"entry": entry, "changed": False}, [
+                    "already logged (key %r): %s" % (key, entry_id)]
+            self.store.append(day, [entry])
+        return {"entry": entry, "changed": True}, ["logged %s to %s on %s (%s)" % (
+            format_duration(seconds), issue, day, entry_id)]
+
+    def edit(self, entry_id, changes):
+        """Append an amendment.  `changes` may hold issue, project, note, start,
+        end, seconds, date; the result is validated like a new entry."""
+        with self.store.lock():
+            day, entry = self.store.find_entry(entry_id)
+            new = dict(entry)
+            new.update({k: v for k, v in changes.items() if k in ("issue", "project", "note")})
+            if "segments" in entry and any(k in changes for k in ("start", "end", "seconds")):
+                start = changes.get("start", entry["segments"][0][0])
+                if "seconds" in changes and "end" not in changes:
+                    end = start + changes["seconds"]
+                else:
+                    end = changes.get("end", entry["segments"][-1][1])
+                if end <= start:
+                    raise FlowForgeError("end %s is not after start %s"
+                                         % (self.show(end), self.show(start)), EXIT_USAGE)
+                self.check_time(end, "end time")
+                new["segments"] = [[start, end]]
+            elif "segments" not in entry:
+                if "start" in changes or "end" in changes:
+                    raise FlowForgeError("%s was logged without clock times: change it with "
+                                         "--duration and --date" % entry_id, EXIT_USAGE)
+                new["seconds"] = changes.get("seconds", entry["seconds"])
+                new["date"] = changes.get("date", entry["date"])
+                if new["date"] > local_date(self.now, self.store.tz):
+                    raise FlowForgeError("date %s is in the future" % new["date"], EXIT_USAGE)
+            if entry_seconds(new) > MAX_ENTRY_SECONDS:
+                raise FlowForgeError("an entry cannot be longer than 24h", EXIT_USAGE)
+            changed = {k: v for k, v in new.items() if entry.get(k) != v}
+            if not changed:
+                return {"entry": entry, "changed": False}, ["%s is unchanged" % entry_id]
+            self.store.append(day, [{"op": "edit", "id": entry_id, "set": changed}])
+        return {"entry": dict(new, id=entry_id), "changed": True}, ["edited %s" % entry_id]
+
+    def delete(self, entry_id):
+        with self.store.lock():
+            day, entry = self.store.find_entry(entry_id)
+            self.store.append(day, [{"op": "delete", "id": entry_id}])
+        return {"entry": entry}, ["deleted %s (%s, %s)" % (
+            entry_id, entry["issue"], format_duration(entry_seconds(entry)))]
+
+    def entries(self, first_day, last_day):
+        with self.store.lock():
+            found = []
+            for day in self.store.days():
+                if first_day <= day <= last_day:
+                    for entry_id, entry in self.store.entries_of_day(day).items():
+                        found.append(dict(entry, id=entry_id, day=day))
+        found.sort(key=lambda e: (entry_start(e) or 0, e["day"], e["id"]))
+        return found
+
+
+# ############################################################################
+# 6. Aggregation and shards
+# ############################################################################
+#
+# A shard is the committed summary of one private store for one month:
+# .flowforge/team/summaries/<user>--<store>/<YYYY-MM>.json.  Only that store
+# ever writes it, so two developers (or one developer on two clones) never
+# touch the same committed file and merges cannot conflict.  It holds integer
+# seconds per (period, issue, project) at the configured granularity, totals,
+# and a sha256 -- no notes, no clock times, no host names.
+#
+# Aggregation is incremental.  state/aggregate/<user>.json remembers, for each
+# day file, its size and mtime and the months it contributes to (an entry that
+# crosses midnight at the end of a month, or was edited, can reach another
+# month).  A changed day file marks its old and new months; each marked month
+# is recomputed from every day file that contributes to it.
+
+def period_of(day_iso, granularity):
+    if granularity == "day":
+        return day_iso
+    if granularity == "month":
+        return day_iso[:7]
+    from datetime import date
+    year, week, _ = date.fromisoformat(day_iso).isocalendar()
+    return "%04d-W%02d" % (year, week)
+
+
+def day_contributions(records, clock, granularity):
+    """{month: {(period, issue, project): seconds}} of one day file's entries."""
+    months = {}
+    for entry in resolve_entries(records).values():
+        if "segments" in entry:
+            parts = []
+            for start, end in entry["segments"]:
+                parts.extend(clock.split(start, end))
+        else:
+            parts = [(entry["date"], entry["seconds"])]
+        key_tail = (entry["issue"], entry.get("project", ""))
+        for day, seconds in parts:
+            cells = months.setdefault(day[:7], {})
+            key = (period_of(day, granularity),) + key_tail
+            cells[key] = cells.get(key, 0) + seconds
+    return months
+
+
+def shard_dir(repo, user, store_id):
+    return os.path.join(repo.summaries, "%s--%s" % (user, store_id))
+
+
+def render_shard(user, store_id, month, granularity, tz_name, cells):
+    """Canonical bytes of a shard.  Its "sha256" is the SHA-256 of these bytes
+    with that field's value empty, so checking it needs no re-serialisation."""
+    rows = sorted([period, issue, project, seconds]
+                  for (period, issue, project), seconds in cells.items() if seconds)
+    by_issue, by_project, by_period = {}, {}, {}
+    for period, issue, project, seconds in rows:
+        by_issue[issue] = by_issue.get(issue, 0) + seconds
+        by_project[project] = by_project.get(project, 0) + seconds
+        by_period[period] = by_period.get(period, 0) + seconds
+    doc = {"schema": SHARD_SCHEMA, "kind": "flowforge-shard", "user": user, "store": store_id,
+           "month": month, "granularity": granularity, "timezone": tz_name,
+           "columns": ["period", "issue", "project", "seconds"], "rows": rows,
+           "totals": {"seconds": sum(by_issue.values()), "by_issue": by_issue,
+                      "by_project": by_project, "by_period": by_period},
+           "sha256": ""}
+    blank = canonical_bytes(doc)
+    return blank.replace(b'"sha256":""', b'"sha256":"%s"' % sha256_hex(blank).encode(), 1)
+
+
+_SHARD_SHA = re.compile(rb'"sha256":"([0-9a-f]{64})"')
+
+
+def verify_shard_bytes(raw):
+    """The shard document, or ValueError naming what is wrong with it."""
+    if b"\n<<<<<<< " in b"\n" + raw or b"\n>>>>>>> " in raw:
+        raise ValueError("contains git conflict markers")
+    m = _SHARD_SHA.search(raw)
+    if not m:
+        raise ValueError("has no sha256")
+    if sha256_hex(raw[:m.start(1)] + raw[m.end(1):]) != m.group(1).decode():
+        raise ValueError("does not match its sha256 (edited by hand?)")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise ValueError("is not valid JSON")
+    if not isinstance(doc, dict) or doc.get("kind") != "flowforge-shard":
+        raise ValueError("is not a FlowForge shard")
+    if not isinstance(doc.get("schema"), int) or doc["schema"] > SHARD_SCHEMA:
+        raise ValueError("was written by a newer FlowForge (schema %s)" % doc.get("schema"))
+    return doc
+
+
+def check_shard_sums(doc):
+    """Internal consistency: rows well formed and the totals equal their sums."""
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError("rows missing")
+    total = 0
+    by_issue = {}
+    for row in rows:
+        if (not isinstance(row, list) or len(row) != 4 or type(row[3]) is not int
+                or row[3] <= 0 or not all(isinstance(x, str) for x in row[:3])):
+            raise ValueError("malformed row %r" % (row,))
+        total += row[3]
+        by_issue[row[1]] = by_issue.get(row[1], 0) + row[3]
+    totals = doc.get("totals") or {}
+    if totals.get("seconds") != total or totals.get("by_issue") != by_issue:
+        raise ValueError("totals do not match its rows")
+
+
+def read_shard(path):
+    try:
+        return verify_shard_bytes(read_bytes(path))
+    except ValueError as e:
+        raise CorruptFile(path, "shard %s" % e)
+
+
+def list_shard_files(repo):
+    """[(path, user, store, month)] of every shard in the work tree, sorted."""
+    found = []
+    try:
+        dirs = sorted(os.listdir(repo.summaries))
+    except FileNotFoundError:
+        return found
+    for name in dirs:
+        user, sep, store_id = name.rpartition("--")
+        if not sep:
+            continue
+        directory = os.path.join(repo.summaries, name)
+        try:
+            files = sorted(os.listdir(directory))
+        except NotADirectoryError:
+            continue
+        for file_name in files:
+            if file_name.endswith(".json") and _MONTH.match(file_name[:-5]):
+                found.append((os.path.join(directory, file_name), user, store_id, file_name[:-5]))
+    return found
+
+
+class Aggregator:
+    """Turns one private store into its shards, incrementally or in full."""
+
+    def __init__(self, store, granularity):
+        self.store = store
+        self.repo = store.repo
+        self.granularity = granularity
+        self.state_path = os.path.join(self.repo.aggstate, store.user + ".json")
+
+    def _load_state(self):
+        try:
+            state = json.loads(read_bytes(self.state_path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            debug("aggregation cache %s is damaged; rebuilding" % self.state_path)
+            return None  # a cache: rebuilding it from the private store loses nothing
+        expected = {"schema": AGGSTATE_SCHEMA, "store": self.store.store_id,
+                    "granularity": self.granularity, "timezone": self.store.tz_name}
+        if not isinstance(state, dict) or any(state.get(k) != v for k, v in expected.items()):
+            return None
+        return state
+
+    def run(self, full=False, lock_timeout=10.0):
+        """Aggregate; returns {"written": [paths], "months": [...], "full": bool}."""
+        store = self.store
+        with self.repo.lock("aggregate." + store.user, lock_timeout,
+                            "aggregation for %s" % store.user):
+            state = None if full else self._load_state()
+            full = state is None
+            old_files = state["files"] if state else {}
+            with store.lock(lock_timeout):
+                stats = {}
+                for day in store.days():
+                    try:
+                        st = os.stat(store.day_path(day))
+                    except FileNotFoundError:
+                        continue
+                    stats[day] = [st.st_size, st.st_mtime_ns]
+                changed = [d for d in stats if full or old_files.get(d, [None, None])[:2] != stats[d]]
+                removed = [d for d in old_files if d not in stats]
+                parsed = {}
+                for day in changed:
+                    parsed[day] = day_contributions(store.read_day(day), store.clock,
+                                                    self.granularity)
+                    st = os.stat(store.day_path(day))  # salvage may have rewritten it
+                    stats[day] = [st.st_size, st.st_mtime_ns]
+                months = set()
+                for day in changed + removed:
+                    months.update(old_files.get(day, [0, 0, []])[2])
+                for day in changed:
+                    months.update(parsed[day])
+                if full:
+                    months.update(m for _, u, s, m in list_shard_files(self.repo)
+                                  if u == store.user and s == store.store_id)
+                new_files = {}
+                for day in stats:
+                    contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
+                    new_files[day] = stats[day] + [contributes]
+                for day in stats:
+                    if day not in parsed and months.intersection(new_files[day][2]):
+                        parsed[day] = day_contributions(store.read_day(day), store.clock,
+                                                        self.granularity)
+            written = self._write_shards(months, parsed)
+            new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
+                         "granularity": self.granularity, "timezone": store.tz_name,
+                         "files": new_files}
+            if new_state != state:
+                makedirs_private(self.repo.aggstate)
+                atomic_write(self.state_path, canonical_bytes(new_state), 0o600)
+        return {"user": store.user, "store": store.store_id, "full": full,
+                "months": sorted(months), "written": written}
+
+    def _write_shards(self, months, parsed):
+        store = self.store
+        directory = shard_dir(self.repo, store.user, store.store_id)
+        written = []
+        for month in sorted(months):
+            cells = {}
+            for contributions in parsed.values():
+                for key, seconds in contributions.get(month, {}).items():
+                    cells[key] = cells.get(key, 0) + seconds
+            data = render_shard(store.user, store.store_id, month, self.granularity,
+                                store.tz_name, cells)
+            path = os.path.join(directory, month + ".json")
+            try:
+                if read_bytes(path) == data:
+                    continue  # unchanged: same bytes, same mtime
+            except FileNotFoundError:
+                if not cells:
+                    continue  # nothing to say about a month that never had time
+                os.makedirs(directory, exist_ok=True)
+            atomic_write(path, data)
+            written.append(path)
+        return written
+
+
+def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
+    results = []
+    for user in users:
+        store = PrivateStore(repo, user)
+        results.append(Aggregator(store, repo.config["granularity"]).run(full, lock_timeout))
+    return results
+
+
+def local_users(repo):
+    """Users with a private store in this clone."""
+    try:
+        names = sorted(os.listdir(repo.users))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if valid_user_name(n)
+            and os.path.isfile(os.path.join(repo.users, n, "config.json"))]
+
+
+# ############################################################################
+# 7. Reports and billing
+# ############################################################################
+#
+# Reports read only committed shards, so they work on any clone.  A shard that
+# fails its checksum stops the report with exit 65 and its name: a billing
+# figure is never computed from a damaged file, and never from a partial set.
+
+REPORT_DIMENSIONS = ("user", "issue", "project", "day", "week", "month", "store")
+_GRANULARITY_RANK = {"day": 0, "week": 1, "month": 2}
+
+
+def load_team_shards(repo):
+    shards, damaged = [], []
+    for path, _, _, _ in list_shard_files(repo):
+        try:
+            shards.append(read_shard(path))
+        except CorruptFile as e:
+            damaged.append("%s (%s)" % (repo.rel(path), e.reason))
+    if damaged:
+        raise FlowForgeError("%d damaged shard(s): %s; run `flowforge reconcile` on the "
+                             "owner's machine or `flowforge recover assess`"
+                             % (len(damaged), "; ".join(damaged[:3])), EXIT_DATA)
+    return shards
+
+
+def month_bounds(month):
+    from calendar import monthrange
+    year, mon = int(month[:4]), int(month[5:7])
+    return "%s-01" % month, "%s-%02d" % (month, monthrange(year, mon)[1])
+
+
+def period_bounds(period, granularity, month):
+    """First and last day that a shard row's period covers within its month."""
+    if granularity == "day":
+        return period, period
+    first, last = month_bounds(month)
+    if granularity == "week":
+        from datetime import date, timedelta
+        year, week = int(period[:4]), int(period[6:])
+        monday = date.fromisocalendar(year, week, 1)
+        first = max(first, monday.isoformat())
+        last = min(last, (monday + timedelta(days=6)).isoformat())
+    return first, last
+
+
+def resolve_range(period, first, last, today):
+    """(first day, last day) of a report, inclusive; None for unbounded."""
+    from datetime import date, timedelta
+    if first or last:
+        return (parse_date(first, "--from").isoformat() if first else None,
+                parse_date(last, "--to").isoformat() if last else None)
+    day = date.fromisoformat(today)
+    if period == "day":
+        return today, today
+    if period == "week":
+        monday = day - timedelta(days=day.weekday())
+        return monday.isoformat(), (monday + timedelta(days=6)).isoformat()
+    if period == "month":
+        return month_bounds(today[:7])
+    return None, None
+
+
+def team_cells(shards, dims, first, last):
+    """{key tuple over dims: seconds} of shard rows within [first, last]."""
+    finest = min((_GRANULARITY_RANK[d] for d in dims if d in _GRANULARITY_RANK), default=3)
+    cells = {}
+    for doc in shards:
+        granularity = doc["granularity"]
+        if _GRANULARITY_RANK[granularity] > finest:
+            raise FlowForgeError("shards of %s are kept per %s: --by %s is finer than that"
+                                 % (doc["user"], granularity,
+                                    [d for d in dims if d in _GRANULARITY_RANK][0]))
+        for period, issue, project, seconds in doc["rows"]:
+            p_first, p_last = period_bounds(period, granularity, doc["month"])
+            if (first and p_last < first) or (last and p_first > last):
+                continue
+            values = {"user": doc["user"], "store": doc["store"], "issue": issue,
+                      "project": project, "month": doc["month"]}
+            if granularity == "day":
+                values["day"] = period
+                if "week" in dims:
+                    values["week"] = period_of(period, "week")
+            elif granularity == "week":
+                values["week"] = period
+            key = tuple(values[d] for d in dims)
+            cells[key] = cells.get(key, 0) + seconds
+    return cells
+
+
+def decimal_hours(seconds):
+    """Hours with two decimals, rounded half up, by integer arithmetic."""
+    hundredths = (int(seconds) * 100 * 2 + 3600) // (2 * 3600)
+    return "%d.%02d" % divmod(hundredths, 100)
+
+
+def csv_safe(value):
+    """Neutralise spreadsheet formulas: a cell starting with = + - @ (or tab, CR)
+    is prefixed with a quote, so a project name cannot run code in Excel."""
+    text = str(value)
+    if text and text[0] in "=+-@\t\r":
+        return "'" + text
+    return text
+
+
+def render(fmt, headers, rows, total_row=None, title=None):
+    """Render a table as table / csv / md / html text."""
+    rows = [[str(c) for c in row] for row in rows]
+    if total_row:
+        rows_all = rows + [[str(c) for c in total_row]]
+    else:
+        rows_all = rows
+    if fmt == "csv":
+        import csv
+        import io
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(headers)
+        for row in rows_all:
+            writer.writerow([csv_safe(c) for c in row])
+        return buf.getvalue()
+    if fmt == "md":
+        def esc(c):
+            return c.replace("|", "\\|")
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(
+            " ---: " if h in _NUMERIC_HEADERS else " --- " for h in headers) + "|"]
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+        if total_row:
+            lines.append("| " + " | ".join("**%s**" % esc(c) if c else "" for c in total_row) + " |")
+        return (("## %s\n\n" % title) if title else "") + "\n".join(lines) + "\n"
+    if fmt == "html":
+        from html import escape
+        out = ["<table>"]
+        if title:
+            out.append("<caption>%s</caption>" % escape(title))
+        out.append("<thead><tr>%s</tr></thead><tbody>" % "".join(
+            "<th>%s</th>" % escape(h) for h in headers))
+        for row in rows:
+            out.append("<tr>%s</tr>" % "".join("<td>%s</td>" % escape(c) for c in row))
+        out.append("</tbody>")
+        if total_row:
+            out.append("<tfoot><tr>%s</tr></tfoot>" % "".join(
+                "<th>%s</th>" % escape(c) for c in total_row))
+        out.append("</table>")
+        return "\n".join(out) + "\n"
+    widths = [max([len(h)] + [len(r[i]) for r in rows_all]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if h in _NUMERIC_HEADERS else c.ljust(w)
+                         for c, w, h in zip(cells, widths, headers)).rstrip()
+    out = []
+    if title:
+        out.append(title)
+    head = line(headers)
+    out.append("\033[1m%s\033[0m" % head if UI.color else head)
+    out.append("  ".join("-" * w for w in widths))
+    out += [line(r) for r in rows]
+    if total_row:
+        out.append("  ".join("-" * w for w in widths))
+        out.append(line(rows_all[-1]))
+    return "\n".join(out) + "\n"
+
+
+_NUMERIC_HEADERS = ("time", "hours", "billable", "rate", "amount", "seconds")
+
+
+def build_report(repo, dims, first, last):
+    cells = team_cells(load_team_shards(repo), dims, first, last)
+    keys = sorted(cells)
+    rows = [dict(zip(dims, key), seconds=cells[key], hours=decimal_hours(cells[key]))
+            for key in keys]
+    total = sum(cells.values())
+    return {"schema": "flowforge.report/1", "from": first, "to": last, "by": list(dims),
+            "rows": rows, "total_seconds": total, "total_hours": decimal_hours(total)}
+
+
+def render_report(report, fmt):
+    dims = report["by"]
+    headers = list(dims) + ["time", "hours"]
+    rows = [[r[d] for d in dims] + [format_hours(r["seconds"]), r["hours"]]
+            for r in report["rows"]]
+    total = ["total"] + [""] * (len(dims) - 1) + [format_hours(report["total_seconds"]),
+                                                  report["total_hours"]]
+    span = "%s .. %s" % (report["from"] or "start", report["to"] or "now")
+    if fmt == "table" and not rows:
+        return "no tracked time in %s\n" % span
+    return render(fmt, headers, rows, total if fmt != "csv" or rows else None,
+                  "Tracked time, %s" % span if fmt in ("table", "md", "html") else None)
+
+
+def round_seconds(seconds, increment, mode):
+    if not increment or not seconds:
+        return seconds
+    if mode == "up":
+        return -(-seconds // increment) * increment
+    if mode == "down":
+        return seconds // increment * increment
+    return (seconds + increment // 2) // increment * increment  # nearest, half up
+
+
+def rate_for(billing, user, project):
+    """The hourly rate: user/project, else project, else user, else default."""
+    for table, key in (("user_project_rates", "%s/%s" % (user, project)),
+                       ("project_rates", project), ("user_rates", user)):
+        if key in billing[table]:
+            return billing[table][key]
+    return billing["default_rate"]
+
+
+def build_bill(repo, first, last, by_issue):
+    """Billing lines with exact decimal money.  Rounding (billing.round_minutes,
+    round_mode) applies to each bill line, or with round_scope "day" to each
+    user x project x issue x period cell before the line sums them."""
+    from decimal import Decimal, ROUND_HALF_UP
+    billing = repo.config["billing"]
+    increment = billing["round_minutes"] * 60
+    mode, scope = billing["round_mode"], billing["round_scope"]
+    dims = ["project", "user"] + (["issue"] if by_issue else [])
+    finest = ["project", "user", "issue", "month", "week", "day"]
+    shards = load_team_shards(repo)
+    coarsest = max((_GRANULARITY_RANK[s["granularity"]] for s in shards), default=0)
+    period_dim = ("day", "week", "month")[coarsest]
+    cells = team_cells(shards, finest[:3] + [period_dim], first, last)
+    lines = {}
+    for (project, user, issue, _), seconds in cells.items():
+        key = (project, user, issue) if by_issue else (project, user)
+        line = lines.setdefault(key, [0, 0])
+        line[0] += seconds
+        line[1] += round_seconds(seconds, increment, mode) if scope == "day" else 0
+    cent = Decimal("0.01")
+    out, total_amount, total_seconds, total_billable = [], Decimal(0), 0, 0
+    for key in sorted(lines):
+        seconds, billable = lines[key]
+        if scope == "line":
+            billable = round_seconds(seconds, increment, mode)
+        rate = Decimal(str(rate_for(billing, key[1], key[0])))
+        amount = (Decimal(billable) * rate / Decimal(3600)).quantize(cent, ROUND_HALF_UP)
+        out.append(dict(zip(dims, key), seconds=seconds, billable_seconds=billable,
+                        hours=decimal_hours(seconds), billable_hours=decimal_hours(billable),
+                        rate=str(rate.quantize(cent)), amount=str(amount)))
+        total_amount += amount
+        total_seconds += seconds
+        total_billable += billable
+    return {"schema": "flowforge.bill/1", "from": first, "to": last,
+            "currency": billing["currency"], "by": dims,
+            "rounding": {"minutes": billing["round_minutes"], "mode": mode, "scope": scope},
+            "lines": out, "total_seconds": total_seconds, "total_billable_seconds": total_billable,
+            "total_amount": str(total_amount.quantize(cent))}
+
+
+def render_bill(bill, fmt):
+    dims = bill["by"]
+    headers = list(dims) + ["hours", "billable", "rate", "amount"]
+    rows = [[l[d] for d in dims] + [l["hours"], l["billable_hours"], l["rate"], l["amount"]]
+            for l in bill["lines"]]
+    total = (["total"] + [""] * (len(dims) - 1)
+             + [decimal_hours(bill["total_seconds"]), decimal_hours(bill["total_billable_seconds"]),
+                "", "%s %s" % (bill["total_amount"], bill["currency"]) if fmt != "csv"
+                else bill["total_amount"]])
+    span = "%s .. %s" % (bill["from"] or "start", bill["to"] or "now")
+    rounding = bill["rounding"]
+    title = "Bill %s, %s%s" % (span, bill["currency"],
+                               ", rounded %s to %d min per %s" % (rounding["mode"], rounding["minutes"],
+                                                                  rounding["scope"])
+                               if rounding["minutes"] else "")
+    if fmt == "table" and not rows:
+        return "nothing to bill in %s\n" % span
+    return render(fmt, headers, rows, total, title if fmt in ("table", "md", "html") else None)
+
+
+# ############################################################################
+# 8. Command line
+# ############################################################################
+#
+# One cmd_<name>() per command, registered with @command together with its
+# one-line help, an example and its arguments; build_parser() turns the
+# registry into argparse sub-parsers and command_reference() into the README's
+# reference, so help, README and code cannot drift apart.
+
+COMMANDS = []
+
+
+class Command:
+    def __init__(self, name, func, summary, example, arguments, area):
+        self.name, self.func, self.summary = name, func, summary
+        self.example, self.arguments, self.area = example, arguments, area
+
+
+def command(name, summary, example, *arguments, area="timers"):
+    """Register cmd_<name>; `arguments` are (flags tuple, argparse keywords) pairs."""
+    def register(func):
+        COMMANDS.append(Command(name, func, summary, example, arguments, area))
+        return func
+    return register
+
+
+def arg(*flags, **kwargs):
+    return flags, kwargs
+
+
+AT = arg("--at", metavar="TIME", help="when: 09:30, '2026-11-22 09:30', ISO-8601 or -15m "
+         "(default: now)")
+
+
+class Context:
+    """What a command needs, resolved lazily so that cheap commands stay cheap."""
+
+    def __init__(self, args):
+        self.args = args
+        self._repo = None
+        self._user = None
+        self._now = None
+
+    @property
+    def now(self):
+        if self._now is None:
+            self._now = now()
+        return self._now
+
+    def work_tree(self):
+        return Repo.find(self.args.C or os.getcwd())
+
+    @property
+    def repo(self):
+        if self._repo is None:
+            self._repo = self.work_tree().require()
+        return self._repo
+
+    @property
+    def user(self):
+        if self._user is None:
+            self._user = resolve_user(self.repo.root, self.args.user)
+        return self._user
+
+    def store(self):
+        """This user's private store (not created yet if it does not exist)."""
+        return PrivateStore(self.repo, self.user)
+
+    def zone(self, store):
+        """The store's time zone, or the machine's for a store not yet created."""
+        return store.tz if store.exists() else load_timezone(system_timezone_name())
+
+    def time(self, text, store):
+        return parse_time(text, self.zone(store), self.now) if text else self.now
+
+    def ready_store(self, store):
+        """Create the store on first use (after all arguments were validated)."""
+        if not store.exists():
+            store.create()
+            info("created the private store of %s (store %s, time zone %s)"
+                 % (store.user, store.store_id, store.tz_name))
+        return store
+
+    def emit(self, name, result, lines):
+        """--json: one document on stdout and messages on stderr; else messages on stdout."""
+        if UI.json:
+            for line in lines:
+                info(line)
+            doc = {"schema": "flowforge.%s/1" % name}
+            doc.update(result)
+            sys.stdout.write(json.dumps(doc, sort_keys=True, indent=1) + "\n")
+        else:
+            for line in lines:
+                sys.stdout.write(line + "\n")
+        return EXIT_OK
+
+
+# -- setup -------------------------------------------------------------------
+
+@command("init", "Set up FlowForge in this git work tree (idempotent).",
+         "flowforge init --timezone Europe/Berlin",
+         arg("--timezone", metavar="TZ", help="your IANA time zone (default: the machine's)"),
+         area="setup")
+def cmd_init(ctx, args):
+    if args.timezone:
+        load_timezone(args.timezone)
+    root = ctx.work_tree().root
+    repo, created = init_repo(root, None, args.timezone)
+    ctx._repo = repo
+    lines = ["created " + c for c in created] or ["FlowForge is already set up in %s" % root]
+    try:
+        store = ctx.store()
+    except FlowForgeError as e:
+        lines.append("no private store yet: %s" % e)
+        store = None
+    if store is not None:
+        if store.create(args.timezone):
+            lines.append("created the private store of %s (store %s, time zone %s)"
+                         % (store.user, store.store_id, store.tz_name))
+        else:
+            lines.append("private store of %s: store %s, time zone %s"
+                         % (store.user, store.store_id, store.tz_name))
+    lines.append("next: `git add .flowforge && git commit`, then `flowforge start ISSUE`")
+    return ctx.emit("init", {"root": root, "created": created,
+                             "user": store.user if store else None}, lines)
+
+
+@command("version", "Print FlowForge's version.", "flowforge version", area="setup")
+def cmd_version(ctx, args):
+    return ctx.emit("version", {"version": VERSION, "python": sys.version.split()[0]},
+                    ["flowforge %s (Python %s)" % (VERSION, sys.version.split()[0])])
+
+
+# -- timers ------------------------------------------------------------------
+
+def _timers(ctx):
+    return Timers(ctx.store(), ctx.now)
+
+
+@command("start", "Start a timer (stops the running one first and says so).",
+         "flowforge start 123 --project web --note 'login bug' --at 09:30",
+         arg("issue", metavar="ISSUE", help="123, #123, owner/repo#123 or ABC-12"),
+         arg("--project", metavar="P", help="project name (for rates and reports)"),
+         arg("--note", metavar="TEXT", help="private note; never leaves this machine"), AT)
+def cmd_start(ctx, args):
+    issue, project, note = parse_issue(args.issue), parse_project(args.project), parse_note(args.note)
+    timers = _timers(ctx)
+    at = timers.check_time(ctx.time(args.at, timers.store), "start time")
+    ctx.ready_store(timers.store)
+    result, lines = timers.start(issue, project, note, at)
+    return ctx.emit("start", result, lines)
+
+
+@command("switch", "Stop the running timer and start one for another issue.",
+         "flowforge switch 124 --at 11:15",
+         arg("issue", metavar="ISSUE", help="the issue to switch to"),
+         arg("--project", metavar="P", help="project name"),
+         arg("--note", metavar="TEXT", help="private note"), AT)
+def cmd_switch(ctx, args):
+    return cmd_start(ctx, args)
+
+
+@command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT)
+def cmd_stop(ctx, args):
+    timers = _timers(ctx)
+    at = ctx.time(args.at, timers.store)
+    ctx.ready_store(timers.store)
+    return ctx.emit("stop", *timers.stop(at))
+
+
+@command("pause", "Pause the running timer.", "flowforge pause --at 12:00", AT)
+def cmd_pause(ctx, args):
+    timers = _timers(ctx)
+    at = ctx.time(args.at, timers.store)
+    ctx.ready_store(timers.store)
+    return ctx.emit("pause", *timers.pause(at))
+
+
+@command("resume", "Resume the paused timer.", "flowforge resume --at 13:00", AT)
+def cmd_resume(ctx, args):
+    timers = _timers(ctx)
+    at = ctx.time(args.at, timers.store)
+    ctx.ready_store(timers.store)
+    return ctx.emit("resume", *timers.resume(at))
+
+
+@command("cancel", "Discard the running or paused timer without recording it.",
+         "flowforge cancel")
+def cmd_cancel(ctx, args):
+    timers = _timers(ctx)
+    ctx.ready_store(timers.store)
+    return ctx.emit("cancel", *timers.cancel())
+
+
+@command("status", "Show the timer and today's recorded time.", "flowforge status --json")
+def cmd_status(ctx, args):
+    timers = _timers(ctx)
+    ctx.ready_store(timers.store)
+    return ctx.emit("status", *timers.status())
+
+
+@command("log", "Record time spent without a timer.",
+         "flowforge log 123 1h30m --date 2026-11-20 --note 'review'",
+         arg("issue", metavar="ISSUE", help="123, #123, owner/repo#123 or ABC-12"),
+         arg("duration", metavar="DURATION", help="90m, 1h30m, 1.5h or 1:30"),
+         arg("--date", metavar="D", help="YYYY-MM-DD (default: today)"),
+         arg("--project", metavar="P", help="project name"),
+         arg("--note", metavar="TEXT", help="private note"),
+         arg("--key", metavar="KEY", help="idempotency key: logging the same key on the same "
+             "date again does nothing (for scripts)"))
+def cmd_log(ctx, args):
+    issue, seconds = parse_issue(args.issue), parse_duration(args.duration)
+    project, note = parse_project(args.project), parse_note(args.note)
+    if args.key is not None and not 0 < len(args.key) <= 200:
+        raise FlowForgeError("--key must be 1-200 characters", EXIT_USAGE)
+    timers = _timers(ctx)
+    day = parse_date(args.date).isoformat() if args.date else local_date(
+        ctx.now, ctx.zone(timers.store))
+    ctx.ready_store(timers.store)
+    return ctx.emit("log", *timers.log(issue, seconds, day, project, note, args.key))
+
+
+@command("entries", "List your recorded entries (default: the last 7 days).",
+         "flowforge entries --from 2026-11-01 --to 2026-11-30 --issue 123",
+         arg("--date", metavar="D", help="one day"),
+         arg("--from", dest="first", metavar="D", help="first day"),
+         arg("--to", dest="last", metavar="D", help="last day"),
+         arg("--issue", metavar="ISSUE", help="only this issue"))
+def cmd_entries(ctx, args):
+    from datetime import date, timedelta
+    issue = parse_issue(args.issue) if args.issue else None
+    timers = _timers(ctx)
+    today = local_date(ctx.now, ctx.zone(timers.store))
+    if args.date:
+        first = last = parse_date(args.date).isoformat()
+    else:
+        last = parse_date(args.last, "--to").isoformat() if args.last else today
+        first = parse_date(args.first, "--from").isoformat() if args.first else (
+            date.fromisoformat(last) - timedelta(days=6)).isoformat()
+    ctx.ready_store(timers.store)
+    found = [e for e in timers.entries(first, last) if issue is None or e["issue"] == issue]
+    if UI.json:
+        return ctx.emit("entries", {"from": first, "to": last, "entries": found}, [])
+    if not found:
+        sys.stdout.write("no entries from %s to %s\n" % (first, last))
+        return EXIT_OK
+    rows = []
+    for e in found:
+        if e.get("segments"):
+            span = "%s-%s" % (timers.show(e["segments"][0][0])[11:16],
+                              timers.show(e["segments"][-1][1])[11:16])
+        else:
+            span = "(logged)"
+        note = e.get("note", "").replace("\n", " ")
+        rows.append([e["id"], e["day"], span, format_duration(entry_seconds(e)), e["issue"],
+                     e.get("project", ""), note[:40] + ("..." if len(note) > 40 else "")])
+    total = sum(entry_seconds(e) for e in found)
+    sys.stdout.write(render("table", ["id", "day", "span", "time", "issue", "project", "note"],
+                            rows, ["total", "", "", format_duration(total), "", "", ""]))
+    return EXIT_OK
+
+
+@command("edit", "Amend an entry (the original stays in the append-only file).",
+         "flowforge edit 20261122-1a2b3c4d --issue 124 --end 17:45",
+         arg("id", metavar="ID", help="entry id from `flowforge entries`"),
+         arg("--issue", metavar="ISSUE", help="new issue"),
+         arg("--project", metavar="P", help="new project"),
+         arg("--note", metavar="TEXT", help="new note"),
+         arg("--start", metavar="TIME", help="new start (timer entries)"),
+         arg("--end", metavar="TIME", help="new end (timer entries)"),
+         arg("--duration", metavar="DURATION", help="new duration"),
+         arg("--date", metavar="D", help="new date (logged entries)"))
+def cmd_edit(ctx, args):
+    day_of_entry_id(args.id)
+    store = ctx.store()
+    changes = {}
+    if args.issue is not None:
+        changes["issue"] = parse_issue(args.issue)
+    if args.project is not None:
+        changes["project"] = parse_project(args.project)
+    if args.note is not None:
+        changes["note"] = parse_note(args.note)
+    if args.duration is not None:
+        changes["seconds"] = parse_duration(args.duration)
+    if args.date is not None:
+        changes["date"] = parse_date(args.date).isoformat()
+    for field in ("start", "end"):
+        if getattr(args, field) is not None:
+            changes[field] = parse_time(getattr(args, field), ctx.zone(store), ctx.now)
+    if not changes:
+        raise FlowForgeError("nothing to change: give --issue, --project, --note, --start, "
+                             "--end, --duration or --date", EXIT_USAGE)
+    if not store.exists():
+        raise FlowForgeError("no entry %s (no private store yet)" % args.id)
+    return ctx.emit("edit", *Timers(store, ctx.now).edit(args.id, changes))
+
+
+@command("delete", "Delete an entry (recorded as an amendment).",
+         "flowforge delete 20261122-1a2b3c4d",
+         arg("id", metavar="ID", help="entry id from `flowforge entries`"))
+def cmd_delete(ctx, args):
+    day_of_entry_id(args.id)
+    store = ctx.store()
+    if not store.exists():
+        raise FlowForgeError("no entry %s (no private store yet)" % args.id)
+    return ctx.emit("delete", *Timers(store, ctx.now).delete(args.id))
+
+
+# -- team --------------------------------------------------------------------
+
+@command("aggregate", "Write your private entries into the committed team shards.",
+         "flowforge aggregate --full",
+         arg("--full", action="store_true", help="rebuild every shard instead of only changed days"),
+         arg("--all", action="store_true", help="every private store in this clone, not only yours"),
+         arg("--wait", metavar="SECONDS", type=float, default=10.0,
+             help="how long to wait for a busy lock before exit 75 (default 10)"),
+         area="team")
+def cmd_aggregate(ctx, args):
+    repo = ctx.repo
+    if not 0 <= args.wait <= 3600:
+        raise FlowForgeError("--wait must be 0-3600 seconds", EXIT_USAGE)
+    users = local_users(repo) if args.all else [ctx.user]
+    if not args.all and not PrivateStore(repo, ctx.user).exists():
+        raise FlowForgeError("no private store for %s here: nothing to aggregate" % ctx.user)
+    results = aggregate_stores(repo, users, args.full, args.wait)
+    lines = []
+    for r in results:
+        if r["written"]:
+            lines.append("%s: wrote %s" % (r["user"], ", ".join(repo.rel(p) for p in r["written"])))
+        else:
+            lines.append("%s: shards up to date" % r["user"])
+    for r in results:
+        r["written"] = [repo.rel(p) for p in r["written"]]
+    return ctx.emit("aggregate", {"results": results}, lines)
+
+
+def _dims(text):
+    dims = [d.strip() for d in (text or "").split(",") if d.strip()]
+    bad = [d for d in dims if d not in REPORT_DIMENSIONS]
+    if bad or not dims or len(set(dims)) != len(dims):
+        raise FlowForgeError("--by takes a comma-separated list of %s" % ", ".join(REPORT_DIMENSIONS),
+                             EXIT_USAGE)
+    return dims
+
+
+def _today_local():
+    return local_date(now(), load_timezone(system_timezone_name()))
+
+
+@command("report", "Team time from the committed shards (works on any clone).",
+         "flowforge report --period month --by user,issue --format md",
+         arg("--period", choices=("day", "week", "month", "all"), default="all",
+             help="this day / week / month, or everything (default)"),
+         arg("--from", dest="first", metavar="D", help="first day, YYYY-MM-DD"),
+         arg("--to", dest="last", metavar="D", help="last day, YYYY-MM-DD"),
+         arg("--by", default="user,issue", metavar="DIMS",
+             help="comma-separated: %s (default user,issue)" % ",".join(REPORT_DIMENSIONS)),
+         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table"),
+         area="team")
+def cmd_report(ctx, args):
+    dims = _dims(args.by)
+    first, last = resolve_range(args.period, args.first, args.last, _today_local())
+    report = build_report(ctx.repo, dims, first, last)
+    if UI.json or args.format == "json":
+        sys.stdout.write(json.dumps(report, sort_keys=True, indent=1) + "\n")
+    else:
+        sys.stdout.write(render_report(report, args.format))
+    return EXIT_OK
+
+
+@command("bill", "Billing lines with rates and rounding from config.json.",
+         "flowforge bill --month 2026-11 --format csv",
+         arg("--month", metavar="M", help="YYYY-MM (default: this month)"),
+         arg("--from", dest="first", metavar="D", help="first day instead of --month"),
+         arg("--to", dest="last", metavar="D", help="last day instead of --month"),
+         arg("--by-issue", action="store_true", help="one line per issue, not per project"),
+         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table"),
+         area="team")
+def cmd_bill(ctx, args):
+    if args.month and (args.first or args.last):
+        raise FlowForgeError("use --month or --from/--to, not both", EXIT_USAGE)
+    if args.first or args.last:
+        first, last = resolve_range("all", args.first, args.last, None)
+    else:
+        first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
+    bill = build_bill(ctx.repo, first, last, args.by_issue)
+    if UI.json or args.format == "json":
+        sys.stdout.write(json.dumps(bill, sort_keys=True, indent=1) + "\n")
+    else:
+        sys.stdout.write(render_bill(bill, args.format))
+    return EXIT_OK
+
+
+# -- recovery ------------------------------------------------------------------
+
+@command("quarantine", "List, restore or delete files set aside as damaged.",
+         "flowforge quarantine restore Q3",
+         arg("action", choices=("list", "restore", "delete"), help="what to do"),
+         arg("id", nargs="?", metavar="ID", help="item id (restore, delete)"),
+         arg("--force", action="store_true", help="restore over an existing file"),
+         area="recovery")
+def cmd_quarantine(ctx, args):
+    quarantine = Quarantine(ctx.repo)
+    if args.action == "list":
+        items = quarantine.list()
+        lines = ["%s  %s  %s  (%d bytes) %s" % (i["id"], i.get("original") or "?", i["reason"],
+                                                 i.get("size", 0), i.get("file", "")) for i in items]
+        return ctx.emit("quarantine", {"items": items}, lines or ["quarantine is empty"])
+    if not args.id:
+        raise FlowForgeError("quarantine %s needs an ID (see `flowforge quarantine list`)"
+                             % args.action, EXIT_USAGE)
+    if args.action == "restore":
+        item = quarantine.restore(args.id, args.force)
+        return ctx.emit("quarantine", {"restored": item}, ["restored %s to %s" % (
+            item["id"], item["original"])])
+    item = quarantine.delete(args.id)
+    return ctx.emit("quarantine", {"deleted": item}, ["deleted %s" % item["id"]])
+
+
+# -- parsing and main ------------------------------------------------------------
+
+def _add_common(parser, suppress):
+    import argparse
+
+    def default(value):
+        # In sub-parsers SUPPRESS leaves the main parser's value alone, so that
+        # `flowforge --json report` and `flowforge report --json` both work.
+        return {"default": argparse.SUPPRESS if suppress else value}
+    parser.add_argument("-C", metavar="REPO", help="run as if started in REPO", **default(None))
+    parser.add_argument("--user", metavar="NAME", help="act as this user (default: git config)",
+                        **default(None))
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout",
+                        **default(False))
+    parser.add_argument("-q", "--quiet", action="store_true", help="fewer messages",
+                        **default(False))
+    parser.add_argument("-v", "--verbose", action="store_true", help="more messages",
+                        **default(False))
+    parser.add_argument("--color", choices=("auto", "always", "never"), help="colour output",
+                        **default("auto"))
+
+
+def build_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise FlowForgeError("%s (see `%s --help`)" % (message, self.prog), EXIT_USAGE)
+
+    def formatter(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, width=88, max_help_position=30)
+
+    common = Parser(add_help=False)
+    _add_common(common, suppress=True)
+    parser = Parser(prog="flowforge", formatter_class=formatter,
+                    description="FlowForge: git-centric time tracking (TIME = MONEY).",
+                    epilog="Run `flowforge COMMAND --help` for a command's options and an example.")
+    _add_common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for spec in COMMANDS:
+        p = sub.add_parser(spec.name, help=spec.summary, description=spec.summary,
+                           epilog="example:\n  " + spec.example, parents=[common],
+                           formatter_class=formatter)
+        for flags, kwargs in spec.arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(handler=spec.func)
+    return parser
+
+
+def command_reference():
+    """The README's command reference, generated from the registry."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    areas = []
+    for spec in COMMANDS:
+        if spec.area not in areas:
+            areas.append(spec.area)
+    out = []
+    for area in areas:
+        out.append("### %s\n" % area.capitalize())
+        for spec in (s for s in COMMANDS if s.area == area):
+            p = sub.choices[spec.name]
+            usage = " ".join(p.format_usage().split())[len("usage: "):]
+            out.append("#### `flowforge %s`\n\n%s\n\n```\n%s\n```\n" % (spec.name, spec.summary,
+                                                                      usage))
+            rows = []
+            for action in p._actions:
+                if action.help in (None, "==SUPPRESS==") or action.dest in (
+                        "help", "C", "user", "json", "quiet", "verbose", "color"):
+                    continue
+                name = ", ".join(action.option_strings) or action.metavar or action.dest
+                if action.choices and not action.option_strings:
+                    name = "|".join(action.choices)
+                elif action.choices:
+                    name += " {%s}" % ",".join(action.choices)
+                elif action.option_strings and action.nargs != 0:
+                    name += " " + (action.metavar or action.dest.upper())
+                rows.append("| `%s` | %s |" % (name, action.help.replace("|", "\\|")))
+            if rows:
+                out.append("| argument | meaning |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+            out.append("Example: `%s`\n" % spec.example)
+    return "\n".join(out)
+
+
+def _configure_ui(args):
+    UI.json = bool(args.json)
+    UI.quiet = bool(args.quiet)
+    UI.verbose = bool(args.verbose)
+    if args.color == "always":
+        UI.color = True
+    elif args.color == "never" or UI.json:
+        UI.color = False
+    else:
+        UI.color = (sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+                    and not os.environ.get("NO_COLOR")) or bool(os.environ.get("FORCE_COLOR"))
+
+
+_OSERROR_EXIT = {errno.EACCES: EXIT_NOPERM, errno.EPERM: EXIT_NOPERM, errno.EROFS: EXIT_NOPERM,
+                 errno.ENOSPC: EXIT_CANTCREAT, errno.EFBIG: EXIT_CANTCREAT,
+                 errno.EIO: EXIT_CANTCREAT, getattr(errno, "EDQUOT", -1): EXIT_CANTCREAT}
+
+
+def _join_relative_times(argv):
+    """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option."""
+    out = []
+    for i, token in enumerate(argv):
+        if out and out[-1] in ("--at", "--start", "--end") and re.match(r"^-\d", token):
+            out[-1] = out[-1] + "=" + token
+        else:
+            out.append(token)
+    return out
+
+
+def main(argv=None):
+    """Run one command; returns the exit code (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(_join_relative_times(sys.argv[1:] if argv is None
+                                                              else list(argv)))
+        _configure_ui(args)
+        if not getattr(args, "handler", None):
+            build_parser().print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.handler(Context(args), args) or EXIT_OK
+    except FlowForgeError as e:
+        sys.stderr.write("flowforge: %s\n" % e)
+        return e.exit_code
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return EXIT_OK
+        where = " %s" % e.filename if e.filename else ""
+        sys.stderr.write("flowforge: cannot access%s: %s\n" % (where, e.strerror or e))
+        return _OSERROR_EXIT.get(e.errno, EXIT_FAIL)
+    except KeyboardInterrupt:
+        sys.stderr.write("flowforge: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
