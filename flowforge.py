@@ -229,14 +229,14 @@ def parse_time(text, tz, now_ts):
         except FlowForgeError:
             raise FlowForgeError("time %r is not valid: a relative time looks "
                                  "like -15m or -1h30m" % raw, EXIT_USAGE)
-    m = _TIME_OF_DAY.match(text)
+    m = _TIME_OF_DAY.fullmatch(text)
     try:
         if m:
             hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
             today = datetime.fromtimestamp(now_ts, tz).date()
             local = datetime(today.year, today.month, today.day, hour, minute, second, tzinfo=tz)
             return int(local.timestamp())
-        m = _DATE_TIME.match(text)
+        m = _DATE_TIME.fullmatch(text)
         if m:
             y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
             hour, minute, second = (int(m.group(4) or 0), int(m.group(5) or 0), int(m.group(6) or 0))
@@ -259,7 +259,7 @@ def parse_time(text, tz, now_ts):
 def parse_date(text, what="date"):
     """A `YYYY-MM-DD` argument as a datetime.date."""
     from datetime import date
-    if _DATE.match(text or ""):
+    if _DATE.fullmatch(text or ""):
         try:
             return date.fromisoformat(text)
         except ValueError:
@@ -268,7 +268,7 @@ def parse_date(text, what="date"):
 
 
 def parse_month(text):
-    if _MONTH.match(text or "") and 1 <= int(text[5:7]) <= 12:
+    if _MONTH.fullmatch(text or "") and 1 <= int(text[5:7]) <= 12:
         return text
     raise FlowForgeError("month %r is not valid: use YYYY-MM" % text, EXIT_USAGE)
 
@@ -290,7 +290,7 @@ def parse_duration(text):
     raw = text
     text = (text or "").strip().lower()
     seconds = None
-    m = re.match(r"^(\d+):([0-5]\d)(?::([0-5]\d))?$", text)
+    m = re.fullmatch(r"(\d+):([0-5]\d)(?::([0-5]\d))?", text)
     if m:
         seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0)
     elif text and _DURATION_PART.sub("", text).strip() == "":
@@ -300,7 +300,7 @@ def parse_duration(text):
             seconds = sum(_exact_seconds(n, _UNIT_SECONDS[u]) for n, u in parts)
     if seconds is None:
         hint = ""
-        if re.match(r"^\d+(\.\d+)?$", text):
+        if re.fullmatch(r"\d+(\.\d+)?", text):
             hint = " (%sm or %sh? give a unit)" % (text, text)
         raise FlowForgeError("duration %r is not valid: use 90m, 1h30m, 1.5h or 1:30%s"
                              % (raw, hint), EXIT_USAGE)
@@ -337,13 +337,13 @@ _ISSUE_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,19})-([0-9]{1,12})$")
 def parse_issue(text):
     """Canonical issue reference: `123` (also from `#123`), `owner/repo#123`, `ABC-12`."""
     text = (text or "").strip()
-    m = _ISSUE_NUMBER.match(text)
+    m = _ISSUE_NUMBER.fullmatch(text)
     if m:
         return str(int(m.group(1)))
-    m = _ISSUE_REPO.match(text)
+    m = _ISSUE_REPO.fullmatch(text)
     if m and not m.group(1).startswith((".", "-")):
         return "%s#%d" % (m.group(1), int(m.group(2)))
-    m = _ISSUE_KEY.match(text)
+    m = _ISSUE_KEY.fullmatch(text)
     if m:
         return "%s-%d" % (m.group(1).upper(), int(m.group(2)))
     raise FlowForgeError("issue %r is not valid: use 123, #123, owner/repo#123 or ABC-12"
@@ -356,7 +356,7 @@ _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,63}$")
 def parse_project(text):
     if text is None:
         return ""
-    if _PROJECT.match(text) and not text.endswith(" "):
+    if _PROJECT.fullmatch(text) and not text.endswith(" "):
         return text
     raise FlowForgeError("project %r is not valid: 1-64 letters, digits, space, . _ / -, "
                          "starting with a letter or digit" % text, EXIT_USAGE)
@@ -372,12 +372,12 @@ def parse_note(text):
     return text
 
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 
 
 def valid_user_name(name):
     """Letters, digits, `.`, `_`, `-`; 1-64 characters; no leading dot (so no `..`)."""
-    return bool(name) and _USER_NAME.match(name) is not None
+    return bool(name) and _USER_NAME.fullmatch(name) is not None
 
 
 def canonical_json(obj):
@@ -591,9 +591,19 @@ def read_bytes(path):
 
 
 def makedirs_private(path):
-    """Create a directory tree whose new parts are 0700 (private or per-machine data)."""
-    if not os.path.isdir(path):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a directory tree whose new parts are 0700 (private or per-machine data).
+
+    Not os.makedirs(mode=...): since Python 3.7 that mode applies to the leaf only."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        makedirs_private(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 class FileLock:
@@ -810,13 +820,13 @@ def validate_config(config, path):
     billing = config.get("billing")
     if not isinstance(billing, dict):
         bad("billing must be an object")
-    if not isinstance(billing.get("currency"), str) or not _CURRENCY.match(billing["currency"]):
+    if not isinstance(billing.get("currency"), str) or not _CURRENCY.fullmatch(billing["currency"]):
         bad("billing.currency must be a three-letter code such as EUR")
 
     def rate(where, value):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return
-        if not isinstance(value, str) or not _RATE.match(value):
+        if not isinstance(value, str) or not _RATE.fullmatch(value):
             bad("%s must be a non-negative decimal string such as \"120.00\"" % where)
 
     rate("billing.default_rate", billing.get("default_rate"))
@@ -1063,7 +1073,7 @@ def entry_start(entry):
 def _valid_record(record):
     """Structural check of a record that passed its checksum."""
     op = record.get("op")
-    if not isinstance(record.get("id"), str) or not _ENTRY_ID.match(record["id"]):
+    if not isinstance(record.get("id"), str) or not _ENTRY_ID.fullmatch(record["id"]):
         return False
     if op == "entry":
         return _valid_entry_fields(record) and isinstance(record.get("issue"), str)
@@ -1084,7 +1094,7 @@ def _valid_entry_fields(fields):
     if "seconds" in fields:
         if type(fields["seconds"]) is not int or fields["seconds"] <= 0:
             return False
-        if not isinstance(fields.get("date"), str) or not _DATE.match(fields["date"]):
+        if not isinstance(fields.get("date"), str) or not _DATE.fullmatch(fields["date"]):
             return False
     return True
 
@@ -1124,7 +1134,7 @@ def new_entry_id(day_iso, key=None):
 
 
 def day_of_entry_id(entry_id):
-    m = _ENTRY_ID.match(entry_id or "")
+    m = _ENTRY_ID.fullmatch(entry_id or "")
     if not m:
         raise FlowForgeError("entry id %r is not valid (ids look like 20261122-1a2b3c4d; "
                              "see `flowforge entries`)" % entry_id, EXIT_USAGE)
@@ -1174,8 +1184,7 @@ class PrivateStore:
         if self._settings is None:
             try:
                 settings = json.loads(read_bytes(self.config_path))
-                if not isinstance(settings, dict) or not re.match(r"^[0-9a-f]{10}$",
-                                                                  settings.get("store", "")):
+                if not isinstance(settings, dict) or not re.fullmatch(r"[0-9a-f]{10}", str(settings.get("store", ""))):
                     raise ValueError("no valid store id")
                 if settings.get("schema", 0) > USER_SCHEMA:
                     raise ValueError("written by a newer FlowForge")
@@ -1223,7 +1232,7 @@ class PrivateStore:
             names = os.listdir(self.daily)
         except FileNotFoundError:
             return []
-        return sorted(m.group(1) for m in map(_DAY_FILE.match, names) if m)
+        return sorted(m.group(1) for m in map(_DAY_FILE.fullmatch, names) if m)
 
     def read_day(self, day_iso):
         """All records of one day file.  The caller holds the store lock.
@@ -1342,7 +1351,7 @@ class PrivateStore:
 
 def _valid_timer(timer):
     return (isinstance(timer, dict) and isinstance(timer.get("id"), str)
-            and _ENTRY_ID.match(timer["id"]) is not None
+            and _ENTRY_ID.fullmatch(timer["id"]) is not None
             and isinstance(timer.get("day"), str) and isinstance(timer.get("issue"), str)
             and isinstance(timer.get("segments"), list)
             and (timer.get("running_since") is None or type(timer["running_since"]) is int)
@@ -1716,7 +1725,7 @@ def list_shard_files(repo):
         except NotADirectoryError:
             continue
         for file_name in files:
-            if file_name.endswith(".json") and _MONTH.match(file_name[:-5]):
+            if file_name.endswith(".json") and _MONTH.fullmatch(file_name[:-5]):
                 found.append((os.path.join(directory, file_name), user, store_id, file_name[:-5]))
     return found
 
@@ -2547,7 +2556,21 @@ def _add_common(parser, suppress):
                         **default("auto"))
 
 
-def build_parser():
+def _command_name(argv):
+    """The command word of argv (skipping global options and their values), or None."""
+    takes_value = ("-C", "--user", "--color")
+    tokens = iter(argv)
+    for token in tokens:
+        if token in takes_value:
+            next(tokens, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(only=None):
+    """The argparse parser; with `only`, just that command's sub-parser is built,
+    because building all of them costs the hot commands ~10 ms per run."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -2565,6 +2588,8 @@ def build_parser():
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for spec in COMMANDS:
+        if only and spec.name != only:
+            continue
         p = sub.add_parser(spec.name, help=spec.summary, description=spec.summary,
                            epilog="example:\n  " + spec.example, parents=[common],
                            formatter_class=formatter)
@@ -2641,8 +2666,10 @@ def _join_relative_times(argv):
 def main(argv=None):
     """Run one command; returns the exit code (see the module docstring)."""
     try:
-        args = build_parser().parse_args(_join_relative_times(sys.argv[1:] if argv is None
-                                                              else list(argv)))
+        argv = _join_relative_times(sys.argv[1:] if argv is None else list(argv))
+        name = _command_name(argv)
+        known = any(spec.name == name for spec in COMMANDS)
+        args = build_parser(name if known else None).parse_args(argv)
         _configure_ui(args)
         if not getattr(args, "handler", None):
             build_parser().print_help(sys.stderr)

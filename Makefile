@@ -1,0 +1,37 @@
+# FlowForge: thin targets over plain scripts.
+PYTHON ?= python3
+PREFIX ?= $(HOME)/.local
+PYTEST_VERSION = 8.3.5
+VENV = .venv
+
+# pytest from this Python if it has it; otherwise a pinned copy in .venv.
+RUN_PYTEST = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); else \
+	  [ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV); \
+	  $(VENV)/bin/python -c 'import pytest' 2>/dev/null || \
+	    $(VENV)/bin/python -m pip install --quiet pytest==$(PYTEST_VERSION); \
+	  py=$(VENV)/bin/python; fi; $$py -m pytest
+
+.PHONY: test soak demo bench lint install readme
+
+test:
+	@$(RUN_PYTEST) -q -m "not soak" tests
+
+soak:
+	@FLOWFORGE_SOAK=1 $(RUN_PYTEST) -q -m soak tests
+
+demo:
+	@$(PYTHON) tools/demo.py
+
+bench:
+	@$(PYTHON) tools/bench.py
+
+lint:
+	$(PYTHON) ../shared/tools/stdlib_only.py 2>/dev/null || $(PYTHON) tools/stdlib_only.py
+	$(PYTHON) -m ruff check flowforge.py plugins tests tools
+	$(PYTHON) -m vermin --target=3.9- --no-tips --violations flowforge.py plugins
+
+install:
+	./install.sh --prefix $(PREFIX)
+
+readme:
+	$(PYTHON) tools/readme_reference.py --write

@@ -1,0 +1,171 @@
+"""Shared fixtures: throwaway git repositories and ways to run FlowForge.
+
+`ff(...)` runs the CLI in a child process the way the installed command does
+(importing the module, bytecode cached, -S), so hundreds of runs stay fast.
+`call(...)` runs `flowforge.main()` in this process for tests that need to
+inject faults or inspect internals."""
+import io
+import json
+import os
+import subprocess
+import sys
+import contextlib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOWFORGE = os.path.join(ROOT, "flowforge.py")
+sys.path.insert(0, ROOT)
+
+import flowforge  # noqa: E402
+
+SOAK = bool(os.environ.get("FLOWFORGE_SOAK"))
+
+
+def launcher_argv(pycache):
+    return [sys.executable, "-S", "-X", "pycache_prefix=" + pycache, "-c",
+            "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, %r); import flowforge; "
+            "raise SystemExit(flowforge.main())" % ROOT]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GIT_", "FLOWFORGE_")) and k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(GIT_AUTHOR_NAME="Test", GIT_COMMITTER_NAME="Test",
+               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_EMAIL="test@example.com",
+               GIT_CONFIG_NOSYSTEM="1", TZ="UTC", LC_ALL="C")
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return env
+
+
+class Result:
+    def __init__(self, rc, out, err):
+        self.rc, self.out, self.err = rc, out, err
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return "Result(rc=%r, out=%r, err=%r)" % (self.rc, self.out[-500:], self.err[-500:])
+
+
+def git(cwd, *args, check=True, env=None):
+    proc = subprocess.run(["git"] + list(args), cwd=cwd, capture_output=True, text=True,
+                          env=env or clean_env(HOME=os.path.dirname(cwd)))
+    if check and proc.returncode:
+        raise AssertionError("git %s failed: %s" % (" ".join(args), proc.stderr))
+    return proc.stdout
+
+
+def make_git_repo(path, email="dev@example.com"):
+    os.makedirs(path, exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", email)
+    git(path, "config", "user.name", email.split("@")[0])
+    git(path, "config", "commit.gpgsign", "false")
+    return path
+
+
+class Runner:
+    def __init__(self, root, pycache, home):
+        self.root = root
+        self.pycache = pycache
+        self.home = home
+
+    def env(self, **extra):
+        base = {"HOME": self.home, "XDG_DATA_HOME": os.path.join(self.home, "xdg-data")}
+        base.update(extra)
+        return clean_env(**base)
+
+    def __call__(self, *args, user="alice", env=None, cwd=None, input=None, timeout=60):
+        argv = launcher_argv(self.pycache) + [str(a) for a in args]
+        e = self.env(FLOWFORGE_USER=user, **(env or {}))
+        proc = subprocess.run(argv, cwd=cwd or self.root, env=e, capture_output=True, text=True,
+                              input=input, timeout=timeout)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args, **kwargs):
+        r = self(*args, **kwargs)
+        assert r.rc == 0, r
+        return r
+
+    def popen(self, *args, user="alice", env=None, **kwargs):
+        argv = launcher_argv(self.pycache) + [str(a) for a in args]
+        return subprocess.Popen(argv, cwd=self.root, env=self.env(FLOWFORGE_USER=user, **(env or {})),
+                                **kwargs)
+
+
+@pytest.fixture(scope="session")
+def pycache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pycache"))
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = tmp_path / "home"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def repo(tmp_path, pycache, home):
+    """An initialised FlowForge repository; returns its Runner (runner.root is the path)."""
+    root = make_git_repo(str(tmp_path / "repo"))
+    runner = Runner(root, pycache, home)
+    runner.ok("init", "--timezone", "UTC")
+    return runner
+
+
+@pytest.fixture
+def bare_repo(tmp_path, pycache, home):
+    """A git repository without FlowForge."""
+    return Runner(make_git_repo(str(tmp_path / "plain")), pycache, home)
+
+
+def call(root, *args, user="alice", env=None):
+    """flowforge.main() in this process; returns Result."""
+    old_env = dict(os.environ)
+    os.environ.update(clean_env(FLOWFORGE_USER=user, **(env or {})))
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = flowforge.main(["-C", root] + [str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(old_env)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def tree_snapshot(root):
+    """{relative path: (bytes, mode)} of every file under root except .git."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                snap[os.path.relpath(path, root)] = ("link", os.readlink(path))
+                continue
+            with open(path, "rb") as f:
+                snap[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mode)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            snap[os.path.relpath(path, root) + "/"] = ("dir", os.stat(path).st_mode)
+    return snap
+
+
+def team_total(runner, user="alice"):
+    """Total seconds of the committed shards, via `report --json`."""
+    return runner.ok("report", "--json", "--by", "user", user=user).json["total_seconds"]
+
+
+def private_total(root):
+    """Total seconds in every private store, read through FlowForge's own parser."""
+    repo = flowforge.Repo(root)
+    total = 0
+    for user in flowforge.local_users(repo):
+        store = flowforge.PrivateStore(repo, user)
+        for day in store.days():
+            total += sum(flowforge.entry_seconds(e) for e in store.entries_of_day(day).values())
+    return total
