@@ -1797,9 +1797,14 @@ class Aggregator:
             new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
                          "granularity": self.granularity, "timezone": store.tz_name,
                          "files": new_files}
-            if new_state != state:
+            data = canonical_bytes(new_state)
+            try:
+                unchanged = read_bytes(self.state_path) == data
+            except FileNotFoundError:
+                unchanged = False
+            if not unchanged:
                 makedirs_private(self.repo.aggstate)
-                atomic_write(self.state_path, canonical_bytes(new_state), 0o600)
+                atomic_write(self.state_path, data, 0o600)
         return {"user": store.user, "store": store.store_id, "full": full,
                 "months": sorted(months), "written": written}
 
@@ -2170,7 +2175,9 @@ class Context:
     @property
     def repo(self):
         if self._repo is None:
-            self._repo = self.work_tree().require()
+            repo = self.work_tree().require()
+            repo.config  # a damaged config.json stops every command, with exit 78
+            self._repo = repo
         return self._repo
 
     @property

@@ -1,0 +1,244 @@
+"""Aggregation into shards: exactness, incrementality, privacy, damage handling."""
+import glob
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+import flowforge as ff
+
+from conftest import git, private_total, team_total
+
+NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
+
+
+def shard_files(root):
+    return sorted(glob.glob(os.path.join(root, ".flowforge/team/summaries/*/*.json")))
+
+
+def shard_bytes(root):
+    return {os.path.basename(p): open(p, "rb").read() for p in shard_files(root)}
+
+
+def test_shard_content(repo):
+    repo.ok("start", "owner/repo#5", "--project", "web", "--at", "2026-11-19 09:00", env=NOW)
+    repo.ok("stop", "--at", "2026-11-19 10:30", env=NOW)
+    repo.ok("log", "ABC-1", "45m", "--date", "2026-11-18", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    [path] = shard_files(repo.root)
+    assert path.endswith("2026-11.json")
+    assert os.path.basename(os.path.dirname(path)).startswith("alice--")
+    doc = ff.read_shard(path)
+    assert doc["rows"] == [["2026-11-18", "ABC-1", "", 2700], ["2026-11-19", "owner/repo#5", "web", 5400]]
+    assert doc["totals"] == {"seconds": 8100, "by_issue": {"ABC-1": 2700, "owner/repo#5": 5400},
+                             "by_project": {"": 2700, "web": 5400},
+                             "by_period": {"2026-11-18": 2700, "2026-11-19": 5400}}
+    assert doc["schema"] == 1 and len(doc["sha256"]) == 64
+    ff.check_shard_sums(doc)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # committed files follow the umask
+    assert team_total(repo) == 8100
+
+
+def test_rerun_rewrites_nothing(repo):
+    repo.ok("log", "1", "1h", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    [path] = shard_files(repo.root)
+    before = (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+    state = os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")
+    state_before = os.stat(state).st_mtime_ns
+    for args in (["aggregate"], ["aggregate", "--full"]):
+        r = repo.ok(*args, env=NOW)
+        assert "up to date" in r.out
+        assert (open(path, "rb").read(), os.stat(path).st_mtime_ns) == before
+    assert os.stat(state).st_mtime_ns == state_before
+
+
+def test_entry_across_month_end_reaches_both_shards(repo):
+    repo.ok("start", "1", "--at", "2026-10-31 22:00", env=NOW)
+    repo.ok("stop", "--at", "2026-11-01 01:30", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    docs = {os.path.basename(p): ff.read_shard(p) for p in shard_files(repo.root)}
+    assert docs["2026-10.json"]["rows"] == [["2026-10-31", "1", "", 7200]]
+    assert docs["2026-11.json"]["rows"] == [["2026-11-01", "1", "", 5400]]
+
+
+def test_dst_days_are_split_in_the_users_zone(repo):
+    repo.ok("init", "--timezone", "America/New_York", user="ny")
+    env = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
+    repo.ok("start", "1", "--at", "2026-03-07 22:00", user="ny", env=env)
+    repo.ok("stop", "--at", "2026-03-08 04:00", user="ny", env=env)      # 5 real hours
+    repo.ok("start", "2", "--at", "2026-10-31 23:00", user="ny", env=env)
+    repo.ok("stop", "--at", "2026-11-01 03:00", user="ny", env=env)      # 5 real hours
+    repo.ok("aggregate", user="ny", env=env)
+    rows = {}
+    for p in shard_files(repo.root):
+        for period, issue, _, seconds in ff.read_shard(p)["rows"]:
+            rows[(period, issue)] = seconds
+    assert rows == {("2026-03-07", "1"): 7200, ("2026-03-08", "1"): 10800,
+                    ("2026-10-31", "2"): 3600, ("2026-11-01", "2"): 14400}
+
+
+@pytest.mark.parametrize("granularity,periods", [("week", ["2026-W46", "2026-W47"]),
+                                                  ("month", ["2026-11"])])
+def test_granularity(repo, granularity, periods):
+    path = os.path.join(repo.root, ".flowforge/config.json")
+    config = json.load(open(path))
+    config["granularity"] = granularity
+    json.dump(config, open(path, "w"))
+    repo.ok("log", "1", "1h", "--date", "2026-11-15", env=NOW)
+    repo.ok("log", "1", "2h", "--date", "2026-11-16", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    [doc] = [ff.read_shard(p) for p in shard_files(repo.root)]
+    assert sorted({r[0] for r in doc["rows"]}) == periods
+    assert doc["granularity"] == granularity
+    assert repo("report", "--by", "day").rc == 1
+    assert team_total(repo) == 3 * 3600
+
+
+def test_edits_that_move_months_and_empty_a_month(repo):
+    entry = repo.ok("log", "1", "1h", "--date", "2026-10-10", "--json", env=NOW).json["entry"]
+    repo.ok("aggregate", env=NOW)
+    repo.ok("edit", entry["id"], "--date", "2026-11-10", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    docs = {os.path.basename(p): ff.read_shard(p) for p in shard_files(repo.root)}
+    assert docs["2026-10.json"]["rows"] == []
+    assert docs["2026-11.json"]["rows"] == [["2026-11-10", "1", "", 3600]]
+    repo.ok("delete", entry["id"], env=NOW)
+    repo.ok("aggregate", env=NOW)
+    assert team_total(repo) == 0
+
+
+def test_incremental_equals_full_rebuild(repo):
+    rng = random.Random(7)
+    ids = []
+    for step in range(60):
+        action = rng.choice(["log", "log", "timer", "edit", "delete"] if ids else ["log"])
+        day = "2026-%02d-%02d" % (rng.choice([9, 10, 11]), rng.randint(1, 19))
+        if action == "log":
+            ids.append(repo.ok("log", str(rng.randint(1, 5)), "%dm" % rng.randint(1, 300), "--date",
+                               day, "--json", env=NOW).json["entry"]["id"])
+        elif action == "timer":
+            repo.ok("start", str(rng.randint(1, 5)), "--at", day + " 23:%02d" % rng.randint(0, 59),
+                    env=NOW)
+            ids.append(repo.ok("stop", "--json", "--at", day + " 23:59:59",
+                               env=NOW).json["entry"]["id"])
+        elif action == "edit":
+            victim = rng.choice(ids)
+            repo("edit", victim, "--issue", str(rng.randint(1, 5)), env=NOW)
+        else:
+            victim = ids.pop(rng.randrange(len(ids)))
+            repo.ok("delete", victim, env=NOW)
+        if step % 7 == 0:
+            repo.ok("aggregate", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    incremental = shard_bytes(repo.root)
+    os.unlink(os.path.join(repo.root, ".flowforge/state/aggregate/alice.json"))
+    for p in shard_files(repo.root):
+        os.unlink(p)
+    repo.ok("aggregate", "--full", env=NOW)
+    assert shard_bytes(repo.root) == incremental
+    assert team_total(repo) == private_total(repo.root)
+
+
+def test_notes_and_times_never_reach_committed_files(repo):
+    marker = "SECRET-MARKER-%s" % os.urandom(6).hex()
+    repo.ok("start", "1", "--note", marker, "--at", "2026-11-19 09:13:27", env=NOW)
+    entry = repo.ok("stop", "--at", "2026-11-19 11:02:41", "--json", env=NOW).json["entry"]
+    repo.ok("log", "2", "1h", "--note", marker, env=NOW)
+    repo.ok("aggregate", env=NOW)
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-qm", "time")
+    committed = git(repo.root, "ls-files").split()
+    assert any("summaries" in c for c in committed)
+    assert not any(c.startswith(".flowforge/user") or c.startswith(".flowforge/state")
+                   for c in committed)
+    dump = subprocess.run(["git", "log", "-p", "--all"], cwd=repo.root, capture_output=True).stdout
+    assert marker.encode() not in dump
+    for ts in entry["segments"][0]:
+        assert str(ts).encode() not in dump
+    assert b"09:13" not in dump and b"11:02" not in dump
+
+
+def test_corrupted_line_is_quarantined_not_dropped_silently(repo):
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    repo.ok("log", "2", "2h", "--date", "2026-11-19", env=NOW)
+    path = os.path.join(repo.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
+    original = open(path, "rb").read()
+    data = bytearray(original)
+    data[data.index(b'"issue":"1"') + 9] = ord("7")   # flip the issue; the crc no longer matches
+    open(path, "wb").write(bytes(data))
+    r = repo.ok("aggregate", env=NOW)
+    assert "checksum mismatch" in r.err and "quarantined as Q1" in r.err
+    items = repo.ok("quarantine", "list", "--json").json["items"]
+    assert items[0]["original"] == ".flowforge/user/alice/time/daily/2026-11-19.jsonl"
+    assert items[0]["size"] == len(original)
+    qfile = os.path.join(repo.root, ".flowforge/quarantine", items[0]["file"])
+    assert open(qfile, "rb").read() == bytes(data)
+    assert team_total(repo) == 7200
+    # the salvaged file is clean now: no further warnings
+    assert "warning" not in repo.ok("aggregate", "--full", env=NOW).err
+
+
+def test_torn_tail_is_repaired_before_the_next_append(repo):
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    path = os.path.join(repo.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
+    with open(path, "ab") as f:
+        f.write(b'0badc0de {"id":"2026')            # a crash in the middle of a write
+    r = repo.ok("log", "2", "30m", "--date", "2026-11-19", env=NOW)
+    assert "torn" in r.err
+    repo.ok("aggregate", env=NOW)
+    assert team_total(repo) == 5400
+    assert len(repo.ok("quarantine", "list", "--json").json["items"]) == 1
+
+
+def test_damaged_timer_state_is_quarantined(repo):
+    repo.ok("start", "1", "--at", "09:00", env=NOW)
+    path = os.path.join(repo.root, ".flowforge/user/alice/time/current.json")
+    open(path, "w").write('{"schema":1,"timer":{"id":')
+    r = repo("status", env=NOW)
+    assert r.rc == 65 and "set aside as Q1" in r.err
+    assert not os.path.exists(path)
+    repo.ok("start", "1", "--at", "09:00", env=NOW)
+
+
+def test_aggregate_lock_held_exits_75(repo):
+    repo.ok("log", "1", "1h", env=NOW)
+    lock = os.path.join(repo.root, ".flowforge/state/locks/aggregate.alice.lock")
+    holder = subprocess.Popen(["python3", "-c", "import fcntl,os,sys,time; fd=os.open(%r, os.O_RDWR|"
+                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True);"
+                               " time.sleep(30)" % lock], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        r = repo("aggregate", "--wait", "0.3", env=NOW)
+        assert r.rc == 75 and "busy" in r.err
+        assert shard_files(repo.root) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    repo.ok("aggregate", "--wait", "5", env=NOW)   # the lock vanished with its holder
+
+
+def test_tampered_shard_stops_the_report_and_full_aggregation_rewrites_it(repo):
+    repo.ok("log", "1", "1h", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    [path] = shard_files(repo.root)
+    good = open(path, "rb").read()
+    open(path, "wb").write(good.replace(b"3600", b"7200"))
+    r = repo("report")
+    assert r.rc == 65 and os.path.basename(path) in r.err and "sha256" in r.err
+    open(path, "wb").write(b"<<<<<<< HEAD\n" + good + b"=======\n" + good + b">>>>>>> x\n")
+    r = repo("report")
+    assert r.rc == 65 and "conflict markers" in r.err
+    repo.ok("aggregate", "--full", env=NOW)
+    assert open(path, "rb").read() == good
+    assert team_total(repo) == 3600
+
+
+def test_aggregate_all_users(repo):
+    for user in ("alice", "bob", "carol"):
+        repo.ok("log", "1", "1h", user=user, env=NOW)
+    r = repo.ok("aggregate", "--all", env=NOW)
+    assert r.out.count("wrote") == 3
+    assert team_total(repo) == 3 * 3600
