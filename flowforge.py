@@ -1076,13 +1076,15 @@ def _valid_record(record):
     if not isinstance(record.get("id"), str) or not _ENTRY_ID.fullmatch(record["id"]):
         return False
     if op == "entry":
-        return _valid_entry_fields(record) and isinstance(record.get("issue"), str)
+        return _valid_entry_fields(record, complete=True)
     if op == "edit":
-        return isinstance(record.get("set"), dict) and _valid_entry_fields(record["set"])
+        return isinstance(record.get("set"), dict) and _valid_entry_fields(record["set"], False)
     return op == "delete"
 
 
-def _valid_entry_fields(fields):
+def _valid_entry_fields(fields, complete):
+    """Each field present is well formed; a complete entry also has exactly one
+    form of time: clock `segments`, or a `date` with `seconds`."""
     if "segments" in fields:
         segments = fields["segments"]
         if not isinstance(segments, list) or not segments:
@@ -1091,11 +1093,16 @@ def _valid_entry_fields(fields):
             if (not isinstance(seg, list) or len(seg) != 2 or not all(type(x) is int for x in seg)
                     or seg[0] >= seg[1]):
                 return False
-    if "seconds" in fields:
-        if type(fields["seconds"]) is not int or fields["seconds"] <= 0:
+    if "seconds" in fields and (type(fields["seconds"]) is not int or fields["seconds"] <= 0):
+        return False
+    if "date" in fields and not (isinstance(fields["date"], str) and _DATE.fullmatch(fields["date"])):
+        return False
+    for key in ("issue", "project", "note"):
+        if key in fields and not isinstance(fields[key], str):
             return False
-        if not isinstance(fields.get("date"), str) or not _DATE.fullmatch(fields["date"]):
-            return False
+    if complete:
+        logged = "seconds" in fields and "date" in fields
+        return isinstance(fields.get("issue"), str) and ("segments" in fields) != logged
     return True
 
 

@@ -200,3 +200,20 @@ def test_heals_a_stop_interrupted_between_append_and_clear(repo):
     assert private_total(root) == 3600
     assert repo("stop", env=NOW).rc == 1
     assert private_total(root) == 3600
+
+
+def test_every_amendment_kind_reads_back_cleanly(repo):
+    """Each edit form must produce a record that the reader accepts (no quarantine)."""
+    logged = repo.ok("log", "1", "1h", "--date", "2026-11-19", "--json", env=NOW).json["entry"]
+    repo.ok("start", "2", "--at", "09:00", env=NOW)
+    timed = repo.ok("stop", "--at", "10:00", "--json", env=NOW).json["entry"]
+    for args in (["--duration", "2h"], ["--date", "2026-11-18"], ["--issue", "3"],
+                 ["--project", "web"], ["--note", "n"]):
+        repo.ok("edit", logged["id"], *args, env=NOW)
+    for args in (["--duration", "30m"], ["--start", "08:00"], ["--end", "09:30"], ["--issue", "4"]):
+        repo.ok("edit", timed["id"], *args, env=NOW)
+    r = repo.ok("aggregate", "--full", env=NOW)
+    assert "warning" not in r.err
+    assert repo.ok("quarantine", "list", "--json").json["items"] == []
+    got = {e["issue"]: (ff.entry_seconds(e), e["day"]) for e in entries(repo)}
+    assert got == {"3": (7200, "2026-11-19"), "4": (5400, "2026-11-20")}

@@ -1,0 +1,239 @@
+"""kill -9 at every durability step and at random moments: nothing lost, nothing doubled."""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import flowforge as ff
+
+from conftest import ROOT, SOAK, Runner, clean_env, make_git_repo, private_total
+
+NOW = "2026-11-20T18:00:00Z"
+
+# Runs FlowForge and SIGKILLs itself right after the CRASH_AT-th write, fsync,
+# replace, unlink or ftruncate: every window between two durable steps.
+CRASHER = r"""
+import os, signal, sys
+sys.dont_write_bytecode = False
+sys.path.insert(0, %r)
+import flowforge
+target = int(os.environ["CRASH_AT"])
+calls = [0]
+def after(func):
+    def wrapper(*a, **k):
+        result = func(*a, **k)
+        calls[0] += 1
+        if calls[0] == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapper
+for name in ("write", "fsync", "replace", "unlink", "ftruncate"):
+    setattr(os, name, after(getattr(os, name)))
+raise SystemExit(flowforge.main())
+""" % ROOT
+
+
+def run_crashing(runner, k, *args, user="alice"):
+    env = runner.env(FLOWFORGE_USER=user, FLOWFORGE_NOW=NOW, CRASH_AT=str(k))
+    proc = subprocess.run([sys.executable, "-S", "-c", CRASHER] + list(args), cwd=runner.root,
+                          env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode
+
+
+def all_files_parse(root):
+    """Every FlowForge file parses; orphaned temp files are the only leftovers."""
+    ffdir = os.path.join(root, ".flowforge")
+    for path in glob.glob(ffdir + "/**/*", recursive=True):
+        name = os.path.basename(path)
+        if os.path.isdir(path) or ".tmp-" in name or name.endswith(".lock"):
+            continue
+        data = open(path, "rb").read()
+        if path.endswith(".jsonl") and "/daily/" in path:
+            assert data == b"" or data.endswith(b"\n"), path
+            for line in data.splitlines():
+                ff.decode_record(line)
+        elif path.endswith(".jsonl"):
+            for line in data.splitlines():
+                json.loads(line)
+        elif path.endswith(".json"):
+            if "/summaries/" in path:
+                ff.verify_shard_bytes(data)
+            else:
+                assert data.strip(), path
+                json.loads(data)
+
+
+# Each scenario: setup commands, the operation under test (retried once after
+# a crash), what the user does next, and the exact private total afterwards.
+SCENARIOS = {
+    "stop": ([["start", "1", "--at", "09:00"]], ["stop", "--at", "10:00"], [], 3600),
+    "start-while-running": ([["start", "1", "--at", "09:00"]], ["start", "2", "--at", "09:30"],
+                            [["stop", "--at", "10:00"]], 3600),
+    "pause": ([["start", "1", "--at", "09:00"]], ["pause", "--at", "09:20"], [["stop"]], 1200),
+    "log-with-key": ([["log", "1", "1h"]], ["log", "2", "30m", "--key", "k"], [], 5400),
+    "edit": ([["log", "1", "1h", "--date", "2026-11-19"]], None, [], 7200),
+    "delete": ([["log", "1", "1h", "--date", "2026-11-19"], ["log", "2", "2h",
+                                                              "--date", "2026-11-19"]], None, [], 7200),
+    "aggregate": ([["log", "1", "1h"], ["log", "2", "2h", "--date", "2026-10-31"]],
+                  ["aggregate"], [], 3 * 3600),
+}
+
+
+def prepare(tmp_path, pycache, home, name):
+    root = make_git_repo(str(tmp_path / ("template-" + name)))
+    runner = Runner(root, pycache, home)
+    runner.ok("init", "--timezone", "UTC")
+    setup, op, _, _ = SCENARIOS[name]
+    for args in setup:
+        runner.ok(*args, env={"FLOWFORGE_NOW": NOW})
+    if op is None:  # edit / delete need the entry id
+        entry_id = [e["id"] for e in runner.ok("entries", "--json", "--date", "2026-11-19",
+                                               env={"FLOWFORGE_NOW": NOW}).json["entries"]
+                    if e["issue"] == "1"][0]
+        op = ["edit", entry_id, "--duration", "2h"] if name == "edit" else ["delete", entry_id]
+    if name != "aggregate":
+        runner.ok("aggregate", env={"FLOWFORGE_NOW": NOW})
+    return runner, op
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_crash_at_every_durable_step(tmp_path, pycache, home, name):
+    template, op = prepare(tmp_path, pycache, home, name)
+    then, expected = SCENARIOS[name][2:]
+    crashes = 0
+    for k in range(1, 200):
+        root = str(tmp_path / ("run-%d" % k))
+        shutil.copytree(template.root, root, symlinks=True)
+        runner = Runner(root, template.pycache, home)
+        rc = run_crashing(runner, k, *op)
+        if rc != -signal.SIGKILL:
+            assert rc == 0, (k, rc)
+            break                           # the operation finished: every step was covered
+        crashes += 1
+        all_files_parse(root)
+        # what a user does after a crash: look, retry the command, aggregate
+        status = runner("status", "--json", env={"FLOWFORGE_NOW": NOW})
+        assert status.rc == 0, status
+        retry = runner(*op, env={"FLOWFORGE_NOW": NOW})
+        assert retry.rc in (0, 1), (k, retry)   # 1: "no timer running" / "already paused"
+        if name == "edit":
+            assert retry.rc == 0
+        for args in then:
+            runner.ok(*args, env={"FLOWFORGE_NOW": NOW})
+        runner.ok("aggregate", env={"FLOWFORGE_NOW": NOW})
+        all_files_parse(root)
+        assert private_total(root) == expected, k
+        assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected, k
+        shutil.rmtree(root)
+    else:
+        pytest.fail("the operation never finished")
+    assert crashes >= 2, crashes   # at least a write and its fsync
+
+
+class Driver(threading.Thread):
+    """One user's random-kill loop: every operation is retried until acknowledged."""
+
+    def __init__(self, runner, user, cycles, seed, kill_rate, kills):
+        super().__init__()
+        self.runner, self.user, self.cycles = runner, user, cycles
+        self.rng = random.Random(seed)
+        self.kill_rate = kill_rate
+        self.kills = kills
+        self.expected = 0
+        self.error = None
+        self.op_time = 0.06
+
+    def attempt(self, args):
+        proc = self.runner.popen(*args, user=self.user, env={"FLOWFORGE_NOW": NOW},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started = time.monotonic()
+        kill_after = None
+        if self.rng.random() < self.kill_rate:
+            kill_after = self.rng.uniform(0.3, 1.2) * self.op_time
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        if proc.returncode == -signal.SIGKILL:
+            self.kills.append(self.user)
+            return None
+        self.op_time = 0.8 * self.op_time + 0.2 * (time.monotonic() - started)
+        return proc.returncode, out.decode(), err.decode()
+
+    def do(self, args, done_codes=(0,), done_text=()):
+        for _ in range(50):
+            result = self.attempt(args)
+            if result is None:
+                continue
+            rc, out, err = result
+            if rc in done_codes or any(t in err for t in done_text):
+                return rc
+            if rc == 75:        # lock busy: fine, try again
+                continue
+            raise AssertionError("%s %s -> %s %s %s" % (self.user, args, rc, out, err))
+        raise AssertionError("%s %s never completed" % (self.user, args))
+
+    def run(self):
+        try:
+            for i in range(self.cycles):
+                day = "2026-%02d-%02d" % (1 + i // 28, 1 + i % 28)
+                start = 9 * 60 + self.rng.randint(0, 120)
+                pause = start + self.rng.randint(1, 90)
+                resume = pause + self.rng.randint(0, 60)
+                stop = resume + self.rng.randint(1, 120)
+                logged = self.rng.randint(1, 240)
+
+                def at(minutes):
+                    return "%s %02d:%02d" % (day, minutes // 60, minutes % 60)
+                self.do(["start", str(i % 7 + 1), "--at", at(start)])
+                self.do(["pause", "--at", at(pause)], done_text=("already paused",))
+                self.do(["resume", "--at", at(resume)], done_text=("already running",))
+                self.do(["stop", "--at", at(stop)], done_text=("no timer is running",))
+                self.do(["log", "99", "%dm" % logged, "--date", day, "--key", "cycle-%d" % i])
+                self.expected += (pause - start + stop - resume + logged) * 60
+                self.attempt(["aggregate", "--wait", "2"])   # killed or not: no retry needed
+        except BaseException as e:   # reported by the test thread
+            self.error = e
+
+
+def test_random_kill9_during_timers_logs_and_aggregation(tmp_path, pycache, home):
+    users, cycles = (6, 60) if SOAK else (4, 18)
+    target_kills = 2000 if SOAK else 200
+    root = make_git_repo(str(tmp_path / "repo"))
+    runner = Runner(root, pycache, home)
+    runner.ok("init", "--timezone", "UTC")
+    kills = []
+    drivers = []
+    rounds = 0
+    while len(kills) < target_kills:
+        rounds += 1
+        batch = [Driver(runner, "u%d-r%d" % (n, rounds), cycles, seed=rounds * 100 + n,
+                        kill_rate=0.6, kills=kills) for n in range(users)]
+        for d in batch:
+            d.start()
+        for d in batch:
+            d.join()
+            if d.error:
+                raise d.error
+        drivers += batch
+        assert rounds < 40, "too few kills landed: %d" % len(kills)
+    final = runner.ok("aggregate", "--all", env={"FLOWFORGE_NOW": NOW})
+    assert "warning" not in final.err
+    all_files_parse(root)
+    report = runner.ok("report", "--json", "--by", "user").json
+    got = {row["user"]: row["seconds"] for row in report["rows"]}
+    want = {d.user: d.expected for d in drivers}
+    assert got == want
+    assert private_total(root) == sum(want.values())
+    assert len(kills) >= target_kills
+    print("\n%d SIGKILLs over %d users; total %s exact" % (len(kills), len(drivers),
+                                                         ff.format_duration(sum(want.values()))))
