@@ -109,6 +109,19 @@ class CorruptFile(FlowForgeError):
         self.reason = reason
 
 
+class StorageError(FlowForgeError):
+    """A write that the disk refused (full, too large, read-only, I/O error)."""
+
+    EXIT_CODES = {errno.EACCES: EXIT_NOPERM, errno.EPERM: EXIT_NOPERM, errno.EROFS: EXIT_NOPERM,
+                  errno.ELOOP: EXIT_NOPERM}
+
+    def __init__(self, path, error):
+        what = "refusing the symbolic link" if error.errno == errno.ELOOP else "cannot write"
+        super().__init__("%s %s: %s" % (what, path, error.strerror or error),
+                         self.EXIT_CODES.get(error.errno, EXIT_CANTCREAT))
+        self.errno = error.errno
+
+
 # ############################################################################
 # 2. Small utilities: clock, time zones, parsing, canonical JSON, checksums, git
 # ############################################################################
@@ -538,8 +551,11 @@ def atomic_write(path, data, mode=None):
             keep_mode = os.lstat(path).st_mode & 0o7777
         except FileNotFoundError:
             pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                 0o666 if mode is None else mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                     0o666 if mode is None else mode)
+    except OSError as e:
+        raise StorageError(path, e)
     try:
         try:
             if keep_mode is not None:
@@ -549,13 +565,18 @@ def atomic_write(path, data, mode=None):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise StorageError(path, e)
         raise
-    fsync_dir(directory or ".")
+    try:
+        fsync_dir(directory or ".")
+    except OSError as e:
+        raise StorageError(directory, e)
 
 
 def append_durable(path, data, create_mode=0o600):
@@ -564,29 +585,45 @@ def append_durable(path, data, create_mode=0o600):
     The caller holds the file's lock and has made sure the file ends with a
     newline.  If the write fails half way (disk full), the file is cut back to
     its old size so that no torn line is left behind."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
-                 create_mode)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
+                     create_mode)
+    except OSError as e:
+        raise StorageError(path, e)
     try:
         size = os.fstat(fd).st_size
         try:
             _write_all(fd, data)
             os.fsync(fd)
-        except BaseException:
+        except BaseException as e:
             try:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             except OSError:
                 pass
+            if isinstance(e, OSError):
+                raise StorageError(path, e)
             raise
     finally:
         os.close(fd)
     if size == 0:
-        fsync_dir(os.path.dirname(path))  # a new file's directory entry must be durable too
+        try:
+            fsync_dir(os.path.dirname(path))  # a new file's directory entry must be durable too
+        except OSError as e:
+            raise StorageError(path, e)
     return size
 
 
 def read_bytes(path):
-    with open(path, "rb") as f:
+    """A file's bytes; a symlink is refused (exit 77), never followed, so a planted
+    link cannot make FlowForge read or copy someone else's file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StorageError(path, e)
+        raise
+    with os.fdopen(fd, "rb") as f:
         return f.read()
 
 
@@ -2661,11 +2698,6 @@ def _configure_ui(args):
                     and not os.environ.get("NO_COLOR")) or bool(os.environ.get("FORCE_COLOR"))
 
 
-_OSERROR_EXIT = {errno.EACCES: EXIT_NOPERM, errno.EPERM: EXIT_NOPERM, errno.EROFS: EXIT_NOPERM,
-                 errno.ENOSPC: EXIT_CANTCREAT, errno.EFBIG: EXIT_CANTCREAT,
-                 errno.EIO: EXIT_CANTCREAT, getattr(errno, "EDQUOT", -1): EXIT_CANTCREAT}
-
-
 def _join_relative_times(argv):
     """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option."""
     out = []
@@ -2697,7 +2729,7 @@ def main(argv=None):
             return EXIT_OK
         where = " %s" % e.filename if e.filename else ""
         sys.stderr.write("flowforge: cannot access%s: %s\n" % (where, e.strerror or e))
-        return _OSERROR_EXIT.get(e.errno, EXIT_FAIL)
+        return StorageError.EXIT_CODES.get(e.errno, EXIT_FAIL)
     except KeyboardInterrupt:
         sys.stderr.write("flowforge: interrupted\n")
         return 130

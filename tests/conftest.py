@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import contextlib
+import glob
 
 import pytest
 
@@ -169,3 +170,26 @@ def private_total(root):
         for day in store.days():
             total += sum(flowforge.entry_seconds(e) for e in store.entries_of_day(day).values())
     return total
+
+
+def all_files_parse(root):
+    """Every FlowForge file parses; orphaned temp files are the only leftovers."""
+    ffdir = os.path.join(root, ".flowforge")
+    for path in glob.glob(ffdir + "/**/*", recursive=True):
+        name = os.path.basename(path)
+        if os.path.isdir(path) or ".tmp-" in name or name.endswith(".lock"):
+            continue
+        data = open(path, "rb").read()
+        if path.endswith(".jsonl") and "/daily/" in path:
+            assert data == b"" or data.endswith(b"\n"), path
+            for line in data.splitlines():
+                flowforge.decode_record(line)
+        elif path.endswith(".jsonl"):
+            for line in data.splitlines():
+                json.loads(line)
+        elif path.endswith(".json"):
+            if "/summaries/" in path:
+                flowforge.verify_shard_bytes(data)
+            else:
+                assert data.strip(), path
+                json.loads(data)

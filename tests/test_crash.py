@@ -1,6 +1,4 @@
 """kill -9 at every durability step and at random moments: nothing lost, nothing doubled."""
-import glob
-import json
 import os
 import random
 import shutil
@@ -14,7 +12,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import ROOT, SOAK, Runner, clean_env, make_git_repo, private_total
+from conftest import ROOT, SOAK, Runner, all_files_parse, make_git_repo, private_total
 
 NOW = "2026-11-20T18:00:00Z"
 
@@ -46,29 +44,6 @@ def run_crashing(runner, k, *args, user="alice"):
     proc = subprocess.run([sys.executable, "-S", "-c", CRASHER] + list(args), cwd=runner.root,
                           env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode
-
-
-def all_files_parse(root):
-    """Every FlowForge file parses; orphaned temp files are the only leftovers."""
-    ffdir = os.path.join(root, ".flowforge")
-    for path in glob.glob(ffdir + "/**/*", recursive=True):
-        name = os.path.basename(path)
-        if os.path.isdir(path) or ".tmp-" in name or name.endswith(".lock"):
-            continue
-        data = open(path, "rb").read()
-        if path.endswith(".jsonl") and "/daily/" in path:
-            assert data == b"" or data.endswith(b"\n"), path
-            for line in data.splitlines():
-                ff.decode_record(line)
-        elif path.endswith(".jsonl"):
-            for line in data.splitlines():
-                json.loads(line)
-        elif path.endswith(".json"):
-            if "/summaries/" in path:
-                ff.verify_shard_bytes(data)
-            else:
-                assert data.strip(), path
-                json.loads(data)
 
 
 # Each scenario: setup commands, the operation under test (retried once after
