@@ -898,9 +898,10 @@ def derive_user_name(email):
 
 def resolve_user(root, explicit):
     """Who is tracking: --user, $FLOWFORGE_USER, git config flowforge.user, user.email."""
-    for source, name in (("--user", explicit), ("FLOWFORGE_USER", os.environ.get("FLOWFORGE_USER"))):
-        if name:
-            return check_user_name(name, source)
+    if explicit is not None:
+        return check_user_name(explicit, "--user")
+    if os.environ.get("FLOWFORGE_USER"):
+        return check_user_name(os.environ["FLOWFORGE_USER"], "FLOWFORGE_USER")
     name = git_config_get(root, "flowforge.user")
     if name:
         return check_user_name(name, "git config flowforge.user")
@@ -1021,6 +1022,7 @@ class Quarantine:
         raise FlowForgeError("no quarantined item %s (see `flowforge quarantine list`)" % item_id)
 
     def restore(self, item_id, force=False):
+        self._find(self.list(), item_id)  # an unknown id changes nothing, not even a lock file
         with self._lock():
             items = self._load()
             item = self._find(items, item_id)
@@ -1037,6 +1039,7 @@ class Quarantine:
         return item
 
     def delete(self, item_id):
+        self._find(self.list(), item_id)
         with self._lock():
             items = self._load()
             item = self._find(items, item_id)
@@ -2718,8 +2721,7 @@ def main(argv=None):
         args = build_parser(name if known else None).parse_args(argv)
         _configure_ui(args)
         if not getattr(args, "handler", None):
-            build_parser().print_help(sys.stderr)
-            return EXIT_USAGE
+            raise FlowForgeError("no command given (`flowforge --help` lists them)", EXIT_USAGE)
         return args.handler(Context(args), args) or EXIT_OK
     except FlowForgeError as e:
         sys.stderr.write("flowforge: %s\n" % e)
