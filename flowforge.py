@@ -191,6 +191,7 @@ class DayClock:
     def __init__(self, tz):
         self.tz = tz
         self._starts = {}
+        self._span = (0, 0, "")
 
     def day_start(self, day):
         """Epoch second at which local date `day` (a datetime.date) begins."""
@@ -203,19 +204,29 @@ class DayClock:
 
     def split(self, start, end):
         """[(date ISO string, seconds)] covering [start, end); the parts sum to end - start."""
-        from datetime import datetime, timedelta
+        lo, hi, iso = self._span
+        if not lo <= start < hi:
+            lo, hi, iso = self._day_span(start)
+        if end <= hi:  # the common case: the whole segment lies in one local day
+            return [(iso, end - start)]
         parts = []
-        day = datetime.fromtimestamp(start, self.tz).date()
-        one = timedelta(days=1)
         while start < end:
-            boundary = self.day_start(day + one)
-            if boundary <= start:  # pathological zone data; always make progress
-                boundary = start + 1
-            stop = min(end, boundary)
-            parts.append((day.isoformat(), stop - start))
+            if not lo <= start < hi:
+                lo, hi, iso = self._day_span(start)
+            stop = min(end, hi)
+            parts.append((iso, stop - start))
             start = stop
-            day = day + one
         return parts
+
+    def _day_span(self, ts):
+        """(first second, first second of the next day, ISO date) of the local day of `ts`."""
+        from datetime import datetime, timedelta
+        day = datetime.fromtimestamp(ts, self.tz).date()
+        lo, hi = self.day_start(day), self.day_start(day + timedelta(days=1))
+        if not lo <= ts < hi:  # zone data where local days overlap: keep making progress
+            lo, hi = ts, max(hi, ts + 1)
+        self._span = (lo, hi, day.isoformat())
+        return self._span
 
 
 _TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
@@ -534,7 +545,7 @@ def _write_all(fd, data):
         view = view[written:]
 
 
-def atomic_write(path, data, mode=None):
+def atomic_write(path, data, mode=None, sync_dir=True):
     """Replace `path` with `data` so that readers see the old bytes or the new, never a mix.
 
     Temp file in the same directory (a rename across file systems is a copy),
@@ -542,7 +553,8 @@ def atomic_write(path, data, mode=None):
     at empty data), os.replace, then fsync the directory (otherwise the rename
     itself may not survive power loss).  On any failure the temp file is
     removed and the target is untouched.  `mode` None keeps an existing file's
-    mode and gives a new one 0666 minus the umask."""
+    mode and gives a new one 0666 minus the umask.  A caller replacing many
+    files in one directory passes sync_dir=False and calls fsync_dir once."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, ".%s.tmp-%d-%s" % (name, os.getpid(), os.urandom(4).hex()))
     keep_mode = None
@@ -573,10 +585,11 @@ def atomic_write(path, data, mode=None):
         if isinstance(e, OSError):
             raise StorageError(path, e)
         raise
-    try:
-        fsync_dir(directory or ".")
-    except OSError as e:
-        raise StorageError(directory, e)
+    if sync_dir:
+        try:
+            fsync_dir(directory or ".")
+        except OSError as e:
+            raise StorageError(directory, e)
 
 
 def append_durable(path, data, create_mode=0o600):
@@ -617,6 +630,11 @@ def append_durable(path, data, create_mode=0o600):
 def read_bytes(path):
     """A file's bytes; a symlink is refused (exit 77), never followed, so a planted
     link cannot make FlowForge read or copy someone else's file."""
+    return read_bytes_and_stat(path)[0]
+
+
+def read_bytes_and_stat(path):
+    """(bytes, os.stat_result) from one open descriptor."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except OSError as e:
@@ -624,7 +642,10 @@ def read_bytes(path):
             raise StorageError(path, e)
         raise
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        # stat before reading: if the file grows meanwhile, the recorded stat is
+        # the older one, so an incremental reader looks again next time
+        st = os.fstat(fd)
+        return f.read(), st
 
 
 def makedirs_private(path):
@@ -1112,55 +1133,70 @@ def entry_start(entry):
 
 def _valid_record(record):
     """Structural check of a record that passed its checksum."""
-    op = record.get("op")
-    if not isinstance(record.get("id"), str) or not _ENTRY_ID.fullmatch(record["id"]):
+    if type(record) is not dict or record.get("v", 0) > RECORD_SCHEMA:
         return False
+    entry_id = record.get("id")
+    if type(entry_id) is not str or not _ENTRY_ID.fullmatch(entry_id):
+        return False
+    op = record.get("op")
     if op == "entry":
         return _valid_entry_fields(record, complete=True)
     if op == "edit":
-        return isinstance(record.get("set"), dict) and _valid_entry_fields(record["set"], False)
+        changes = record.get("set")
+        return type(changes) is dict and _valid_entry_fields(changes, False)
     return op == "delete"
 
 
 def _valid_entry_fields(fields, complete):
     """Each field present is well formed; a complete entry also has exactly one
-    form of time: clock `segments`, or a `date` with `seconds`."""
-    if "segments" in fields:
-        segments = fields["segments"]
-        if not isinstance(segments, list) or not segments:
+    form of time: clock `segments`, or a `date` with `seconds`.  (Written for
+    speed: a full aggregation checks every record ever written.)"""
+    segments = fields.get("segments")
+    if segments is not None:
+        if type(segments) is not list or not segments:
             return False
-        for seg in segments:
-            if (not isinstance(seg, list) or len(seg) != 2 or not all(type(x) is int for x in seg)
-                    or seg[0] >= seg[1]):
-                return False
-    if "seconds" in fields and (type(fields["seconds"]) is not int or fields["seconds"] <= 0):
-        return False
-    if "date" in fields and not (isinstance(fields["date"], str) and _DATE.fullmatch(fields["date"])):
-        return False
-    for key in ("issue", "project", "note"):
-        if key in fields and not isinstance(fields[key], str):
+        try:
+            for start, end in segments:
+                if type(start) is not int or type(end) is not int or start >= end:
+                    return False
+        except (TypeError, ValueError):  # a segment that is not a pair
             return False
+    seconds = fields.get("seconds")
+    if seconds is not None and (type(seconds) is not int or seconds <= 0):
+        return False
+    day = fields.get("date")
+    if day is not None and (type(day) is not str or not _DATE.fullmatch(day)):
+        return False
+    if (type(fields.get("issue", "")) is not str or type(fields.get("project", "")) is not str
+            or type(fields.get("note", "")) is not str):
+        return False
     if complete:
-        logged = "seconds" in fields and "date" in fields
-        return isinstance(fields.get("issue"), str) and ("segments" in fields) != logged
+        return "issue" in fields and (segments is not None) != (seconds is not None and
+                                                               day is not None)
     return True
 
 
 def resolve_entries(records):
     """Entries by id after applying amendments in order (latest wins).
 
-    A deleted id stays deleted even if its entry record appears again, so
-    re-running an import never resurrects what the user removed."""
+    Entries are the records themselves (with their "op" and "v" keys) until an
+    amendment applies, which works on a copy.  A deleted id stays deleted even
+    if its entry record appears again, so re-running an import never
+    resurrects what the user removed."""
     entries = {}
     deleted = set()
+    copied = set()
     for record in records:
         op, entry_id = record["op"], record["id"]
         if op == "entry":
             if entry_id not in entries and entry_id not in deleted:
-                entries[entry_id] = {k: v for k, v in record.items() if k not in ("op", "v")}
+                entries[entry_id] = record
         elif op == "edit":
             entry = entries.get(entry_id)
             if entry is not None:
+                if entry_id not in copied:
+                    entry = entries[entry_id] = dict(entry)
+                    copied.add(entry_id)
                 changes = record["set"]
                 if "segments" in changes:
                     entry.pop("date", None)
@@ -1172,6 +1208,13 @@ def resolve_entries(records):
             entries.pop(entry_id, None)
             deleted.add(entry_id)
     return entries
+
+
+def public_entry(entry, **extra):
+    """An entry as shown to its owner (without the record bookkeeping keys)."""
+    shown = {k: v for k, v in entry.items() if k not in ("op", "v")}
+    shown.update(extra)
+    return shown
 
 
 def new_entry_id(day_iso, key=None):
@@ -1202,6 +1245,7 @@ class PrivateStore:
         self._settings = None
         self._tz = None
         self._clock = None
+        self._salvaged = None
 
     # -- settings -----------------------------------------------------------
 
@@ -1287,14 +1331,38 @@ class PrivateStore:
         A torn or corrupted line is never skipped silently: the file is copied
         into quarantine, the good lines are written back, and a warning names
         the quarantined copy."""
+        return self.read_day_and_stat(day_iso)[0]
+
+    def read_day_and_stat(self, day_iso):
+        """(records, [size, mtime_ns]) of one day file, as it is after any salvage."""
         path = self.day_path(day_iso)
         try:
-            raw = read_bytes(path)
+            raw, st = read_bytes_and_stat(path)
         except FileNotFoundError:
-            return []
-        return self._parse_day(path, raw)
+            return [], None
+        records = self._parse_day(path, raw)
+        if self._salvaged == path:  # rewritten with its good lines
+            st = os.stat(path)
+        return records, [st.st_size, st.st_mtime_ns]
 
     def _parse_day(self, path, raw):
+        """Records of a day file.  Fast path: check every line's crc32, then one
+        json.loads for the whole file; anything odd takes the careful path."""
+        lines = raw.split(b"\n")
+        if lines.pop() == b"":
+            crc32 = zlib.crc32
+            try:
+                for line in lines:
+                    if line[8:9] != b" " or int(line[:8], 16) != crc32(line[9:]):
+                        raise ValueError
+                records = json.loads(b"[" + b",".join([line[9:] for line in lines]) + b"]")
+                if all(_valid_record(r) for r in records):
+                    return records
+            except ValueError:
+                pass
+        return self._parse_day_carefully(path, raw)
+
+    def _parse_day_carefully(self, path, raw):
         records, good, bad = [], [], []
         lines = raw.split(b"\n")
         torn_tail = lines[-1] != b""
@@ -1318,6 +1386,7 @@ class PrivateStore:
     def _salvage(self, path, good, reason, count):
         item = Quarantine(self.repo).put(path, reason, copy=True)
         atomic_write(path, good, 0o600)
+        self._salvaged = path
         warn("%s: %s; the original is quarantined as %s and %d damaged line(s) were set "
              "aside (see `flowforge quarantine list`)" % (self.repo.rel(path), reason, item, count))
 
@@ -1485,7 +1554,7 @@ class Timers:
                      "note": note, "segments": [], "running_since": at}
             self.store.save_timer(timer)
         messages.append("tracking %s since %s" % (issue, self.show(at)))
-        return {"timer": timer, "stopped": stopped, "changed": True}, messages
+        return {"timer": timer, "stopped": stopped and public_entry(stopped), "changed": True}, messages
 
     def stop(self, at):
         self.check_time(at, "stop time")
@@ -1493,7 +1562,7 @@ class Timers:
         with self.store.lock():
             timer = self._require()
             entry = self._finish(timer, at, messages)
-        return {"entry": entry}, messages
+        return {"entry": entry and public_entry(entry)}, messages
 
     def pause(self, at):
         self.check_time(at, "pause time")
@@ -1580,10 +1649,10 @@ class Timers:
             entry["key"] = key
         with self.store.lock():
             if key and self.store.has_record(day, entry_id):
-                return {"entry": entry, "changed": False}, [
+                return {"entry": public_entry(entry), "changed": False}, [
                     "already logged (key %r): %s" % (key, entry_id)]
             self.store.append(day, [entry])
-        return {"entry": entry, "changed": True}, ["logged %s to %s on %s (%s)" % (
+        return {"entry": public_entry(entry), "changed": True}, ["logged %s to %s on %s (%s)" % (
             format_duration(seconds), issue, day, entry_id)]
 
     def edit(self, entry_id, changes):
@@ -1616,15 +1685,16 @@ class Timers:
                 raise FlowForgeError("an entry cannot be longer than 24h", EXIT_USAGE)
             changed = {k: v for k, v in new.items() if entry.get(k) != v}
             if not changed:
-                return {"entry": entry, "changed": False}, ["%s is unchanged" % entry_id]
+                return {"entry": public_entry(entry, id=entry_id), "changed": False}, [
+                    "%s is unchanged" % entry_id]
             self.store.append(day, [{"op": "edit", "id": entry_id, "set": changed}])
-        return {"entry": dict(new, id=entry_id), "changed": True}, ["edited %s" % entry_id]
+        return {"entry": public_entry(new, id=entry_id), "changed": True}, ["edited %s" % entry_id]
 
     def delete(self, entry_id):
         with self.store.lock():
             day, entry = self.store.find_entry(entry_id)
             self.store.append(day, [{"op": "delete", "id": entry_id}])
-        return {"entry": entry}, ["deleted %s (%s, %s)" % (
+        return {"entry": public_entry(entry, id=entry_id)}, ["deleted %s (%s, %s)" % (
             entry_id, entry["issue"], format_duration(entry_seconds(entry)))]
 
     def entries(self, first_day, last_day):
@@ -1633,7 +1703,7 @@ class Timers:
             for day in self.store.days():
                 if first_day <= day <= last_day:
                     for entry_id, entry in self.store.entries_of_day(day).items():
-                        found.append(dict(entry, id=entry_id, day=day))
+                        found.append(public_entry(entry, id=entry_id, day=day))
         found.sort(key=lambda e: (entry_start(e) or 0, e["day"], e["id"]))
         return found
 
@@ -1668,17 +1738,21 @@ def period_of(day_iso, granularity):
 def day_contributions(records, clock, granularity):
     """{month: {(period, issue, project): seconds}} of one day file's entries."""
     months = {}
+    split = clock.split
     for entry in resolve_entries(records).values():
-        if "segments" in entry:
-            parts = []
-            for start, end in entry["segments"]:
-                parts.extend(clock.split(start, end))
+        issue, project = entry["issue"], entry.get("project", "")
+        segments = entry.get("segments")
+        if segments is None:
+            parts = ((entry["date"], entry["seconds"]),)
+        elif len(segments) == 1:
+            parts = split(*segments[0])
         else:
-            parts = [(entry["date"], entry["seconds"])]
-        key_tail = (entry["issue"], entry.get("project", ""))
+            parts = [part for start, end in segments for part in split(start, end)]
         for day, seconds in parts:
-            cells = months.setdefault(day[:7], {})
-            key = (period_of(day, granularity),) + key_tail
+            cells = months.get(day[:7])
+            if cells is None:
+                cells = months[day[:7]] = {}
+            key = (day if granularity == "day" else period_of(day, granularity), issue, project)
             cells[key] = cells.get(key, 0) + seconds
     return months
 
@@ -1809,34 +1883,41 @@ class Aggregator:
             full = state is None
             old_files = state["files"] if state else {}
             with store.lock(lock_timeout):
-                stats = {}
+                parsed, stats = {}, {}
                 for day in store.days():
+                    if full:  # read everything; the stat comes from the same descriptor
+                        records, stat = store.read_day_and_stat(day)
+                        if stat is not None:
+                            parsed[day] = day_contributions(records, store.clock, self.granularity)
+                            stats[day] = stat
+                        continue
                     try:
                         st = os.stat(store.day_path(day))
                     except FileNotFoundError:
                         continue
                     stats[day] = [st.st_size, st.st_mtime_ns]
-                changed = [d for d in stats if full or old_files.get(d, [None, None])[:2] != stats[d]]
+                    if old_files.get(day, [None, None])[:2] != stats[day]:
+                        records, stats[day] = store.read_day_and_stat(day)
+                        parsed[day] = day_contributions(records, store.clock, self.granularity)
+                changed = list(parsed)
                 removed = [d for d in old_files if d not in stats]
-                parsed = {}
-                for day in changed:
-                    parsed[day] = day_contributions(store.read_day(day), store.clock,
-                                                    self.granularity)
-                    st = os.stat(store.day_path(day))  # salvage may have rewritten it
-                    stats[day] = [st.st_size, st.st_mtime_ns]
                 months = set()
                 for day in changed + removed:
                     months.update(old_files.get(day, [0, 0, []])[2])
                 for day in changed:
                     months.update(parsed[day])
-                if full:
-                    months.update(m for _, u, s, m in list_shard_files(self.repo)
-                                  if u == store.user and s == store.store_id)
+                if full:  # also months whose entries are all gone now
+                    try:
+                        names = os.listdir(shard_dir(self.repo, store.user, store.store_id))
+                    except FileNotFoundError:
+                        names = []
+                    months.update(n[:-5] for n in names if n.endswith(".json")
+                                  and _MONTH.fullmatch(n[:-5]))
                 new_files = {}
                 for day in stats:
                     contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
                     new_files[day] = stats[day] + [contributes]
-                for day in stats:
+                for day in stats:  # unchanged days that share a month with a changed one
                     if day not in parsed and months.intersection(new_files[day][2]):
                         parsed[day] = day_contributions(store.read_day(day), store.clock,
                                                         self.granularity)
@@ -1874,17 +1955,75 @@ class Aggregator:
                 if not cells:
                     continue  # nothing to say about a month that never had time
                 os.makedirs(directory, exist_ok=True)
-            atomic_write(path, data)
+            atomic_write(path, data, sync_dir=False)
             written.append(path)
+        if written:
+            # One directory fsync makes all the renames durable, before the
+            # aggregation cache can record them as done.
+            try:
+                fsync_dir(directory)
+            except OSError as e:
+                raise StorageError(directory, e)
         return written
 
 
+def aggregate_store(repo, user, full=False, lock_timeout=10.0):
+    store = PrivateStore(repo, user)
+    return Aggregator(store, repo.config["granularity"]).run(full, lock_timeout)
+
+
 def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
-    results = []
+    """Aggregate several private stores.  Stores share nothing (own locks, own
+    shards), so many of them are spread over forked workers, one per core;
+    errors travel back as data so that their exit codes survive."""
+    workers = min(len(users) // 8, os.cpu_count() or 1, 8)
+    if workers < 2 or not hasattr(os, "fork"):
+        return [aggregate_store(repo, u, full, lock_timeout) for u in users]
+
+    def run_chunk(chunk):
+        out = []
+        for user in chunk:
+            try:
+                out.append(["ok", aggregate_store(repo, user, full, lock_timeout)])
+            except FlowForgeError as e:
+                out.append(["error", str(e), e.exit_code])
+        return out
+
+    chunks = [users[i::workers] for i in range(workers)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children = []
+    for chunk in chunks[1:]:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: report through the pipe, never return into main()
+            code = 0
+            try:
+                os.close(read_fd)
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(json.dumps(run_chunk(chunk)).encode("utf-8"))
+            except BaseException:
+                code = EXIT_FAIL
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write_fd)
+        children.append((pid, read_fd))
+    outcomes = {0: run_chunk(chunks[0])}
+    for n, (pid, read_fd) in enumerate(children, 1):
+        with os.fdopen(read_fd, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            raise FlowForgeError("an aggregation worker failed (exit status %d)" % status)
+        outcomes[n] = json.loads(data)
+    by_user = {}
+    for n, chunk in enumerate(chunks):
+        by_user.update(zip(chunk, outcomes[n]))
     for user in users:
-        store = PrivateStore(repo, user)
-        results.append(Aggregator(store, repo.config["granularity"]).run(full, lock_timeout))
-    return results
+        if by_user[user][0] == "error":
+            raise FlowForgeError(by_user[user][1], by_user[user][2])
+    return [by_user[user][1] for user in users]
 
 
 def local_users(repo):
@@ -1960,29 +2099,42 @@ def resolve_range(period, first, last, today):
     return None, None
 
 
+_CELL_FIELDS = ("user", "store", "month", "day", "week", "issue", "project")
+
+
 def team_cells(shards, dims, first, last):
     """{key tuple over dims: seconds} of shard rows within [first, last]."""
+    from operator import itemgetter
     finest = min((_GRANULARITY_RANK[d] for d in dims if d in _GRANULARITY_RANK), default=3)
+    pick = itemgetter(*[_CELL_FIELDS.index(d) for d in dims])
+    single = len(dims) == 1
+    need_week = "week" in dims
+    weeks = {}
     cells = {}
     for doc in shards:
-        granularity = doc["granularity"]
+        granularity, user, store_id, month = (doc["granularity"], doc["user"], doc["store"],
+                                              doc["month"])
         if _GRANULARITY_RANK[granularity] > finest:
             raise FlowForgeError("shards of %s are kept per %s: --by %s is finer than that"
-                                 % (doc["user"], granularity,
+                                 % (user, granularity,
                                     [d for d in dims if d in _GRANULARITY_RANK][0]))
         for period, issue, project, seconds in doc["rows"]:
-            p_first, p_last = period_bounds(period, granularity, doc["month"])
-            if (first and p_last < first) or (last and p_first > last):
-                continue
-            values = {"user": doc["user"], "store": doc["store"], "issue": issue,
-                      "project": project, "month": doc["month"]}
+            if first or last:
+                p_first, p_last = period_bounds(period, granularity, month)
+                if (first and p_last < first) or (last and p_first > last):
+                    continue
             if granularity == "day":
-                values["day"] = period
-                if "week" in dims:
-                    values["week"] = period_of(period, "week")
-            elif granularity == "week":
-                values["week"] = period
-            key = tuple(values[d] for d in dims)
+                day = period
+                week = None
+                if need_week:
+                    week = weeks.get(day)
+                    if week is None:
+                        week = weeks[day] = period_of(day, "week")
+            else:
+                day, week = None, (period if granularity == "week" else None)
+            key = pick((user, store_id, month, day, week, issue, project))
+            if single:
+                key = (key,)
             cells[key] = cells.get(key, 0) + seconds
     return cells
 
@@ -2043,10 +2195,11 @@ def render(fmt, headers, rows, total_row=None, title=None):
         out.append("</table>")
         return "\n".join(out) + "\n"
     widths = [max([len(h)] + [len(r[i]) for r in rows_all]) for i, h in enumerate(headers)]
+    template = "  ".join("%%%s%ds" % ("" if h in _NUMERIC_HEADERS else "-", w)
+                         for h, w in zip(headers, widths))
 
     def line(cells):
-        return "  ".join(c.rjust(w) if h in _NUMERIC_HEADERS else c.ljust(w)
-                         for c, w, h in zip(cells, widths, headers)).rstrip()
+        return (template % tuple(cells)).rstrip()
     out = []
     if title:
         out.append(title)
