@@ -450,15 +450,19 @@ _sha256 = None
 def sha256_hex(data):
     # hashlib loads OpenSSL (~15 ms at import).  The interpreter's builtin
     # SHA-256 gives the same digest and keeps report and hook start-up fast.
+    # The builtin module is _sha256 up to Python 3.11 and _sha2 from 3.12; both
+    # are looked up by name so that a static check on either version sees no
+    # module foreign to it.
     global _sha256
     if _sha256 is None:
-        try:
-            from _sha2 import sha256 as _sha256  # Python 3.12+
-        except ImportError:
+        for name in ("_sha2", "_sha256"):
             try:
-                from _sha256 import sha256 as _sha256
-            except ImportError:
-                from hashlib import sha256 as _sha256
+                _sha256 = __import__(name).sha256
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            from hashlib import sha256 as _sha256
     return _sha256(data).hexdigest()
 
 
@@ -2679,7 +2683,8 @@ def _today_local():
          arg("--to", dest="last", metavar="D", help="last day, YYYY-MM-DD"),
          arg("--by", default="user,issue", metavar="DIMS",
              help="comma-separated: %s (default user,issue)" % ",".join(REPORT_DIMENSIONS)),
-         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table"),
+         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
+             help="output format (default table)"),
          area="team")
 def cmd_report(ctx, args):
     dims = _dims(args.by)
@@ -2698,7 +2703,8 @@ def cmd_report(ctx, args):
          arg("--from", dest="first", metavar="D", help="first day instead of --month"),
          arg("--to", dest="last", metavar="D", help="last day instead of --month"),
          arg("--by-issue", action="store_true", help="one line per issue, not per project"),
-         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table"),
+         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
+             help="output format (default table)"),
          area="team")
 def cmd_bill(ctx, args):
     if args.month and (args.first or args.last):
@@ -2807,34 +2813,35 @@ def build_parser(only=None):
 
 
 def command_reference():
-    """The README's command reference, generated from the registry."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    """The README's command reference, generated from the registry (not from
+    argparse's help formatting, which changes between Python versions)."""
+    out = []
     areas = []
     for spec in COMMANDS:
         if spec.area not in areas:
             areas.append(spec.area)
-    out = []
     for area in areas:
         out.append("### %s\n" % area.capitalize())
         for spec in (s for s in COMMANDS if s.area == area):
-            p = sub.choices[spec.name]
-            usage = " ".join(p.format_usage().split())[len("usage: "):]
-            out.append("#### `flowforge %s`\n\n%s\n\n```\n%s\n```\n" % (spec.name, spec.summary,
-                                                                      usage))
-            rows = []
-            for action in p._actions:
-                if action.help in (None, "==SUPPRESS==") or action.dest in (
-                        "help", "C", "user", "json", "quiet", "verbose", "color"):
-                    continue
-                name = ", ".join(action.option_strings) or action.metavar or action.dest
-                if action.choices and not action.option_strings:
-                    name = "|".join(action.choices)
-                elif action.choices:
-                    name += " {%s}" % ",".join(action.choices)
-                elif action.option_strings and action.nargs != 0:
-                    name += " " + (action.metavar or action.dest.upper())
-                rows.append("| `%s` | %s |" % (name, action.help.replace("|", "\\|")))
+            usage, rows = ["flowforge", spec.name], []
+            for flags, kwargs in spec.arguments:
+                if flags[0].startswith("-"):
+                    name = ", ".join(flags)
+                    if kwargs.get("action") != "store_true":
+                        value = kwargs.get("metavar") or (
+                            "{%s}" % ",".join(kwargs["choices"]) if "choices" in kwargs
+                            else kwargs.get("dest", flags[-1].lstrip("-")).upper())
+                        name += " " + value
+                    usage.append("[%s %s]" % (flags[-1], name.split(" ", 1)[1])
+                                 if " " in name else "[%s]" % flags[-1])
+                else:
+                    name = "|".join(kwargs["choices"]) if "choices" in kwargs else (
+                        kwargs.get("metavar") or flags[0])
+                    usage.append("[%s]" % name if kwargs.get("nargs") == "?" else name)
+                rows.append("| `%s` | %s |" % (name.replace("|", "\\|"),
+                                               kwargs.get("help", "").replace("|", "\\|")))
+            out.append("#### `flowforge %s`\n\n%s\n\n```\n%s\n```\n" % (
+                spec.name, spec.summary, " ".join(usage)))
             if rows:
                 out.append("| argument | meaning |\n| --- | --- |\n" + "\n".join(rows) + "\n")
             out.append("Example: `%s`\n" % spec.example)
