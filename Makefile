@@ -25,10 +25,13 @@ demo:
 bench:
 	@$(PYTHON) tools/bench.py
 
+# ruff and vermin (3.9 compatibility) come from .venv; FlowForge never needs them.
 lint:
-	$(PYTHON) ../shared/tools/stdlib_only.py 2>/dev/null || $(PYTHON) tools/stdlib_only.py
-	$(PYTHON) -m ruff check flowforge.py plugins tests tools
-	$(PYTHON) -m vermin --target=3.9- --no-tips --violations flowforge.py plugins
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import ruff, vermin' 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install --quiet ruff vermin
+	$(VENV)/bin/python -m ruff check --select E,F,W,B --ignore B904,B905 --line-length 110 flowforge.py plugins tests tools
+	$(VENV)/bin/python -m vermin --target=3.9- --no-tips --violations flowforge.py plugins
 
 install:
 	./install.sh --prefix $(PREFIX)

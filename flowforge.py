@@ -976,7 +976,7 @@ def init_repo(root, user, timezone):
                      .encode("utf-8"))
         created.append(repo.rel(repo.config_path))
     else:
-        repo.config  # validate the existing one
+        load_config(repo.config_path)  # validate the existing one
     return repo, created
 
 
@@ -1279,7 +1279,8 @@ class PrivateStore:
         if self._settings is None:
             try:
                 settings = json.loads(read_bytes(self.config_path))
-                if not isinstance(settings, dict) or not re.fullmatch(r"[0-9a-f]{10}", str(settings.get("store", ""))):
+                store_id = str(settings.get("store", "")) if isinstance(settings, dict) else ""
+                if not re.fullmatch(r"[0-9a-f]{10}", store_id):
                     raise ValueError("no valid store id")
                 if settings.get("schema", 0) > USER_SCHEMA:
                     raise ValueError("written by a newer FlowForge")
@@ -2307,8 +2308,9 @@ def build_bill(repo, first, last, by_issue):
 def render_bill(bill, fmt):
     dims = bill["by"]
     headers = list(dims) + ["hours", "billable", "rate", "amount"]
-    rows = [[l[d] for d in dims] + [l["hours"], l["billable_hours"], l["rate"], l["amount"]]
-            for l in bill["lines"]]
+    rows = [[line[d] for d in dims] + [line["hours"], line["billable_hours"], line["rate"],
+                                       line["amount"]]
+            for line in bill["lines"]]
     total = (["total"] + [""] * (len(dims) - 1)
              + [decimal_hours(bill["total_seconds"]), decimal_hours(bill["total_billable_seconds"]),
                 "", "%s %s" % (bill["total_amount"], bill["currency"]) if fmt != "csv"
@@ -2380,7 +2382,7 @@ class Context:
     def repo(self):
         if self._repo is None:
             repo = self.work_tree().require()
-            repo.config  # a damaged config.json stops every command, with exit 78
+            load_config(repo.config_path)  # a damaged config.json stops every command (78)
             self._repo = repo
         return self._repo
 
@@ -2864,7 +2866,7 @@ def _configure_ui(args):
 def _join_relative_times(argv):
     """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option."""
     out = []
-    for i, token in enumerate(argv):
+    for token in argv:
         if out and out[-1] in ("--at", "--start", "--end") and re.match(r"^-\d", token):
             out[-1] = out[-1] + "=" + token
         else:

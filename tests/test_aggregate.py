@@ -242,3 +242,25 @@ def test_aggregate_all_users(repo):
     r = repo.ok("aggregate", "--all", env=NOW)
     assert r.out.count("wrote") == 3
     assert team_total(repo) == 3 * 3600
+
+
+def test_parallel_aggregation_keeps_exit_codes(repo):
+    """aggregate --all spreads many stores over workers; a busy lock in a worker is still 75."""
+    users = ["dev%02d" % i for i in range(17)]
+    for user in users:
+        repo.ok("log", "1", "1h", user=user, env=NOW)
+    lock = os.path.join(repo.root, ".flowforge/state/locks/aggregate.dev16.lock")
+    holder = subprocess.Popen(["python3", "-c", "import fcntl,os,time; fd=os.open(%r, os.O_RDWR|"
+                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True);"
+                               " time.sleep(30)" % lock], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        r = repo("aggregate", "--all", "--wait", "0.2", env=NOW)
+        assert r.rc == 75 and "dev16" in r.err, r
+    finally:
+        holder.kill()
+        holder.wait()
+    r = repo.ok("aggregate", "--all", "--json", env=NOW)
+    assert [x["user"] for x in r.json["results"]] == sorted(users + ["alice"])
+    rows = repo.ok("report", "--json", "--by", "user").json["rows"]
+    assert {x["user"]: x["seconds"] for x in rows} == {u: 3600 for u in users}

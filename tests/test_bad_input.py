@@ -1,5 +1,4 @@
 """Bad input: one clear line on stderr, the documented exit code, nothing changed."""
-import json
 import os
 import shutil
 import subprocess

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SOAK, clean_env, git, private_total
+from conftest import ROOT, SOAK, clean_env, private_total
 
 PRELUDE = "import os, sys, json, time, random\nsys.path.insert(0, %r)\nimport flowforge\n" % ROOT
 

@@ -1,5 +1,4 @@
 """kill -9 at every durability step and at random moments: nothing lost, nothing doubled."""
-import os
 import random
 import shutil
 import signal
@@ -167,7 +166,7 @@ class Driver(threading.Thread):
                 stop = resume + self.rng.randint(1, 120)
                 logged = self.rng.randint(1, 240)
 
-                def at(minutes):
+                def at(minutes, day=day):
                     return "%s %02d:%02d" % (day, minutes // 60, minutes % 60)
                 self.do(["start", str(i % 7 + 1), "--at", at(start)])
                 self.do(["pause", "--at", at(pause)], done_text=("already paused",))

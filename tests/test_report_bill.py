@@ -94,7 +94,7 @@ def test_bill_rates_and_exact_money(team):
     set_config(team, currency="EUR", default_rate="100", user_rates={"bob": "80.50"},
                project_rates={"api": "120.00"}, user_project_rates={"bob/web": "90.125"})
     bill = team.ok("bill", "--month", "2026-11", "--json").json
-    lines = {(l["project"], l["user"]): l for l in bill["lines"]}
+    lines = {(line["project"], line["user"]): line for line in bill["lines"]}
     assert lines[("web", "alice")]["rate"] == "100.00"     # default
     assert lines[("web", "alice")]["amount"] == "100.00"
     assert lines[("api", "alice")]["amount"] == "60.00"    # project rate beats default
@@ -122,7 +122,7 @@ def test_bill_one_second_is_billed_exactly(repo):
 def test_bill_rounding(team, mode, scope, expected_billable):
     set_config(team, default_rate="60", round_minutes=15, round_mode=mode, round_scope=scope)
     bill = team.ok("bill", "--month", "2026-11", "--json").json
-    line = [l for l in bill["lines"] if l["user"] == "bob"][0]
+    line = [x for x in bill["lines"] if x["user"] == "bob"][0]
     assert line["seconds"] == 8520
     assert line["billable_seconds"] == expected_billable
     assert line["amount"] == "%d.00" % (expected_billable // 60)
@@ -137,7 +137,7 @@ def test_bill_formats_and_ranges(team):
     assert csv_rows[0] == ["project", "user", "hours", "billable", "rate", "amount"]
     by_issue = team.ok("bill", "--from", "2026-10-01", "--to", "2026-11-30", "--by-issue",
                        "--json").json
-    assert sum(l["seconds"] for l in by_issue["lines"]) == 14520
+    assert sum(line["seconds"] for line in by_issue["lines"]) == 14520
     assert team("bill", "--month", "2026-13").rc == 64
     assert team("bill", "--month", "2026-11", "--from", "2026-11-01").rc == 64
 

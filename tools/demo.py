@@ -84,7 +84,7 @@ def main():
             path = clones[name]
             first, second = issues[offset % 3], issues[(offset + 1) % 3]
 
-            def ff(*args):
+            def ff(*args, path=path):
                 return run([flowforge] + list(args), path, env)
             at = "%s %%s" % day.isoformat()
             ff("start", first[0], "--project", first[1], "--note", "private notes stay here",
