@@ -31,7 +31,7 @@ lint:
 	@$(VENV)/bin/python -c 'import ruff, vermin' 2>/dev/null || \
 	  $(VENV)/bin/python -m pip install --quiet ruff vermin
 	$(VENV)/bin/python -m ruff check --select E,F,W,B --ignore B904,B905 --line-length 110 flowforge.py plugins tests tools
-	$(VENV)/bin/python -m vermin --target=3.9- --no-tips --violations flowforge.py plugins
+	$(VENV)/bin/vermin --target=3.9- --no-tips --violations flowforge.py plugins
 
 install:
 	./install.sh --prefix $(PREFIX)
