@@ -2490,28 +2490,27 @@ def cmd_switch(ctx, args):
     return cmd_start(ctx, args)
 
 
-@command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT)
-def cmd_stop(ctx, args):
+def _timer_at(ctx, args, action):
+    """stop, pause and resume: an optional --at, then the Timers method of that name."""
     timers = _timers(ctx)
     at = ctx.time(args.at, timers.store)
     ctx.ready_store(timers.store)
-    return ctx.emit("stop", *timers.stop(at))
+    return ctx.emit(action, *getattr(timers, action)(at))
+
+
+@command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT)
+def cmd_stop(ctx, args):
+    return _timer_at(ctx, args, "stop")
 
 
 @command("pause", "Pause the running timer.", "flowforge pause --at 12:00", AT)
 def cmd_pause(ctx, args):
-    timers = _timers(ctx)
-    at = ctx.time(args.at, timers.store)
-    ctx.ready_store(timers.store)
-    return ctx.emit("pause", *timers.pause(at))
+    return _timer_at(ctx, args, "pause")
 
 
 @command("resume", "Resume the paused timer.", "flowforge resume --at 13:00", AT)
 def cmd_resume(ctx, args):
-    timers = _timers(ctx)
-    at = ctx.time(args.at, timers.store)
-    ctx.ready_store(timers.store)
-    return ctx.emit("resume", *timers.resume(at))
+    return _timer_at(ctx, args, "resume")
 
 
 @command("cancel", "Discard the running or paused timer without recording it.",

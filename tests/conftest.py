@@ -193,3 +193,17 @@ def all_files_parse(root):
             else:
                 assert data.strip(), path
                 json.loads(data)
+
+
+@contextlib.contextmanager
+def lock_held(path):
+    """Another process holds the flock on `path` for the duration of the block."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,os,time; fd=os.open(%r, os.O_RDWR"
+                               "|os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True);"
+                               " time.sleep(120)" % path], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

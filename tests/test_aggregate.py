@@ -9,7 +9,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import git, private_total, team_total
+from conftest import git, lock_held, private_total, team_total
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
@@ -205,18 +205,10 @@ def test_damaged_timer_state_is_quarantined(repo):
 
 def test_aggregate_lock_held_exits_75(repo):
     repo.ok("log", "1", "1h", env=NOW)
-    lock = os.path.join(repo.root, ".flowforge/state/locks/aggregate.alice.lock")
-    holder = subprocess.Popen(["python3", "-c", "import fcntl,os,sys,time; fd=os.open(%r, os.O_RDWR|"
-                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True);"
-                               " time.sleep(30)" % lock], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == b"held"
+    with lock_held(os.path.join(repo.root, ".flowforge/state/locks/aggregate.alice.lock")):
         r = repo("aggregate", "--wait", "0.3", env=NOW)
         assert r.rc == 75 and "busy" in r.err
         assert shard_files(repo.root) == []
-    finally:
-        holder.kill()
-        holder.wait()
     repo.ok("aggregate", "--wait", "5", env=NOW)   # the lock vanished with its holder
 
 
@@ -249,17 +241,9 @@ def test_parallel_aggregation_keeps_exit_codes(repo):
     users = ["dev%02d" % i for i in range(17)]
     for user in users:
         repo.ok("log", "1", "1h", user=user, env=NOW)
-    lock = os.path.join(repo.root, ".flowforge/state/locks/aggregate.dev16.lock")
-    holder = subprocess.Popen(["python3", "-c", "import fcntl,os,time; fd=os.open(%r, os.O_RDWR|"
-                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True);"
-                               " time.sleep(30)" % lock], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == b"held"
+    with lock_held(os.path.join(repo.root, ".flowforge/state/locks/aggregate.dev16.lock")):
         r = repo("aggregate", "--all", "--wait", "0.2", env=NOW)
         assert r.rc == 75 and "dev16" in r.err, r
-    finally:
-        holder.kill()
-        holder.wait()
     r = repo.ok("aggregate", "--all", "--json", env=NOW)
     assert [x["user"] for x in r.json["results"]] == sorted(users + ["alice"])
     rows = repo.ok("report", "--json", "--by", "user").json["rows"]
