@@ -777,6 +777,7 @@ DEFAULT_CONFIG = {
         "round_scope": "line",      # line: round each bill line; day: each user x issue x day
     },
     "hook": {"budget_ms": 400, "lock_wait_ms": 100},
+    "daemon": {"interval": 30},
 }
 
 _RATE = re.compile(r"^\d{1,9}(\.\d{1,4})?$")
@@ -912,6 +913,11 @@ def validate_config(config, path):
         value = hook.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 60000:
             bad("hook.%s must be a whole number of milliseconds from 0 to 60000" % key)
+    daemon = config.get("daemon")
+    interval = daemon.get("interval") if isinstance(daemon, dict) else None
+    if (not isinstance(interval, (int, float)) or isinstance(interval, bool)
+            or not 1 <= interval <= 86400):
+        bad("daemon.interval must be 1-86400 seconds")
 
 
 def derive_user_name(email):
@@ -1105,6 +1111,36 @@ def log_event(repo, event, **fields):
             os.close(fd)
     except Exception:
         pass
+
+
+def record_metrics(repo, **changes):
+    """Update state/metrics.json: keys ending in `_total` are counters (added
+    to), the others are set.  Best effort: metrics never fail a command."""
+    try:
+        path = os.path.join(repo.state, "metrics.json")
+        with repo.lock("metrics", 0.5, "the metrics"):
+            try:
+                metrics = json.loads(read_bytes(path))
+                if not isinstance(metrics, dict):
+                    metrics = {}
+            except (FileNotFoundError, ValueError):
+                metrics = {}
+            for key, value in changes.items():
+                if key.endswith("_total"):
+                    metrics[key] = metrics.get(key, 0) + value
+                else:
+                    metrics[key] = value
+            atomic_write(path, canonical_bytes(metrics), 0o600)
+    except Exception as e:
+        log_event(repo, "metrics-not-recorded", error=str(e))
+
+
+def read_metrics(repo):
+    try:
+        metrics = json.loads(read_bytes(os.path.join(repo.state, "metrics.json")))
+        return metrics if isinstance(metrics, dict) else {}
+    except (OSError, ValueError, FlowForgeError):
+        return {}
 
 
 # ############################################################################
@@ -2042,7 +2078,1371 @@ def local_users(repo):
 
 
 # ############################################################################
-# 7. Reports and billing
+# 7. Retry queue
+# ############################################################################
+#
+# Everything that failed, or must happen later, is a job in state/queue.db.
+# SQLite in WAL mode with synchronous=FULL: a commit survives power loss.
+# Every write is one BEGIN IMMEDIATE transaction, which takes the write lock
+# up front (a DEFERRED one that reads first can fail with SQLITE_BUSY_SNAPSHOT,
+# which no busy timeout cures).  A claim is a lease with a random fencing
+# token: once the lease has expired the worker can neither acknowledge the job
+# nor commit an effect with it.  Nothing is deleted until done (and purged).
+#
+#   queued --claim--> leased --ack--> done
+#      ^                 |--fail / lease expired--> queued (after backoff)
+#      |                 '--fail, attempts used up / permanent--> dead
+#      '------------- retry ID (dead or queued) ------------------'
+
+QUEUE_SCHEMA = 1
+PRIORITIES = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+BACKOFF_BASE = 1.0             # seconds
+BACKOFF_CAP = 3600.0           # full-jitter ceiling
+RETRY_AFTER_MAX = 86400.0      # a server cannot park a job for more than a day
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_LEASE = 120.0
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+                       "lustre", "gpfs", "fuse.sshfs", "fuse.s3fs", "davfs"}
+_JOB_KIND = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
+
+
+class RetryLater(Exception):
+    """Raised by a job handler or plugin: try again, after `after` seconds if given."""
+
+    def __init__(self, message="retry later", after=None):
+        super().__init__(message)
+        self.after = after
+
+
+class PermanentFailure(Exception):
+    """Raised by a job handler or plugin: retrying cannot help; dead-letter the job."""
+
+
+class LeaseLost(FlowForgeError):
+    """A worker's lease expired or was taken over: it must not ack or commit effects."""
+
+    def __init__(self, job_id):
+        super().__init__("job %d: the lease was lost (expired or taken over); not acknowledged"
+                         % job_id, EXIT_TEMPFAIL)
+
+
+def backoff_delay(attempt, rng):
+    """Full jitter: uniform(0, min(cap, base * 2**attempt)).  The exponent is
+    clamped before it is used, so huge attempt counts cannot overflow."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(max(attempt, 0), 64))
+    return rng.uniform(0, ceiling)
+
+
+def parse_retry_after(value, now_ts):
+    """Seconds from a Retry-After value: delta-seconds or an HTTP-date (RFC 9110
+    10.2.3).  A past date gives 0, a huge value is clamped, garbage gives None."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.isdigit():
+        return RETRY_AFTER_MAX if len(text) > 6 else min(float(text), RETRY_AFTER_MAX)
+    try:
+        from email.utils import parsedate_to_datetime
+        when = parsedate_to_datetime(text)
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_utc())
+        return min(max(0.0, when.timestamp() - now_ts), RETRY_AFTER_MAX)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_delay(attempt, rng, retry_after=None):
+    """The wait before the next attempt: the jittered backoff, but at least what
+    the server asked for, and never more than RETRY_AFTER_MAX."""
+    delay = backoff_delay(attempt, rng)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, RETRY_AFTER_MAX)
+
+
+def filesystem_type(path, mounts="/proc/self/mounts"):
+    """The file system type holding `path` (Linux; None where unknown)."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            table = [line.split() for line in f]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, kind = "", None
+    for fields in table:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def sqlite_wal_reset_bug(version_info):
+    """Whether this SQLite has the WAL-reset bug (3.7.0-3.51.2, fixed in 3.51.3
+    with back-ports to 3.50.7 and 3.44.6)."""
+    if not (3, 7, 0) <= version_info < (3, 51, 3):
+        return False
+    return not ((3, 50, 7) <= version_info < (3, 51, 0) or (3, 44, 6) <= version_info < (3, 45, 0))
+
+
+class Job:
+    """A claimed job.  `token` is the lease's fencing token."""
+
+    def __init__(self, row):
+        self.id = row["id"]
+        self.kind = row["kind"]
+        self.payload = json.loads(row["payload"])
+        self.priority = row["priority"]
+        self.attempts = row["attempts"]
+        self.max_attempts = row["max_attempts"]
+        self.key = row["idem_key"]
+        self.token = row["lease_token"]
+        self.lease_expires_at = row["lease_expires_at"]
+        self.created_at = row["created_at"]
+
+
+_JOB_COLUMNS = ("id", "kind", "payload", "priority", "status", "attempts", "max_attempts",
+                "next_attempt_at", "last_error", "idem_key", "lease_owner", "lease_expires_at",
+                "created_at", "updated_at", "done_at", "failed_at")
+
+
+class RetryQueue:
+    """Durable jobs in state/queue.db.  One connection per process: it is
+    opened lazily and refuses to be used after fork()."""
+
+    def __init__(self, path, busy_timeout=5.0, clock=None, rng=None):
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.clock = clock or time.time
+        self._rng = rng
+        self._conn = None
+        self._pid = None
+
+    @property
+    def rng(self):
+        if self._rng is None:
+            import random
+            self._rng = random.Random()
+        return self._rng
+
+    # -- connection ---------------------------------------------------------
+
+    def connect(self):
+        if self._conn is not None:
+            if self._pid != os.getpid():
+                raise FlowForgeError("the queue connection was opened before fork() and cannot "
+                                     "be used in the child; open a new RetryQueue")
+            return self._conn
+        import sqlite3
+        directory = os.path.dirname(self.path)
+        fs = filesystem_type(directory)
+        if fs in NETWORK_FILESYSTEMS and not os.environ.get("FLOWFORGE_ALLOW_NETWORK_FS"):
+            raise FlowForgeError("%s is on a network file system (%s), where SQLite's locking "
+                                 "and WAL are unsafe; keep .flowforge/state on a local disk"
+                                 % (directory, fs), EXIT_UNAVAILABLE)
+        makedirs_private(directory)
+        with self._errors():
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=%d" % int(self.busy_timeout * 1000))
+            # Switching to WAL takes a lock: only do it when the file is not WAL yet.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        os.chmod(self.path, 0o600)
+        self._conn, self._pid = conn, os.getpid()
+        self._write(self._create_schema)
+        return conn
+
+    def close(self):
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    @staticmethod
+    def _create_schema(conn):
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+        conn.execute("""CREATE TABLE IF NOT EXISTS jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('queued', 'leased', 'done', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            idem_key TEXT,
+            lease_token TEXT,
+            lease_owner TEXT,
+            lease_expires_at REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            done_at REAL,
+            failed_at REAL)""")
+        # At most one active job per idempotency key: a burst of failures or
+        # events becomes one job.
+        conn.execute("""CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_key ON jobs (idem_key)
+                        WHERE idem_key IS NOT NULL AND status IN ('queued', 'leased')""")
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_due ON jobs (status, priority, "
+                     "next_attempt_at, id)")
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_key ON jobs (idem_key)")
+        for key, value in (("schema", QUEUE_SCHEMA), ("jobs_done", 0), ("jobs_dead", 0),
+                           ("recovery_seconds_sum", 0), ("recovery_count", 0)):
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        if schema > QUEUE_SCHEMA:
+            raise FlowForgeError("queue.db was written by a newer FlowForge (schema %d); "
+                                 "upgrade flowforge.py" % schema, EXIT_CONFIG)
+
+    class _Errors:
+        """Turn sqlite3 errors into FlowForge's: busy -> 75, full -> 73, corrupt -> 65."""
+
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, error, tb):
+            import sqlite3
+            if error is None or not isinstance(error, sqlite3.Error):
+                return False
+            text = str(error)
+            if "locked" in text or "busy" in text:
+                raise LockBusy("the retry queue is busy (%s); try again" % text)
+            if "full" in text or "disk I/O" in text:
+                raise FlowForgeError("cannot write %s: %s" % (self.path, text), EXIT_CANTCREAT)
+            if "malformed" in text or "not a database" in text:
+                raise FlowForgeError("%s is damaged (%s); move it aside and run `flowforge "
+                                     "reconcile`" % (self.path, text), EXIT_DATA)
+            raise FlowForgeError("retry queue %s: %s" % (self.path, text))
+
+    def _errors(self):
+        return self._Errors(self.path)
+
+    def _write(self, func):
+        """Run func(conn) in one BEGIN IMMEDIATE transaction."""
+        conn = self._conn or self.connect()
+        if self._pid != os.getpid():
+            self.connect()  # raises: used after fork
+        with self._errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = func(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql, args=()):
+        conn = self.connect()
+        with self._errors():
+            return conn.execute(sql, args).fetchall()
+
+    # -- producing ----------------------------------------------------------
+
+    def enqueue(self, kind, payload=None, key=None, priority="normal", delay=0.0,
+                max_attempts=DEFAULT_MAX_ATTEMPTS, failed=False, once=False):
+        """Add a job; returns (id, created).
+
+        With an idempotency `key`, an active (queued or leased) job with that key
+        is returned instead of adding another one.  `once` extends that to done
+        and dead jobs: the key names one unit of work that must never run twice.
+        `failed` marks the job as the repair of a failure (for the recovery-time
+        metric)."""
+        if not isinstance(kind, str) or not _JOB_KIND.fullmatch(kind):
+            raise FlowForgeError("job kind %r is not valid" % (kind,), EXIT_USAGE)
+        if priority not in PRIORITIES:
+            raise FlowForgeError("priority must be one of %s" % ", ".join(PRIORITIES), EXIT_USAGE)
+        if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 100000:
+            raise FlowForgeError("max attempts must be 1-100000", EXIT_USAGE)
+        body = canonical_json(payload if payload is not None else {})
+        now_ts = self.clock()
+
+        def tx(conn):
+            if key is not None:
+                statuses = "" if once else " AND status IN ('queued', 'leased')"
+                row = conn.execute("SELECT id FROM jobs WHERE idem_key = ?%s ORDER BY id LIMIT 1"
+                                   % statuses, (key,)).fetchone()
+                if row:
+                    return row[0], False
+            cursor = conn.execute(
+                "INSERT INTO jobs (kind, payload, priority, status, max_attempts, next_attempt_at,"
+                " idem_key, created_at, updated_at, failed_at) VALUES (?, ?, ?, 'queued', ?, ?, ?,"
+                " ?, ?, ?)", (kind, body, PRIORITIES[priority], max_attempts, now_ts + delay, key,
+                              now_ts, now_ts, now_ts if failed else None))
+            return cursor.lastrowid, True
+        return self._write(tx)
+
+    # -- consuming ----------------------------------------------------------
+
+    def claim(self, owner, lease=DEFAULT_LEASE, kinds=None):
+        """Lease the next due job (highest priority, then oldest), or None."""
+        import sqlite3
+        now_ts = self.clock()
+        token = os.urandom(8).hex()
+        kind_sql, kind_args = "", ()
+        if kinds:
+            kind_sql = " AND kind IN (%s)" % ",".join("?" * len(kinds))
+            kind_args = tuple(kinds)
+        pick = ("SELECT id FROM jobs WHERE status = 'queued' AND next_attempt_at <= ?%s "
+                "ORDER BY priority, id LIMIT 1" % kind_sql)
+        lease_sql = ("UPDATE jobs SET status = 'leased', lease_token = ?, lease_owner = ?, "
+                     "lease_expires_at = ?, attempts = attempts + 1, updated_at = ? ")
+        lease_args = (token, owner, now_ts + lease, now_ts)
+
+        def tx(conn):
+            self._expire_leases(conn, now_ts)
+            if sqlite3.sqlite_version_info >= (3, 35, 0):
+                row = conn.execute(lease_sql + "WHERE id = (%s) RETURNING *" % pick,
+                                   lease_args + (now_ts,) + kind_args).fetchone()
+            else:  # pragma: no cover - SQLite without RETURNING
+                found = conn.execute(pick, (now_ts,) + kind_args).fetchone()
+                row = None
+                if found:
+                    conn.execute(lease_sql + "WHERE id = ? AND status = 'queued'",
+                                 lease_args + (found[0],))
+                    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (found[0],)).fetchone()
+            return Job(row) if row else None
+        return self._write(tx)
+
+    def _expire_leases(self, conn, now_ts):
+        """Leases past their expiry count as failed attempts of dead or hung workers."""
+        rows = conn.execute("SELECT id, attempts, max_attempts FROM jobs WHERE status = 'leased' "
+                            "AND lease_expires_at < ?", (now_ts,)).fetchall()
+        for row in rows:
+            self._settle(conn, row["id"], row["attempts"], row["max_attempts"],
+                         "lease expired: the worker died or hung", now_ts, None, False)
+
+    def _settle(self, conn, job_id, attempts, max_attempts, error, now_ts, retry_after, permanent):
+        if permanent or attempts >= max_attempts:
+            conn.execute("UPDATE jobs SET status = 'dead', last_error = ?, lease_token = NULL, "
+                         "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, "
+                         "failed_at = COALESCE(failed_at, ?) WHERE id = ?",
+                         (error, now_ts, now_ts, job_id))
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_dead'")
+            return "dead"
+        delay = retry_delay(attempts, self.rng, retry_after)
+        conn.execute("UPDATE jobs SET status = 'queued', last_error = ?, next_attempt_at = ?, "
+                     "lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, "
+                     "updated_at = ?, failed_at = COALESCE(failed_at, ?) WHERE id = ?",
+                     (error, now_ts + delay, now_ts, now_ts, job_id))
+        return "queued"
+
+    def _check_lease(self, conn, job, now_ts):
+        row = conn.execute("SELECT status, lease_token, lease_expires_at FROM jobs WHERE id = ?",
+                           (job.id,)).fetchone()
+        if (row is None or row["status"] != "leased" or row["lease_token"] != job.token
+                or row["lease_expires_at"] < now_ts):
+            raise LeaseLost(job.id)
+
+    def ack(self, job, effect=None):
+        """Mark a job done.  `effect(conn)` runs in the same transaction, so a
+        local effect and the acknowledgement commit together or not at all."""
+        now_ts = self.clock()
+
+        def tx(conn):
+            self._check_lease(conn, job, now_ts)
+            if effect is not None:
+                effect(conn)
+            failed_at = conn.execute("SELECT failed_at FROM jobs WHERE id = ?",
+                                     (job.id,)).fetchone()[0]
+            conn.execute("UPDATE jobs SET status = 'done', done_at = ?, updated_at = ?, "
+                         "lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+                         (now_ts, now_ts, job.id))
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_done'")
+            if failed_at is not None:
+                conn.execute("UPDATE meta SET value = value + ? WHERE key = "
+                             "'recovery_seconds_sum'", (now_ts - failed_at,))
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovery_count'")
+        self._write(tx)
+
+    def fail(self, job, error, retry_after=None, permanent=False):
+        """Record a failed attempt: back to the queue after a backoff, or dead."""
+        now_ts = self.clock()
+
+        def tx(conn):
+            self._check_lease(conn, job, now_ts)
+            return self._settle(conn, job.id, job.attempts, job.max_attempts, str(error)[:2000],
+                                now_ts, retry_after, permanent)
+        return self._write(tx)
+
+    def heartbeat(self, job, lease=DEFAULT_LEASE):
+        """Extend a lease that is still ours (for long jobs); raises LeaseLost."""
+        now_ts = self.clock()
+
+        def tx(conn):
+            self._check_lease(conn, job, now_ts)
+            conn.execute("UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id = ?",
+                         (now_ts + lease, now_ts, job.id))
+            job.lease_expires_at = now_ts + lease
+        self._write(tx)
+
+    # -- repair and inspection ----------------------------------------------
+
+    def retry(self, job_id):
+        """Put a dead (or waiting) job back to run now, with fresh attempts."""
+        now_ts = self.clock()
+
+        def tx(conn):
+            row = conn.execute("SELECT status, idem_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise FlowForgeError("no job %s (see `flowforge queue list`)" % job_id)
+            if row["status"] in ("done", "leased"):
+                raise FlowForgeError("job %s is %s; only queued or dead jobs can be retried"
+                                     % (job_id, row["status"]))
+            if row["status"] == "dead" and row["idem_key"] is not None and conn.execute(
+                    "SELECT 1 FROM jobs WHERE idem_key = ? AND status IN ('queued', 'leased')",
+                    (row["idem_key"],)).fetchone():
+                raise FlowForgeError("job %s: a newer job with the same key is already queued"
+                                     % job_id)
+            conn.execute("UPDATE jobs SET status = 'queued', attempts = 0, next_attempt_at = ?, "
+                         "updated_at = ? WHERE id = ?", (now_ts, now_ts, job_id))
+        self._write(tx)
+
+    def purge(self, dead=False, older_than=0.0):
+        """Delete done jobs (and dead ones with `dead`) finished before now - older_than."""
+        cutoff = self.clock() - older_than
+        statuses = ("done", "dead") if dead else ("done",)
+
+        def tx(conn):
+            return conn.execute("DELETE FROM jobs WHERE status IN (%s) AND updated_at <= ?"
+                                % ",".join("?" * len(statuses)), statuses + (cutoff,)).rowcount
+        return self._write(tx)
+
+    def jobs(self, status=None, limit=100):
+        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        rows = self._read("SELECT %s FROM jobs %s ORDER BY id DESC LIMIT ?"
+                          % (", ".join(_JOB_COLUMNS), where), args + (limit,))
+        out = []
+        for row in rows:
+            job = dict(zip(_JOB_COLUMNS, row))
+            job["payload"] = json.loads(job["payload"])
+            job["priority"] = [k for k, v in PRIORITIES.items() if v == job["priority"]][0]
+            out.append(job)
+        return out
+
+    def stats(self):
+        now_ts = self.clock()
+        counts = {status: 0 for status in ("queued", "leased", "done", "dead")}
+        for status, count in self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+            counts[status] = count
+        oldest = self._read("SELECT MIN(created_at), MIN(next_attempt_at) FROM jobs "
+                            "WHERE status IN ('queued', 'leased')")[0]
+        meta = dict(self._read("SELECT key, value FROM meta"))
+        return {"counts": counts, "depth": counts["queued"] + counts["leased"],
+                "oldest_age_seconds": round(now_ts - oldest[0], 3) if oldest[0] else 0,
+                "next_due_in_seconds": round(max(0.0, oldest[1] - now_ts), 3) if oldest[1] else None,
+                "jobs_done_total": int(meta.get("jobs_done", 0)),
+                "jobs_dead_total": int(meta.get("jobs_dead", 0)),
+                "recovery_seconds_sum": meta.get("recovery_seconds_sum", 0.0),
+                "recovery_count": int(meta.get("recovery_count", 0))}
+
+    def integrity_check(self):
+        return self._read("PRAGMA integrity_check")[0][0]
+
+
+def open_queue(repo, busy_timeout=5.0):
+    return RetryQueue(os.path.join(repo.state, "queue.db"), busy_timeout=busy_timeout)
+
+
+def queue_exists(repo):
+    return os.path.exists(os.path.join(repo.state, "queue.db"))
+
+
+JOB_KINDS = {}
+
+
+def job_kind(name):
+    """Register the handler of a job kind: handler(repo=, payload=, job=, queue=).
+
+    Handlers signal RetryLater or PermanentFailure; any other exception is a
+    failed attempt.  Provider plugins register their kinds the same way."""
+    def register(func):
+        JOB_KINDS[name] = func
+        return func
+    return register
+
+
+def run_job(repo, queue, job):
+    """Run one claimed job and settle it; returns "done", "queued" or "dead"."""
+    handler = JOB_KINDS.get(job.kind)
+    if handler is None:
+        return queue.fail(job, "unknown job kind %r: no handler is registered (is its plugin "
+                          "installed and enabled?)" % job.kind, permanent=True)
+    try:
+        handler(repo=repo, payload=job.payload, job=job, queue=queue)
+    except RetryLater as e:
+        outcome = queue.fail(job, str(e), retry_after=e.after)
+    except PermanentFailure as e:
+        outcome = queue.fail(job, str(e) or "permanent failure", permanent=True)
+    except LeaseLost:
+        raise
+    except FlowForgeError as e:
+        outcome = queue.fail(job, str(e))
+    except Exception as e:
+        import traceback
+        log_event(repo, "job-error", job=job.id, kind=job.kind, error=repr(e),
+                  traceback=traceback.format_exc(limit=8))
+        outcome = queue.fail(job, "%s: %s" % (type(e).__name__, e))
+    else:
+        queue.ack(job)
+        outcome = "done"
+    log_event(repo, "job", job=job.id, kind=job.kind, outcome=outcome, attempt=job.attempts)
+    return outcome
+
+
+@job_kind("aggregate")
+def aggregate_job(repo, payload, job, queue):
+    """Aggregation that the hook (or the daemon) could not finish."""
+    user = payload.get("user")
+    if not isinstance(user, str) or not valid_user_name(user):
+        raise PermanentFailure("aggregate job without a valid user: %r" % (user,))
+    if not PrivateStore(repo, user).exists():
+        raise PermanentFailure("no private store for %s in this clone" % user)
+    aggregate_store(repo, user, bool(payload.get("full")), lock_timeout=5.0)
+    record_metrics(repo, last_aggregate_success=now())
+
+
+# ############################################################################
+# 8. Hooks, daemon and health
+# ############################################################################
+#
+# Layer 1, the git hook: `hook pre-commit` aggregates what changed within a
+# time budget and stages this store's shards into the commit.  It never blocks
+# a commit: any failure becomes one `aggregate` job, one line on stderr, a log
+# entry, and exit 0.  The shim in .git/hooks is POSIX sh, so even a missing
+# python3 or a broken flowforge.py cannot fail the commit.
+#
+# Layer 2, the daemon: polls the private stores' mtimes (the stdlib has no
+# inotify) and the queue; one per repository (a lock); a heartbeat file;
+# SIGTERM finishes the current job; SIGHUP reloads config; sd_notify for
+# systemd.  cron runs `daemon --once` (or `--ensure` as a watchdog).
+
+HOOKS = ("pre-commit", "post-commit")
+SHIM_VERSION = 1
+SHIM_MARK = "# flowforge-shim v"
+AGGREGATE_MAX_ATTEMPTS = 100   # about four days of hourly retries before a job is dead
+
+# Loads flowforge.py by path: putting the repository root on sys.path could let
+# a team's own json.py or select.py shadow the standard library.
+_SHIM_LOADER = ('import sys, importlib.util as u; sys.dont_write_bytecode = False; '
+                's = u.spec_from_file_location("flowforge", sys.argv[1]); '
+                'm = u.module_from_spec(s); sys.modules["flowforge"] = m; '
+                's.loader.exec_module(m); raise SystemExit(m.main(sys.argv[2:]))')
+
+_SHIM = """#!/bin/sh
+%(mark)s%(version)d %(hook)s: written by `flowforge install hooks`.
+# Runs FlowForge and never blocks a commit: whatever happens (python3 missing,
+# flowforge.py missing or broken) it exits 0, and the retry queue and the
+# daemon catch up.  A hook that was here before runs first, as
+# %(hook)s.flowforge-chained, and its verdict stands.
+case $0 in */*) here=${0%%/*} ;; *) here=. ;; esac
+if [ -x "$here/%(hook)s.flowforge-chained" ]; then
+    "$here/%(hook)s.flowforge-chained" "$@" || exit $?
+fi
+root=$(git rev-parse --show-toplevel 2>/dev/null) || exit 0
+%(guard)sff="$root/flowforge.py"
+[ -f "$ff" ] || ff=%(fallback)s
+[ -f "$ff" ] || exit 0
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "flowforge: python3 not found; time not aggregated (run flowforge aggregate later)" >&2
+    exit 0
+fi
+out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' "$ff" hook %(hook)s 2>&1)
+if [ -n "$out" ]; then
+    last=${out##*"
+"}
+    case $last in
+    flowforge:*) ;;
+    *) last="flowforge: hook failed: $last" ;;
+    esac
+    printf '%%s\\n' "$last" >&2
+fi
+exit 0
+"""
+
+_SHIM_GUARDS = {
+    "pre-commit": "",
+    # post-commit has work only when pre-commit left some: a marker file, so
+    # that an ordinary commit does not start Python twice.
+    "post-commit": '[ -f "$root/.flowforge/state/hook-pending" ] || exit 0\n',
+}
+
+
+def sh_quote(text):
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def flowforge_path(repo):
+    """The flowforge.py that hooks and schedulers should run: the repository's
+    vendored copy if there is one, else this very file."""
+    vendored = os.path.join(repo.root, "flowforge.py")
+    return vendored if os.path.isfile(vendored) else os.path.abspath(__file__)
+
+
+def render_shim(hook, fallback):
+    return _SHIM % {"mark": SHIM_MARK, "version": SHIM_VERSION, "hook": hook,
+                    "guard": _SHIM_GUARDS[hook], "fallback": sh_quote(fallback),
+                    "loader": _SHIM_LOADER}
+
+
+def hooks_dir(repo):
+    """Where git looks for hooks here, honouring core.hooksPath and worktrees."""
+    _, out, _ = run_git(["rev-parse", "--git-path", "hooks"], repo.root)
+    path = out.strip()
+    return path if os.path.isabs(path) else os.path.join(repo.root, path)
+
+
+def install_hooks(repo):
+    """Write the shims; an existing foreign hook is kept and chained.  Idempotent."""
+    directory = hooks_dir(repo)
+    os.makedirs(directory, exist_ok=True)
+    done = []
+    for hook in HOOKS:
+        path = os.path.join(directory, hook)
+        shim = render_shim(hook, flowforge_path(repo)).encode("utf-8")
+        try:
+            current = read_bytes(path) if not os.path.islink(path) else b"(symlink)"
+        except FileNotFoundError:
+            current = None
+        chained = path + ".flowforge-chained"
+        if current == shim:
+            done.append((hook, "up to date"))
+            continue
+        if current is not None and SHIM_MARK.encode() not in current:
+            if os.path.lexists(chained):
+                raise FlowForgeError("both %s and %s exist; move one of them away first"
+                                     % (path, chained))
+            os.replace(path, chained)  # keep the team's hook; the shim runs it first
+            done.append((hook, "installed; the existing hook is chained"))
+        else:
+            done.append((hook, "updated" if current else "installed"))
+        atomic_write(path, shim, 0o755)
+    return directory, done
+
+
+def uninstall_hooks(repo):
+    directory = hooks_dir(repo)
+    done = []
+    for hook in HOOKS:
+        path = os.path.join(directory, hook)
+        chained = path + ".flowforge-chained"
+        try:
+            ours = SHIM_MARK.encode() in read_bytes(path)
+        except (FileNotFoundError, FlowForgeError):
+            ours = False
+        if ours:
+            os.unlink(path)
+            if os.path.lexists(chained):
+                os.replace(chained, path)
+                done.append((hook, "removed; the chained hook is restored"))
+            else:
+                done.append((hook, "removed"))
+        else:
+            done.append((hook, "not installed"))
+    return directory, done
+
+
+def hook_status(repo):
+    """{hook: "current" | "stale" | "missing" | "foreign"} for health and doctor."""
+    directory = hooks_dir(repo)
+    status = {}
+    for hook in HOOKS:
+        path = os.path.join(directory, hook)
+        try:
+            data = read_bytes(path)
+        except (FileNotFoundError, FlowForgeError):
+            status[hook] = "missing"
+            continue
+        if SHIM_MARK.encode() not in data:
+            status[hook] = "foreign"
+        elif data == render_shim(hook, flowforge_path(repo)).encode() and os.access(path, os.X_OK):
+            status[hook] = "current"
+        else:
+            status[hook] = "stale"
+    return status
+
+
+class BudgetExceeded(FlowForgeError):
+    pass
+
+
+class time_budget:
+    """Raise BudgetExceeded in the main thread once `seconds` have passed.
+
+    Interrupting aggregation is safe: every write is an atomic replace (an
+    interrupted one removes its temp file) and re-running is idempotent.  Git
+    is never run inside a budget: a killed `git add` could leave index.lock."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.armed = False
+
+    def _expired(self, signum, frame):
+        raise BudgetExceeded("aggregation took longer than the hook's budget of %d ms"
+                             % (self.seconds * 1000))
+
+    def __enter__(self):
+        import signal
+        import threading
+        if (self.seconds > 0 and hasattr(signal, "setitimer")
+                and threading.current_thread() is threading.main_thread()):
+            self.previous = signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            import signal
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+def pending_marker(repo):
+    return os.path.join(repo.state, "hook-pending")
+
+
+def mark_pending(repo):
+    makedirs_private(repo.state)
+    atomic_write(pending_marker(repo), b"", 0o600)
+
+
+def store_team_paths(repo, store):
+    """The committed paths that this store alone writes."""
+    return [shard_dir(repo, store.user, store.store_id)]
+
+
+def stage_store(repo, store):
+    """`git add` this store's committed files, into the index of the running commit.
+
+    A partial commit (`git commit PATHS`) builds its tree from a temporary
+    index; staging there would commit the shards while the real index keeps the
+    old ones, and the next commit would revert them.  Then post-commit stages
+    them into the real index instead, for the next commit."""
+    paths = [repo.rel(p) for p in store_team_paths(repo, store) if os.path.exists(p)]
+    if not paths:
+        return False
+    if os.path.basename(os.environ.get("GIT_INDEX_FILE", "")).startswith("next-index"):
+        mark_pending(repo)
+        return False
+    run_git(["add", "--"] + paths, repo.root)
+    return True
+
+
+def one_line(error):
+    text = str(error) if isinstance(error, FlowForgeError) else "%s: %s" % (
+        type(error).__name__, error)
+    text = " ".join(text.split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def hook_pre_commit(args):
+    """The pre-commit hook; returns the line to print (or None).  Never raises:
+    this is the one place where FlowForge swallows everything, and it logs what."""
+    repo = user = None
+    try:
+        repo = Repo.find(args.C or os.getcwd())
+        if not os.path.isfile(repo.config_path):
+            return None  # FlowForge is not set up here: nothing to do
+        config = load_config(repo.config_path)
+        user = resolve_user(repo.root, args.user)
+        store = PrivateStore(repo, user)
+        if not store.exists():
+            return None
+        hook = config["hook"]
+        with time_budget(hook["budget_ms"] / 1000.0):
+            Aggregator(store, config["granularity"]).run(False, hook["lock_wait_ms"] / 1000.0)
+        stage_store(repo, store)
+        record_metrics(repo, hook_success_total=1, last_aggregate_success=now())
+        return None
+    except BaseException as e:  # the commit must go on, whatever happened
+        return hook_failed(repo, user, e)
+
+
+def hook_failed(repo, user, error):
+    import traceback
+    reason = one_line(error)
+    if repo is None or not os.path.isdir(repo.ff):
+        return "flowforge: time not aggregated: %s" % reason
+    log_event(repo, "hook-failed", user=user, error=reason,
+              traceback=traceback.format_exc(limit=12))
+    record_metrics(repo, hook_failure_total=1, last_hook_failure=now())
+    if user is None:
+        return "flowforge: time not aggregated: %s" % reason
+    try:
+        queue = open_queue(repo, busy_timeout=2.0)
+        job_id, _ = queue.enqueue("aggregate", {"user": user}, key="aggregate:" + user,
+                                  priority="high", failed=True,
+                                  max_attempts=AGGREGATE_MAX_ATTEMPTS)
+        queue.close()
+        mark_pending(repo)
+        return "flowforge: time not aggregated (%s); queued as job %d" % (reason, job_id)
+    except BaseException as e:
+        log_event(repo, "hook-enqueue-failed", user=user, error=one_line(e))
+        return ("flowforge: time not aggregated (%s) and not queued (%s); run `flowforge "
+                "aggregate` later" % (reason, one_line(e)))
+
+
+def hook_post_commit(args):
+    """After a commit that left work behind: stage shards into the real index
+    (partial commits) and start a one-off daemon run for queued jobs."""
+    repo = None
+    try:
+        repo = Repo.find(args.C or os.getcwd())
+        marker = pending_marker(repo)
+        if not os.path.exists(marker):
+            return None
+        os.unlink(marker)
+        store = PrivateStore(repo, resolve_user(repo.root, args.user))
+        if store.exists():
+            stage_store(repo, store)
+        queue = open_queue(repo, busy_timeout=2.0)
+        if queue.stats()["depth"]:
+            spawn_flowforge(repo, ["daemon", "--once", "-q"])
+        queue.close()
+        return None
+    except BaseException as e:
+        if repo is not None and os.path.isdir(repo.state):
+            log_event(repo, "post-commit-failed", error=one_line(e))
+        return "flowforge: post-commit: %s" % one_line(e)
+
+
+def spawn_flowforge(repo, argv):
+    """Start FlowForge detached (own session, output to the log directory)."""
+    import subprocess
+    makedirs_private(repo.logs)
+    log = open(os.path.join(repo.logs, "daemon.out"), "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-X", "pycache_prefix=" + os.path.join(repo.state, "pycache"),
+             flowforge_path(repo), "-C", repo.root] + argv,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True, cwd=repo.root)
+    finally:
+        log.close()
+    return proc.pid
+
+
+def sd_notify(message):
+    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    import socket
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode("utf-8"), address)
+        return True
+    except OSError:
+        return False
+
+
+def daemon_state(repo):
+    """(running, info): whether a daemon holds the lock, and its heartbeat file."""
+    try:
+        info = json.loads(read_bytes(os.path.join(repo.state, "daemon.json")))
+        if not isinstance(info, dict):
+            info = {}
+    except (OSError, ValueError, FlowForgeError):
+        info = {}
+    if not os.path.isdir(repo.locks):
+        return False, info
+    try:
+        with repo.lock("daemon", 0, "the daemon"):
+            return False, info
+    except LockBusy:
+        return True, info
+
+
+class Daemon:
+    """The polling loop: aggregate changed stores, run due jobs, heartbeat, sleep."""
+
+    def __init__(self, repo, interval=None, once=False):
+        self.repo = repo
+        self.once = once
+        self.interval_override = interval
+        self.stopping = False
+        self.reload = False
+        self.queue = open_queue(repo)
+        self.owner = "%s:%d" % (os.uname().nodename if hasattr(os, "uname") else "host", os.getpid())
+        self.started = now()
+        self.wake_r = self.wake_w = None
+        self.load_config()
+
+    def load_config(self):
+        self.repo._config = None  # SIGHUP: read config.json again
+        self.interval = float(self.interval_override or self.repo.config["daemon"]["interval"])
+        watchdog = os.environ.get("WATCHDOG_USEC")
+        self.watchdog = int(watchdog) / 1e6 if watchdog and watchdog.isdigit() else None
+
+    def run(self):
+        lock = self.repo.lock("daemon", 0, "the daemon")
+        try:
+            lock.acquire()
+        except LockBusy:
+            running, info = daemon_state(self.repo)
+            if self.once:
+                info_pid = info.get("pid")
+                debug("a daemon is running (pid %s); nothing to do" % info_pid)
+                return EXIT_OK
+            raise FlowForgeError("a daemon is already running here (pid %s)" % info.get("pid"),
+                                 EXIT_TEMPFAIL)
+        try:
+            self._signals(True)
+            sd_notify("READY=1\nSTATUS=FlowForge daemon for %s" % self.repo.root)
+            log_event(self.repo, "daemon-start", pid=os.getpid(), once=self.once)
+            while True:
+                if self.reload:
+                    self.reload = False
+                    self.load_config()
+                    log_event(self.repo, "daemon-reload")
+                self.beat("running")
+                self.iterate()
+                if self.once or self.stopping:
+                    break
+                self.sleep(self.next_wait())
+            return EXIT_OK
+        finally:
+            self.beat("stopped")
+            sd_notify("STOPPING=1")
+            self._signals(False)
+            self.queue.close()
+            lock.release()
+            log_event(self.repo, "daemon-stop", pid=os.getpid())
+
+    def iterate(self):
+        """One round.  A bug here is logged and the loop goes on (after the
+        usual sleep, so a persistent error cannot spin)."""
+        try:
+            self.aggregate_changed()
+            self.drain()
+        except FlowForgeError as e:
+            log_event(self.repo, "daemon-error", error=one_line(e))
+            warn(str(e))
+        except Exception as e:
+            import traceback
+            log_event(self.repo, "daemon-error", error=one_line(e),
+                      traceback=traceback.format_exc(limit=12))
+            warn("daemon: %s (logged)" % one_line(e))
+
+    def aggregate_changed(self):
+        granularity = self.repo.config["granularity"]
+        for user in local_users(self.repo):
+            if self.stopping:
+                return
+            try:
+                Aggregator(PrivateStore(self.repo, user), granularity).run(False, 2.0)
+            except LockBusy:
+                continue  # someone (the hook) is aggregating right now
+            except FlowForgeError as e:
+                job_id, _ = self.queue.enqueue("aggregate", {"user": user}, key="aggregate:" + user,
+                                               priority="high", failed=True,
+                                               max_attempts=AGGREGATE_MAX_ATTEMPTS)
+                log_event(self.repo, "daemon-aggregate-failed", user=user, error=one_line(e),
+                          job=job_id)
+                return
+        record_metrics(self.repo, last_aggregate_success=now())
+
+    def drain(self):
+        while not self.stopping:
+            job = self.queue.claim(self.owner)
+            if job is None:
+                return
+            try:
+                run_job(self.repo, self.queue, job)
+            except LeaseLost as e:
+                log_event(self.repo, "lease-lost", job=job.id, error=str(e))
+            self.beat("running")
+
+    def next_wait(self):
+        wait = self.interval
+        due = self.queue.stats()["next_due_in_seconds"]
+        if due is not None:
+            wait = min(wait, max(due, 0.5))  # never spin, even on a job due "now"
+        if self.watchdog:
+            wait = min(wait, self.watchdog / 2)
+        return max(wait, 0.5)
+
+    def beat(self, state):
+        doc = {"schema": 1, "pid": os.getpid(), "state": state, "started": self.started,
+               "heartbeat": now(), "interval": self.interval, "once": self.once,
+               "version": VERSION}
+        try:
+            atomic_write(os.path.join(self.repo.state, "daemon.json"), canonical_bytes(doc), 0o600)
+        except FlowForgeError as e:
+            log_event(self.repo, "heartbeat-failed", error=str(e))
+        if self.watchdog:
+            sd_notify("WATCHDOG=1")
+
+    def sleep(self, seconds):
+        """Sleep, but wake at once on SIGTERM / SIGHUP (self-pipe)."""
+        import select
+        try:
+            ready, _, _ = select.select([self.wake_r], [], [], seconds)
+        except InterruptedError:
+            ready = []
+        if ready:
+            try:
+                while os.read(self.wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _signals(self, install):
+        import signal
+        if install:
+            self.wake_r, self.wake_w = os.pipe()
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
+            self._old_wakeup = signal.set_wakeup_fd(self.wake_w)
+
+            def stop(signum, frame):
+                self.stopping = True  # the current job finishes; then the loop ends
+
+            def reload(signum, frame):
+                self.reload = True
+            self._old = {sig: signal.signal(sig, handler) for sig, handler in (
+                (signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload))}
+        else:
+            if self.wake_r is None:
+                return
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            self.wake_r = self.wake_w = None
+
+
+def ensure_daemon(repo, wait=5.0):
+    """Start a detached daemon unless one is running; returns (started, pid).
+
+    Two concurrent --ensure may both spawn, but the daemon lock lets only one
+    of them run: the other exits at once."""
+    running, info = daemon_state(repo)
+    if running:
+        return False, info.get("pid")
+    pid = spawn_flowforge(repo, ["daemon", "-q"])
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        running, info = daemon_state(repo)
+        if running:
+            return True, info.get("pid", pid)
+        time.sleep(0.05)
+    raise FlowForgeError("started a daemon (pid %d) but it is not running; see "
+                         ".flowforge/state/logs/daemon.out" % pid)
+
+
+def stop_daemon(repo, wait=30.0):
+    import signal
+    running, info = daemon_state(repo)
+    if not running or not info.get("pid"):
+        raise FlowForgeError("no daemon is running here")
+    os.kill(int(info["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not daemon_state(repo)[0]:
+            return info["pid"]
+        time.sleep(0.05)
+    raise FlowForgeError("the daemon (pid %s) did not stop within %d s" % (info["pid"], wait),
+                         EXIT_TEMPFAIL)
+
+
+# -- schedulers ---------------------------------------------------------------
+
+def scheduler_entries(repo, kind, home=None):
+    """{path: content} for cron, systemd or launchd, with absolute paths."""
+    import shlex
+    home = home or os.path.expanduser("~")
+    python = os.path.realpath(sys.executable)
+    ff = flowforge_path(repo)
+    name = "flowforge-" + sha256_hex(repo.root.encode("utf-8"))[:8]
+    run = [python, "-S", ff, "-C", repo.root, "daemon"]
+    log = os.path.join(repo.logs, "daemon.out")
+    if kind == "cron":
+        # Overlap protection twice over: flock(1) where present, and the daemon
+        # lock, which makes a second `daemon --once` return at once.  cron reads
+        # a bare % as a newline, hence the escaping.
+        command = " ".join(shlex.quote(a) for a in run + ["--once", "-q"])
+        lock = shlex.quote(os.path.join(repo.locks, "cron.lock"))
+        line = ("*/5 * * * * cd %s && { command -v flock >/dev/null && flock -n %s %s || %s; } "
+                ">> %s 2>&1 # flowforge:%s" % (shlex.quote(repo.root), lock, command, command,
+                                               shlex.quote(log), repo.root))
+        return {"crontab": line.replace("%", "\\%") + "\n"}
+    if kind == "systemd":
+        base = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+                            "systemd", "user")
+        exec_start = " ".join(shlex.quote(a) for a in run)
+        service = ("[Unit]\nDescription=FlowForge daemon for %s\n\n[Service]\nType=notify\n"
+                   "NotifyAccess=main\nWorkingDirectory=%s\nExecStart=%s\nRestart=on-failure\n"
+                   "RestartSec=10\nWatchdogSec=120\n\n[Install]\nWantedBy=default.target\n"
+                   % (repo.root, repo.root, exec_start))
+        once = ("[Unit]\nDescription=FlowForge catch-up run for %s\n\n[Service]\nType=oneshot\n"
+                "WorkingDirectory=%s\nExecStart=%s --once -q\n" % (repo.root, repo.root, exec_start))
+        timer = ("[Unit]\nDescription=FlowForge catch-up every 5 minutes for %s\n\n[Timer]\n"
+                 "OnBootSec=2min\nOnUnitActiveSec=5min\nPersistent=true\n\n[Install]\n"
+                 "WantedBy=timers.target\n" % repo.root)
+        return {os.path.join(base, name + ".service"): service,
+                os.path.join(base, name + "-once.service"): once,
+                os.path.join(base, name + "-once.timer"): timer}
+    if kind == "launchd":
+        import plistlib
+        label = "dev.flowforge." + name[len("flowforge-"):]
+        plist = {"Label": label, "ProgramArguments": run, "WorkingDirectory": repo.root,
+                 "RunAtLoad": True, "KeepAlive": {"SuccessfulExit": False},
+                 "ThrottleInterval": 30, "StandardOutPath": log, "StandardErrorPath": log,
+                 "EnvironmentVariables": {"PATH": "/usr/local/bin:/usr/bin:/bin:/opt/homebrew/bin"}}
+        path = os.path.join(home, "Library", "LaunchAgents", label + ".plist")
+        return {path: plistlib.dumps(plist).decode("utf-8")}
+    raise FlowForgeError("unknown scheduler %r" % kind, EXIT_USAGE)
+
+
+def write_crontab(line, root):
+    """Install `line` in the user's crontab, replacing an earlier one for this repository."""
+    import subprocess
+    try:
+        current = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise FlowForgeError("crontab is not installed", EXIT_UNAVAILABLE)
+    lines = current.stdout.splitlines() if current.returncode == 0 else []
+    tag = "# flowforge:%s" % root
+    kept = [l for l in lines if not l.rstrip().endswith(tag)]
+    new = "\n".join(kept + [line.rstrip("\n")]) + "\n"
+    proc = subprocess.run(["crontab", "-"], input=new, capture_output=True, text=True)
+    if proc.returncode:
+        raise FlowForgeError("crontab failed: %s" % proc.stderr.strip(), EXIT_UNAVAILABLE)
+
+
+# -- health, metrics, doctor --------------------------------------------------
+
+HEALTH_CODES = {"ok": 0, "degraded": 1, "unhealthy": 2}
+
+
+def health_checks(repo):
+    """[{check, status, detail, ...}]: status is ok, degraded or unhealthy."""
+    checks = []
+
+    def add(check, status, detail, **data):
+        checks.append(dict(data, check=check, status=status, detail=detail))
+
+    hooks = hook_status(repo)
+    bad = {h: s for h, s in hooks.items() if s != "current"}
+    add("hooks", "degraded" if bad else "ok",
+        "; ".join("%s %s" % kv for kv in bad.items()) + " (run `flowforge install hooks`)"
+        if bad else "pre-commit and post-commit installed and current", hooks=hooks)
+
+    running, info = daemon_state(repo)
+    interval = repo.config["daemon"]["interval"]
+    age = now() - info["heartbeat"] if info.get("heartbeat") else None
+    if running and age is not None and age <= 3 * interval + 60:
+        add("daemon", "ok", "running (pid %s), heartbeat %ds ago" % (info.get("pid"), age),
+            heartbeat_age=age, running=True)
+    elif age is not None and age <= 900:
+        add("daemon", "ok", "last run %ds ago (cron or --once)" % age, heartbeat_age=age,
+            running=running)
+    else:
+        add("daemon", "degraded", "not running%s (run `flowforge daemon --ensure` or install a "
+            "scheduler)" % (", last heartbeat %ds ago" % age if age is not None else ""),
+            heartbeat_age=age, running=running)
+
+    stats = None
+    if queue_exists(repo):
+        queue = open_queue(repo, busy_timeout=2.0)
+        stats = queue.stats()
+        queue.close()
+    if stats is None:
+        add("queue", "ok", "empty", depth=0, dead=0)
+    elif stats["counts"]["dead"]:
+        add("queue", "unhealthy", "%d dead job(s): see `flowforge queue dead`, then "
+            "`flowforge queue retry ID`" % stats["counts"]["dead"], depth=stats["depth"],
+            dead=stats["counts"]["dead"], oldest_age=stats["oldest_age_seconds"])
+    elif stats["depth"] and stats["oldest_age_seconds"] > 3600:
+        add("queue", "degraded", "%d job(s) waiting, the oldest for %s" % (
+            stats["depth"], format_duration(stats["oldest_age_seconds"])), depth=stats["depth"],
+            dead=0, oldest_age=stats["oldest_age_seconds"])
+    else:
+        add("queue", "ok", "%d job(s) waiting" % stats["depth"], depth=stats["depth"], dead=0,
+            oldest_age=stats["oldest_age_seconds"])
+
+    metrics = read_metrics(repo)
+    last = metrics.get("last_aggregate_success")
+    newest = 0
+    for user in local_users(repo):
+        store = PrivateStore(repo, user)
+        for day in store.days()[-3:]:
+            try:
+                newest = max(newest, int(os.stat(store.day_path(day)).st_mtime))
+            except OSError:
+                pass
+    # Private data changed after the last successful aggregation has been
+    # waiting at least since that change.
+    waiting = now() - newest if newest and (last is None or last < newest) else 0
+    since = ("last success %s ago" % format_duration(now() - last)) if last else "never aggregated"
+    if waiting > 86400:
+        add("aggregation", "unhealthy", "private time has waited %s for aggregation (%s)"
+            % (format_duration(waiting), since), last_success=last, waiting=waiting)
+    elif waiting > 3600:
+        add("aggregation", "degraded", "private time has waited %s for aggregation (%s)"
+            % (format_duration(waiting), since), last_success=last, waiting=waiting)
+    else:
+        add("aggregation", "ok", ("shards are current (%s)" % since) if newest
+            else "no private data here", last_success=last, waiting=waiting)
+
+    try:
+        st = os.statvfs(repo.ff)
+        free = st.f_bavail * st.f_frsize
+        status = "unhealthy" if free < 10 << 20 else "degraded" if free < 200 << 20 else "ok"
+        add("disk", status, "%d MiB free" % (free >> 20), free_bytes=free)
+    except (OSError, AttributeError):
+        add("disk", "ok", "unknown", free_bytes=None)
+
+    items = Quarantine(repo).list()
+    add("quarantine", "degraded" if items else "ok",
+        "%d file(s) set aside: see `flowforge quarantine list`" % len(items) if items
+        else "empty", files=len(items))
+    return checks
+
+
+def overall_health(checks):
+    worst = max((HEALTH_CODES[c["status"]] for c in checks), default=0)
+    return [k for k, v in HEALTH_CODES.items() if v == worst][0]
+
+
+def _prom_label(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_prometheus(repo, data):
+    """Prometheus text exposition (format 0.0.4), one family per metric, for
+    node_exporter's textfile collector."""
+    label = '{repo="%s"}' % _prom_label(repo.root)
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+        for suffix, labels, value in samples:
+            out.append("%s%s%s %s" % (name, suffix, labels, repr(float(value))
+                                      if isinstance(value, float) else value))
+
+    def labelled(extra):
+        return label[:-1] + "," + extra + "}"
+    family("flowforge_hook_runs_total", "counter", "Pre-commit hook runs by result.",
+           [("", labelled('result="success"'), data["hook_success_total"]),
+            ("", labelled('result="failure"'), data["hook_failure_total"])])
+    family("flowforge_jobs_total", "counter", "Retry-queue jobs finished, by final status.",
+           [("", labelled('status="done"'), data["jobs_done_total"]),
+            ("", labelled('status="dead"'), data["jobs_dead_total"])])
+    family("flowforge_queue_depth", "gauge", "Jobs queued or running.",
+           [("", label, data["queue_depth"])])
+    family("flowforge_queue_dead", "gauge", "Dead-lettered jobs waiting for a human.",
+           [("", label, data["queue_dead"])])
+    family("flowforge_queue_oldest_age_seconds", "gauge", "Age of the oldest waiting job.",
+           [("", label, data["queue_oldest_age_seconds"])])
+    family("flowforge_recovery_seconds", "summary",
+           "Time from a failure to the job that repaired it.",
+           [("_sum", label, data["recovery_seconds_sum"]),
+            ("_count", label, data["recovery_count"])])
+    family("flowforge_last_aggregation_timestamp_seconds", "gauge",
+           "When an aggregation last succeeded (Unix time).",
+           [("", label, data["last_aggregate_success"] or 0)])
+    family("flowforge_daemon_heartbeat_age_seconds", "gauge",
+           "Seconds since the daemon's last heartbeat (-1: never).",
+           [("", label, data["daemon_heartbeat_age_seconds"])])
+    family("flowforge_quarantined_files", "gauge", "Files set aside as damaged.",
+           [("", label, data["quarantined_files"])])
+    return "\n".join(out) + "\n"
+
+
+def collect_metrics(repo):
+    metrics = read_metrics(repo)
+    stats = {"depth": 0, "counts": {"dead": 0}, "oldest_age_seconds": 0, "jobs_done_total": 0,
+             "jobs_dead_total": 0, "recovery_seconds_sum": 0.0, "recovery_count": 0}
+    if queue_exists(repo):
+        queue = open_queue(repo, busy_timeout=2.0)
+        stats = queue.stats()
+        queue.close()
+    _, info = daemon_state(repo)
+    return {"hook_success_total": metrics.get("hook_success_total", 0),
+            "hook_failure_total": metrics.get("hook_failure_total", 0),
+            "jobs_done_total": stats["jobs_done_total"], "jobs_dead_total": stats["jobs_dead_total"],
+            "queue_depth": stats["depth"], "queue_dead": stats["counts"]["dead"],
+            "queue_oldest_age_seconds": stats["oldest_age_seconds"],
+            "recovery_seconds_sum": float(stats["recovery_seconds_sum"]),
+            "recovery_count": stats["recovery_count"],
+            "last_aggregate_success": metrics.get("last_aggregate_success"),
+            "daemon_heartbeat_age_seconds": now() - info["heartbeat"] if info.get("heartbeat")
+            else -1,
+            "quarantined_files": len(Quarantine(repo).list())}
+
+
+def doctor_findings(repo):
+    """[(problem, fix)] of this setup; empty when all is well."""
+    import sqlite3
+    findings = []
+    lines = []
+    try:
+        lines = read_bytes(os.path.join(repo.ff, ".gitignore")).decode("utf-8", "replace").split()
+    except (OSError, FlowForgeError):
+        pass
+    missing = [l for l in GITIGNORE.split() if l.startswith("/") and l not in lines]
+    if missing:
+        findings.append((".flowforge/.gitignore lacks %s: private data could be committed"
+                         % " ".join(missing), "run `flowforge init`"))
+    rc, tracked, _ = run_git(["ls-files", "--", ".flowforge/user", ".flowforge/state",
+                              ".flowforge/quarantine"], repo.root, check=False)
+    if tracked.strip():
+        findings.append(("private or per-machine files are tracked by git: %s"
+                         % ", ".join(tracked.split()[:3]),
+                         "git rm -r --cached .flowforge/user .flowforge/state .flowforge/quarantine"))
+    for path in [repo.users, repo.state] + [os.path.join(repo.users, u) for u in local_users(repo)]:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o077:
+            findings.append(("%s is readable by others (mode %o)" % (repo.rel(path), mode),
+                             "chmod 700 %s" % repo.rel(path)))
+    for hook, status in hook_status(repo).items():
+        if status != "current":
+            findings.append(("the %s hook is %s" % (hook, status), "run `flowforge install hooks`"))
+    running, info = daemon_state(repo)
+    if not running:
+        findings.append(("no daemon is running here", "run `flowforge daemon --ensure`, or "
+                         "`flowforge install cron|systemd|launchd --write`"))
+    if queue_exists(repo):
+        queue = open_queue(repo, busy_timeout=2.0)
+        dead = queue.stats()["counts"]["dead"]
+        queue.close()
+        if dead:
+            findings.append(("%d dead job(s) in the retry queue" % dead,
+                             "see `flowforge queue dead`, fix the cause, `flowforge queue retry ID`"))
+    if sqlite_wal_reset_bug(sqlite3.sqlite_version_info):
+        findings.append(("this Python links SQLite %s, which has the WAL-reset bug (rare "
+                         "corruption when two processes checkpoint at once)" % sqlite3.sqlite_version,
+                         "upgrade to a Python built with SQLite 3.51.3 or later (3.50.7, 3.44.6)"))
+    fs = filesystem_type(repo.state)
+    if fs in NETWORK_FILESYSTEMS:
+        findings.append((".flowforge/state is on a network file system (%s)" % fs,
+                         "keep the repository on a local disk"))
+    if Quarantine(repo).list():
+        findings.append(("files are quarantined", "see `flowforge quarantine list`"))
+    return findings
+
+
+# ############################################################################
+# 9. Reports and billing
 # ############################################################################
 #
 # Reports read only committed shards, so they work on any clone.  A shard that
@@ -2327,7 +3727,7 @@ def render_bill(bill, fmt):
 
 
 # ############################################################################
-# 8. Command line
+# 10. Command line
 # ############################################################################
 #
 # One cmd_<name>() per command, registered with @command together with its
@@ -2652,6 +4052,7 @@ def cmd_aggregate(ctx, args):
     if not args.all and not PrivateStore(repo, ctx.user).exists():
         raise FlowForgeError("no private store for %s here: nothing to aggregate" % ctx.user)
     results = aggregate_stores(repo, users, args.full, args.wait)
+    record_metrics(repo, last_aggregate_success=now())
     lines = []
     for r in results:
         if r["written"]:
@@ -2720,6 +4121,186 @@ def cmd_bill(ctx, args):
     else:
         sys.stdout.write(render_bill(bill, args.format))
     return EXIT_OK
+
+
+# -- layers ------------------------------------------------------------------
+
+@command("install", "Install git hook shims, or print/write scheduler entries for the daemon.",
+         "flowforge install hooks",
+         arg("what", choices=("hooks", "cron", "systemd", "launchd"),
+             help="hooks: the git hook shims; cron/systemd/launchd: run the daemon"),
+         arg("--write", action="store_true", help="cron/systemd/launchd: install the entry "
+             "instead of printing it"),
+         area="setup")
+def cmd_install(ctx, args):
+    repo = ctx.repo
+    if args.what == "hooks":
+        directory, done = install_hooks(repo)
+        return ctx.emit("install", {"hooks_dir": directory, "hooks": dict(done)},
+                        ["%s: %s (%s)" % (hook, what, directory) for hook, what in done])
+    entries = scheduler_entries(repo, args.what)
+    if not args.write:
+        if UI.json:
+            return ctx.emit("install", {"entries": entries}, [])
+        for path, content in entries.items():
+            if args.what != "cron":
+                sys.stdout.write("# %s\n" % path)
+            sys.stdout.write(content if content.endswith("\n") else content + "\n")
+        return EXIT_OK
+    lines = []
+    if args.what == "cron":
+        write_crontab(entries["crontab"], repo.root)
+        lines.append("added to your crontab: %s" % entries["crontab"].strip())
+    else:
+        for path, content in entries.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, content.encode("utf-8"), 0o644)
+            lines.append("wrote %s" % path)
+        if args.what == "systemd":
+            unit = os.path.basename(sorted(entries)[0])
+            lines.append("next: systemctl --user daemon-reload && systemctl --user enable --now %s"
+                         " (or the -once.timer instead)" % unit)
+        else:
+            lines.append("next: launchctl bootstrap gui/$(id -u) %s" % list(entries)[0])
+    return ctx.emit("install", {"written": list(entries)}, lines)
+
+
+@command("uninstall", "Remove the git hook shims and restore a chained hook.",
+         "flowforge uninstall hooks",
+         arg("what", choices=("hooks",), help="what to remove"), area="setup")
+def cmd_uninstall(ctx, args):
+    directory, done = uninstall_hooks(ctx.repo)
+    return ctx.emit("uninstall", {"hooks_dir": directory, "hooks": dict(done)},
+                    ["%s: %s" % kv for kv in done])
+
+
+@command("hook", "Run a git hook (called by the shims; always exits 0).",
+         "flowforge hook pre-commit",
+         arg("name", choices=HOOKS, help="which hook"), area="layers")
+def cmd_hook(ctx, args):
+    line = hook_pre_commit(args) if args.name == "pre-commit" else hook_post_commit(args)
+    if line:
+        sys.stderr.write(line + "\n")
+    return EXIT_OK
+
+
+@command("queue", "Inspect and repair the retry queue.", "flowforge queue retry 12",
+         arg("action", choices=("status", "list", "run", "retry", "dead", "purge"),
+             help="status, list, run (due jobs), retry ID, dead (dead-lettered), purge (done)"),
+         arg("id", nargs="?", type=int, metavar="ID", help="job id (retry)"),
+         arg("--once", action="store_true", help="run: one job at most"),
+         arg("--status", choices=("queued", "leased", "done", "dead"), help="list: only these"),
+         arg("--limit", type=int, default=50, metavar="N", help="list: at most N jobs"),
+         arg("--dead", action="store_true", help="purge: dead jobs too"),
+         arg("--older-than", type=float, default=0.0, metavar="DAYS",
+             help="purge: only jobs finished at least DAYS ago"),
+         area="layers")
+def cmd_queue(ctx, args):
+    repo = ctx.repo
+    if args.action == "retry" and args.id is None:
+        raise FlowForgeError("queue retry needs a job ID (see `flowforge queue list`)", EXIT_USAGE)
+    if not 1 <= args.limit <= 100000 or args.older_than < 0:
+        raise FlowForgeError("--limit must be 1-100000 and --older-than not negative", EXIT_USAGE)
+    queue = open_queue(repo)
+    if args.action == "status":
+        stats = queue.stats()
+        c = stats["counts"]
+        return ctx.emit("queue", stats, [
+            "queued %d, running %d, done %d, dead %d" % (c["queued"], c["leased"], c["done"],
+                                                         c["dead"]),
+            "oldest waiting job: %s" % (format_duration(stats["oldest_age_seconds"])
+                                        if stats["depth"] else "none")])
+    if args.action in ("list", "dead"):
+        jobs = queue.jobs("dead" if args.action == "dead" else args.status, args.limit)
+        lines = ["%5d  %-6s  %-9s %-8s attempts %d/%d  %s" % (
+            j["id"], j["status"], j["kind"], j["priority"], j["attempts"], j["max_attempts"],
+            (j["last_error"] or "")[:100]) for j in jobs]
+        return ctx.emit("queue", {"jobs": jobs}, lines or ["no jobs"])
+    if args.action == "run":
+        owner = "queue-run:%d" % os.getpid()
+        outcomes = []
+        while True:
+            job = queue.claim(owner)
+            if job is None:
+                break
+            outcomes.append({"id": job.id, "kind": job.kind, "outcome": run_job(repo, queue, job)})
+            if args.once:
+                break
+        return ctx.emit("queue", {"ran": outcomes}, ["job %(id)d (%(kind)s): %(outcome)s" % o
+                                                    for o in outcomes] or ["no job is due"])
+    if args.action == "retry":
+        queue.retry(args.id)
+        return ctx.emit("queue", {"retried": args.id}, ["job %d queued again" % args.id])
+    count = queue.purge(args.dead, args.older_than * 86400)
+    return ctx.emit("queue", {"purged": count}, ["purged %d job(s)" % count])
+
+
+@command("daemon", "Run the polling daemon: aggregate changes, run due jobs, heartbeat.",
+         "flowforge daemon --ensure",
+         arg("--once", action="store_true", help="one round, then exit (for cron)"),
+         arg("--interval", type=float, metavar="S", help="seconds between rounds (default: "
+             "config daemon.interval, 30)"),
+         arg("--ensure", action="store_true", help="start a detached daemon unless one runs"),
+         arg("--stop", action="store_true", help="stop the running daemon (SIGTERM)"),
+         area="layers")
+def cmd_daemon(ctx, args):
+    repo = ctx.repo
+    if sum(map(bool, (args.once, args.ensure, args.stop))) > 1:
+        raise FlowForgeError("use one of --once, --ensure, --stop", EXIT_USAGE)
+    if args.interval is not None and not 1 <= args.interval <= 86400:
+        raise FlowForgeError("--interval must be 1-86400 seconds", EXIT_USAGE)
+    repo.ensure_machine_dirs()
+    if args.ensure:
+        started, pid = ensure_daemon(repo)
+        return ctx.emit("daemon", {"started": started, "pid": pid},
+                        ["started the daemon (pid %s)" % pid if started
+                         else "the daemon is running (pid %s)" % pid])
+    if args.stop:
+        pid = stop_daemon(repo)
+        return ctx.emit("daemon", {"stopped": pid}, ["stopped the daemon (pid %s)" % pid])
+    return Daemon(repo, args.interval, args.once).run()
+
+
+@command("health", "Health of this clone's setup: exit 0 healthy, 1 degraded, 2 unhealthy.",
+         "flowforge health --json", area="layers")
+def cmd_health(ctx, args):
+    checks = health_checks(ctx.repo)
+    status = overall_health(checks)
+    width = max(len(c["check"]) for c in checks)
+    ctx.emit("health", {"status": status, "checks": checks},
+             ["%-*s  %-9s  %s" % (width, c["check"], c["status"], c["detail"]) for c in checks]
+             + ["overall: %s" % status])
+    return HEALTH_CODES[status]
+
+
+@command("metrics", "Counters and gauges for monitoring (Prometheus text or JSON).",
+         "flowforge metrics --output /var/lib/node_exporter/textfile/flowforge.prom",
+         arg("--format", choices=("prometheus", "json"), default="prometheus",
+             help="output format (default prometheus)"),
+         arg("--output", metavar="FILE", help="write FILE atomically instead of printing "
+             "(for node_exporter's textfile collector)"),
+         area="layers")
+def cmd_metrics(ctx, args):
+    repo = ctx.repo
+    data = collect_metrics(repo)
+    if UI.json or args.format == "json":
+        text = json.dumps(dict(data, schema="flowforge.metrics/1"), sort_keys=True, indent=1) + "\n"
+    else:
+        text = render_prometheus(repo, data)
+    if args.output:
+        atomic_write(os.path.abspath(args.output), text.encode("utf-8"), 0o644)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+@command("doctor", "Say what is wrong with this setup and how to fix it.", "flowforge doctor",
+         area="setup")
+def cmd_doctor(ctx, args):
+    findings = doctor_findings(ctx.repo)
+    lines = ["problem: %s\n    fix: %s" % f for f in findings] or ["all good"]
+    ctx.emit("doctor", {"findings": [{"problem": p, "fix": f} for p, f in findings]}, lines)
+    return EXIT_FAIL if findings else EXIT_OK
 
 
 # -- recovery ------------------------------------------------------------------
