@@ -14,10 +14,12 @@ RUN_PYTEST = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); els
 .PHONY: test soak demo bench lint install readme
 
 test:
-	@$(RUN_PYTEST) -q -m "not soak" tests
+	@$(RUN_PYTEST) -q tests
 
+# The reliability tests again, at soak scale (FLOWFORGE_SOAK=1): 2,000+ kills.
 soak:
-	@FLOWFORGE_SOAK=1 $(RUN_PYTEST) -q -m soak tests
+	@export FLOWFORGE_SOAK=1; $(RUN_PYTEST) -q -s tests/test_crash.py tests/test_queue.py \
+	  tests/test_concurrency.py tests/test_hook.py
 
 demo:
 	@$(PYTHON) tools/demo.py

@@ -105,6 +105,12 @@ def test_injected_errors_on_every_call(repo, tmp_path, monkeypatch, name, setup,
         if not fault.fired:
             assert r.rc == 0, r
             break
+        if r.rc == 0:
+            # the failure hit a best-effort write (metrics) after the work was done
+            assert private_total(root) == expected and "metrics-not-recorded" in open(
+                os.path.join(root, ".flowforge/state/logs/flowforge.jsonl")).read(), k
+            shutil.rmtree(root)
+            continue
         # no success claimed, one clear line, no temp files left behind
         assert r.rc == ff.EXIT_CANTCREAT, (k, r)
         assert r.err.count("\n") == 1 and "cannot write" in r.err and "Traceback" not in r.err

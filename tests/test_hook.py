@@ -1,0 +1,233 @@
+"""The git hook, with real commits: it stages shards, and never blocks a commit."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import flowforge as ff
+
+from conftest import FLOWFORGE, ROOT, git, lock_held
+
+NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
+
+
+def commit(repo, message, *extra, env=None, path=None):
+    """`git commit` as a developer runs it; returns (returncode, stderr)."""
+    e = repo.env(FLOWFORGE_USER="alice", **dict(NOW, **(env or {})))
+    if path:
+        e["PATH"] = path
+    proc = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", message] + list(extra),
+                          cwd=repo.root, env=e, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def committed_files(repo, rev="HEAD"):
+    return git(repo.root, "show", "--name-only", "--format=", rev).split()
+
+
+def jobs(repo):
+    path = os.path.join(repo.root, ".flowforge/state/queue.db")
+    return ff.RetryQueue(path).jobs() if os.path.exists(path) else []
+
+
+@pytest.fixture
+def hooked(repo):
+    """A repository with FlowForge vendored, hooks installed and a first commit."""
+    shutil.copy(FLOWFORGE, os.path.join(repo.root, "flowforge.py"))
+    repo.ok("install", "hooks")
+    git(repo.root, "add", "-A")
+    assert commit(repo, "set up")[0] == 0
+    return repo
+
+
+def test_shards_land_in_the_same_commit(hooked):
+    hooked.ok("log", "1", "1h30m", "--date", "2026-11-19", env=NOW)
+    rc, err = commit(hooked, "work")
+    assert rc == 0 and err == ""
+    files = committed_files(hooked)
+    assert any(f.startswith(".flowforge/team/summaries/alice--") for f in files), files
+    assert git(hooked.root, "status", "--porcelain", "--", ".flowforge/team") == ""
+    assert hooked.ok("report", "--json").json["total_seconds"] == 5400
+    metrics = hooked.ok("metrics", "--format", "json").json
+    assert metrics["hook_success_total"] >= 2 and metrics["hook_failure_total"] == 0
+
+
+def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
+    hooked.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    lock = os.path.join(hooked.root, ".flowforge/state/locks/aggregate.alice.lock")
+    with lock_held(lock):
+        for n in range(3):
+            rc, err = commit(hooked, "work %d" % n)
+            assert rc == 0
+            assert err.count("\n") == 1 and "queued as job" in err and "busy" in err, err
+    queued = jobs(hooked)
+    assert [(j["kind"], j["status"], j["payload"]) for j in queued] == [
+        ("aggregate", "queued", {"user": "alice"})]          # three failures, one job
+    assert hooked.ok("metrics", "--format", "json").json["hook_failure_total"] == 3
+    hooked.ok("daemon", "--once", env=NOW)
+    assert [j["status"] for j in jobs(hooked)] == ["done"]
+    assert hooked.ok("report", "--json").json["total_seconds"] == 3600
+    rc, _ = commit(hooked, "next")                              # the daemon's shards go in now
+    assert rc == 0 and any("summaries" in f for f in committed_files(hooked))
+    metrics = hooked.ok("metrics", "--format", "json").json
+    assert metrics["recovery_count"] == 1 and metrics["recovery_seconds_sum"] >= 0
+
+
+def test_time_budget_exceeded(hooked):
+    config_path = os.path.join(hooked.root, ".flowforge/config.json")
+    config = json.load(open(config_path))
+    config["hook"]["budget_ms"] = 1
+    json.dump(config, open(config_path, "w"))
+    for day in range(1, 29):
+        hooked.ok("log", "1", "10m", "--date", "2026-10-%02d" % day, env=NOW)
+    shutil.rmtree(os.path.join(hooked.root, ".flowforge/state/aggregate"), ignore_errors=True)
+    rc, err = commit(hooked, "slow")
+    assert rc == 0 and "budget of 1 ms" in err and "queued" in err
+    assert len(jobs(hooked)) == 1
+    hooked.ok("daemon", "--once", env=NOW)
+    assert hooked.ok("report", "--json").json["total_seconds"] == 28 * 600
+
+
+def test_broken_flowforge_py_never_blocks(hooked):
+    with open(os.path.join(hooked.root, "flowforge.py"), "a") as f:
+        f.write("\ndef broken(:\n")
+    hooked.ok("log", "1", "1h", env=NOW)
+    rc, err = commit(hooked, "work")
+    assert rc == 0
+    assert err.count("\n") == 1 and err.startswith("flowforge: hook failed: ") and "Syntax" in err
+    os.unlink(os.path.join(hooked.root, "flowforge.py"))
+    rc, err = commit(hooked, "flowforge.py gone, the fallback copy runs")
+    assert rc == 0 and err == ""
+
+
+def tool_dir(tmp_path, names):
+    """A PATH directory with only these programs."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    for name in names:
+        os.symlink(shutil.which(name), str(d / name))
+    return str(d)
+
+
+def test_python3_absent_from_path(hooked, tmp_path):
+    hooked.ok("log", "1", "1h", env=NOW)
+    path = tool_dir(tmp_path, ["git", "sh"])
+    rc, err = commit(hooked, "no python", path=path)
+    assert rc == 0
+    assert err == "flowforge: python3 not found; time not aggregated (run flowforge aggregate later)\n"
+
+
+# A python3 for PATH that injects a failure into the hook, then runs what the
+# shim asked for: ENOSPC for shard writes, or a real RLIMIT_FSIZE (EFBIG).
+FAULTY_PYTHON = r"""#!%(python)s
+import errno, os, resource, signal, sys
+mode = os.environ["FAULT"]
+if mode == "enospc":
+    real_write = os.write
+    def write(fd, data):
+        if "summaries" in os.readlink("/proc/self/fd/%%d" %% fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    os.write = write
+else:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+args = sys.argv[1:]
+code = args[args.index("-c") + 1]
+sys.argv = ["-c"] + args[args.index("-c") + 2:]
+exec(compile(code, "<shim>", "exec"))
+"""
+
+
+@pytest.mark.parametrize("fault", ["enospc", "efbig"])
+def test_failing_writes_never_block(hooked, tmp_path, fault):
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    for day in range(1, 20):
+        hooked.ok("log", str(day), "%dm" % (day + 10), "--date", "2026-11-%02d" % day, env=NOW)
+    bindir = tool_dir(tmp_path, ["git", "sh"])
+    with open(os.path.join(bindir, "python3"), "w") as f:
+        f.write(FAULTY_PYTHON % {"python": sys.executable})
+    os.chmod(os.path.join(bindir, "python3"), 0o755)
+    shard_before = git(hooked.root, "ls-files", ".flowforge/team")
+    rc, err = commit(hooked, "disk trouble", env={"FAULT": fault}, path=bindir)
+    assert rc == 0, err
+    assert err.count("\n") == 1 and "time not aggregated" in err, err
+    assert ("No space left" in err) if fault == "enospc" else ("File too large" in err)
+    if fault == "enospc":
+        assert "queued as job" in err and len(jobs(hooked)) == 1
+    assert git(hooked.root, "ls-files", ".flowforge/team") == shard_before
+    hooked.ok("daemon", "--once", env=NOW)          # the disk is fine again
+    expected = sum((day + 10) * 60 for day in range(1, 20))
+    assert hooked.ok("report", "--json").json["total_seconds"] == expected
+    assert all(j["status"] == "done" for j in jobs(hooked))
+
+
+def test_partial_commit_stages_for_the_next_commit_never_reverts(hooked):
+    open(os.path.join(hooked.root, "a.txt"), "w").write("a\n")
+    git(hooked.root, "add", "a.txt")
+    git(hooked.root, "commit", "-qm", "a", "--no-verify")
+    hooked.ok("log", "1", "1h", env=NOW)
+    open(os.path.join(hooked.root, "a.txt"), "w").write("changed\n")
+    rc, err = commit(hooked, "partial", "--", "a.txt")
+    assert rc == 0 and err == ""
+    assert committed_files(hooked) == ["a.txt"]
+    staged = git(hooked.root, "diff", "--cached", "--name-only").split()
+    assert any("summaries" in f for f in staged)          # staged by post-commit, for next time
+    rc, _ = commit(hooked, "next")
+    assert any("summaries" in f for f in committed_files(hooked))
+    assert git(hooked.root, "status", "--porcelain", "--", ".flowforge/team") == ""
+    assert hooked.ok("report", "--json").json["total_seconds"] == 3600
+
+
+def test_chaining_idempotence_and_uninstall(repo):
+    hooks = os.path.join(repo.root, ".git/hooks")
+    team_hook = "#!/bin/sh\necho team-hook-ran >&2\nexit ${TEAM_HOOK_EXIT:-0}\n"
+    with open(os.path.join(hooks, "pre-commit"), "w") as f:
+        f.write(team_hook)
+    os.chmod(os.path.join(hooks, "pre-commit"), 0o755)
+    r = repo.ok("install", "hooks")
+    assert "chained" in r.out
+    before = {n: open(os.path.join(hooks, n), "rb").read() for n in os.listdir(hooks)}
+    assert "up to date" in repo.ok("install", "hooks").out
+    assert before == {n: open(os.path.join(hooks, n), "rb").read() for n in os.listdir(hooks)}
+    rc, err = commit(repo, "team hook says no", env={"TEAM_HOOK_EXIT": "1"})
+    assert rc != 0 and "team-hook-ran" in err                 # its verdict stands
+    rc, err = commit(repo, "team hook says yes")
+    assert rc == 0 and "team-hook-ran" in err
+    assert repo("health", "--json").json["checks"][0]["status"] == "ok"   # hooks: current
+    repo.ok("uninstall", "hooks")
+    assert open(os.path.join(hooks, "pre-commit")).read() == team_hook
+    assert not os.path.exists(os.path.join(hooks, "post-commit"))
+    assert not os.path.exists(os.path.join(hooks, "pre-commit.flowforge-chained"))
+
+
+def test_core_hooks_path_is_honoured(repo):
+    git(repo.root, "config", "core.hooksPath", ".githooks")
+    repo.ok("install", "hooks")
+    shim = os.path.join(repo.root, ".githooks", "pre-commit")
+    assert os.path.exists(shim) and os.stat(shim).st_mode & stat.S_IXUSR
+    repo.ok("log", "1", "1h", env=NOW)
+    rc, _ = commit(repo, "work")
+    assert rc == 0 and any("summaries" in f for f in committed_files(repo))
+
+
+def test_stale_and_missing_hooks_are_reported(repo):
+    r = repo("health", "--json")
+    assert r.json["checks"][0]["status"] == "degraded"
+    repo.ok("install", "hooks")
+    shim = os.path.join(repo.root, ".git/hooks/pre-commit")
+    open(shim, "a").write("# edited\n")
+    assert repo("health", "--json").json["checks"][0]["hooks"]["pre-commit"] == "stale"
+    assert "updated" in repo.ok("install", "hooks").out
+
+
+def test_pre_commit_framework_manifest():
+    text = open(os.path.join(ROOT, ".pre-commit-hooks.yaml")).read()
+    assert "id: flowforge" in text and "pass_filenames: false" in text
+    assert "always_run: true" in text and "minimum_pre_commit_version" in text
+    assert os.access(FLOWFORGE, os.X_OK)                  # language: script runs the file
