@@ -2473,6 +2473,26 @@ class RetryQueue:
                                 now_ts, retry_after, permanent)
         return self._write(tx)
 
+    def settle_key(self, key):
+        """Mark queued (not running) jobs with this key done: their work was done
+        another way, e.g. the daemon aggregated the user a failed hook queued."""
+        now_ts = self.clock()
+
+        def tx(conn):
+            rows = conn.execute("SELECT id, failed_at FROM jobs WHERE idem_key = ? AND "
+                                "status = 'queued'", (key,)).fetchall()
+            for row in rows:
+                conn.execute("UPDATE jobs SET status = 'done', done_at = ?, updated_at = ?, "
+                             "last_error = COALESCE(last_error || ' ', '') || '(done by another "
+                             "run)' WHERE id = ?", (now_ts, now_ts, row["id"]))
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_done'")
+                if row["failed_at"] is not None:
+                    conn.execute("UPDATE meta SET value = value + ? WHERE key = "
+                                 "'recovery_seconds_sum'", (now_ts - row["failed_at"],))
+                    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovery_count'")
+            return len(rows)
+        return self._write(tx)
+
     def heartbeat(self, job, lease=DEFAULT_LEASE):
         """Extend a lease that is still ours (for long jobs); raises LeaseLost."""
         now_ts = self.clock()
@@ -3043,6 +3063,7 @@ class Daemon:
                 return
             try:
                 Aggregator(PrivateStore(self.repo, user), granularity).run(False, 2.0)
+                self.queue.settle_key("aggregate:" + user)
             except LockBusy:
                 continue  # someone (the hook) is aggregating right now
             except FlowForgeError as e:
@@ -3217,7 +3238,7 @@ def write_crontab(line, root):
         raise FlowForgeError("crontab is not installed", EXIT_UNAVAILABLE)
     lines = current.stdout.splitlines() if current.returncode == 0 else []
     tag = "# flowforge:%s" % root
-    kept = [l for l in lines if not l.rstrip().endswith(tag)]
+    kept = [entry for entry in lines if not entry.rstrip().endswith(tag)]
     new = "\n".join(kept + [line.rstrip("\n")]) + "\n"
     proc = subprocess.run(["crontab", "-"], input=new, capture_output=True, text=True)
     if proc.returncode:
@@ -3396,7 +3417,7 @@ def doctor_findings(repo):
         lines = read_bytes(os.path.join(repo.ff, ".gitignore")).decode("utf-8", "replace").split()
     except (OSError, FlowForgeError):
         pass
-    missing = [l for l in GITIGNORE.split() if l.startswith("/") and l not in lines]
+    missing = [g for g in GITIGNORE.split() if g.startswith("/") and g not in lines]
     if missing:
         findings.append((".flowforge/.gitignore lacks %s: private data could be committed"
                          % " ".join(missing), "run `flowforge init`"))
@@ -4053,6 +4074,11 @@ def cmd_aggregate(ctx, args):
         raise FlowForgeError("no private store for %s here: nothing to aggregate" % ctx.user)
     results = aggregate_stores(repo, users, args.full, args.wait)
     record_metrics(repo, last_aggregate_success=now())
+    if queue_exists(repo):  # what a failed hook queued is done now
+        queue = open_queue(repo)
+        for user in users:
+            queue.settle_key("aggregate:" + user)
+        queue.close()
     lines = []
     for r in results:
         if r["written"]:

@@ -1,7 +1,6 @@
 """health, metrics and doctor."""
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -93,7 +92,7 @@ def test_metrics_prometheus_text_format(repo, tmp_path):
     assert os.listdir(str(target.parent)) == ["flowforge.prom"]
     # a repository path with a quote and a backslash stays one valid label
     weird = ff.render_prometheus(ff.Repo('/tmp/a"b\\c'), ff.collect_metrics(ff.Repo(repo.root)))
-    assert all(PROM_LINE.match(l) for l in weird.splitlines() if not l.startswith("#"))
+    assert all(PROM_LINE.match(x) for x in weird.splitlines() if not x.startswith("#"))
 
 
 def test_doctor(repo):

@@ -5,6 +5,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +24,13 @@ def commit(repo, message, *extra, env=None, path=None):
     proc = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", message] + list(extra),
                           cwd=repo.root, env=e, capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stderr
+
+
+def wait_for_background_daemon(repo, timeout=30):
+    deadline = time.monotonic() + timeout
+    while ff.daemon_state(ff.Repo(repo.root))[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def committed_files(repo, rev="HEAD"):
@@ -68,6 +76,7 @@ def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
     assert [(j["kind"], j["status"], j["payload"]) for j in queued] == [
         ("aggregate", "queued", {"user": "alice"})]          # three failures, one job
     assert hooked.ok("metrics", "--format", "json").json["hook_failure_total"] == 3
+    wait_for_background_daemon(hooked)     # post-commit started one; it may still be running
     hooked.ok("daemon", "--once", env=NOW)
     assert [j["status"] for j in jobs(hooked)] == ["done"]
     assert hooked.ok("report", "--json").json["total_seconds"] == 3600
@@ -88,6 +97,7 @@ def test_time_budget_exceeded(hooked):
     rc, err = commit(hooked, "slow")
     assert rc == 0 and "budget of 1 ms" in err and "queued" in err
     assert len(jobs(hooked)) == 1
+    wait_for_background_daemon(hooked)
     hooked.ok("daemon", "--once", env=NOW)
     assert hooked.ok("report", "--json").json["total_seconds"] == 28 * 600
 
@@ -161,6 +171,7 @@ def test_failing_writes_never_block(hooked, tmp_path, fault):
     if fault == "enospc":
         assert "queued as job" in err and len(jobs(hooked)) == 1
     assert git(hooked.root, "ls-files", ".flowforge/team") == shard_before
+    wait_for_background_daemon(hooked)
     hooked.ok("daemon", "--once", env=NOW)          # the disk is fine again
     expected = sum((day + 10) * 60 for day in range(1, 20))
     assert hooked.ok("report", "--json").json["total_seconds"] == expected

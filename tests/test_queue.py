@@ -438,7 +438,7 @@ def test_kill9_soak_every_job_done_once(tmp_path):
     deadline = time.monotonic() + (900 if SOAK else 240)
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(0.02, 0.12))
-        for i, (kind, n, p) in enumerate(procs):
+        for kind, n, p in procs:
             if kind == "enqueuer" and p.poll() == 0:
                 finished_enqueuers.add(n)
         if kills >= target_kills and len(finished_enqueuers) == 2:
@@ -465,7 +465,7 @@ def test_kill9_soak_every_job_done_once(tmp_path):
         check._write(lambda conn: conn.execute(
             "UPDATE jobs SET next_attempt_at = 0 WHERE status = 'queued'"))
         time.sleep(0.2)
-    for kind, n, p in procs:
+    for _, _, p in procs:
         p.kill()
         p.wait()
     counts = check.stats()["counts"]
@@ -479,3 +479,17 @@ def test_kill9_soak_every_job_done_once(tmp_path):
     assert set(effects) == done_keys
     assert check.integrity_check() == "ok"
     print("\n%d SIGKILLs; %d jobs done, %d dead" % (kills, counts["done"], counts["dead"]))
+
+
+def test_settle_key_finishes_waiting_jobs_but_not_running_ones(queue, clock):
+    waiting, _ = queue.enqueue("aggregate", {"user": "a"}, key="aggregate:a", failed=True)
+    other, _ = queue.enqueue("aggregate", {"user": "b"}, key="aggregate:b")
+    running = queue.claim("w")                      # job a is now leased
+    assert running.id == waiting
+    assert queue.settle_key("aggregate:a") == 0     # a running job is left alone
+    queue.fail(running, "busy")
+    clock.t += 10
+    assert queue.settle_key("aggregate:a") == 1
+    statuses = {j["id"]: j["status"] for j in queue.jobs()}
+    assert statuses == {waiting: "done", other: "queued"}
+    assert queue.stats()["recovery_count"] == 1

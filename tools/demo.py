@@ -2,8 +2,9 @@
 """make demo: FlowForge's main job, end to end, on a throwaway repository.
 
 Three developers each work in their own clone of one team repository for a
-week (timers with --at times, so the demo is instant), aggregate and commit;
-their commits merge without conflicts.  A manager then clones the repository,
+week (timers with --at times, so the demo is instant) and commit their work;
+the pre-commit hook aggregates their time into shards that ride along with
+each commit, and the commits merge without conflicts.  A manager then clones the repository,
 with no private data at all, and prints the team report and the bill."""
 import datetime
 import json
@@ -77,7 +78,12 @@ def main():
         git(path, "config", "user.email", email)
         git(path, "config", "user.name", name.capitalize())
         run([flowforge, "init", "--timezone", "UTC"], path, env)
+        run([flowforge, "install", "hooks"], path, env)   # aggregation rides along with commits
         clones[name] = path
+    expected = {name: 0 for name, _, _ in DEVELOPERS}
+
+    def minutes(hhmm):
+        return int(hhmm[:2]) * 60 + int(hhmm[3:])
     for offset in range(5):
         day = monday + datetime.timedelta(days=offset)
         for n, (name, _, issues) in enumerate(DEVELOPERS):
@@ -87,24 +93,30 @@ def main():
             def ff(*args, path=path):
                 return run([flowforge] + list(args), path, env)
             at = "%s %%s" % day.isoformat()
+            start, pause, resume = "08:%02d" % (40 + 7 * n), "12:00", "12:4%d" % (5 + n)
+            switch, stop = "14:%02d" % (10 + 11 * n), "17:%02d" % (5 + 13 * n)
             ff("start", first[0], "--project", first[1], "--note", "private notes stay here",
-               "--at", at % ("08:%02d" % (40 + 7 * n)))
-            ff("pause", "--at", at % "12:00")
-            ff("resume", "--at", at % "12:4%d" % (5 + n))
-            ff("switch", second[0], "--project", second[1], "--at", at % ("14:%02d" % (10 + 11 * n)))
-            ff("stop", "--at", at % ("17:%02d" % (5 + 13 * n)))
+               "--at", at % start)
+            ff("pause", "--at", at % pause)
+            ff("resume", "--at", at % resume)
+            ff("switch", second[0], "--project", second[1], "--at", at % switch)
+            ff("stop", "--at", at % stop)
+            expected[name] += 60 * (minutes(pause) - minutes(start) + minutes(stop) - minutes(resume))
             if offset == 2:
                 ff("log", "OPS-4", "45m", "--project", "ops", "--date", day.isoformat(),
                    "--note", "on-call review")
-            ff("aggregate")
-            git(path, "add", ".flowforge")
-            git(path, "commit", "-qm", "%s: %s" % (name, day.isoformat()))
+                expected[name] += 45 * 60
+            with open(os.path.join(path, "%s.txt" % name), "a") as f:   # the day's code
+                f.write("%s\n" % day.isoformat())
+            git(path, "add", "%s.txt" % name)
+            git(path, "commit", "-qm", "%s: %s" % (name, day.isoformat()))   # the hook stages shards
             push = subprocess.run(["git", "push", "-q", "origin", "main"], cwd=path, env=env,
                                   capture_output=True)
             if push.returncode:   # someone pushed first: merge (shards never conflict)
                 git(path, "pull", "-q", "--no-rebase", "--no-edit", "origin", "main")
                 git(path, "push", "-q", "origin", "main")
-        print("  %s: 3 developers tracked, aggregated, committed and merged" % day.strftime("%a %d %b"))
+        print("  %s: 3 developers tracked time and committed (the hook aggregated); merged"
+              % day.strftime("%a %d %b"))
 
     # 3. The manager: a fresh clone, no private data, report and bill in well under a second
     manager = os.path.join(base, "manager")
@@ -123,8 +135,15 @@ def main():
     run([flowforge, "bill", "--from", monday.isoformat(), "--to",
          (monday + datetime.timedelta(days=6)).isoformat()], manager, env, quiet=False)
     print()
-    print("report and bill took %.2f s; the whole demo %.1f s" % (time.monotonic() - t,
+    elapsed = time.monotonic() - t
+    report = json.loads(run([flowforge, "report", "--json", "--by", "user"], manager, env))
+    got = {row["user"]: row["seconds"] for row in report["rows"]}
+    print("every tracked second reached the team report: %s (%s)" % (
+        "yes" if got == expected else "NO", ", ".join("%s %s" % (u, got.get(u)) for u in sorted(got))))
+    print("report and bill took %.2f s; the whole demo %.1f s" % (elapsed,
                                                                   time.monotonic() - started))
+    if got != expected:
+        sys.exit("demo: expected %s" % expected)
     print("look around: cd %s/alice && %s status" % (base, flowforge))
     if os.environ.get("FLOWFORGE_DEMO_CLEANUP"):
         shutil.rmtree(base)
