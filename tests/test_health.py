@@ -111,3 +111,16 @@ def test_doctor(repo):
     repo.ok("install", "hooks")
     problems = " ".join(f["problem"] for f in repo("doctor", "--json").json["findings"])
     assert "tracked" not in problems and "readable" not in problems and "hook" not in problems
+
+
+def test_event_log_is_size_rotated(repo):
+    repo_obj = ff.Repo(repo.root)
+    path = os.path.join(repo.root, ".flowforge/state/logs/flowforge.jsonl")
+    for n in range(5):
+        with open(path, "ab") as f:
+            f.write(b"x" * (ff.LOG_MAX_BYTES + 1) + b"\n")
+        ff.log_event(repo_obj, "test", n=n)
+    names = sorted(os.listdir(os.path.dirname(path)))
+    assert names == ["flowforge.jsonl", "flowforge.jsonl.1", "flowforge.jsonl.2", "flowforge.jsonl.3"]
+    total = sum(os.path.getsize(os.path.join(os.path.dirname(path), n)) for n in names)
+    assert total < (ff.LOG_KEEP + 2) * (ff.LOG_MAX_BYTES + 1000)
