@@ -1271,6 +1271,131 @@ def day_of_entry_id(entry_id):
     return "%s-%s-%s" % m.groups()
 
 
+def data_home():
+    """$XDG_DATA_HOME, or ~/.local/share (a relative value is ignored, per the spec)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    return base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), ".local", "share")
+
+
+def mirror_root(repo):
+    """$XDG_DATA_HOME/flowforge/<repo id>/: outside the work tree, so that
+    `git clean -fdx` or a deleted clone cannot take the private data along.
+    The repo id is in the committed config, so a fresh clone finds it too."""
+    repo_id = str(repo.config.get("repo_id", ""))
+    if not re.fullmatch(r"[0-9a-f]{8,64}", repo_id):
+        repo_id = sha256_hex(repo.root.encode("utf-8"))[:16]
+    return os.path.join(data_home(), "flowforge", repo_id)
+
+
+MIRROR_STALE = "mirror-stale"   # marker in state/: the next aggregation syncs the whole mirror
+
+
+class Mirror:
+    """The out-of-tree copy of one private store, kept in step as it is written.
+
+    A failing mirror never fails the command that wrote the private store (the
+    write is done; failing would invite a retry that doubles it): the error is
+    logged and the next aggregation copies whatever differs."""
+
+    def __init__(self, store):
+        self.store = store
+        self.repo = store.repo
+        self.dir = os.path.join(mirror_root(store.repo), "%s--%s" % (store.user, store.store_id))
+
+    def _best_effort(self, what, func):
+        try:
+            func()
+            return True
+        except (OSError, FlowForgeError) as e:
+            log_event(self.repo, "mirror-failed", what=what, error=str(e))
+            try:
+                atomic_write(os.path.join(self.repo.state, MIRROR_STALE), b"", 0o600)
+            except (OSError, FlowForgeError):
+                pass
+            return False
+
+    def _copy(self, rel, data):
+        path = os.path.join(self.dir, rel)
+        makedirs_private(os.path.dirname(path))
+        atomic_write(path, data, 0o600)
+
+    def put(self, rel, data):
+        return self._best_effort(rel, lambda: self._copy(rel, data))
+
+    def appended(self, day, data, size_before):
+        """Mirror an append to a day file: append the same bytes when the copy is
+        exactly the file's old content, else copy the whole file."""
+        rel = os.path.join("time", "daily", day + ".jsonl")
+
+        def do():
+            path = os.path.join(self.dir, rel)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                size = -1
+            if size == size_before:
+                append_durable(path, data)
+            else:
+                self._copy(rel, read_bytes(self.store.day_path(day)))
+        return self._best_effort(rel, do)
+
+    def sync(self, days=None):
+        """Copy what differs: the given days (None: everything), settings, timer,
+        local audit chain.  Returns the number of files copied."""
+        stale = os.path.join(self.repo.state, MIRROR_STALE)
+        if os.path.exists(stale) or not os.path.isdir(self.dir):
+            days = None
+        copied = [0]
+
+        def do():
+            wanted = self.store.days() if days is None else days
+            files = [os.path.join("time", "daily", day + ".jsonl") for day in wanted]
+            files += ["config.json", os.path.join("time", "current.json"), "audit.jsonl"]
+            for rel in files:
+                source = os.path.join(self.store.dir, rel)
+                try:
+                    data = read_bytes(source)
+                except FileNotFoundError:
+                    continue
+                target = os.path.join(self.dir, rel)
+                try:
+                    if os.path.getsize(target) == len(data) and read_bytes(target) == data:
+                        continue
+                except (FileNotFoundError, FlowForgeError):
+                    pass
+                self._copy(rel, data)
+                copied[0] += 1
+            if copied[0] or not os.path.exists(os.path.join(self.dir, "mirror.json")):
+                self._copy("mirror.json", canonical_bytes({
+                    "schema": 1, "root": self.repo.root, "user": self.store.user,
+                    "store": self.store.store_id, "updated": now()}))
+            if days is None and os.path.exists(stale):
+                os.unlink(stale)
+        self._best_effort("sync", do)
+        return copied[0]
+
+
+def find_mirrors(repo, user):
+    """[(store id, directory, info)] of this user's mirrors for this repository;
+    the one made from this very work tree first."""
+    root = mirror_root(repo)
+    found = []
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return found
+    for name in names:
+        owner, sep, store_id = name.rpartition("--")
+        if sep and owner == user and re.fullmatch(r"[0-9a-f]{10}", store_id):
+            try:
+                info = json.loads(read_bytes(os.path.join(root, name, "mirror.json")))
+            except (OSError, ValueError, FlowForgeError):
+                info = {}
+            found.append((store_id, os.path.join(root, name), info))
+    found.sort(key=lambda item: item[2].get("root") != repo.root)
+    return found
+
+
 class PrivateStore:
     """One developer's private data in this clone: .flowforge/user/<name>/."""
 
@@ -1304,11 +1429,13 @@ class PrivateStore:
                         "timezone": timezone or system_timezone_name(), "created": now()}
             atomic_write(self.config_path, canonical_bytes(settings), 0o600)
             self._settings = None
+            self.mirror.sync()
             return True
         if timezone and self.settings()["timezone"] != timezone:
             settings = dict(self.settings(), timezone=timezone)
             atomic_write(self.config_path, canonical_bytes(settings), 0o600)
             self._settings = self._tz = self._clock = None
+            self.mirror.put("config.json", canonical_bytes(settings))
         return False
 
     def settings(self):
@@ -1332,6 +1459,10 @@ class PrivateStore:
     @property
     def store_id(self):
         return self.settings()["store"]
+
+    @property
+    def mirror(self):
+        return Mirror(self)
 
     @property
     def tz_name(self):
@@ -1428,6 +1559,7 @@ class PrivateStore:
         item = Quarantine(self.repo).put(path, reason, copy=True)
         atomic_write(path, good, 0o600)
         self._salvaged = path
+        self.mirror.put(os.path.relpath(path, self.dir), good)
         warn("%s: %s; the original is quarantined as %s and %d damaged line(s) were set "
              "aside (see `flowforge quarantine list`)" % (self.repo.rel(path), reason, item, count))
 
@@ -1445,7 +1577,9 @@ class PrivateStore:
                         self._parse_day(path, f.read())
         except FileNotFoundError:
             pass
-        append_durable(path, b"".join(encode_record(dict(r, v=RECORD_SCHEMA)) for r in records))
+        data = b"".join(encode_record(dict(r, v=RECORD_SCHEMA)) for r in records)
+        size_before = append_durable(path, data)
+        self.mirror.appended(day_iso, data, size_before)
 
     def entries_of_day(self, day_iso):
         return resolve_entries(self.read_day(day_iso))
@@ -1502,8 +1636,9 @@ class PrivateStore:
 
     def save_timer(self, timer):
         makedirs_private(self.time_dir)
-        atomic_write(self.timer_path, canonical_bytes({"schema": TIMER_SCHEMA, "timer": timer}),
-                     0o600)
+        data = canonical_bytes({"schema": TIMER_SCHEMA, "timer": timer})
+        atomic_write(self.timer_path, data, 0o600)
+        self.mirror.put(os.path.join("time", "current.json"), data)
 
 
 def _valid_timer(timer):
@@ -1750,7 +1885,201 @@ class Timers:
 
 
 # ############################################################################
-# 6. Aggregation and shards
+# 6. Audit chain
+# ############################################################################
+#
+# Each aggregation that changes shards appends one record to the store's
+# local chain (private, exact times) and to its committed team chain
+# (team/audit/<user>--<store>.jsonl, time rounded to the UTC day):
+#     {"seq", "ts", "action", "files": {path: shard sha256}, "totals", "prev", "hash"}
+# hash = sha256(prev + canonical JSON of the record without "hash"), so an
+# edited, removed, reordered or inserted record breaks every later link.  A
+# chain cannot see its own truncation or a complete rewrite: git anchors the
+# team chain, and `audit verify` checks the committed version is a prefix.
+
+AUDIT_GENESIS = "0" * 64
+
+
+def audit_hash(prev, body):
+    return sha256_hex((prev + canonical_json(body)).encode("utf-8"))
+
+
+class AuditChain:
+    """An append-only, hash-chained JSON-lines file.  Appenders hold a lock."""
+
+    def __init__(self, path, mode=0o600):
+        self.path = path
+        self.mode = mode
+
+    def _tail(self):
+        """(the last complete line, whether a torn partial line follows it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None, False
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - 65536)  # records are small: the end of the file will do
+            data = os.pread(fd, size - start, start)
+            if start and data.count(b"\n") < 2:
+                data, start = os.pread(fd, size, 0), 0
+        finally:
+            os.close(fd)
+        torn = bool(data) and not data.endswith(b"\n")
+        lines = [line for line in data[:data.rfind(b"\n") + 1].split(b"\n") if line]
+        return (lines[-1] if lines else None), torn
+
+    def head(self):
+        """(seq, hash) of the last record; a torn tail must be repaired first."""
+        last, torn = self._tail()
+        if torn:
+            raise CorruptFile(self.path, "the audit chain ends in a torn line; run `flowforge "
+                              "reconcile` to trim it")
+        if last is None:
+            return 0, AUDIT_GENESIS
+        try:
+            record = json.loads(last)
+            return int(record["seq"]), str(record["hash"])
+        except (ValueError, KeyError, TypeError):
+            raise CorruptFile(self.path, "the last audit record is damaged; see `flowforge audit "
+                              "verify`")
+
+    def append(self, action, ts, **fields):
+        seq, prev = self.head()
+        body = dict(fields, seq=seq + 1, ts=ts, action=action, prev=prev)
+        record = dict(body, hash=audit_hash(prev, body))
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        append_durable(self.path, canonical_bytes(record), self.mode)
+        return record
+
+    def trim_torn_tail(self, repo):
+        """Cut a partial last line (an append that never completed), keeping a
+        copy in quarantine.  Returns the quarantine id, or None."""
+        _, torn = self._tail()
+        if not torn:
+            return None
+        data = read_bytes(self.path)
+        keep = data[:data.rfind(b"\n") + 1]
+        item = Quarantine(repo).put(self.path, "torn audit tail (%d bytes)" % (len(data) - len(keep)),
+                                    copy=True)
+        fd = os.open(self.path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            os.ftruncate(fd, len(keep))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return item
+
+    def records(self):
+        try:
+            data = read_bytes(self.path)
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in data.split(b"\n"):
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append(None)
+        return out
+
+    def verify(self):
+        """{"ok", "records", "problem", "bad_seq", "torn_tail", "files": {path: sha}}.
+
+        Names the first broken record by its expected seq, and tells a torn last
+        line (an interrupted append: repairable) from a damaged or altered one."""
+        result = {"path": self.path, "ok": True, "records": 0, "problem": None, "bad_seq": None,
+                  "torn_tail": False, "files": {}}
+        try:
+            data = read_bytes(self.path)
+        except FileNotFoundError:
+            return result
+        lines = data.split(b"\n")
+        if lines[-1] != b"":
+            result["torn_tail"] = True
+        lines = lines[:-1]
+        prev, expected = AUDIT_GENESIS, 1
+        for number, line in enumerate(lines, 1):
+            problem = None
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError
+            except ValueError:
+                record, problem = None, "record %d is not valid JSON" % expected
+            if record is not None:
+                body = {k: v for k, v in record.items() if k != "hash"}
+                if record.get("seq") != expected:
+                    problem = "record %d carries seq %r (removed, reordered or inserted records)" % (
+                        expected, record.get("seq"))
+                elif record.get("prev") != prev:
+                    problem = "record %d does not link to the record before it" % expected
+                elif record.get("hash") != audit_hash(prev, body):
+                    problem = "record %d does not match its hash (edited)" % expected
+            if problem:
+                result.update(ok=False, problem=problem, bad_seq=expected)
+                return result
+            prev = record["hash"]
+            result["records"] = expected
+            for path, sha in (record.get("files") or {}).items():
+                result["files"][path] = sha
+            expected += 1
+        if result["torn_tail"]:
+            result.update(ok=False, problem="torn last line after record %d (an interrupted "
+                          "append: `flowforge reconcile` trims it)" % result["records"],
+                          bad_seq=result["records"] + 1)
+        return result
+
+
+def team_chain_path(repo, user, store_id):
+    return os.path.join(repo.team, "audit", "%s--%s.jsonl" % (user, store_id))
+
+
+def list_team_chains(repo):
+    """[(path, user, store)] of the committed audit chains."""
+    directory = os.path.join(repo.team, "audit")
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(".jsonl"):
+            user, sep, store_id = name[:-6].rpartition("--")
+            if sep:
+                out.append((os.path.join(directory, name), user, store_id))
+    return out
+
+
+def shards_against_chain(repo, user, store_id, chain_files):
+    """Problems between a store's shard files and its chain's last records."""
+    problems = []
+    directory = shard_dir(repo, user, store_id)
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    except FileNotFoundError:
+        names = []
+    seen = set()
+    for name in names:
+        rel = repo.rel(os.path.join(directory, name))
+        seen.add(rel)
+        try:
+            doc = read_shard(os.path.join(directory, name))
+        except CorruptFile as e:
+            problems.append((rel, e.reason))
+            continue
+        if rel not in chain_files:
+            problems.append((rel, "not in the audit chain"))
+        elif chain_files[rel] != doc["sha256"]:
+            problems.append((rel, "differs from its last audit record"))
+    for rel in sorted(set(chain_files) - seen):
+        problems.append((rel, "in the audit chain but missing"))
+    return problems
+
+
+# ############################################################################
+# 7. Aggregation and shards
 # ############################################################################
 #
 # A shard is the committed summary of one private store for one month:
@@ -1892,8 +2221,32 @@ def list_shard_files(repo):
     return found
 
 
+SHARD_BACKUPS_KEPT = 10   # previous versions kept per shard in state/backups
+
+
+def backup_shard(repo, path, old):
+    """Keep the version a shard had before it is replaced (bounded retention)."""
+    user_store, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+    directory = os.path.join(repo.state, "backups", "shards", user_store, name[:-5])
+    makedirs_private(directory)
+    atomic_write(os.path.join(directory, "%d-%s.json" % (now(), sha256_hex(old)[:12])), old,
+                 0o600, sync_dir=False)
+    for stale in sorted(os.listdir(directory))[:-SHARD_BACKUPS_KEPT]:
+        os.unlink(os.path.join(directory, stale))
+
+
+def shard_backups(repo, user, store_id, month):
+    """Paths of a shard's kept versions, newest first."""
+    directory = os.path.join(repo.state, "backups", "shards", "%s--%s" % (user, store_id), month)
+    try:
+        return [os.path.join(directory, n) for n in sorted(os.listdir(directory), reverse=True)]
+    except FileNotFoundError:
+        return []
+
+
 class Aggregator:
-    """Turns one private store into its shards, incrementally or in full."""
+    """Turns one private store into its shards, incrementally or in full, and
+    records each change in the store's audit chains."""
 
     def __init__(self, store, granularity):
         self.store = store
@@ -1915,8 +2268,11 @@ class Aggregator:
             return None
         return state
 
+    def contributions(self, day, records):
+        return day_contributions(records, self.store.clock, self.granularity)
+
     def run(self, full=False, lock_timeout=10.0):
-        """Aggregate; returns {"written": [paths], "months": [...], "full": bool}."""
+        """Aggregate; returns {"written": [paths], "months": [...], "full": bool, "audit": seq}."""
         store = self.store
         with self.repo.lock("aggregate." + store.user, lock_timeout,
                             "aggregation for %s" % store.user):
@@ -1929,7 +2285,7 @@ class Aggregator:
                     if full:  # read everything; the stat comes from the same descriptor
                         records, stat = store.read_day_and_stat(day)
                         if stat is not None:
-                            parsed[day] = day_contributions(records, store.clock, self.granularity)
+                            parsed[day] = self.contributions(day, records)
                             stats[day] = stat
                         continue
                     try:
@@ -1939,7 +2295,7 @@ class Aggregator:
                     stats[day] = [st.st_size, st.st_mtime_ns]
                     if old_files.get(day, [None, None])[:2] != stats[day]:
                         records, stats[day] = store.read_day_and_stat(day)
-                        parsed[day] = day_contributions(records, store.clock, self.granularity)
+                        parsed[day] = self.contributions(day, records)
                 changed = list(parsed)
                 removed = [d for d in old_files if d not in stats]
                 months = set()
@@ -1948,24 +2304,24 @@ class Aggregator:
                 for day in changed:
                     months.update(parsed[day])
                 if full:  # also months whose entries are all gone now
-                    try:
-                        names = os.listdir(shard_dir(self.repo, store.user, store.store_id))
-                    except FileNotFoundError:
-                        names = []
-                    months.update(n[:-5] for n in names if n.endswith(".json")
-                                  and _MONTH.fullmatch(n[:-5]))
+                    months.update(self.shard_months())
                 new_files = {}
                 for day in stats:
                     contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
                     new_files[day] = stats[day] + [contributes]
                 for day in stats:  # unchanged days that share a month with a changed one
                     if day not in parsed and months.intersection(new_files[day][2]):
-                        parsed[day] = day_contributions(store.read_day(day), store.clock,
-                                                        self.granularity)
-            written = self._write_shards(months, parsed)
+                        parsed[day] = self.contributions(day, store.read_day(day))
+                store.mirror.sync(None if full else changed)
+            written, current = self._write_shards(months, parsed)
+            audited = state.get("audited", {}) if state else self.audited_from_chain()
+            record = self.audit({p: sha for p, sha in current.items() if audited.get(p) != sha},
+                                current, "aggregate-full" if full else "aggregate")
+            if record:
+                audited.update(record["files"])
             new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
                          "granularity": self.granularity, "timezone": store.tz_name,
-                         "files": new_files}
+                         "files": new_files, "audited": audited}
             data = canonical_bytes(new_state)
             try:
                 unchanged = read_bytes(self.state_path) == data
@@ -1975,37 +2331,100 @@ class Aggregator:
                 makedirs_private(self.repo.aggstate)
                 atomic_write(self.state_path, data, 0o600)
         return {"user": store.user, "store": store.store_id, "full": full,
-                "months": sorted(months), "written": written}
+                "months": sorted(months), "written": written,
+                "audit": record["seq"] if record else None}
+
+    def shard_months(self):
+        try:
+            names = os.listdir(shard_dir(self.repo, self.store.user, self.store.store_id))
+        except FileNotFoundError:
+            return []
+        return [n[:-5] for n in names if n.endswith(".json") and _MONTH.fullmatch(n[:-5])]
+
+    def render_month(self, month, parsed):
+        cells = {}
+        for contributions in parsed.values():
+            for key, seconds in contributions.get(month, {}).items():
+                cells[key] = cells.get(key, 0) + seconds
+        return render_shard(self.store.user, self.store.store_id, month, self.granularity,
+                            self.store.tz_name, cells), bool(cells)
+
+    def compute_all(self):
+        """{month: shard bytes} recomputed from every private record, writing nothing."""
+        with self.store.lock():
+            parsed = {day: self.contributions(day, self.store.read_day(day))
+                      for day in self.store.days()}
+        months = set(self.shard_months())
+        for contributions in parsed.values():
+            months.update(contributions)
+        out = {}
+        for month in sorted(months):
+            data, has_cells = self.render_month(month, parsed)
+            if has_cells or month in self.shard_months():
+                out[month] = data
+        return out
 
     def _write_shards(self, months, parsed):
+        """Write the months' shards that changed; returns (written paths,
+        {relative path: sha256} of every month's shard as it now is)."""
         store = self.store
         directory = shard_dir(self.repo, store.user, store.store_id)
-        written = []
+        written, current = [], {}
         for month in sorted(months):
-            cells = {}
-            for contributions in parsed.values():
-                for key, seconds in contributions.get(month, {}).items():
-                    cells[key] = cells.get(key, 0) + seconds
-            data = render_shard(store.user, store.store_id, month, self.granularity,
-                                store.tz_name, cells)
+            data, has_cells = self.render_month(month, parsed)
             path = os.path.join(directory, month + ".json")
             try:
-                if read_bytes(path) == data:
-                    continue  # unchanged: same bytes, same mtime
+                old = read_bytes(path)
             except FileNotFoundError:
-                if not cells:
+                old = None
+                if not has_cells:
                     continue  # nothing to say about a month that never had time
                 os.makedirs(directory, exist_ok=True)
+            current[self.repo.rel(path)] = _SHARD_SHA.search(data).group(1).decode()
+            if old == data:
+                continue  # unchanged: same bytes, same mtime
+            if old is not None:
+                backup_shard(self.repo, path, old)
             atomic_write(path, data, sync_dir=False)
             written.append(path)
         if written:
             # One directory fsync makes all the renames durable, before the
-            # aggregation cache can record them as done.
+            # audit chain and the aggregation cache record them.
             try:
                 fsync_dir(directory)
             except OSError as e:
                 raise StorageError(directory, e)
-        return written
+        return written, current
+
+    def chains(self):
+        store = self.store
+        return (AuditChain(team_chain_path(self.repo, store.user, store.store_id), 0o644),
+                AuditChain(os.path.join(store.dir, "audit.jsonl")))
+
+    def audited_from_chain(self):
+        try:
+            return self.chains()[0].verify()["files"]
+        except FlowForgeError:
+            return {}
+
+    def audit(self, files, current, action, **extra):
+        """Append one record for `files` (path -> sha256) to both chains."""
+        if not files:
+            return None
+        totals = {}
+        for path in files:
+            doc = read_shard(os.path.join(self.repo.root, path))
+            totals[doc["month"]] = doc["totals"]["seconds"]
+        ts = now()
+        team, local = self.chains()
+        for chain in (team, local):
+            item = chain.trim_torn_tail(self.repo)  # an append cut short by a crash
+            if item:
+                warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
+                     % (self.repo.rel(chain.path), item))
+        record = team.append(action, ts - ts % 86400, files=files, totals=totals, **extra)
+        local.append(action, ts, files=files, totals=totals, team_seq=record["seq"], **extra)
+        return record
 
 
 def aggregate_store(repo, user, full=False, lock_timeout=10.0):
@@ -2078,7 +2497,7 @@ def local_users(repo):
 
 
 # ############################################################################
-# 7. Retry queue
+# 8. Retry queue
 # ############################################################################
 #
 # Everything that failed, or must happen later, is a job in state/queue.db.
@@ -2631,7 +3050,7 @@ def aggregate_job(repo, payload, job, queue):
 
 
 # ############################################################################
-# 8. Hooks, daemon and health
+# 9. Hooks, daemon and health
 # ############################################################################
 #
 # Layer 1, the git hook: `hook pre-commit` aggregates what changed within a
@@ -2838,7 +3257,8 @@ def mark_pending(repo):
 
 def store_team_paths(repo, store):
     """The committed paths that this store alone writes."""
-    return [shard_dir(repo, store.user, store.store_id)]
+    return [shard_dir(repo, store.user, store.store_id),
+            team_chain_path(repo, store.user, store.store_id)]
 
 
 def stage_store(repo, store):
@@ -3463,7 +3883,7 @@ def doctor_findings(repo):
 
 
 # ############################################################################
-# 9. Reports and billing
+# 10. Reports and billing
 # ############################################################################
 #
 # Reports read only committed shards, so they work on any clone.  A shard that
@@ -3748,7 +4168,7 @@ def render_bill(bill, fmt):
 
 
 # ############################################################################
-# 10. Command line
+# 11. Command line
 # ############################################################################
 #
 # One cmd_<name>() per command, registered with @command together with its

@@ -127,7 +127,9 @@ def bare_repo(tmp_path, pycache, home):
 def call(root, *args, user="alice", env=None):
     """flowforge.main() in this process; returns Result."""
     old_env = dict(os.environ)
-    os.environ.update(clean_env(FLOWFORGE_USER=user, **(env or {})))
+    outside = os.path.dirname(os.path.abspath(root))
+    os.environ.update(clean_env(FLOWFORGE_USER=user, HOME=os.path.join(outside, "home"),
+                                XDG_DATA_HOME=os.path.join(outside, "xdg-data"), **(env or {})))
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {}   # the demo's own environment (HOME and XDG_DATA_HOME inside its directory)
 DEVELOPERS = [
     ("alice", "alice@example.com", [("101", "web"), ("102", "web"), ("acme/api#7", "api")]),
     ("bob", "bob@example.com", [("102", "web"), ("OPS-4", "ops"), ("acme/api#7", "api")]),
@@ -33,14 +34,15 @@ def run(argv, cwd, env=None, quiet=True):
 
 
 def git(cwd, *args):
-    return run(["git"] + list(args), cwd)
+    return run(["git"] + list(args), cwd, ENV)
 
 
 def main():
     started = time.monotonic()
     base = tempfile.mkdtemp(prefix="flowforge-demo-")
-    env = dict(os.environ, HOME=base, XDG_DATA_HOME=os.path.join(base, "xdg"), GIT_CONFIG_NOSYSTEM="1",
-               TZ="UTC")
+    env = ENV
+    env.update(os.environ, HOME=base, XDG_DATA_HOME=os.path.join(base, "xdg"),
+               GIT_CONFIG_NOSYSTEM="1", TZ="UTC")
     for key in ("FLOWFORGE_USER", "FLOWFORGE_NOW", "GIT_DIR", "GIT_INDEX_FILE"):
         env.pop(key, None)
     print("FlowForge demo in %s" % base)
