@@ -37,10 +37,14 @@ Sections, in dependency order (each leans only on the ones above it):
     2. Small utilities: clock, time zones, parsing, canonical JSON, checksums, git
     3. Atomic I/O and locks
     4. Layout, config, identity and quarantine
-    5. Private store and timers
-    6. Aggregation and shards
-    7. Reports and billing
-    8. Command line
+    5. Private store, mirror and timers
+    6. Audit chain
+    7. Aggregation and shards
+    8. Retry queue
+    9. Hooks, daemon and health
+    10. Recovery and import
+    11. Reports and billing
+    12. Command line
 """
 
 import errno
@@ -1144,7 +1148,7 @@ def read_metrics(repo):
 
 
 # ############################################################################
-# 5. Private store and timers
+# 5. Private store, mirror and timers
 # ############################################################################
 #
 # .flowforge/user/<name>/ holds one developer's detailed data for this clone:
@@ -1158,7 +1162,7 @@ def read_metrics(repo):
 # entry and all its amendments, so finding an entry reads one small file.
 
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
-_ENTRY_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})-[0-9a-f]{8}$")
+_ENTRY_ID = re.compile(r"(\d{4})(\d{2})(\d{2})-[0-9a-f]{8,16}")
 
 
 def entry_seconds(entry):
@@ -1257,9 +1261,10 @@ def public_entry(entry, **extra):
     return shown
 
 
-def new_entry_id(day_iso, key=None):
-    """`YYYYMMDD-xxxxxxxx`; with an idempotency key the id is derived from it."""
-    suffix = sha256_hex(key.encode("utf-8"))[:8] if key else os.urandom(4).hex()
+def new_entry_id(day_iso, key=None, digits=8):
+    """`YYYYMMDD-xxxxxxxx`; with an idempotency key the id is derived from it
+    (importers use 12 hex digits: thousands of entries may share a day)."""
+    suffix = sha256_hex(key.encode("utf-8"))[:digits] if key else os.urandom(4).hex()
     return day_iso.replace("-", "") + "-" + suffix
 
 
@@ -1534,10 +1539,11 @@ class PrivateStore:
                 pass
         return self._parse_day_carefully(path, raw)
 
-    def _parse_day_carefully(self, path, raw):
+    @staticmethod
+    def _scan_day(raw):
+        """(records, good lines, problems), line by line."""
         records, good, bad = [], [], []
         lines = raw.split(b"\n")
-        torn_tail = lines[-1] != b""
         for number, line in enumerate(lines[:-1], 1):
             try:
                 record = decode_record(line)
@@ -1548,8 +1554,19 @@ class PrivateStore:
                 continue
             records.append(record)
             good.append(line + b"\n")
-        if torn_tail:
+        if lines[-1] != b"":
             bad.append("line %d: torn (no end of line)" % len(lines))
+        return records, good, bad
+
+    def check_day(self, day_iso):
+        """The problems of one day file, repairing nothing (for `recover assess`)."""
+        try:
+            return self._scan_day(read_bytes(self.day_path(day_iso)))[2]
+        except FileNotFoundError:
+            return []
+
+    def _parse_day_carefully(self, path, raw):
+        records, good, bad = self._scan_day(raw)
         if bad:
             self._salvage(path, b"".join(good), "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
                           len(bad))
@@ -2892,14 +2909,16 @@ class RetryQueue:
                                 now_ts, retry_after, permanent)
         return self._write(tx)
 
-    def settle_key(self, key):
-        """Mark queued (not running) jobs with this key done: their work was done
-        another way, e.g. the daemon aggregated the user a failed hook queued."""
+    def settle_key(self, key, dead=False):
+        """Mark queued (not running) jobs with this key done, and with `dead` the
+        dead-lettered ones too: their work was done another way, e.g. the daemon
+        aggregated the user a failed hook had queued."""
         now_ts = self.clock()
+        statuses = "('queued', 'dead')" if dead else "('queued')"
 
         def tx(conn):
             rows = conn.execute("SELECT id, failed_at FROM jobs WHERE idem_key = ? AND "
-                                "status = 'queued'", (key,)).fetchall()
+                                "status IN %s" % statuses, (key,)).fetchall()
             for row in rows:
                 conn.execute("UPDATE jobs SET status = 'done', done_at = ?, updated_at = ?, "
                              "last_error = COALESCE(last_error || ' ', '') || '(done by another "
@@ -3294,6 +3313,8 @@ def hook_pre_commit(args):
         if not os.path.isfile(repo.config_path):
             return None  # FlowForge is not set up here: nothing to do
         config = load_config(repo.config_path)
+        if os.path.exists(deploy_journal(repo)):  # never stage a half-deployed recovery
+            finish_interrupted_deploy(repo)
         user = resolve_user(repo.root, args.user)
         store = PrivateStore(repo, user)
         if not store.exists():
@@ -3883,7 +3904,1088 @@ def doctor_findings(repo):
 
 
 # ############################################################################
-# 10. Reports and billing
+# 10. Recovery and import
+# ############################################################################
+#
+# Layer 3 (`reconcile --ci`, on a clean checkout) proves the committed data
+# right or names what is wrong; layer 4 (`recover`, `reconcile`) repairs it
+# from the private store, the mirror, the backups and git history.  Nothing
+# here rewrites a file in place: repairs are staged and deployed under a
+# journal, damaged files go to quarantine.
+
+def verify_shard_file(repo, path, user, store_id, month):
+    """Problems of one shard file: checksum, schema, internal sums, path."""
+    try:
+        doc = read_shard(path)
+    except CorruptFile as e:
+        return None, e.reason
+    try:
+        check_shard_sums(doc)
+    except ValueError as e:
+        return doc, "shard %s" % e
+    if (doc.get("user"), doc.get("store"), doc.get("month")) != (user, store_id, month):
+        return doc, "shard says %s/%s/%s but lives at this path" % (doc.get("user"),
+                                                                     doc.get("store"),
+                                                                     doc.get("month"))
+    return doc, None
+
+
+def git_show(repo, rev, path):
+    rc, out, _ = run_git(["show", "%s:%s" % (rev, repo.rel(path) if os.path.isabs(path)
+                                            else path)], repo.root, check=False)
+    return out.encode("utf-8") if rc == 0 else None
+
+
+def verify_team(repo, history_since=None):
+    """Every committed shard and audit chain; returns {"findings": [...], counts}.
+
+    A finding is {"kind", "path", "detail"}.  With `history_since` (epoch), each
+    version of a chain committed since then must extend the one before it:
+    that is what catches a truncated or rewritten chain, which the chain alone
+    cannot see."""
+    findings = []
+
+    def find(kind, path, detail):
+        findings.append({"kind": kind, "path": repo.rel(path), "detail": detail})
+    shards = list_shard_files(repo)
+    stores = {}
+    for path, user, store_id, month in shards:
+        doc, problem = verify_shard_file(repo, path, user, store_id, month)
+        stores.setdefault((user, store_id), 0)
+        if problem:
+            find("shard", path, problem)
+    chains = list_team_chains(repo)
+    for path, user, store_id in chains:
+        result = AuditChain(path).verify()
+        if not result["ok"]:
+            find("torn-tail" if result["torn_tail"] and result["bad_seq"] == result["records"] + 1
+                 else "audit", path, result["problem"])
+        for rel, problem in shards_against_chain(repo, user, store_id, result["files"]):
+            if problem != "not in the audit chain" or (user, store_id) in stores:
+                find("shard-audit", os.path.join(repo.root, rel), problem)
+        stores.pop((user, store_id), None)
+        if history_since is not None:
+            for problem in chain_history_problems(repo, path, history_since):
+                find("audit-history", path, problem)
+    for (user, store_id) in stores:
+        find("shard-audit", shard_dir(repo, user, store_id), "shards without an audit chain")
+    return {"findings": findings, "shards": len(shards), "chains": len(chains)}
+
+
+def chain_history_problems(repo, path, since):
+    """Each committed version of a chain since `since` must extend the previous one."""
+    rc, out, _ = run_git(["log", "--format=%H", "--since=@%d" % since, "--", repo.rel(path)],
+                         repo.root, check=False)
+    revs = out.split()[::-1]
+    if rc or not revs:
+        return []
+    problems = []
+    _, before, _ = run_git(["log", "-1", "--format=%H", revs[0] + "^", "--", repo.rel(path)],
+                           repo.root, check=False)
+    previous = git_show(repo, before.strip(), path) if before.strip() else b""
+    for rev in revs + ["WORKTREE"]:
+        current = read_bytes(path) if rev == "WORKTREE" else git_show(repo, rev, path)
+        if current is None:
+            continue
+        if previous and not current.startswith(previous):
+            where = "the working tree" if rev == "WORKTREE" else "commit %s" % rev[:10]
+            problems.append("%s rewrites or truncates the chain committed before it" % where)
+        previous = current
+    return problems
+
+
+def author_user(repo, email):
+    """The FlowForge user of a commit author: config "authors" {email: user}, else
+    the user that the e-mail address gives by default."""
+    authors = repo.config.get("authors") or {}
+    return authors.get(email) or derive_user_name(email)
+
+
+def missing_aggregation(repo, lookback_hours):
+    """Authors with commits in the window whose shards did not change in it."""
+    since = now() - int(lookback_hours * 3600)
+    rc, out, err = run_git(["log", "--no-merges", "--since=@%d" % since,
+                            "--format=%x1e%H%x1f%ae%x1f%an%x1f%ct", "--name-only"],
+                           repo.root, check=False)
+    if rc:
+        raise FlowForgeError("git log failed: %s" % err.strip())
+    authors, changed_users = {}, set()
+    for chunk in out.split("\x1e")[1:]:
+        head, _, names = chunk.partition("\n")
+        sha, email, name, ctime = head.split("\x1f")
+        for changed in names.split():
+            parts = changed.split("/")
+            if changed.startswith(".flowforge/team/") and len(parts) >= 4:
+                owner = parts[3] if parts[2] == "summaries" else parts[3][:-6]
+                changed_users.add(owner.rpartition("--")[0])
+        if name.endswith("[bot]") or email.endswith("[bot]@users.noreply.github.com"):
+            continue
+        entry = authors.setdefault(email, {"email": email, "name": name,
+                                           "user": author_user(repo, email), "commits": 0,
+                                           "last_commit": sha, "last_time": int(ctime)})
+        entry["commits"] += 1
+        if int(ctime) > entry["last_time"]:
+            entry.update(last_commit=sha, last_time=int(ctime))
+    return [a for a in authors.values() if a["user"] not in changed_users]
+
+
+def ci_report_markdown(repo, result, missing, lookback_hours):
+    _, head, _ = run_git(["rev-parse", "--short", "HEAD"], repo.root, check=False)
+    findings = result["findings"]
+    problems = len(findings) + len(missing)
+    out = ["# FlowForge reconcile", "",
+           "Checked %d shard(s) and %d audit chain(s) at `%s`; authors of the last %g hours."
+           % (result["shards"], result["chains"], head.strip() or "?", lookback_hours), ""]
+    titles = {"shard": "Damaged shards", "audit": "Broken audit chains",
+              "torn-tail": "Audit chains with a torn last line (repairable)",
+              "shard-audit": "Shards that do not match their audit chain",
+              "audit-history": "Audit chains rewritten after they were committed"}
+    for kind, title in titles.items():
+        rows = [f for f in findings if f["kind"] == kind]
+        if rows:
+            out += ["## %s" % title, ""] + ["- `%s`: %s" % (f["path"], f["detail"]) for f in rows]
+            out.append("")
+    if missing:
+        out += ["## Possible missing aggregation", "",
+                "These authors committed, but none of their shards changed: time tracked "
+                "since then may not be aggregated yet (or they tracked none).", "",
+                "| author | FlowForge user | commits | last commit |", "| --- | --- | ---: | --- |"]
+        out += ["| %s <%s> | %s | %d | %s |" % (m["name"].replace("|", "/"), m["email"], m["user"],
+                                                m["commits"], m["last_commit"][:10])
+                for m in missing]
+        out += ["", "On that machine: `flowforge reconcile`, then commit."]
+        out.append("")
+    out.append("**Result: %s.**" % ("clean" if not problems else "%d problem(s) found; see "
+                                    "\"When things break\" in FlowForge's README" % problems))
+    return "\n".join(out) + "\n"
+
+
+_TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def orphaned_temp_files(roots, min_age=3600):
+    """Temp files of interrupted atomic writes: their writer is gone (or they are old)."""
+    found = []
+    for root in roots:
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                m = _TEMP_FILE.match(name)
+                if not m:
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    os.kill(int(m.group(1)), 0)
+                    alive = True
+                except ProcessLookupError:
+                    alive = False
+                except PermissionError:
+                    alive = True
+                try:
+                    old = now() - os.lstat(path).st_mtime > min_age
+                except FileNotFoundError:
+                    continue
+                if not alive or old:
+                    found.append(path)
+    return found
+
+
+def reconcile_local(repo, lookback_hours=72):
+    """What `flowforge reconcile` does on a developer's machine; returns
+    (actions, remaining findings)."""
+    actions = []
+    resumed = finish_interrupted_deploy(repo)
+    if resumed:
+        actions.append("finished an interrupted deploy (%s)" % resumed)
+    for path in orphaned_temp_files([repo.ff, mirror_root(repo)]):
+        os.unlink(path)
+        actions.append("removed the orphaned temp file %s" % path)
+    granularity = repo.config["granularity"]
+    queue = open_queue(repo) if queue_exists(repo) else None
+    for user in local_users(repo):
+        store = PrivateStore(repo, user)
+        aggregator = Aggregator(store, granularity)
+        for chain in aggregator.chains():
+            item = chain.trim_torn_tail(repo)
+            if item:
+                actions.append("trimmed the torn tail of %s (quarantined as %s)"
+                               % (repo.rel(chain.path), item))
+        damaged = []
+        for month in aggregator.shard_months():
+            path = os.path.join(shard_dir(repo, user, store.store_id), month + ".json")
+            _, problem = verify_shard_file(repo, path, user, store.store_id, month)
+            if problem:
+                item = Quarantine(repo).put(path, problem)
+                damaged.append(month)
+                actions.append("quarantined %s (%s) as %s" % (repo.rel(path), problem, item))
+        result = aggregator.run(full=bool(damaged))
+        if result["written"]:
+            actions.append("%s: aggregated %s" % (user, ", ".join(repo.rel(p)
+                                                                   for p in result["written"])))
+        if queue is not None:
+            settled = queue.settle_key("aggregate:" + user, dead=True)
+            if settled:
+                actions.append("%s: %d queued or dead aggregate job(s) settled" % (user, settled))
+        copied = store.mirror.sync()
+        if copied:
+            actions.append("%s: mirror brought up to date (%d file(s))" % (user, copied))
+    if queue is not None:
+        queue.close()
+    record_metrics(repo, last_aggregate_success=now())
+    result = verify_team(repo)
+    return actions, result
+
+
+WORKFLOW = """\
+# Written by `flowforge install ci`: checks the committed time shards and audit
+# chains, and looks for authors whose time was not aggregated.  On failure it
+# opens (or comments on) an issue with the report.
+name: FlowForge reconcile
+on:
+  schedule:
+    - cron: "17 */4 * * *"
+  push:
+  workflow_dispatch:
+concurrency:
+  group: flowforge-reconcile-${{ github.ref }}
+  cancel-in-progress: false
+permissions:
+  contents: read
+  issues: write
+jobs:
+  reconcile:
+    runs-on: ubuntu-latest
+    timeout-minutes: 15
+    steps:
+      - uses: actions/checkout@v4
+        with:
+          fetch-depth: 0
+      - name: Reconcile time shards
+        id: reconcile
+        run: python3 flowforge.py reconcile --ci --report flowforge-reconcile.md
+      - name: Report problems in an issue
+        if: failure() && steps.reconcile.outcome == 'failure'
+        env:
+          GH_TOKEN: ${{ secrets.GITHUB_TOKEN }}
+        run: |
+          title="FlowForge reconcile found problems"
+          number=$(gh issue list --state open --search "in:title $title" --json number --jq '.[0].number')
+          if [ -n "$number" ]; then
+            gh issue comment "$number" --body-file flowforge-reconcile.md
+          else
+            gh issue create --title "$title" --body-file flowforge-reconcile.md
+          fi
+"""
+
+
+# -- recover: assess, reconstruct, validate, audit, deploy -------------------
+
+def recover_dir(repo):
+    return os.path.join(repo.state, "recover")
+
+
+class Progress:
+    """"\\rreconstructing 12/650" on stderr, only when it is a terminal."""
+
+    def __init__(self, what, total):
+        self.what, self.total = what, total
+        self.show = total > 20 and not UI.quiet and sys.stderr.isatty()
+
+    def step(self, n):
+        if self.show and (n % 10 == 0 or n == self.total):
+            sys.stderr.write("\r%s %d/%d" % (self.what, n, self.total))
+            if n == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def assess(repo, user=None):
+    """Everything that is damaged or missing, read-only: [{"area", "problem", "fix"}]."""
+    found = []
+
+    def add(area, problem, fix):
+        found.append({"area": area, "problem": problem, "fix": fix})
+    if os.path.exists(os.path.join(recover_dir(repo), "deploy.json")):
+        add("deploy", "a deploy was interrupted", "any command finishes it; or `flowforge reconcile`")
+    if os.path.exists(os.path.join(recover_dir(repo), "plan.json")):
+        add("deploy", "reconstructed files are staged but not deployed",
+            "`flowforge recover validate`, then `flowforge recover deploy`")
+    for f in verify_team(repo)["findings"]:
+        fix = {"torn-tail": "`flowforge reconcile` on the owner's machine"}.get(
+            f["kind"], "`flowforge recover reconstruct`, then `flowforge recover deploy`")
+        add(f["kind"], "%s: %s" % (f["path"], f["detail"]), fix)
+    users = local_users(repo)
+    for name in users:
+        store = PrivateStore(repo, name)
+        try:
+            store.settings()
+        except FlowForgeError as e:
+            add("private", str(e), "`flowforge recover reconstruct --from-mirror`")
+            continue
+        for day in store.days():
+            problems = store.check_day(day)
+            if problems:
+                add("private", "%s: %s" % (repo.rel(store.day_path(day)), "; ".join(problems[:2])),
+                    "any command that reads it quarantines it and keeps its good lines")
+        try:
+            raw = read_bytes(store.timer_path)
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or (doc.get("timer") is not None
+                                             and not _valid_timer(doc["timer"])):
+                raise ValueError
+        except FileNotFoundError:
+            pass
+        except (ValueError, FlowForgeError):
+            add("private", "%s is damaged" % repo.rel(store.timer_path),
+                "`flowforge status` quarantines it; start the timer again with --at")
+        mirror = store.mirror
+        if not os.path.isdir(mirror.dir):
+            add("mirror", "%s has no mirror outside the work tree" % name, "`flowforge reconcile`")
+    if user and user not in users:
+        mirrors = find_mirrors(repo, user)
+        if mirrors:
+            add("private", "no private store for %s here, but %d mirror(s) exist (%s)" % (
+                user, len(mirrors), ", ".join(m[0] for m in mirrors)),
+                "`flowforge recover reconstruct --from-mirror`, then `flowforge recover deploy`")
+    if queue_exists(repo):
+        queue = open_queue(repo, busy_timeout=2.0)
+        try:
+            if queue.integrity_check() != "ok":
+                add("queue", "queue.db fails its integrity check", "move it aside; `flowforge "
+                    "reconcile` re-runs missing aggregation")
+            dead = queue.stats()["counts"]["dead"]
+            if dead:
+                add("queue", "%d dead job(s)" % dead, "`flowforge queue dead`, then `queue retry ID`")
+        except FlowForgeError as e:
+            add("queue", str(e), "move queue.db aside; `flowforge reconcile`")
+        finally:
+            queue.close()
+    temps = orphaned_temp_files([repo.ff])
+    if temps:
+        add("temp", "%d orphaned temp file(s) from interrupted writes" % len(temps),
+            "`flowforge reconcile` removes them")
+    items = Quarantine(repo).list()
+    if items:
+        add("quarantine", "%d quarantined file(s)" % len(items), "`flowforge quarantine list`")
+    return found
+
+
+def shard_from_history(repo, path):
+    """(bytes, source) of the newest version of a shard that verifies: the
+    kept backups first, then git history (`git show REV:path`)."""
+    parts = repo.rel(path).split(os.sep)
+    user, _, store_id = parts[-2].rpartition("--")
+    for backup in shard_backups(repo, user, store_id, parts[-1][:-5]):
+        data = read_bytes(backup)
+        try:
+            verify_shard_bytes(data)
+            return data, "backup %s" % os.path.basename(backup)
+        except ValueError:
+            continue
+    rc, out, _ = run_git(["log", "--format=%H", "--", repo.rel(path)], repo.root, check=False)
+    for rev in out.split() if rc == 0 else []:
+        data = git_show(repo, rev, path)
+        if data is None:
+            continue
+        try:
+            verify_shard_bytes(data)
+            return data, "git %s" % rev[:12]
+        except ValueError:
+            continue
+    return None, None
+
+
+def chain_from_history(repo, path):
+    rc, out, _ = run_git(["log", "--format=%H", "--", repo.rel(path)], repo.root, check=False)
+    for rev in out.split() if rc == 0 else []:
+        data = git_show(repo, rev, path)
+        if data is None:
+            continue
+        scratch = os.path.join(recover_dir(repo), ".chain-check")
+        makedirs_private(recover_dir(repo))
+        atomic_write(scratch, data, 0o600, sync_dir=False)
+        ok = AuditChain(scratch).verify()["ok"]
+        os.unlink(scratch)
+        if ok:
+            return data, "git %s" % rev[:12]
+    return None, None
+
+
+def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
+    """Stage repaired files under state/recover/staged; returns the plan."""
+    items, unrecoverable = [], []
+
+    def stage(rel, data, source):
+        items.append({"path": rel, "source": source, "sha256": sha256_hex(data), "size": len(data),
+                      "data": data})
+    if from_mirror:
+        mirrors = find_mirrors(repo, user)
+        if store_id:
+            mirrors = [m for m in mirrors if m[0] == store_id]
+        if not mirrors:
+            raise FlowForgeError("no mirror of %s's private store for this repository under %s"
+                                 % (user, mirror_root(repo)))
+        if len(mirrors) > 1 and mirrors[0][2].get("root") != repo.root:
+            raise FlowForgeError("several mirrors of %s's store: %s; choose one with --store"
+                                 % (user, ", ".join(m[0] for m in mirrors)), EXIT_USAGE)
+        chosen, directory, _ = mirrors[0]
+        store = PrivateStore(repo, user)
+        if store.exists() and store.store_id != chosen:
+            raise FlowForgeError("this clone already has a private store for %s (%s), not %s"
+                                 % (user, store.store_id, chosen))
+        for dirpath, _, filenames in os.walk(directory):
+            for name in sorted(filenames):
+                if name == "mirror.json" or _TEMP_FILE.match(name):
+                    continue
+                source = os.path.join(dirpath, name)
+                rel = repo.rel(os.path.join(store.dir, os.path.relpath(source, directory)))
+                data = read_bytes(source)
+                try:
+                    if read_bytes(os.path.join(repo.root, rel)) == data:
+                        continue
+                except (FileNotFoundError, FlowForgeError):
+                    pass
+                stage(rel, data, "mirror %s" % chosen)
+    granularity = repo.config["granularity"]
+    computed = {}
+    for name in local_users(repo):
+        store = PrivateStore(repo, name)
+        try:
+            computed[(name, store.store_id)] = Aggregator(store, granularity).compute_all()
+        except FlowForgeError as e:
+            unrecoverable.append("%s: private store unreadable (%s)" % (name, e))
+    paths = {path: (u, s, m) for path, u, s, m in list_shard_files(repo)}
+    for chain_path, u, s in list_team_chains(repo):
+        result = AuditChain(chain_path).verify()
+        for rel in result["files"]:
+            full = os.path.join(repo.root, rel)
+            if full not in paths:
+                paths[full] = (u, s, os.path.basename(rel)[:-5])
+        if not result["ok"] and not (result["torn_tail"] and
+                                     result["bad_seq"] == result["records"] + 1):
+            data, source = chain_from_history(repo, chain_path)
+            if data is None:
+                unrecoverable.append("%s: %s, and no good version in git history"
+                                     % (repo.rel(chain_path), result["problem"]))
+            else:
+                stage(repo.rel(chain_path), data, source)
+    progress = Progress("reconstructing", len(paths))
+    for n, (path, (u, s, month)) in enumerate(sorted(paths.items()), 1):
+        progress.step(n)
+        current = computed.get((u, s), {}).get(month)
+        if current is not None:  # recomputed from this clone's private data
+            try:
+                if read_bytes(path) == current:
+                    continue
+            except FileNotFoundError:
+                pass
+            stage(repo.rel(path), current, "private store")
+            continue
+        if os.path.exists(path) and verify_shard_file(repo, path, u, s, month)[1] is None:
+            continue
+        data, source = shard_from_history(repo, path)
+        if data is None:
+            unrecoverable.append("%s: damaged or missing, and no verifying version in the backups"
+                                 " or git history" % repo.rel(path))
+        else:
+            stage(repo.rel(path), data, source)
+    plan = {"schema": 1, "created": now(), "items": [{k: v for k, v in i.items() if k != "data"}
+                                                      for i in items],
+            "unrecoverable": unrecoverable}
+    if not dry_run and items:
+        staged = os.path.join(recover_dir(repo), "staged")
+        if os.path.isdir(staged):
+            import shutil
+            shutil.rmtree(staged)
+        for item in items:
+            target = os.path.join(staged, item["path"])
+            makedirs_private(os.path.dirname(target))
+            atomic_write(target, item["data"], 0o600, sync_dir=False)
+        atomic_write(os.path.join(recover_dir(repo), "plan.json"), canonical_bytes(plan), 0o600)
+    return plan
+
+
+def load_plan(repo):
+    try:
+        return json.loads(read_bytes(os.path.join(recover_dir(repo), "plan.json")))
+    except FileNotFoundError:
+        return None
+
+
+def validate(repo):
+    """Recompute every local store from its private records and compare, to the
+    second, with the shards (the staged ones where a repair is staged)."""
+    plan = load_plan(repo) or {"items": []}
+    staged = {item["path"] for item in plan["items"]}
+    results = []
+    granularity = repo.config["granularity"]
+    for name in local_users(repo):
+        store = PrivateStore(repo, name)
+        for month, data in Aggregator(store, granularity).compute_all().items():
+            rel = repo.rel(os.path.join(shard_dir(repo, name, store.store_id), month + ".json"))
+            where = os.path.join(recover_dir(repo), "staged", rel) if rel in staged else \
+                os.path.join(repo.root, rel)
+            expected = json.loads(data)["totals"]["seconds"]
+            try:
+                actual = read_bytes(where)
+                seconds = json.loads(actual)["totals"]["seconds"]
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                actual, seconds = None, None
+            results.append({"path": rel, "staged": rel in staged, "recomputed_seconds": expected,
+                            "shard_seconds": seconds, "identical": actual == data})
+    return results
+
+
+def compliance_audit(repo):
+    """Per store: chain verified, records, shards matching, total seconds."""
+    rows = []
+    for path, user, store_id in list_team_chains(repo):
+        result = AuditChain(path).verify()
+        problems = shards_against_chain(repo, user, store_id, result["files"])
+        total = 0
+        for shard_path, u, s, _ in list_shard_files(repo):
+            if (u, s) == (user, store_id):
+                try:
+                    total += read_shard(shard_path)["totals"]["seconds"]
+                except CorruptFile:
+                    pass
+        records = AuditChain(path).records()
+        rows.append({"user": user, "store": store_id, "records": result["records"],
+                     "chain_ok": result["ok"], "problem": result["problem"],
+                     "shards_matching": not problems, "shard_problems": problems,
+                     "total_seconds": total,
+                     "last_record_day": local_date(records[-1]["ts"], _utc())
+                     if records and records[-1] else None})
+    return rows
+
+
+def deploy_journal(repo):
+    return os.path.join(recover_dir(repo), "deploy.json")
+
+
+def deploy_locks(repo, paths):
+    """The locks of every store whose files a deploy touches, in a fixed order."""
+    users = set()
+    for rel in paths:
+        parts = rel.split("/")
+        if parts[:2] == [".flowforge", "user"] and len(parts) > 2:
+            users.add(parts[2])
+        elif parts[:2] == [".flowforge", "team"] and len(parts) > 3:
+            users.add(parts[3].rsplit(".", 1)[0].rpartition("--")[0])
+    locks = [repo.lock("deploy", 30, "a deploy")]
+    for user in sorted(u for u in users if valid_user_name(u)):
+        locks.append(repo.lock("aggregate." + user, 30, "aggregation for %s" % user))
+        locks.append(repo.lock("store." + user, 30, "the private store of %s" % user))
+    return locks
+
+
+def _apply(repo, journal):
+    """Roll a journaled deploy forward: move every staged file that is still
+    there into place.  Idempotent, so a crash in here is finished by re-running."""
+    touched = set()
+    for item in journal["items"]:
+        target = os.path.join(repo.root, item["path"])
+        if item.get("delete"):
+            if os.path.lexists(target):
+                os.unlink(target)
+                touched.add(os.path.dirname(target))
+            continue
+        staged = item["staged"]
+        if os.path.exists(staged):
+            private = item["path"].startswith((".flowforge/user/", ".flowforge/state/"))
+            (makedirs_private if private else lambda d: os.makedirs(d, exist_ok=True))(
+                os.path.dirname(target))
+            os.replace(staged, target)
+            touched.add(os.path.dirname(target))
+    for directory in sorted(touched):
+        fsync_dir(directory)
+    journal["state"] = "done"
+    history = os.path.join(recover_dir(repo), "deploys")
+    makedirs_private(history)
+    atomic_write(os.path.join(history, journal["id"] + ".json"), canonical_bytes(journal), 0o600)
+    os.unlink(deploy_journal(repo))
+    fsync_dir(recover_dir(repo))
+
+
+def finish_interrupted_deploy(repo):
+    """After a crash during deploy: a journal that reached "applying" is rolled
+    forward, an earlier one discarded, so the files are all new or all old."""
+    path = deploy_journal(repo)
+    if not os.path.exists(path):
+        return None
+    journal = json.loads(read_bytes(path))
+    locks = deploy_locks(repo, [i["path"] for i in journal["items"]])
+    for lock in locks:
+        lock.acquire()
+    try:
+        if not os.path.exists(path):
+            return None  # someone else finished it while we waited
+        journal = json.loads(read_bytes(path))
+        if journal["state"] == "applying":
+            _apply(repo, journal)
+            log_event(repo, "deploy-resumed", id=journal["id"])
+            return "rolled forward %s" % journal["id"]
+        os.unlink(path)
+        log_event(repo, "deploy-discarded", id=journal["id"])
+        return "discarded %s before it changed anything" % journal["id"]
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def deploy(repo, dry_run=False, rollback=False):
+    """Swap the staged files in (or, with rollback, the last deploy's backups)."""
+    finish_interrupted_deploy(repo)
+    recover = recover_dir(repo)
+    deploy_id = "%d-%s" % (now(), os.urandom(3).hex())
+    staging = os.path.join(recover, "swap-" + deploy_id)
+    items = []
+    if rollback:
+        history = os.path.join(recover, "deploys")
+        done = sorted(os.listdir(history)) if os.path.isdir(history) else []
+        if not done:
+            raise FlowForgeError("no deploy to roll back")
+        last = json.loads(read_bytes(os.path.join(history, done[-1])))
+        for item in last["items"]:
+            if item.get("backup"):
+                items.append({"path": item["path"], "source": item["backup"]})
+            else:
+                items.append({"path": item["path"], "delete": True})
+    else:
+        plan = load_plan(repo)
+        if not plan or not plan["items"]:
+            raise FlowForgeError("nothing is staged: run `flowforge recover reconstruct` first")
+        for item in plan["items"]:
+            items.append({"path": item["path"],
+                          "source": os.path.join(recover, "staged", item["path"])})
+    if dry_run:
+        return {"id": None, "items": [{"path": i["path"], "delete": bool(i.get("delete"))}
+                                      for i in items]}
+    locks = deploy_locks(repo, [i["path"] for i in items])
+    for lock in locks:
+        lock.acquire()
+    try:
+        journal = {"schema": 1, "id": deploy_id, "state": "prepared", "rollback": rollback,
+                   "items": []}
+        for item in items:
+            target = os.path.join(repo.root, item["path"])
+            entry = {"path": item["path"], "backup": None}
+            if os.path.exists(target):  # keep what is replaced, for rollback
+                backup = os.path.join(recover, "backups", deploy_id, item["path"])
+                makedirs_private(os.path.dirname(backup))
+                atomic_write(backup, read_bytes(target), 0o600, sync_dir=False)
+                entry["backup"] = backup
+            if item.get("delete"):
+                entry["delete"] = True
+            else:
+                swap = os.path.join(staging, item["path"])
+                makedirs_private(os.path.dirname(swap))
+                mode = 0o600 if item["path"].startswith(".flowforge/user/") else None
+                atomic_write(swap, read_bytes(item["source"]), mode, sync_dir=False)
+                entry["staged"] = swap
+            journal["items"].append(entry)
+        atomic_write(deploy_journal(repo), canonical_bytes(journal), 0o600)
+        journal["state"] = "applying"  # from here on, a crash is rolled forward
+        atomic_write(deploy_journal(repo), canonical_bytes(journal), 0o600)
+        _apply(repo, journal)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    if not rollback:
+        import shutil
+        shutil.rmtree(os.path.join(recover, "staged"), ignore_errors=True)
+        os.unlink(os.path.join(recover, "plan.json"))
+    import shutil
+    shutil.rmtree(staging, ignore_errors=True)
+    log_event(repo, "deploy", id=deploy_id, rollback=rollback, files=len(items))
+    return {"id": deploy_id, "items": journal["items"]}
+
+
+# -- imports, export, erase ----------------------------------------------------
+#
+# Importers read a whole file first and refuse it with the file and line (or
+# issue and session) of the first problem, before anything is written.  Every
+# imported entry gets an id derived from its source, so importing the same
+# file again adds nothing; entries already there (perhaps edited since) are
+# left alone.
+
+class ImportBatch:
+    """What an importer found: entries by user, running timers, things to review."""
+
+    def __init__(self, source, path):
+        self.source, self.path = source, path
+        self.entries = {}     # user -> [entry record]
+        self.timers = []      # (user, issue, project, note, start)
+        self.review = []      # human-readable lines: not billed, or worth a look
+        self.unknown_fields = set()
+
+    def add(self, user, key, issue, project, note, start, end=None, seconds=None, tz=None,
+            extra=None):
+        """One entry: clock times when start/end give its length, else a day's seconds."""
+        if end is not None and (seconds is None or seconds == end - start):
+            day = local_date(start, tz)
+            record = {"segments": [[start, end]]}
+        else:
+            day = local_date(start, tz)
+            record = {"date": day, "seconds": seconds}
+        record.update(op="entry", id=new_entry_id(day, "%s:%s" % (self.source, key), 12),
+                      issue=issue, project=project, note=note, src=self.source)
+        if extra:
+            record["extra"] = extra
+        if not _valid_record(record):
+            raise FlowForgeError("%s: entry %s is not valid after import" % (self.path, key),
+                                 EXIT_DATA)
+        self.entries.setdefault(user, []).append(record)
+
+
+def _import_error(path, where, what):
+    return FlowForgeError("%s: %s: %s (nothing was imported)" % (path, where, what), EXIT_DATA)
+
+
+def _v1_time(value, path, where):
+    if not isinstance(value, str):
+        raise _import_error(path, where, "time %r is not a string" % (value,))
+    try:
+        return parse_time(value.strip(), _utc(), 0)   # naive times are taken as UTC
+    except FlowForgeError:
+        raise _import_error(path, where, "time %r is not ISO-8601" % value)
+
+
+def parse_v1(path, data, mapping, tz):
+    """The legacy .task-times.json: {issue: {status, current_session, sessions}}."""
+    batch = ImportBatch("v1", path)
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise _import_error(path, "line %d" % getattr(e, "lineno", 0), "not valid JSON")
+    if not isinstance(doc, dict):
+        raise _import_error(path, "top level", "expected an object keyed by issue")
+    known = {"start", "end", "user", "instance_id", "duration", "reason"}
+    for issue_key, record in doc.items():
+        where = "issue %r" % issue_key
+        try:
+            issue = parse_issue(str(issue_key))
+        except FlowForgeError:
+            raise _import_error(path, where, "not an issue reference")
+        if not isinstance(record, dict):
+            raise _import_error(path, where, "expected an object")
+        batch.unknown_fields.update(k for k in record
+                                    if k not in ("status", "current_session", "sessions"))
+        sessions = record.get("sessions") or []
+        if not isinstance(sessions, list):
+            raise _import_error(path, where, "sessions must be a list")
+        for n, session in enumerate(sessions, 1):
+            at = "%s, session %d" % (where, n)
+            if not isinstance(session, dict):
+                raise _import_error(path, at, "expected an object")
+            user = _v1_user(session.get("user"), mapping, path, at)
+            start = _v1_time(session.get("start"), path, at)
+            end = _v1_time(session["end"], path, at) if session.get("end") is not None else None
+            duration = session.get("duration")
+            if duration is not None:
+                if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+                    raise _import_error(path, at, "duration %r is not a number of seconds"
+                                        % (duration,))
+                seconds = int(round(duration))     # an explicit duration wins over start/end
+            elif end is not None:
+                seconds = end - start
+                if seconds < 0:
+                    raise _import_error(path, at, "ends before it starts")
+            else:
+                raise _import_error(path, at, "has neither an end nor a duration")
+            extra = {k: v for k, v in session.items() if k not in known}
+            batch.unknown_fields.update(extra)
+            if seconds == 0:
+                batch.review.append("not billed: %s, %s, %s: duration 0 (closed by the old "
+                                    "stale-timer cleanup?)" % (issue, user, session.get("start")))
+                continue
+            if seconds > MAX_ENTRY_SECONDS:
+                batch.review.append("imported, check it: %s, %s, %s lasts %s" % (
+                    issue, user, session.get("start"), format_duration(seconds)))
+            note = "v1" + (": %s" % session["reason"] if session.get("reason") else "")
+            key = "%s:%s:%s:%s" % (issue, user, start, session.get("instance_id", ""))
+            batch.add(user, key, issue, "", note[:NOTE_MAX], start, end, seconds, tz,
+                      extra or None)
+        current = record.get("current_session")
+        if isinstance(current, dict) and current.get("start"):
+            user = _v1_user(current.get("user"), mapping, path, where + ", current_session")
+            batch.timers.append((user, issue, "", "v1 running session",
+                                 _v1_time(current["start"], path, where + ", current_session")))
+    return batch
+
+
+def _v1_user(name, mapping, path, where):
+    name = mapping.get(name, name)
+    if not isinstance(name, str) or not valid_user_name(name):
+        raise _import_error(path, where, "user %r is not a valid name (use --map old=new)"
+                            % (name,))
+    return name
+
+
+def _issue_from_tags(tags):
+    for tag in tags:
+        try:
+            return parse_issue(tag), [t for t in tags if t != tag]
+        except FlowForgeError:
+            continue
+    return None, list(tags)
+
+
+def _clean_project(name, path, where):
+    if not name:
+        return ""
+    cleaned = re.sub(r"[^A-Za-z0-9 ._/-]", "-", str(name)).strip(" -")[:64].strip()
+    if not _PROJECT.fullmatch(cleaned or "x!"):
+        raise _import_error(path, where, "project %r cannot be used" % name)
+    return cleaned
+
+
+def parse_watson(path, data, user, default_issue, tz):
+    """Watson's frames file: [[start, stop, project, id, tags, updated_at], ...]."""
+    batch = ImportBatch("watson", path)
+    try:
+        frames = json.loads(data)
+    except ValueError as e:
+        raise _import_error(path, "line %d" % getattr(e, "lineno", 0), "not valid JSON")
+    if not isinstance(frames, list):
+        raise _import_error(path, "top level", "expected a list of frames")
+    without_issue = 0
+    for n, frame in enumerate(frames, 1):
+        where = "frame %d" % n
+        if not isinstance(frame, list) or len(frame) < 4:
+            raise _import_error(path, where, "expected [start, stop, project, id, tags, ...]")
+        start, stop, project, frame_id = frame[:4]
+        tags = frame[4] if len(frame) > 4 and frame[4] is not None else []
+        if (isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, (int, float))
+                or not isinstance(stop, (int, float))):
+            raise _import_error(path, where, "start and stop must be Unix times")
+        if stop <= start:
+            raise _import_error(path, where, "stops before it starts")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise _import_error(path, where, "tags must be a list of strings")
+        issue, rest = _issue_from_tags(tags)
+        if issue is None:
+            if default_issue is None:
+                without_issue += 1
+                continue
+            issue = default_issue
+        note = "watson" + (": " + " ".join(rest) if rest else "")
+        batch.add(user, str(frame_id), issue, _clean_project(project, path, where), note[:NOTE_MAX],
+                  int(start), int(stop), None, tz)
+    if without_issue:
+        raise FlowForgeError("%s: %d frame(s) have no tag that is an issue reference (123, "
+                             "ABC-12, owner/repo#1); give --default-issue (nothing was imported)"
+                             % (path, without_issue), EXIT_DATA)
+    return batch
+
+
+_TIMEW_LINE = re.compile(r"^inc (\d{8}T\d{6}Z)(?: - (\d{8}T\d{6}Z))?(?: # (.*))?$")
+
+
+def _timew_time(text):
+    from datetime import datetime
+    return int(datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=_utc()).timestamp())
+
+
+def _timew_words(text):
+    """Tags as Timewarrior writes them: bare words, or "quoted \\"words\\""."""
+    words, i = [], 0
+    while i < len(text):
+        if text[i] == " ":
+            i += 1
+        elif text[i] == '"':
+            j, word = i + 1, []
+            while j < len(text) and text[j] != '"':
+                if text[j] == "\\" and j + 1 < len(text):
+                    j += 1
+                word.append(text[j])
+                j += 1
+            if j >= len(text):
+                raise ValueError("unterminated quote")
+            words.append("".join(word))
+            i = j + 1
+        else:
+            j = text.find(" ", i)
+            j = len(text) if j < 0 else j
+            words.append(text[i:j])
+            i = j
+    return words
+
+
+def parse_timewarrior(path, user, default_issue, project, tz):
+    """Timewarrior's data/*.data: `inc START - END # tags # "annotation"`; an
+    interval without an end is the running one."""
+    directory = os.path.join(path, "data") if os.path.isdir(os.path.join(path, "data")) else path
+    try:
+        files = sorted(n for n in os.listdir(directory) if re.fullmatch(r"\d{4}-\d{2}\.data", n))
+    except OSError as e:
+        raise FlowForgeError("%s: %s" % (path, e.strerror), EXIT_USAGE)
+    if not files:
+        raise FlowForgeError("%s has no Timewarrior data files (data/YYYY-MM.data)" % path,
+                             EXIT_DATA)
+    batch = ImportBatch("timewarrior", path)
+    without_issue = 0
+    for name in files:
+        text = read_bytes(os.path.join(directory, name)).decode("utf-8", "replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            where = "%s line %d" % (name, number)
+            line = line.strip()
+            if not line:
+                continue
+            m = _TIMEW_LINE.match(line)
+            if not m:
+                raise _import_error(path, where, "not an interval line")
+            start = _timew_time(m.group(1))
+            end = _timew_time(m.group(2)) if m.group(2) else None
+            tags, annotation = [], ""
+            if m.group(3):
+                tag_part, _, note_part = m.group(3).partition(" # ")
+                try:
+                    tags = _timew_words(tag_part)
+                    annotation = " ".join(_timew_words(note_part)) if note_part else ""
+                except ValueError as e:
+                    raise _import_error(path, where, str(e))
+            issue, rest = _issue_from_tags(tags)
+            if issue is None:
+                if default_issue is None:
+                    without_issue += 1
+                    continue
+                issue = default_issue
+            note = ("timewarrior: " + " ".join(rest + ([annotation] if annotation else []))).strip()
+            if end is None:
+                batch.timers.append((user, issue, project, note[:NOTE_MAX], start))
+            elif end < start:
+                raise _import_error(path, where, "ends before it starts")
+            elif end > start:
+                batch.add(user, m.group(1), issue, project, note[:NOTE_MAX], start, end, None, tz)
+    if without_issue:
+        raise FlowForgeError("%s: %d interval(s) have no tag that is an issue reference; give "
+                             "--default-issue (nothing was imported)" % (path, without_issue),
+                             EXIT_DATA)
+    return batch
+
+
+def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
+    """Append the batch's new entries (by id; deleted ones stay deleted) and
+    restore a running timer for the importing user only."""
+    summary = {"source": batch.source, "users": {}, "timers": [], "review": list(batch.review),
+               "unknown_fields": sorted(batch.unknown_fields)}
+    for user in sorted(set(batch.entries) | {t[0] for t in batch.timers}):
+        store = PrivateStore(repo, user)
+        entries = batch.entries.get(user, [])
+        counts = {"added": 0, "already": 0}
+        if not dry_run and not store.exists():
+            store.create()
+        by_day = {}
+        for record in entries:
+            by_day.setdefault(record["id"][:8], []).append(record)
+        if store.exists():
+            with store.lock():
+                for day_digits, records in sorted(by_day.items()):
+                    day = "%s-%s-%s" % (day_digits[:4], day_digits[4:6], day_digits[6:])
+                    seen = {r["id"] for r in store.read_day(day)}
+                    new = [r for r in records if r["id"] not in seen]
+                    counts["added"] += len(new)
+                    counts["already"] += len(records) - len(new)
+                    if new and not dry_run:
+                        store.append(day, new)
+        else:
+            counts["added"] = len(entries)
+        for timer_user, issue, project, note, start in batch.timers:
+            if timer_user != user:
+                continue
+            if user != importing_user:
+                summary["timers"].append("not restored: %s's running %s since %s (only the "
+                                         "importing user's timer is)" % (user, issue, start))
+                continue
+            if dry_run:
+                summary["timers"].append("would restore: running %s since %s" % (issue, start))
+                continue
+            with store.lock():
+                if store.load_timer() is not None:
+                    summary["timers"].append("not restored: %s since %s (a timer is running)"
+                                             % (issue, start))
+                    continue
+                day = local_date(start, store.tz)
+                store.save_timer({"id": new_entry_id(day), "day": day, "issue": issue,
+                                  "project": project, "note": note, "segments": [],
+                                  "running_since": start})
+                summary["timers"].append("restored: running %s since %s" % (issue, start))
+        if not dry_run and store.exists():
+            with repo.lock("aggregate." + user, 10, "aggregation for %s" % user):
+                AuditChain(os.path.join(store.dir, "audit.jsonl")).append(
+                    "import", now(), files={}, totals={}, source=batch.source,
+                    file=os.path.basename(batch.path), sha256=data_sha, added=counts["added"],
+                    already=counts["already"], unknown_fields=sorted(batch.unknown_fields))
+        summary["users"][user] = counts
+    return summary
+
+
+def export_entries(store):
+    with store.lock():
+        entries = []
+        for day in store.days():
+            for entry_id, entry in store.entries_of_day(day).items():
+                entries.append(public_entry(entry, id=entry_id, day=day))
+        timer = store.load_timer()
+    entries.sort(key=lambda e: (e["day"], entry_start(e) or 0, e["id"]))
+    return {"schema": "flowforge.export/1", "user": store.user, "store": store.store_id,
+            "timezone": store.tz_name, "exported": now(), "entries": entries, "timer": timer}
+
+
+def render_export_csv(doc, tz):
+    from datetime import datetime
+    rows = []
+    for e in doc["entries"]:
+        if e.get("segments"):
+            start = datetime.fromtimestamp(e["segments"][0][0], tz).isoformat()
+            end = datetime.fromtimestamp(e["segments"][-1][1], tz).isoformat()
+        else:
+            start = end = ""
+        rows.append([e["id"], e["day"], start, end, entry_seconds(e), e["issue"],
+                     e.get("project", ""), e.get("note", ""), e.get("src", "")])
+    return render("csv", ["id", "day", "start", "end", "seconds", "issue", "project", "note",
+                          "source"], rows)
+
+
+def erase_user(repo, user):
+    """Remove a user's private data, cache, quarantined private files and every
+    mirror of it for this repository; record the erasure in the team audit."""
+    import shutil
+    store = PrivateStore(repo, user)
+    removed = []
+    store_id = store.store_id if store.exists() else None
+    with repo.lock("aggregate." + user, 30, "aggregation for %s" % user):
+        with store.lock(30):
+            if store_id:
+                AuditChain(team_chain_path(repo, user, store_id), 0o644).append(
+                    "erase", now() - now() % 86400, files={}, totals={},
+                    note="private data erased; committed aggregates kept")
+            if os.path.isdir(store.dir):
+                shutil.rmtree(store.dir)
+                removed.append(repo.rel(store.dir))
+            state = os.path.join(repo.aggstate, user + ".json")
+            if os.path.exists(state):
+                os.unlink(state)
+                removed.append(repo.rel(state))
+    for store_found, directory, _ in find_mirrors(repo, user):
+        shutil.rmtree(directory)
+        removed.append(directory)
+    quarantine = Quarantine(repo)
+    prefix = repo.rel(store.dir) + os.sep
+    for item in quarantine.list():
+        if (item.get("original") or "").startswith(prefix):
+            quarantine.delete(item["id"])
+            removed.append("quarantine %s" % item["id"])
+    if queue_exists(repo):
+        queue = open_queue(repo)
+        queue.settle_key("aggregate:" + user, dead=True)
+        queue.close()
+    log_event(repo, "erase", user=user)
+    return {"user": user, "store": store_id, "removed": removed}
+
+
+# ############################################################################
+# 11. Reports and billing
 # ############################################################################
 #
 # Reports read only committed shards, so they work on any clone.  A shard that
@@ -4168,7 +5270,7 @@ def render_bill(bill, fmt):
 
 
 # ############################################################################
-# 11. Command line
+# 12. Command line
 # ############################################################################
 #
 # One cmd_<name>() per command, registered with @command together with its
@@ -4224,6 +5326,8 @@ class Context:
         if self._repo is None:
             repo = self.work_tree().require()
             load_config(repo.config_path)  # a damaged config.json stops every command (78)
+            if os.path.exists(deploy_journal(repo)):
+                info("flowforge: %s" % finish_interrupted_deploy(repo))
             self._repo = repo
         return self._repo
 
@@ -4573,8 +5677,9 @@ def cmd_bill(ctx, args):
 
 @command("install", "Install git hook shims, or print/write scheduler entries for the daemon.",
          "flowforge install hooks",
-         arg("what", choices=("hooks", "cron", "systemd", "launchd"),
-             help="hooks: the git hook shims; cron/systemd/launchd: run the daemon"),
+         arg("what", choices=("hooks", "cron", "systemd", "launchd", "ci"),
+             help="hooks: the git hook shims; cron/systemd/launchd: run the daemon; ci: the "
+             "GitHub Actions reconcile workflow"),
          arg("--write", action="store_true", help="cron/systemd/launchd: install the entry "
              "instead of printing it"),
          area="setup")
@@ -4584,6 +5689,20 @@ def cmd_install(ctx, args):
         directory, done = install_hooks(repo)
         return ctx.emit("install", {"hooks_dir": directory, "hooks": dict(done)},
                         ["%s: %s (%s)" % (hook, what, directory) for hook, what in done])
+    if args.what == "ci":
+        path = os.path.join(repo.root, ".github", "workflows", "flowforge-reconcile.yml")
+        try:
+            current = read_bytes(path)
+        except FileNotFoundError:
+            current = None
+        if current == WORKFLOW.encode("utf-8"):
+            return ctx.emit("install", {"workflow": repo.rel(path), "changed": False},
+                            ["%s is up to date" % repo.rel(path)])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, WORKFLOW.encode("utf-8"))
+        return ctx.emit("install", {"workflow": repo.rel(path), "changed": True},
+                        ["%s %s: commit it; it needs the repository's issues permission"
+                         % ("updated" if current else "wrote", repo.rel(path))])
     entries = scheduler_entries(repo, args.what)
     if not args.write:
         if UI.json:
@@ -4750,6 +5869,250 @@ def cmd_doctor(ctx, args):
 
 
 # -- recovery ------------------------------------------------------------------
+
+@command("audit", "Verify or show the hash-chained audit records of aggregations.",
+         "flowforge audit verify",
+         arg("action", choices=("verify", "show"), help="verify every chain, or show one"),
+         arg("--store", metavar="ID", help="show: the store (default: yours here)"),
+         arg("--local", action="store_true", help="show: your private chain (exact times)"),
+         arg("--since-hours", type=float, default=720.0, metavar="H",
+             help="verify: check committed history this far back (default 720)"),
+         area="recovery")
+def cmd_audit(ctx, args):
+    repo = ctx.repo
+    if args.action == "verify":
+        if args.since_hours < 0:
+            raise FlowForgeError("--since-hours must not be negative", EXIT_USAGE)
+        result = verify_team(repo, history_since=now() - int(args.since_hours * 3600))
+        findings = [f for f in result["findings"] if f["kind"] in ("audit", "torn-tail",
+                                                                   "shard-audit", "audit-history")]
+        for name in local_users(repo):
+            local = AuditChain(os.path.join(PrivateStore(repo, name).dir, "audit.jsonl")).verify()
+            if not local["ok"]:
+                findings.append({"kind": "audit", "path": repo.rel(local["path"]),
+                                 "detail": local["problem"]})
+        lines = ["%s: %s" % (f["path"], f["detail"]) for f in findings]
+        lines.append("%d chain(s) checked: %s" % (result["chains"], "all intact" if not findings
+                                                   else "%d problem(s)" % len(findings)))
+        ctx.emit("audit", {"chains": result["chains"], "findings": findings}, lines)
+        return EXIT_FAIL if findings else EXIT_OK
+    if args.local:
+        path = os.path.join(ctx.store().dir, "audit.jsonl")
+    else:
+        store_id = args.store or ctx.store().store_id
+        path = team_chain_path(repo, ctx.user, store_id)
+    records = AuditChain(path).records()
+    if not records and not os.path.exists(path):
+        raise FlowForgeError("no audit chain at %s" % repo.rel(path))
+    lines = []
+    for r in records:
+        if r is None:
+            lines.append("(a damaged line)")
+            continue
+        day = local_date(r.get("ts", 0), _utc())
+        total = sum(v for v in (r.get("totals") or {}).values() if isinstance(v, int))
+        lines.append("%5s  %s  %-14s  %d file(s)  %s  %s" % (
+            r.get("seq"), day, r.get("action"), len(r.get("files") or {}),
+            format_duration(total) if total else "-", str(r.get("hash"))[:12]))
+    return ctx.emit("audit", {"path": repo.rel(path), "records": records},
+                    lines or ["the chain is empty"])
+
+
+@command("reconcile", "Find and repair missing aggregation; --ci: verify a clean checkout.",
+         "flowforge reconcile --ci --report flowforge-reconcile.md",
+         arg("--ci", action="store_true", help="verify shards, chains and authors without "
+             "private data; exit 1 when something is wrong"),
+         arg("--lookback-hours", type=float, default=72.0, metavar="N",
+             help="--ci: authors of the last N hours (default 72)"),
+         arg("--report", metavar="FILE", help="--ci: write the Markdown report to FILE "
+             "(also appended to $GITHUB_STEP_SUMMARY when set)"),
+         area="recovery")
+def cmd_reconcile(ctx, args):
+    repo = ctx.repo
+    if args.lookback_hours < 0 or args.lookback_hours > 24 * 3650:
+        raise FlowForgeError("--lookback-hours must be 0-87600", EXIT_USAGE)
+    if not args.ci:
+        if args.report:
+            raise FlowForgeError("--report goes with --ci", EXIT_USAGE)
+        actions, result = reconcile_local(repo, args.lookback_hours)
+        others = result["findings"]
+        lines = actions or ["nothing to repair here"]
+        lines += ["still wrong: %s: %s" % (f["path"], f["detail"]) for f in others]
+        ctx.emit("reconcile", {"actions": actions, "findings": others}, lines)
+        return EXIT_FAIL if others else EXIT_OK
+    result = verify_team(repo, history_since=now() - int(args.lookback_hours * 3600))
+    missing = missing_aggregation(repo, args.lookback_hours)
+    report = ci_report_markdown(repo, result, missing, args.lookback_hours)
+    if args.report:
+        atomic_write(os.path.abspath(args.report), report.encode("utf-8"), 0o644)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(report)
+    problems = len(result["findings"]) + len(missing)
+    if UI.json:
+        ctx.emit("reconcile", {"findings": result["findings"], "missing": missing,
+                               "shards": result["shards"], "chains": result["chains"]}, [])
+    else:
+        sys.stdout.write(report)
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+@command("recover", "Disaster recovery: assess, reconstruct, validate, audit, deploy.",
+         "flowforge recover reconstruct --from-mirror",
+         arg("action", choices=("assess", "reconstruct", "validate", "audit", "deploy"),
+             help="assess: what is damaged; reconstruct: stage repairs; validate: recompute and "
+             "compare; audit: compliance report; deploy: swap the staged files in"),
+         arg("--from-mirror", action="store_true", help="reconstruct: restore your private "
+             "store from its copy outside the work tree"),
+         arg("--store", metavar="ID", help="reconstruct: which mirrored store, when several"),
+         arg("--rollback", action="store_true", help="deploy: put back what the last deploy "
+             "replaced"),
+         arg("--dry-run", action="store_true", help="say what would happen, change nothing"),
+         area="recovery")
+def cmd_recover(ctx, args):
+    repo = ctx.repo
+    if args.action == "assess":
+        user = None
+        try:
+            user = ctx.user
+        except FlowForgeError:
+            pass
+        found = assess(repo, user)
+        lines = ["%-10s %s\n           fix: %s" % (f["area"], f["problem"], f["fix"]) for f in found]
+        ctx.emit("recover", {"findings": found}, lines or ["nothing is damaged"])
+        return EXIT_FAIL if found else EXIT_OK
+    if args.action == "reconstruct":
+        repo.ensure_machine_dirs()
+        plan = reconstruct(repo, ctx.user, args.from_mirror, args.store, args.dry_run)
+        lines = ["%s %s (from %s)" % ("would stage" if args.dry_run else "staged", i["path"],
+                                      i["source"]) for i in plan["items"]]
+        lines += ["cannot reconstruct %s" % u for u in plan["unrecoverable"]]
+        if plan["items"] and not args.dry_run:
+            lines.append("next: `flowforge recover validate`, then `flowforge recover deploy`")
+        ctx.emit("recover", plan, lines or ["nothing needs reconstructing"])
+        return EXIT_FAIL if plan["unrecoverable"] else EXIT_OK
+    if args.action == "validate":
+        results = validate(repo)
+        bad = [r for r in results if r["shard_seconds"] != r["recomputed_seconds"]
+               or not r["identical"]]
+        lines = ["%s%s: recomputed %s, shard %s" % (r["path"], " (staged)" if r["staged"] else "",
+                                                    r["recomputed_seconds"], r["shard_seconds"])
+                 for r in bad]
+        lines.append("%d shard(s) recomputed from private data: %s" % (
+            len(results), "all identical, to the second" if not bad else "%d differ" % len(bad)))
+        ctx.emit("recover", {"results": results, "differ": len(bad)}, lines)
+        return EXIT_FAIL if bad else EXIT_OK
+    if args.action == "audit":
+        rows = compliance_audit(repo)
+        if UI.json:
+            return ctx.emit("recover", {"stores": rows}, [])
+        table = [[r["user"], r["store"], r["records"], "ok" if r["chain_ok"] else r["problem"],
+                  "yes" if r["shards_matching"] else "no", format_hours(r["total_seconds"]),
+                  r["last_record_day"] or "-"] for r in rows]
+        sys.stdout.write(render("md", ["user", "store", "records", "chain", "shards match",
+                                       "time", "last record"], table,
+                                title="FlowForge audit, %s" % local_date(now(), _utc())))
+        return EXIT_OK if all(r["chain_ok"] and r["shards_matching"] for r in rows) else EXIT_FAIL
+    result = deploy(repo, args.dry_run, args.rollback)
+    verb = "would replace" if args.dry_run else "replaced"
+    lines = ["%s %s" % ("would delete" if i.get("delete") and args.dry_run else
+                        "deleted" if i.get("delete") else verb, i["path"]) for i in result["items"]]
+    if not args.dry_run:
+        lines.append("deploy %s done; `flowforge recover deploy --rollback` undoes it"
+                     % result["id"])
+    return ctx.emit("recover", result, lines)
+
+
+@command("import", "Import from FlowForge v1, Watson or Timewarrior (idempotent).",
+         "flowforge import watson ~/.config/watson/frames --default-issue OPS-1",
+         arg("kind", choices=("v1", "watson", "timewarrior"), help="the source's format"),
+         arg("path", metavar="PATH", help="v1: .task-times.json; watson: the frames file; "
+             "timewarrior: its directory (with data/)"),
+         arg("--map", action="append", default=[], metavar="OLD=NEW",
+             help="v1: rename a user (repeatable)"),
+         arg("--default-issue", metavar="ISSUE", help="watson/timewarrior: the issue of entries "
+             "without an issue tag"),
+         arg("--project", metavar="P", help="timewarrior: the project of every entry"),
+         arg("--dry-run", action="store_true", help="count what would be imported"),
+         area="data")
+def cmd_import(ctx, args):
+    mapping = {}
+    for item in args.map:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not valid_user_name(new):
+            raise FlowForgeError("--map takes OLD=NEW with a valid NEW user name", EXIT_USAGE)
+        mapping[old] = new
+    default_issue = parse_issue(args.default_issue) if args.default_issue else None
+    project = parse_project(args.project)
+    user = ctx.user
+    store = ctx.store()
+    tz = ctx.zone(store)
+    path = os.path.abspath(os.path.expanduser(args.path))
+    if args.kind == "timewarrior":
+        if not os.path.isdir(path):
+            raise FlowForgeError("%s is not a directory" % args.path, EXIT_USAGE)
+        batch = parse_timewarrior(path, user, default_issue, project, tz)
+        data_sha = sha256_hex(b"".join(sorted(
+            read_bytes(os.path.join(root, n)) for root, _, names in os.walk(path)
+            for n in names if n.endswith(".data"))))
+    else:
+        try:
+            data = read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FlowForgeError("%s is not a readable file" % args.path, EXIT_USAGE)
+        data_sha = sha256_hex(data)
+        batch = (parse_v1(path, data, mapping, tz) if args.kind == "v1"
+                 else parse_watson(path, data, user, default_issue, tz))
+    summary = apply_import(ctx.repo, batch, user, data_sha, args.dry_run)
+    verb = "would import" if args.dry_run else "imported"
+    lines = ["%s %d entr%s for %s (%d already there)" % (
+        verb, c["added"], "y" if c["added"] == 1 else "ies", u, c["already"])
+        for u, c in sorted(summary["users"].items())] or ["nothing to import"]
+    lines += summary["timers"] + summary["review"]
+    if summary["unknown_fields"]:
+        lines.append("unknown fields kept in the entries and the audit: %s"
+                     % ", ".join(summary["unknown_fields"]))
+    if not args.dry_run and any(c["added"] for c in summary["users"].values()):
+        lines.append("next: `flowforge aggregate --all` (or commit: the hook aggregates yours)")
+    return ctx.emit("import", summary, lines)
+
+
+@command("export", "Export your own complete data (entries with notes, the timer).",
+         "flowforge export --format csv --output my-time.csv",
+         arg("--format", choices=("json", "csv"), default="json", help="output format (json)"),
+         arg("--output", metavar="FILE", help="write FILE instead of printing"),
+         area="data")
+def cmd_export(ctx, args):
+    store = ctx.store()
+    if not store.exists():
+        raise FlowForgeError("no private store for %s here: nothing to export" % store.user)
+    doc = export_entries(store)
+    text = (json.dumps(doc, sort_keys=True, indent=1) + "\n" if args.format == "json"
+            else render_export_csv(doc, store.tz))
+    if args.output:
+        atomic_write(os.path.abspath(args.output), text.encode("utf-8"), 0o600)
+        info("exported %d entries to %s" % (len(doc["entries"]), args.output))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+@command("erase", "Erase a user's private data and mirror (committed aggregates stay).",
+         "flowforge erase --user alice --yes",
+         arg("--yes", action="store_true", help="really erase (required)"),
+         area="data")
+def cmd_erase(ctx, args):
+    user = ctx.user
+    if not args.yes:
+        raise FlowForgeError("erase removes %s's private data for good; add --yes" % user,
+                             EXIT_USAGE)
+    result = erase_user(ctx.repo, user)
+    lines = ["erased %s" % r for r in result["removed"]] or ["nothing to erase for %s" % user]
+    lines.append("committed aggregates under .flowforge/team stay (billing records); the "
+                 "erasure is recorded in the team audit chain")
+    return ctx.emit("erase", result, lines)
+
 
 @command("quarantine", "List, restore or delete files set aside as damaged.",
          "flowforge quarantine restore Q3",
