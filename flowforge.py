@@ -2441,6 +2441,7 @@ class Aggregator:
                      % (self.repo.rel(chain.path), item))
         record = team.append(action, ts - ts % 86400, files=files, totals=totals, **extra)
         local.append(action, ts, files=files, totals=totals, team_seq=record["seq"], **extra)
+        self.store.mirror.sync([])  # the local chain (and settings) without any day file
         return record
 
 
@@ -5983,7 +5984,8 @@ def cmd_recover(ctx, args):
         ctx.emit("recover", {"findings": found}, lines or ["nothing is damaged"])
         return EXIT_FAIL if found else EXIT_OK
     if args.action == "reconstruct":
-        repo.ensure_machine_dirs()
+        if not args.dry_run:
+            repo.ensure_machine_dirs()
         plan = reconstruct(repo, ctx.user, args.from_mirror, args.store, args.dry_run)
         lines = ["%s %s (from %s)" % ("would stage" if args.dry_run else "staged", i["path"],
                                       i["source"]) for i in plan["items"]]
@@ -6015,9 +6017,13 @@ def cmd_recover(ctx, args):
                                 title="FlowForge audit, %s" % local_date(now(), _utc())))
         return EXIT_OK if all(r["chain_ok"] and r["shards_matching"] for r in rows) else EXIT_FAIL
     result = deploy(repo, args.dry_run, args.rollback)
-    verb = "would replace" if args.dry_run else "replaced"
-    lines = ["%s %s" % ("would delete" if i.get("delete") and args.dry_run else
-                        "deleted" if i.get("delete") else verb, i["path"]) for i in result["items"]]
+    def done(item):
+        if item.get("delete"):
+            return "would delete" if args.dry_run else "deleted"
+        if args.dry_run:
+            return "would write"
+        return "replaced" if item.get("backup") else "restored"
+    lines = ["%s %s" % (done(i), i["path"]) for i in result["items"]]
     if not args.dry_run:
         lines.append("deploy %s done; `flowforge recover deploy --rollback` undoes it"
                      % result["id"])

@@ -11,39 +11,9 @@ import pytest
 
 import flowforge as ff
 
-from conftest import ROOT, SOAK, Runner, all_files_parse, make_git_repo, private_total
+from conftest import SOAK, Runner, all_files_parse, make_git_repo, private_total, run_crashing
 
 NOW = "2026-11-20T18:00:00Z"
-
-# Runs FlowForge and SIGKILLs itself right after the CRASH_AT-th write, fsync,
-# replace, unlink or ftruncate: every window between two durable steps.
-CRASHER = r"""
-import os, signal, sys
-sys.dont_write_bytecode = False
-sys.path.insert(0, %r)
-import flowforge
-target = int(os.environ["CRASH_AT"])
-calls = [0]
-def after(func):
-    def wrapper(*a, **k):
-        result = func(*a, **k)
-        calls[0] += 1
-        if calls[0] == target:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    return wrapper
-for name in ("write", "fsync", "replace", "unlink", "ftruncate"):
-    setattr(os, name, after(getattr(os, name)))
-raise SystemExit(flowforge.main())
-""" % ROOT
-
-
-def run_crashing(runner, k, *args, user="alice"):
-    env = runner.env(FLOWFORGE_USER=user, FLOWFORGE_NOW=NOW, CRASH_AT=str(k))
-    proc = subprocess.run([sys.executable, "-S", "-c", CRASHER] + list(args), cwd=runner.root,
-                          env=env, capture_output=True, text=True, timeout=60)
-    return proc.returncode
-
 
 # Each scenario: setup commands, the operation under test (retried once after
 # a crash), what the user does next, and the exact private total afterwards.

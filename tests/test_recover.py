@@ -1,0 +1,196 @@
+"""recover: git clean -fdx, lost clones, shards damaged in history, kill -9 during deploy."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+import flowforge as ff
+
+from conftest import Runner, git, make_git_repo, run_crashing, tree_snapshot
+
+NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
+
+
+def work(repo, user="alice"):
+    repo.ok("start", "1", "--at", "2026-11-18 09:00", "--note", "private", user=user, env=NOW)
+    repo.ok("stop", "--at", "2026-11-18 11:15", user=user, env=NOW)
+    repo.ok("log", "ABC-2", "45m", "--date", "2026-11-19", user=user, env=NOW)
+    repo.ok("start", "3", "--at", "2026-11-20 08:00", user=user, env=NOW)   # still running
+    repo.ok("aggregate", user=user, env=NOW)
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-qm", "time")
+
+
+def entries(repo, user="alice"):
+    return repo.ok("entries", "--json", "--from", "2026-11-01", "--to", "2026-11-30", user=user,
+                   env=NOW).json["entries"]
+
+
+def test_git_clean_then_reconstruct_from_the_mirror(repo):
+    work(repo)
+    before = (entries(repo), repo.ok("status", "--json", env=NOW).json["timer"],
+              repo.ok("report", "--json", "--by", "user,issue,day").out)
+    subprocess.run(["git", "clean", "-fdxq"], cwd=repo.root, check=True)
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/user"))
+    r = repo("recover", "assess", "--json")
+    assert r.rc == 1 and any("mirror" in f["problem"] for f in r.json["findings"])
+    snapshot = tree_snapshot(repo.root)
+    repo.ok("recover", "reconstruct", "--from-mirror", "--dry-run")
+    assert tree_snapshot(repo.root) == snapshot                     # --dry-run changes nothing
+    r = repo.ok("recover", "reconstruct", "--from-mirror")
+    assert "staged .flowforge/user/alice/time/daily/2026-11-18.jsonl" in r.out
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/user"))   # only staged so far
+    repo.ok("recover", "deploy")
+    after = (entries(repo), repo.ok("status", "--json", env=NOW).json["timer"],
+             repo.ok("report", "--json", "--by", "user,issue,day").out)
+    assert after == before
+    assert repo.ok("recover", "validate").rc == 0
+    r = repo.ok("aggregate", "--full", env=NOW)
+    assert "up to date" in r.out                                     # shards identical
+    assert git(repo.root, "status", "--porcelain") == ""
+    assert repo.ok("audit", "verify").rc == 0
+    assert os.stat(os.path.join(repo.root, ".flowforge/user/alice")).st_mode & 0o777 == 0o700
+
+
+def test_deleted_clone_recovered_in_a_new_clone(repo, tmp_path, pycache):
+    work(repo)
+    bare = str(tmp_path / "origin.git")
+    subprocess.run(["git", "clone", "-q", "--bare", repo.root, bare], check=True)
+    expected = entries(repo)
+    shutil.rmtree(repo.root)
+    new = Runner(str(tmp_path / "again"), pycache, repo.home)
+    subprocess.run(["git", "clone", "-q", bare, new.root], check=True)
+    new.ok("recover", "reconstruct", "--from-mirror")
+    new.ok("recover", "deploy")
+    assert entries(new) == expected
+    assert "up to date" in new.ok("aggregate", "--full", env=NOW).out
+
+
+def test_two_mirrors_need_a_choice(repo, tmp_path, pycache):
+    work(repo)
+    other = Runner(make_git_repo(str(tmp_path / "desktop")), pycache, repo.home)
+    shutil.copy(os.path.join(repo.root, ".flowforge/config.json"), str(tmp_path / "config.json"))
+    other.ok("init")
+    shutil.copy(str(tmp_path / "config.json"), os.path.join(other.root, ".flowforge/config.json"))
+    other.ok("log", "9", "1h", env=NOW)                 # same repo id: a second mirror
+    store = ff.PrivateStore(ff.Repo(other.root), "alice")
+    store.mirror.sync()
+    third = Runner(make_git_repo(str(tmp_path / "third")), pycache, repo.home)
+    third.ok("init")
+    shutil.copy(str(tmp_path / "config.json"), os.path.join(third.root, ".flowforge/config.json"))
+    shutil.rmtree(os.path.join(third.root, ".flowforge/user"))
+    r = third("recover", "reconstruct", "--from-mirror")
+    assert r.rc == 64 and "--store" in r.err
+    r = third.ok("recover", "reconstruct", "--from-mirror", "--store", store.store_id)
+    assert "mirror %s" % store.store_id in r.out
+
+
+def test_shard_corrupted_in_head_is_rebuilt_from_git_history(repo):
+    work(repo)
+    work_bob = ["log", "5", "2h", "--date", "2026-11-17"]
+    repo.ok(*work_bob, user="bob", env=NOW)
+    repo.ok("aggregate", user="bob", env=NOW)
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-qm", "bob's time")
+    [bob_shard] = glob.glob(repo.root + "/.flowforge/team/summaries/bob--*/2026-11.json")
+    good = open(bob_shard, "rb").read()
+    open(bob_shard, "wb").write(good.replace(b"7200", b"9999"))
+    git(repo.root, "commit", "-qam", "a bad edit")                     # damaged in HEAD
+    shutil.rmtree(os.path.join(repo.root, ".flowforge/user/bob"))       # bob's data is elsewhere
+    shutil.rmtree(os.path.join(repo.root, ".flowforge/state/backups"), ignore_errors=True)
+    findings = repo("reconcile", "--ci", "--json").json["findings"]
+    assert [f["kind"] for f in findings] == ["shard", "shard-audit"]
+    r = repo.ok("recover", "reconstruct")
+    assert "from git " in r.out and os.path.basename(os.path.dirname(bob_shard)) in r.out
+    repo.ok("recover", "deploy")
+    assert open(bob_shard, "rb").read() == good
+    assert repo("reconcile", "--ci", "--json").json["findings"] == []
+
+
+def test_backups_serve_when_there_is_no_history(repo):
+    repo.ok("log", "1", "1h", "--date", "2026-11-18", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    [shard] = glob.glob(repo.root + "/.flowforge/team/summaries/alice--*/2026-11.json")
+    backups = glob.glob(repo.root + "/.flowforge/state/backups/shards/alice--*/2026-11/*.json")
+    assert len(backups) == 1 and ff.verify_shard_bytes(open(backups[0], "rb").read())
+    shutil.rmtree(os.path.join(repo.root, ".flowforge/user/alice"))   # no private data either
+    open(shard, "a").write("damage")
+    r = repo.ok("recover", "reconstruct")
+    assert "from backup" in r.out
+    repo.ok("recover", "deploy")
+    assert ff.read_shard(shard)["totals"]["seconds"] == 3600          # the last good version
+
+
+def test_validate_compares_to_the_second(repo):
+    work(repo)
+    assert repo.ok("recover", "validate").rc == 0
+    [shard] = glob.glob(repo.root + "/.flowforge/team/summaries/alice--*/2026-11.json")
+    doc = ff.read_shard(shard)
+    cells = {(p, i, pr): s + (1 if n == 0 else 0) for n, (p, i, pr, s) in enumerate(doc["rows"])}
+    open(shard, "wb").write(ff.render_shard("alice", doc["store"], doc["month"], "day", "UTC", cells))
+    r = repo("recover", "validate", "--json")
+    assert r.rc == 1 and r.json["differ"] == 1
+    [bad] = [x for x in r.json["results"] if not x["identical"]]
+    assert bad["shard_seconds"] == bad["recomputed_seconds"] + 1
+
+
+def deploy_template(repo):
+    """Three staged shard repairs (from the private store) ready to deploy."""
+    for month in ("2026-09", "2026-10", "2026-11"):
+        repo.ok("log", "1", "1h", "--date", month + "-10", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    shards = sorted(glob.glob(repo.root + "/.flowforge/team/summaries/alice--*/*.json"))
+    for path in shards:
+        open(path, "a").write("x")            # damage all three
+    repo.ok("recover", "reconstruct")
+    return [os.path.relpath(p, repo.root) for p in shards]
+
+
+def test_kill9_during_deploy_gives_old_or_new_never_a_mix(repo, tmp_path):
+    shards = deploy_template(repo)
+    old = {p: open(os.path.join(repo.root, p), "rb").read() for p in shards}
+    k, crashes, outcomes = 0, 0, set()
+    while True:
+        k += 1
+        root = str(tmp_path / ("k%d" % k))
+        shutil.copytree(repo.root, root, symlinks=True)
+        runner = Runner(root, repo.pycache, repo.home)
+        rc = run_crashing(runner, k, "recover", "deploy")
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL
+        crashes += 1
+        assert runner("recover", "assess").rc in (0, 1)   # any command finishes the deploy
+        now_bytes = {p: open(os.path.join(root, p), "rb").read() for p in shards}
+        states = {"old" if now_bytes[p] == old[p] else "new" for p in shards}
+        assert len(states) == 1, (k, states)       # all old or all new
+        for p in shards:
+            if states == {"new"}:
+                ff.verify_shard_bytes(now_bytes[p])
+        outcomes |= states
+        assert not os.path.exists(os.path.join(root, ".flowforge/state/recover/deploy.json"))
+        shutil.rmtree(root)
+    assert crashes >= 5 and outcomes == {"old", "new"}
+
+
+def test_rollback_restores_what_deploy_replaced(repo):
+    shards = deploy_template(repo)
+    damaged = {p: open(os.path.join(repo.root, p), "rb").read() for p in shards}
+    repo.ok("recover", "deploy")
+    assert repo("recover", "deploy").rc == 1                       # nothing staged any more
+    repo.ok("recover", "deploy", "--rollback")
+    assert {p: open(os.path.join(repo.root, p), "rb").read() for p in shards} == damaged
+
+
+def test_recover_audit_report(repo):
+    work(repo)
+    r = repo.ok("recover", "audit")
+    assert "| alice |" in r.out and "| ok |" in r.out
+    doc = repo.ok("recover", "audit", "--json").json
+    assert doc["stores"][0]["chain_ok"] and doc["stores"][0]["total_seconds"] == 3 * 3600
