@@ -3,7 +3,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 

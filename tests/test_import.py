@@ -4,7 +4,6 @@ import glob
 import io
 import json
 import os
-import shutil
 
 import pytest
 

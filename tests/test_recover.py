@@ -1,12 +1,10 @@
 """recover: git clean -fdx, lost clones, shards damaged in history, kill -9 during deploy."""
 import glob
-import json
 import os
 import shutil
 import signal
 import subprocess
 
-import pytest
 
 import flowforge as ff
 

@@ -7,6 +7,7 @@ would, and prints medians.  The floor is the bare interpreter start.  Each
 developer logs 2,000 entries over a year of working days, on a working set of
 4 issues a week; a last row shows the worst case, where every entry may be on
 any of 200 issues (so shards barely aggregate)."""
+import json
 import os
 import random
 import shutil
@@ -77,6 +78,23 @@ def write_store(repo, user, entries, days, rng, now, spread=False):
     for day, lines in per_day.items():
         with open(store.day_path(day), "wb") as f:
             f.write(b"".join(lines))
+
+
+def write_watson_frames(path, count, rng, now):
+    """A Watson frames file: [start, stop, project, id, tags, updated_at], back to back
+    over the last three years."""
+    frames = []
+    start = now - 3 * 365 * DAY
+    for _ in range(count):
+        start += rng.randint(10, 60)
+        stop = start + rng.randint(60, 1500)
+        tags = ["#%d" % rng.randint(1, 300)] if rng.random() < 0.9 else ["meeting"]
+        frames.append([start, stop, "p%d" % rng.randint(1, 5), "%032x" % rng.getrandbits(128),
+                       tags, stop])
+        start = stop
+    with open(path, "w") as f:
+        json.dump(frames, f)
+    return path
 
 
 def queue_throughput(path, jobs=1000):
@@ -190,6 +208,15 @@ def run(base):
     hook = timed(shim, team.root, e, before=change_one_day)
     rows.append(("hook pre-commit (shim), 50 users' shards, one changed day", hook, floor + 0.1,
                  "<= floor + 100 ms"))
+    watson = write_watson_frames(os.path.join(base, "frames.json"), 100000, rng, now)
+    repos = iter(range(100))
+
+    def fresh_repo(i):
+        os.chdir(make_repo(os.path.join(base, "import-%d" % next(repos))).root)
+    imported = timed(ff + ["import", "watson", watson, "--default-issue", "OPS-1"], None,
+                     dict(env, FLOWFORGE_USER="importer"), runs=3, before=fresh_repo)
+    os.chdir(base)
+    rows.append(("import watson, 100,000 frames", imported, 3.0, "<= 3 s"))
     jobs_per_second = queue_throughput(os.path.join(base, "queue.db"))
     rows.append(("queue: enqueue + claim + ack, durable (jobs/s)", jobs_per_second, None,
                  ">= 300 jobs/s", jobs_per_second >= 300))
