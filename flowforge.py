@@ -41,10 +41,11 @@ Sections, in dependency order (each leans only on the ones above it):
     6. Audit chain
     7. Aggregation and shards
     8. Retry queue
-    9. Hooks, daemon and health
-    10. Recovery and import
-    11. Reports and billing
-    12. Command line
+    9. Plugins (the hook table is there)
+    10. Hooks, daemon and health
+    11. Recovery and import
+    12. Reports and billing
+    13. Command line
 """
 
 import errno
@@ -771,6 +772,24 @@ def warn(message):
 def debug(message):
     if UI.verbose:
         sys.stderr.write("debug: " + message + "\n")
+
+
+def one_line(error):
+    """An exception as one short line, for logs and the hook's single line."""
+    text = str(error) if isinstance(error, FlowForgeError) else "%s: %s" % (
+        type(error).__name__, error)
+    text = " ".join(text.split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+# Events for plugins: the timers and the aggregation announce what happened
+# here; the plugins section (further down) registers the listener.
+EVENT_LISTENERS = []
+
+
+def announce(repo, hook, **kwargs):
+    for listener in EVENT_LISTENERS:
+        listener(repo, hook, **kwargs)
 
 
 GITIGNORE = """\
@@ -1790,6 +1809,9 @@ class Timers:
             timer = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
                      "note": note, "segments": [], "running_since": at}
             self.store.save_timer(timer)
+        if stopped:
+            announce(self.store.repo, "on_stop", user=self.store.user, entry=public_entry(stopped))
+        announce(self.store.repo, "on_start", user=self.store.user, timer=timer)
         messages.append("tracking %s since %s" % (issue, self.show(at)))
         return {"timer": timer, "stopped": stopped and public_entry(stopped), "changed": True}, messages
 
@@ -1799,6 +1821,8 @@ class Timers:
         with self.store.lock():
             timer = self._require()
             entry = self._finish(timer, at, messages)
+        if entry:
+            announce(self.store.repo, "on_stop", user=self.store.user, entry=public_entry(entry))
         return {"entry": entry and public_entry(entry)}, messages
 
     def pause(self, at):
@@ -2374,7 +2398,7 @@ class Aggregator:
                     if day not in parsed and months.intersection(new_files[day][2]):
                         parsed[day] = self.contributions(day, store.read_day(day))
                 store.mirror.sync(None if full else changed)
-            written, current = self._write_shards(months, parsed)
+            written, current, issues = self._write_shards(months, parsed)
             audited = state.get("audited", {}) if state else self.audited_from_chain()
             record = self.audit({p: sha for p, sha in current.items() if audited.get(p) != sha},
                                 current, "aggregate-full" if full else "aggregate")
@@ -2391,6 +2415,9 @@ class Aggregator:
             if not unchanged:
                 makedirs_private(self.repo.aggstate)
                 atomic_write(self.state_path, data, 0o600)
+        if written:
+            announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
+                     written=[self.repo.rel(p) for p in written], issues=sorted(issues))
         return {"user": store.user, "store": store.store_id, "full": full,
                 "months": sorted(months), "written": written,
                 "audit": record["seq"] if record else None}
@@ -2427,10 +2454,11 @@ class Aggregator:
 
     def _write_shards(self, months, parsed):
         """Write the months' shards that changed; returns (written paths,
-        {relative path: sha256} of every month's shard as it now is)."""
+        {relative path: sha256} of every month's shard as it now is, the issues
+        of the written shards before and after)."""
         store = self.store
         directory = shard_dir(self.repo, store.user, store.store_id)
-        written, current = [], {}
+        written, current, issues = [], {}, set()
         for month in sorted(months):
             data, has_cells = self.render_month(month, parsed)
             path = os.path.join(directory, month + ".json")
@@ -2446,6 +2474,11 @@ class Aggregator:
                 continue  # unchanged: same bytes, same mtime
             if old is not None:
                 backup_shard(self.repo, path, old)
+                try:
+                    issues.update(row[1] for row in json.loads(old)["rows"])
+                except (ValueError, KeyError, TypeError, IndexError):
+                    pass
+            issues.update(row[1] for row in json.loads(data)["rows"])
             atomic_write(path, data, sync_dir=False)
             written.append(path)
         if written:
@@ -2455,7 +2488,7 @@ class Aggregator:
                 fsync_dir(directory)
             except OSError as e:
                 raise StorageError(directory, e)
-        return written, current
+        return written, current, issues
 
     def chains(self):
         store = self.store
@@ -3114,7 +3147,342 @@ def aggregate_job(repo, payload, job, queue):
 
 
 # ############################################################################
-# 9. Hooks, daemon and health
+# 9. Plugins
+# ############################################################################
+#
+# A plugin is one standard-library-only .py file, found in plugins/ beside
+# flowforge.py, in .flowforge/plugins/, or on FLOWFORGE_PLUGIN_PATH (files or
+# directories, separated by os.pathsep), and enabled by a section named after
+# it in config.json ("plugins": {"github": {...}}; "enabled": false turns it
+# off).  It declares PLUGIN_API = 1 and NAME, and defines any of these hooks,
+# each called with keyword arguments -- only those it names, so the table can
+# grow without breaking old plugins:
+#
+#   hook          keyword arguments                          when
+#   on_start      repo, user, timer, config                  a timer started
+#   on_stop       repo, user, entry, config                  a timer stopped; its entry is recorded
+#   on_aggregate  repo, user, store, written, issues, config an aggregation changed shards
+#   sync          repo, issue, config, job, http, state      a queued `sync` job for one issue
+#   health        repo, config                               `plugins check`: None, or a problem
+#
+# on_* hooks run inside commands (even the commit hook): they must be quick
+# and never touch the network -- they call enqueue_sync() instead.  `sync`
+# runs only in queue jobs (the daemon or `queue run`) and signals RetryLater
+# (after=seconds) or PermanentFailure(message).  An exception in any other hook
+# is logged with the plugin's name and the command goes on.
+
+PLUGIN_API = 1
+PLUGIN_HOOKS = {
+    "on_start": ("repo", "user", "timer", "config"),
+    "on_stop": ("repo", "user", "entry", "config"),
+    "on_aggregate": ("repo", "user", "store", "written", "issues", "config"),
+    "sync": ("repo", "issue", "config", "job", "http", "state"),
+    "health": ("repo", "config"),
+}
+_PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+class Plugin:
+    """One discovered plugin file: loaded, or the reason it was not."""
+
+    def __init__(self, path):
+        self.path = path
+        self.name = os.path.basename(path)[:-3]
+        self.module = None
+        self.error = None
+        self.hooks = {}
+
+    def load(self):
+        import importlib.util
+        import inspect
+        # `import flowforge` inside the plugin must find this running module,
+        # even when flowforge.py runs as a script or was loaded by path.
+        sys.modules.setdefault("flowforge", sys.modules[__name__])
+        try:
+            spec = importlib.util.spec_from_file_location("flowforge_plugin_" + self.name, self.path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            self.error = "does not import: %s" % one_line(e)
+            return self
+        api = getattr(module, "PLUGIN_API", None)
+        name = getattr(module, "NAME", None)
+        if not isinstance(api, int):
+            self.error = "is not a FlowForge plugin (no PLUGIN_API)"
+        elif api > PLUGIN_API:
+            self.error = ("needs plugin API %d; this FlowForge %s has API %d: upgrade flowforge.py"
+                          % (api, VERSION, PLUGIN_API))
+        elif not isinstance(name, str) or not _PLUGIN_NAME.fullmatch(name):
+            self.error = "has no valid NAME"
+        if self.error:
+            return self
+        self.name, self.module = name, module
+        for hook, allowed in PLUGIN_HOOKS.items():
+            func = getattr(module, hook, None)
+            if func is None:
+                continue
+            params = inspect.signature(func).parameters.values()
+            if any(p.kind == p.VAR_KEYWORD for p in params):
+                self.hooks[hook] = (func, None)   # takes everything we pass
+                continue
+            unknown = [p.name for p in params if p.name not in allowed
+                       and p.default is p.empty and p.kind != p.VAR_POSITIONAL]
+            if unknown:
+                self.error = "hook %s wants %s, which FlowForge does not pass" % (
+                    hook, ", ".join(unknown))
+                return self
+            self.hooks[hook] = (func, {p.name for p in params})
+        return self
+
+    def call(self, hook, **kwargs):
+        func, accepted = self.hooks[hook]
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        return func(**kwargs)
+
+
+def plugin_paths(repo):
+    """Plugin files in discovery order; a later one with the same name loses."""
+    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins"),
+              os.path.join(repo.ff, "plugins")]
+    places += [p for p in os.environ.get("FLOWFORGE_PLUGIN_PATH", "").split(os.pathsep) if p]
+    found = []
+    for place in places:
+        if os.path.isfile(place) and place.endswith(".py"):
+            found.append(place)
+        elif os.path.isdir(place):
+            found += [os.path.join(place, n) for n in sorted(os.listdir(place))
+                      if n.endswith(".py") and not n.startswith("_")]
+    return found
+
+
+_LOADED = {}
+
+
+def discover_plugins(repo):
+    """All plugin files, loaded (each once per process), with their config."""
+    plugins, seen = [], set()
+    for path in plugin_paths(repo):
+        key = os.path.realpath(path)
+        if key not in _LOADED:
+            _LOADED[key] = Plugin(path).load()
+        plugin = _LOADED[key]
+        if plugin.name in seen:
+            continue
+        seen.add(plugin.name)
+        plugins.append(plugin)
+    return plugins
+
+
+def plugin_config(repo, name):
+    """The plugin's section of config.json, or None when it is not enabled."""
+    section = (repo.config.get("plugins") or {}).get(name)
+    if not isinstance(section, dict) or section.get("enabled") is False:
+        return None
+    return section
+
+
+def enabled_plugins(repo):
+    """[(plugin, config)] of the loaded, enabled plugins.  Costs nothing when
+    config.json enables none (no directory is even listed)."""
+    if not repo.config.get("plugins"):
+        return []
+    out = []
+    for plugin in discover_plugins(repo):
+        config = plugin_config(repo, plugin.name)
+        if config is not None and plugin.module is not None and not plugin.error:
+            out.append((plugin, config))
+    return out
+
+
+def call_plugins(repo, hook, **kwargs):
+    """Call `hook` of every enabled plugin that has it (the listener of
+    announce()).  An exception is logged with the plugin's name and swallowed:
+    a plugin never takes a command down."""
+    for plugin, config in enabled_plugins(repo):
+        if hook not in plugin.hooks:
+            continue
+        try:
+            plugin.call(hook, repo=repo, config=config, **kwargs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            log_event(repo, "plugin-error", plugin=plugin.name, hook=hook, error=one_line(e))
+            debug("plugin %s, %s: %s" % (plugin.name, hook, one_line(e)))
+
+
+EVENT_LISTENERS.append(call_plugins)
+
+
+def enqueue_sync(repo, plugin, issue, priority="normal"):
+    """Ask for one `sync` of (plugin, issue): many events become one job."""
+    queue = open_queue(repo, busy_timeout=2.0)
+    try:
+        return queue.enqueue("sync", {"plugin": plugin, "issue": issue},
+                             key="sync:%s:%s" % (plugin, issue), priority=priority,
+                             max_attempts=25)[0]
+    finally:
+        queue.close()
+
+
+def plugin_state(repo, name):
+    """A plugin's per-machine cache, state/plugins/<name>.json: (load, save)."""
+    path = os.path.join(repo.state, "plugins", name + ".json")
+
+    def load():
+        try:
+            data = json.loads(read_bytes(path))
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save(data):
+        makedirs_private(os.path.dirname(path))
+        atomic_write(path, canonical_bytes(data), 0o600)
+    return load, save
+
+
+class HttpResponse:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        try:
+            return json.loads(self.body.decode("utf-8")) if self.body else None
+        except ValueError:
+            return None
+
+
+class Http:
+    """A small JSON-over-HTTPS client for plugins: a timeout on every request,
+    a client-side throttle, redirects followed only to the same host (so a token
+    never travels elsewhere), and network failures as RetryLater.  Errors never
+    carry request headers, so tokens stay out of logs and the queue."""
+
+    clock = staticmethod(time.monotonic)   # tests replace these to avoid sleeping
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, base_url, headers, timeout=15.0, min_interval=0.0):
+        self.base_url = base_url.rstrip("/")
+        self.headers = headers
+        self.timeout = timeout
+        self.min_interval = min_interval
+        self._last = None
+        self.requests = 0
+
+    def _throttle(self):
+        if self.min_interval and self._last is not None:
+            wait = self._last + self.min_interval - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+        self._last = self.clock()
+
+    def request(self, method, path, body=None, headers=None):
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        url = path if path.startswith(("http://", "https://")) else self.base_url + path
+        origin = urllib.parse.urlsplit(url)[:2]
+        data = canonical_json(body).encode("utf-8") if body is not None else None
+        for _ in range(4):
+            all_headers = dict(self.headers, **(headers or {}))
+            if data is not None:
+                all_headers["Content-Type"] = "application/json"
+            request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
+            self._throttle()
+            self.requests += 1
+            try:
+                with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
+                    return HttpResponse(response.status, _lower(response.headers), response.read())
+            except urllib.error.HTTPError as e:
+                reply = HttpResponse(e.code, _lower(e.headers), e.read())
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", e)
+                raise RetryLater("%s %s: %s" % (method, urllib.parse.urlsplit(url).netloc,
+                                                one_line(reason)))
+            if reply.status in (301, 302, 307, 308) and reply.headers.get("location"):
+                url = urllib.parse.urljoin(url, reply.headers["location"])
+                if urllib.parse.urlsplit(url)[:2] != origin:
+                    raise PermanentFailure("refusing a redirect to another host: %s"
+                                           % urllib.parse.urlsplit(url).netloc)
+                continue  # the same method and body again: urllib would turn a POST into a GET
+            return reply
+        raise PermanentFailure("too many redirects for %s %s" % (method, path))
+
+
+def _lower(headers):
+    return {k.lower(): v for k, v in headers.items()} if headers else {}
+
+
+class _NoRedirects:
+    """An opener that hands 3xx back to Http.request instead of following it."""
+
+    def __init__(self):
+        self._opener = None
+
+    def open(self, request, timeout):
+        if self._opener is None:
+            import urllib.request
+
+            class Refuse(urllib.request.HTTPRedirectHandler):
+                def redirect_request(self, *args, **kwargs):
+                    return None
+            self._opener = urllib.request.build_opener(Refuse)
+        return self._opener.open(request, timeout=timeout)
+
+
+_NO_REDIRECTS = _NoRedirects()
+
+
+@job_kind("sync")
+def sync_job(repo, payload, job, queue):
+    """One provider update for one issue, by the plugin named in the payload."""
+    name, issue = payload.get("plugin"), payload.get("issue")
+    if not isinstance(name, str) or not isinstance(issue, str):
+        raise PermanentFailure("sync job without a plugin and an issue: %r" % (payload,))
+    for plugin, config in enabled_plugins(repo):
+        if plugin.name == name:
+            if "sync" not in plugin.hooks:
+                raise PermanentFailure("plugin %s has no sync hook" % name)
+            load, save = plugin_state(repo, name)
+            state = load()
+            try:
+                return plugin.call("sync", repo=repo, issue=issue, config=config, job=job,
+                                   http=Http, state=state)
+            finally:
+                save(state)  # what the plugin learned (ids, last bodies) even when it fails
+    raise PermanentFailure("plugin %s is not installed or not enabled" % name)
+
+
+def plugins_report(repo, check=False):
+    """[{name, path, api, hooks, enabled, status, problem}] for `plugins list|check`."""
+    rows = []
+    for plugin in discover_plugins(repo):
+        config = plugin_config(repo, plugin.name)
+        problem = plugin.error
+        if check and not problem and config is not None and "health" in plugin.hooks:
+            try:
+                problem = plugin.call("health", repo=repo, config=config)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:
+                problem = "health hook failed: %s" % one_line(e)
+        rows.append({"name": plugin.name, "path": plugin.path,
+                     "api": getattr(plugin.module, "PLUGIN_API", None),
+                     "hooks": sorted(plugin.hooks), "enabled": config is not None,
+                     "status": "error" if problem else ("enabled" if config is not None
+                                                        else "disabled"),
+                     "problem": problem})
+    for name in sorted(set(repo.config.get("plugins") or {}) - {r["name"] for r in rows}):
+        rows.append({"name": name, "path": None, "api": None, "hooks": [], "enabled": True,
+                     "status": "error", "problem": "enabled in config.json but not found"})
+    return rows
+
+
+# ############################################################################
+# 10. Hooks, daemon and health
 # ############################################################################
 #
 # Layer 1, the git hook: `hook pre-commit` aggregates what changed within a
@@ -3340,13 +3708,6 @@ def stage_store(repo, store):
         return False
     run_git(["add", "--"] + paths, repo.root)
     return True
-
-
-def one_line(error):
-    text = str(error) if isinstance(error, FlowForgeError) else "%s: %s" % (
-        type(error).__name__, error)
-    text = " ".join(text.split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def hook_pre_commit(args):
@@ -3949,7 +4310,7 @@ def doctor_findings(repo):
 
 
 # ############################################################################
-# 10. Recovery and import
+# 11. Recovery and import
 # ############################################################################
 #
 # Layer 3 (`reconcile --ci`, on a clean checkout) proves the committed data
@@ -5049,7 +5410,7 @@ def erase_user(repo, user):
 
 
 # ############################################################################
-# 11. Reports and billing
+# 12. Reports and billing
 # ############################################################################
 #
 # Reports read only committed shards, so they work on any clone.  A shard that
@@ -5149,6 +5510,19 @@ def team_cells(shards, dims, first, last):
                 key = (key,)
             cells[key] = cells.get(key, 0) + seconds
     return cells
+
+
+def issue_totals(repo, issue):
+    """{"total", "by_user": {user: seconds}, "last_day"} of one issue, from every
+    committed shard (the team's figure, as `report` gives it; plugins report it)."""
+    by_user, last_day = {}, None
+    for doc in load_team_shards(repo):
+        for period, row_issue, _, seconds in doc["rows"]:
+            if row_issue == issue:
+                by_user[doc["user"]] = by_user.get(doc["user"], 0) + seconds
+                day = period_bounds(period, doc["granularity"], doc["month"])[1]
+                last_day = max(last_day or day, day)
+    return {"total": sum(by_user.values()), "by_user": by_user, "last_day": last_day}
 
 
 def decimal_hours(seconds):
@@ -5334,7 +5708,7 @@ def render_bill(bill, fmt):
 
 
 # ############################################################################
-# 12. Command line
+# 13. Command line
 # ############################################################################
 #
 # One cmd_<name>() per command, registered with @command together with its
@@ -6181,6 +6555,21 @@ def cmd_erase(ctx, args):
     lines.append("committed aggregates under .flowforge/team stay (billing records); the "
                  "erasure is recorded in the team audit chain")
     return ctx.emit("erase", result, lines)
+
+
+@command("plugins", "List the plugins found, or check the enabled ones (exit 1 on a problem).",
+         "flowforge plugins check",
+         arg("action", choices=("list", "check"), help="list: what was found; check: also run "
+             "each enabled plugin's health hook"),
+         area="plugins")
+def cmd_plugins(ctx, args):
+    rows = plugins_report(ctx.repo, check=args.action == "check")
+    lines = ["%-10s %-9s %s%s" % (r["name"], r["status"], r["path"] or "-",
+                                 ("\n           %s" % r["problem"]) if r["problem"] else "")
+             for r in rows] or ["no plugins found (see plugins/README.md)"]
+    ctx.emit("plugins", {"plugins": rows}, lines)
+    bad = [r for r in rows if r["problem"] and (r["enabled"] or args.action == "list")]
+    return EXIT_FAIL if args.action == "check" and bad else EXIT_OK
 
 
 @command("quarantine", "List, restore or delete files set aside as damaged.",
