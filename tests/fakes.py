@@ -34,7 +34,7 @@ class FakeServer:
                     fake.requests.append((self.command, self.path,
                                           {k.lower(): v for k, v in self.headers.items()}, body))
                     canned = None
-                    for n, (method, pattern, status, headers, reply) in enumerate(fake.script):
+                    for n, (method, pattern, _, _, _) in enumerate(fake.script):
                         if method == self.command and re.search(pattern, self.path):
                             canned = fake.script.pop(n)
                             break

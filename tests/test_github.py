@@ -58,7 +58,7 @@ def test_one_comment_with_the_team_total_and_a_label(repo, github):
     assert "| alice | 1h30m | 1.50 |" in comment["body"] and "| bob | 30m | 0.50 |" in comment["body"]
     assert "<!-- flowforge:summary v1 key=acme/app#7 -->" in comment["body"]
     assert github.labels[("acme/app", 7)] == {"time-tracked"}
-    for method, path, headers, body in github.requests:
+    for _, _, headers, _ in github.requests:
         assert headers["accept"] == "application/vnd.github+json"
         assert headers["authorization"] == "Bearer " + github.token
         assert headers["x-github-api-version"] == "2022-11-28"
