@@ -80,7 +80,7 @@ def test_hook_exceptions_are_logged_with_the_plugin_name(repo):
     r = repo.ok("stop", "--at", "10:00", env=NOW)
     assert "stopped 9" in r.out
     log = open(os.path.join(repo.root, ".flowforge/state/logs/flowforge.jsonl")).read()
-    [line] = [json.loads(l) for x in log.splitlines() if "plugin-error" in x]
+    [line] = [json.loads(x) for x in log.splitlines() if "plugin-error" in x]
     assert line["plugin"] == "flaky" and line["hook"] == "on_stop" and "boom in 9" in line["error"]
 
 
