@@ -28,6 +28,15 @@ Exit codes
     0 ok    1 expected failure    64 usage    65 bad data    69 provider unavailable
     73 cannot create    75 temporary (lock held)    77 permission    78 bad config
 
+Plugins (one stdlib-only .py file each; PLUGIN_API = 1; see section 9 and
+plugins/README.md) define any of these hooks, called with keyword arguments:
+    on_start(repo, user, timer, config)        a timer started
+    on_stop(repo, user, entry, config)         a timer stopped, its entry recorded
+    on_aggregate(repo, user, store, written, issues, config)   shards changed
+    sync(repo, issue, config, job, http, state)   a queued job: talk to the provider
+    health(repo, config)                       `plugins check`: None or a problem
+They raise RetryLater(after=seconds) or PermanentFailure(message) from sync.
+
 Stability: the command line, the exit codes and the on-disk formats (each
 carries a "schema" number that is checked on read) are the public interface.
 Functions in this file may change between versions.
