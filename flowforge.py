@@ -3363,6 +3363,11 @@ class HttpResponse:
         except ValueError:
             return None
 
+    def json_object(self):
+        """The body as a JSON object, or {} (error bodies are not always JSON)."""
+        doc = self.json()
+        return doc if isinstance(doc, dict) else {}
+
 
 class Http:
     """A small JSON-over-HTTPS client for plugins: a timeout on every request,
@@ -5803,6 +5808,14 @@ class Context:
                  % (store.user, store.store_id, store.tz_name))
         return store
 
+    def write_output(self, text, path, mode):
+        """--output FILE: written atomically (a textfile collector or a spreadsheet
+        never sees half a file); otherwise stdout."""
+        if path:
+            atomic_write(os.path.abspath(path), text.encode("utf-8"), mode)
+        else:
+            sys.stdout.write(text)
+
     def emit(self, name, result, lines):
         """--json: one document on stdout and messages on stderr; else messages on stdout."""
         if UI.json:
@@ -6299,10 +6312,7 @@ def cmd_metrics(ctx, args):
         text = json.dumps(dict(data, schema="flowforge.metrics/1"), sort_keys=True, indent=1) + "\n"
     else:
         text = render_prometheus(repo, data)
-    if args.output:
-        atomic_write(os.path.abspath(args.output), text.encode("utf-8"), 0o644)
-    else:
-        sys.stdout.write(text)
+    ctx.write_output(text, args.output, 0o644)
     return EXIT_OK
 
 
@@ -6542,11 +6552,9 @@ def cmd_export(ctx, args):
     doc = export_entries(store)
     text = (json.dumps(doc, sort_keys=True, indent=1) + "\n" if args.format == "json"
             else render_export_csv(doc, store.tz))
+    ctx.write_output(text, args.output, 0o600)   # notes are private: 0600
     if args.output:
-        atomic_write(os.path.abspath(args.output), text.encode("utf-8"), 0o600)
         info("exported %d entries to %s" % (len(doc["entries"]), args.output))
-    else:
-        sys.stdout.write(text)
     return EXIT_OK
 
 

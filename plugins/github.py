@@ -89,7 +89,7 @@ def check(reply, what):
     """The reply, or RetryLater / PermanentFailure as GitHub's status says."""
     if 200 <= reply.status < 300:
         return reply
-    doc = reply.json() if isinstance(reply.json(), dict) else {}
+    doc = reply.json_object()
     message = doc.get("message") or reply.body[:200].decode("utf-8", "replace") or "no message"
     if doc.get("errors"):
         message += " (%s)" % "; ".join(

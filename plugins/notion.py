@@ -51,7 +51,7 @@ def check(reply, what):
     """The reply, or RetryLater / PermanentFailure as Notion's status says."""
     if 200 <= reply.status < 300:
         return reply
-    doc = reply.json() if isinstance(reply.json(), dict) else {}
+    doc = reply.json_object()
     text = "Notion %d %s on %s: %s" % (reply.status, doc.get("code", ""), what,
                                        doc.get("message") or "no message")
     if reply.status in (429, 529):
