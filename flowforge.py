@@ -5777,7 +5777,7 @@ class Context:
     def repo(self):
         if self._repo is None:
             repo = self.work_tree().require()
-            load_config(repo.config_path)  # a damaged config.json stops every command (78)
+            repo._config = load_config(repo.config_path)  # a damaged one stops every command (78)
             if os.path.exists(deploy_journal(repo)):
                 info("flowforge: %s" % finish_interrupted_deploy(repo))
             self._repo = repo
