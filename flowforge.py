@@ -89,6 +89,8 @@ EXIT_CONFIG = 78       # bad configuration
 
 MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
 FUTURE_TOLERANCE = 60          # seconds of clock skew accepted for "now"
+# Times outside 1970..2999 are typos or garbage (and overflow the date functions).
+EPOCH_LIMITS = (0, 32503680000)
 NOTE_MAX = 2000
 
 # On-disk format versions.  A reader refuses a newer version instead of misreading it.
@@ -270,17 +272,18 @@ def parse_time(text, tz, now_ts):
         return now_ts
     if text.startswith("-") and len(text) > 1:
         try:
-            return now_ts - parse_duration(text[1:])
+            ts = now_ts - parse_duration(text[1:])
         except FlowForgeError:
             raise FlowForgeError("time %r is not valid: a relative time looks "
                                  "like -15m or -1h30m" % raw, EXIT_USAGE)
+        return _plausible(ts, raw)
     m = _TIME_OF_DAY.fullmatch(text)
     try:
         if m:
             hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
             today = datetime.fromtimestamp(now_ts, tz).date()
             local = datetime(today.year, today.month, today.day, hour, minute, second, tzinfo=tz)
-            return int(local.timestamp())
+            return _plausible(int(local.timestamp()), raw)
         m = _DATE_TIME.fullmatch(text)
         if m:
             y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
@@ -294,11 +297,23 @@ def parse_time(text, tz, now_ts):
                     sign = -1 if offset[0] == "-" else 1
                     digits = offset[1:].replace(":", "")
                     zone = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
-            return int(datetime(y, mo, d, hour, minute, second, tzinfo=zone).timestamp())
+            ts = int(datetime(y, mo, d, hour, minute, second, tzinfo=zone).timestamp())
+            return _plausible(ts, raw)
     except (ValueError, OverflowError):
         pass
     raise FlowForgeError("time %r is not valid: use 09:30, 2026-11-22 09:30, "
                          "ISO-8601 or -15m" % raw, EXIT_USAGE)
+
+
+def plausible_time(ts):
+    """Whether epoch second `ts` lies within EPOCH_LIMITS (False for NaN)."""
+    return EPOCH_LIMITS[0] <= ts < EPOCH_LIMITS[1]
+
+
+def _plausible(ts, raw):
+    if not plausible_time(ts):
+        raise FlowForgeError("time %r is out of range (1970 to 2999)" % raw, EXIT_USAGE)
+    return ts
 
 
 def parse_date(text, what="date"):
@@ -1844,12 +1859,10 @@ class Timers:
             if at < since:
                 raise FlowForgeError("pause time %s is before the timer's start %s"
                                      % (self.show(at), self.show(since)), EXIT_USAGE)
-            if at > since:
-                timer["segments"].append([since, at])
+            # An empty segment (pausing in the second it started) keeps the
+            # paused timer valid; stopping drops it.
+            timer["segments"].append([since, at])
             timer["running_since"] = None
-            if not timer["segments"]:
-                raise FlowForgeError("nothing to pause: the timer started at %s" % self.show(at),
-                                     EXIT_USAGE)
             self.store.save_timer(timer)
         return {"timer": timer}, ["paused %s at %s (%s so far)" % (
             timer["issue"], self.show(at), format_duration(timer_seconds(timer, at)))]
@@ -1933,16 +1946,7 @@ class Timers:
             new = dict(entry)
             new.update({k: v for k, v in changes.items() if k in ("issue", "project", "note")})
             if "segments" in entry and any(k in changes for k in ("start", "end", "seconds")):
-                start = changes.get("start", entry["segments"][0][0])
-                if "seconds" in changes and "end" not in changes:
-                    end = start + changes["seconds"]
-                else:
-                    end = changes.get("end", entry["segments"][-1][1])
-                if end <= start:
-                    raise FlowForgeError("end %s is not after start %s"
-                                         % (self.show(end), self.show(start)), EXIT_USAGE)
-                self.check_time(end, "end time")
-                new["segments"] = [[start, end]]
+                new["segments"] = self._moved_segments(entry["segments"], changes)
             elif "segments" not in entry:
                 if "start" in changes or "end" in changes:
                     raise FlowForgeError("%s was logged without clock times: change it with "
@@ -1959,6 +1963,25 @@ class Timers:
                     "%s is unchanged" % entry_id]
             self.store.append(day, [{"op": "edit", "id": entry_id, "set": changed}])
         return {"entry": public_entry(new, id=entry_id), "changed": True}, ["edited %s" % entry_id]
+
+    def _moved_segments(self, segments, changes):
+        """A paused entry keeps its pauses: --start moves the first segment's
+        start, --end the last one's end, and --duration sets the total by moving
+        the last end."""
+        segments = [list(s) for s in segments]
+        if "start" in changes:
+            segments[0][0] = changes["start"]
+        if "end" in changes:
+            segments[-1][1] = changes["end"]
+        elif "seconds" in changes:
+            segments[-1][1] += changes["seconds"] - sum(e - s for s, e in segments)
+        for start, end in segments:
+            if end <= start:
+                what = "end" if len(segments) == 1 else "the change leaves a segment empty: end"
+                raise FlowForgeError("%s %s is not after start %s"
+                                     % (what, self.show(end), self.show(start)), EXIT_USAGE)
+        self.check_time(segments[-1][1], "end time")
+        return segments
 
     def delete(self, entry_id):
         with self.store.lock():
@@ -5035,7 +5058,7 @@ class ImportBatch:
         self.source, self.path = source, path
         self.clock = DayClock(tz)
         self.entries = {}     # user -> [entry record]
-        self.timers = []      # (user, issue, project, note, start)
+        self.timers = []      # (user, issue, project, note, start, entry id)
         self.review = []      # human-readable lines: not billed, or worth a look
         self.unknown_fields = set()
         self._tags = {}
@@ -5051,17 +5074,26 @@ class ImportBatch:
             self._tags[key] = _issue_from_tags(key)
         return self._tags[key]
 
+    def entry_id(self, key, start):
+        """The same id on every import of the same source entry, whatever the
+        time zone: the UTC day of its start and the source's own key.  A running
+        interval gets the id its closed form will have, so stopping the restored
+        timer and importing the closed interval later count it once."""
+        return new_entry_id(local_date(start, _utc()), "%s:%s" % (self.source, key), 12)
+
+    def add_timer(self, user, key, issue, project, note, start):
+        self.timers.append((user, issue, project, note, start, self.entry_id(key, start)))
+
     def add(self, user, key, issue, project, note, start, end=None, seconds=None, extra=None):
         """One entry (its parts already validated): clock times when start and end
         give its length, else a day's seconds."""
-        day = self.clock.day_of(start)
-        record = {"op": "entry", "id": new_entry_id(day, "%s:%s" % (self.source, key), 12),
+        record = {"op": "entry", "id": self.entry_id(key, start),
                   "issue": issue, "project": project, "note": note, "src": self.source,
                   "v": RECORD_SCHEMA}
         if end is not None and (seconds is None or seconds == end - start):
             record["segments"] = [[start, end]]
         else:
-            record["date"], record["seconds"] = day, seconds
+            record["date"], record["seconds"] = self.clock.day_of(start), seconds
         if extra:
             record["extra"] = extra
         self.entries.setdefault(user, []).append(record)
@@ -5112,7 +5144,8 @@ def parse_v1(path, data, mapping, tz):
             end = _v1_time(session["end"], path, at) if session.get("end") is not None else None
             duration = session.get("duration")
             if duration is not None:
-                if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+                if (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                        or not 0 <= duration < EPOCH_LIMITS[1]):      # also refuses NaN
                     raise _import_error(path, at, "duration %r is not a number of seconds"
                                         % (duration,))
                 seconds = int(round(duration))     # an explicit duration wins over start/end
@@ -5132,18 +5165,26 @@ def parse_v1(path, data, mapping, tz):
                 batch.review.append("imported, check it: %s, %s, %s lasts %s" % (
                     issue, user, session.get("start"), format_duration(seconds)))
             note = "v1" + (": %s" % session["reason"] if session.get("reason") else "")
-            key = "%s:%s:%s:%s" % (issue, user, start, session.get("instance_id", ""))
-            batch.add(user, key, issue, "", note[:NOTE_MAX], start, end, seconds, extra or None)
+            batch.add(user, _v1_key(issue, user, start, session), issue, "", note[:NOTE_MAX],
+                      start, end, seconds, extra or None)
         current = record.get("current_session")
         if isinstance(current, dict) and current.get("start"):
-            user = _v1_user(current.get("user"), mapping, path, where + ", current_session")
-            batch.timers.append((user, issue, "", "v1 running session",
-                                 _v1_time(current["start"], path, where + ", current_session")))
+            at = where + ", current_session"
+            user = _v1_user(current.get("user"), mapping, path, at)
+            start = _v1_time(current["start"], path, at)
+            batch.add_timer(user, _v1_key(issue, user, start, current), issue, "",
+                            "v1 running session", start)
     return batch
 
 
+def _v1_key(issue, user, start, session):
+    """A session's identity: the running one keeps it when v1 closes it."""
+    return "%s:%s:%s:%s" % (issue, user, start, session.get("instance_id", ""))
+
+
 def _v1_user(name, mapping, path, where):
-    name = mapping.get(name, name)
+    if isinstance(name, str):
+        name = mapping.get(name, name)
     if not isinstance(name, str) or not valid_user_name(name):
         raise _import_error(path, where, "user %r is not a valid name (use --map old=new)"
                             % (name,))
@@ -5186,8 +5227,9 @@ def parse_watson(path, data, user, default_issue, tz):
         start, stop, project, frame_id = frame[:4]
         tags = frame[4] if len(frame) > 4 and frame[4] is not None else []
         if (isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, (int, float))
-                or not isinstance(stop, (int, float))):
-            raise _import_error(path, where, "start and stop must be Unix times")
+                or not isinstance(stop, (int, float))
+                or not (plausible_time(start) and plausible_time(stop))):
+            raise _import_error(path, where, "start and stop must be Unix times (1970 to 2999)")
         if stop <= start:
             raise _import_error(path, where, "stops before it starts")
         if not isinstance(tags, list):
@@ -5201,6 +5243,8 @@ def parse_watson(path, data, user, default_issue, tz):
                 without_issue += 1
                 continue
             issue = default_issue
+        if not isinstance(project, (str, type(None))):
+            raise _import_error(path, where, "project must be a string")
         if project not in projects:
             projects[project] = _clean_project(project, path, where)
         note = "watson" + (": " + " ".join(rest) if rest else "")
@@ -5216,9 +5260,15 @@ def parse_watson(path, data, user, default_issue, tz):
 _TIMEW_LINE = re.compile(r"^inc (\d{8}T\d{6}Z)(?: - (\d{8}T\d{6}Z))?(?: # (.*))?$")
 
 
-def _timew_time(text):
+def _timew_time(text, path, where):
     from datetime import datetime
-    return int(datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=_utc()).timestamp())
+    try:
+        ts = int(datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=_utc()).timestamp())
+    except ValueError:
+        ts = -1
+    if not plausible_time(ts):
+        raise _import_error(path, where, "%s is not a valid time" % text)
+    return ts
 
 
 def _timew_words(text):
@@ -5269,8 +5319,8 @@ def parse_timewarrior(path, user, default_issue, project, tz):
             m = _TIMEW_LINE.match(line)
             if not m:
                 raise _import_error(path, where, "not an interval line")
-            start = _timew_time(m.group(1))
-            end = _timew_time(m.group(2)) if m.group(2) else None
+            start = _timew_time(m.group(1), path, where)
+            end = _timew_time(m.group(2), path, where) if m.group(2) else None
             tags, annotation = [], ""
             if m.group(3):
                 tag_part, _, note_part = m.group(3).partition(" # ")
@@ -5287,7 +5337,7 @@ def parse_timewarrior(path, user, default_issue, project, tz):
                 issue = default_issue
             note = ("timewarrior: " + " ".join(rest + ([annotation] if annotation else []))).strip()
             if end is None:
-                batch.timers.append((user, issue, project, note[:NOTE_MAX], start))
+                batch.add_timer(user, m.group(1), issue, project, note[:NOTE_MAX], start)
             elif end < start:
                 raise _import_error(path, where, "ends before it starts")
             elif end > start:
@@ -5308,7 +5358,7 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
         store = PrivateStore(repo, user)
         entries = batch.entries.get(user, [])
         counts = {"added": 0, "already": 0}
-        if not dry_run and not store.exists():
+        if not dry_run and not store.exists() and (entries or user == importing_user):
             store.create()
         by_day = {}
         for record in entries:
@@ -5329,26 +5379,15 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
                     store.finish_bulk(written)
         else:
             counts["added"] = len(entries)
-        for timer_user, issue, project, note, start in batch.timers:
+        for timer_user, issue, project, note, start, timer_id in batch.timers:
             if timer_user != user:
                 continue
             if user != importing_user:
                 summary["timers"].append("not restored: %s's running %s since %s (only the "
                                          "importing user's timer is)" % (user, issue, start))
                 continue
-            if dry_run:
-                summary["timers"].append("would restore: running %s since %s" % (issue, start))
-                continue
-            with store.lock():
-                if store.load_timer() is not None:
-                    summary["timers"].append("not restored: %s since %s (a timer is running)"
-                                             % (issue, start))
-                    continue
-                day = local_date(start, store.tz)
-                store.save_timer({"id": new_entry_id(day), "day": day, "issue": issue,
-                                  "project": project, "note": note, "segments": [],
-                                  "running_since": start})
-                summary["timers"].append("restored: running %s since %s" % (issue, start))
+            summary["timers"].append(restore_timer(store, timer_id, issue, project, note, start,
+                                                   dry_run))
         if not dry_run and store.exists():
             with repo.lock("aggregate." + user, 10, "aggregation for %s" % user):
                 AuditChain(os.path.join(store.dir, "audit.jsonl")).append(
@@ -5357,6 +5396,27 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
                     already=counts["already"], unknown_fields=sorted(batch.unknown_fields))
         summary["users"][user] = counts
     return summary
+
+
+def restore_timer(store, timer_id, issue, project, note, start, dry_run):
+    """Restore an imported running interval unless it was already restored
+    (running) or already recorded (stopped, perhaps since deleted)."""
+    if not store.exists():
+        return "would restore: running %s since %s" % (issue, start)
+    day = day_of_entry_id(timer_id)
+    with store.lock():
+        if store.has_record(day, timer_id):
+            return "not restored: %s since %s was already stopped and recorded" % (issue, start)
+        current = store.load_timer()
+        if current is not None and current["id"] == timer_id:
+            return "already running: %s since %s" % (issue, start)
+        if current is not None:
+            return "not restored: %s since %s (a timer is running)" % (issue, start)
+        if dry_run:
+            return "would restore: running %s since %s" % (issue, start)
+        store.save_timer({"id": timer_id, "day": day, "issue": issue, "project": project,
+                          "note": note, "segments": [], "running_since": start})
+    return "restored: running %s since %s" % (issue, start)
 
 
 def export_entries(store):

@@ -97,6 +97,61 @@ def test_timewarrior_import(repo):
     assert "imported 0 entries for alice (4 already there)" in r.out
 
 
+def test_reimporting_a_stopped_running_session_does_not_restore_it(repo, tmp_path):
+    """The running v1 session is restored once; after it was stopped, importing
+    the same file again, or the file after v1 closed the session, adds nothing."""
+    path = os.path.join(FIXTURES, "task-times.json")
+    repo.ok("import", "v1", path, "--map", "olduser=bob", env=NOW)
+    repo.ok("stop", "--at", "2026-11-20T11:00:00Z", env=NOW)
+    assert user_total(repo, "alice") == 16200 + 7200
+    r = repo.ok("import", "v1", path, "--map", "olduser=bob", env=NOW)
+    assert "was already stopped and recorded" in r.out
+    assert repo.ok("status", "--json", env=NOW).json["timer"] is None
+    doc = json.load(open(path))
+    closed = dict(doc["123"].pop("current_session"), end="2026-11-20T11:30:00Z")
+    doc["123"]["sessions"].append(closed)
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps(doc))
+    r = repo.ok("import", "v1", str(later), "--map", "olduser=bob", env=NOW)
+    assert "imported 0 entries for alice (4 already there)" in r.out
+    assert user_total(repo, "alice") == 16200 + 7200      # FlowForge's own stop wins
+
+
+def test_reimporting_a_running_interval_while_it_runs(repo, tmp_path):
+    path = os.path.join(FIXTURES, "timewarrior")
+    repo.ok("import", "timewarrior", path, env=NOW)
+    r = repo.ok("import", "timewarrior", path, env=NOW)
+    assert "already running: 42" in r.out
+    repo.ok("stop", "--at", "2026-11-20 09:00", env=NOW)
+    tw = tmp_path / "tw" / "data"
+    tw.mkdir(parents=True)
+    for name in ("2026-10.data", "2026-11.data"):
+        text = open(os.path.join(path, "data", name)).read()
+        (tw / name).write_text(text.replace("20261120T080000Z #", "20261120T080000Z - "
+                                            "20261120T093000Z #"))
+    r = repo.ok("import", "timewarrior", str(tw.parent), env=NOW)
+    assert "imported 0 entries for alice (5 already there)" in r.out
+    assert user_total(repo, "alice") == 7200 + 1800 + 7200 + 9000 + 3600
+
+
+def test_reimport_after_a_time_zone_change_adds_nothing(repo):
+    path = os.path.join(FIXTURES, "watson-frames.json")
+    repo.ok("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
+    repo.ok("init", "--timezone", "Pacific/Kiritimati")          # UTC+14: other local days
+    r = repo.ok("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
+    assert "imported 0 entries for alice (4 already there)" in r.out
+    assert user_total(repo, "alice") == 3600 + 2700 + 7200 + 900
+
+
+def test_another_users_running_session_alone_creates_no_store(repo, tmp_path):
+    path = tmp_path / "only-bob.json"
+    path.write_text(json.dumps({"7": {"current_session": {"start": "2026-11-20T10:00:00Z",
+                                                          "user": "bob"}}}))
+    r = repo.ok("import", "v1", str(path), env=NOW)
+    assert "not restored: bob's running 7" in r.out
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/bob"))
+
+
 MALFORMED = [
     ("v1", "not json {", "not valid JSON"),
     ("v1", "[]", "expected an object"),
@@ -109,13 +164,27 @@ MALFORMED = [
            '"user": "../x"}]}}', "not a valid name"),
     ("v1", '{"1": {"sessions": [{"start": "2026-11-16T09:00:00Z", "duration": -5, '
            '"user": "alice"}]}}', "not a number of seconds"),
+    ("v1", '{"1": {"sessions": [{"start": "2026-11-16T09:00:00Z", "duration": 60, '
+           '"user": ["alice"]}]}}', "not a valid name"),
+    ("v1", '{"1": {"sessions": [{"start": "2026-11-16T09:00:00Z", "duration": Infinity, '
+           '"user": "alice"}]}}', "not a number of seconds"),
+    ("v1", '{"1": {"sessions": [{"start": "2026-11-16T09:00:00Z", "duration": NaN, '
+           '"user": "alice"}]}}', "not a number of seconds"),
+    ("v1", '{"1": {"sessions": [{"start": "0000-01-01T00:00:00Z", "duration": 60, '
+           '"user": "alice"}]}}', "not ISO-8601"),
+    ("v1", '{"1": {"sessions": [{"start": "0001-01-01T00:00:00Z", "duration": 60, '
+           '"user": "alice"}]}}', "not ISO-8601"),
     ("watson", '{"frames": []}', "expected a list"),
+    ("watson", '[[NaN, 1763283600, "p", "id1", ["1"]]]', "must be Unix times"),
+    ("watson", '[[1763280000, 1e30, "p", "id1", ["1"]]]', "must be Unix times"),
+    ("watson", '[[1763280000, 1763283600, ["p"], "id1", ["1"]]]', "project must be a string"),
     ("watson", '[[1763283600, 1763280000, "p", "id1", ["1"]]]', "stops before it starts"),
     ("watson", '[[1763280000, 1763283600, "p", "id1", "1"]]', "tags must be a list"),
     ("watson", '[["a", "b", "p", "id"]]', "must be Unix times"),
     ("timewarrior", "inc 20261116T080000Z - 20261116T100000Z # 42\ninc garbage\n", "line 2"),
     ("timewarrior", 'inc 20261116T080000Z - 20261116T100000Z # "42\n', "unterminated quote"),
     ("timewarrior", "inc 20261116T100000Z - 20261116T080000Z # 42\n", "ends before it starts"),
+    ("timewarrior", "inc 20261399T100000Z - 20261116T080000Z # 42\n", "not a valid time"),
 ]
 
 

@@ -142,6 +142,33 @@ def test_edit_and_delete_are_amendments(repo):
     assert [json.loads(line[9:])["op"] for line in lines] == ["entry", "edit", "edit", "delete"]
 
 
+def test_editing_a_paused_entry_keeps_its_pauses(repo):
+    repo.ok("start", "1", "--at", "09:00", env=NOW)
+    repo.ok("pause", "--at", "10:00", env=NOW)
+    repo.ok("resume", "--at", "11:00", env=NOW)
+    entry = repo.ok("stop", "--at", "12:00", "--json", env=NOW).json["entry"]
+    repo.ok("edit", entry["id"], "--start", "08:30", env=NOW)
+    assert ff.entry_seconds(entries(repo)[0]) == 9000
+    repo.ok("edit", entry["id"], "--end", "12:30", env=NOW)
+    assert ff.entry_seconds(entries(repo)[0]) == 10800          # the pause hour stays out
+    repo.ok("edit", entry["id"], "--duration", "2h", env=NOW)   # moves the last end
+    [e] = entries(repo)
+    assert ff.entry_seconds(e) == 7200 and len(e["segments"]) == 2
+    assert e["segments"][1][1] - e["segments"][1][0] == 1800
+    r = repo("edit", entry["id"], "--duration", "30m", env=NOW)  # would empty the last segment
+    assert r.rc == 64 and "segment" in r.err
+    r = repo("edit", entry["id"], "--start", "10:15", env=NOW)   # after the first segment's end
+    assert r.rc == 64
+    assert ff.entry_seconds(entries(repo)[0]) == 7200
+
+
+def test_pausing_in_the_second_the_timer_started(repo):
+    repo.ok("start", "1", "--at", "09:00", env=NOW)
+    assert "0s so far" in repo.ok("pause", "--at", "09:00", env=NOW).out
+    repo.ok("resume", "--at", "09:30", env=NOW)
+    assert ff.entry_seconds(repo.ok("stop", "--at", "10:00", "--json", env=NOW).json["entry"]) == 1800
+
+
 def test_edit_errors(repo):
     assert repo("edit", "nonsense", "--issue", "2", env=NOW).rc == 64
     assert repo("edit", "20261120-00000000", "--issue", "2", env=NOW).rc == 1
