@@ -1473,10 +1473,10 @@ def find_mirrors(repo, user):
 class PrivateStore:
     """One developer's private data in this clone: .flowforge/user/<name>/."""
 
-    def __init__(self, repo, user):
+    def __init__(self, repo, user, directory=None):
         self.repo = repo
         self.user = user
-        self.dir = os.path.join(repo.users, user)
+        self.dir = directory or os.path.join(repo.users, user)  # another: a recovery view
         self.config_path = os.path.join(self.dir, "config.json")
         self.time_dir = os.path.join(self.dir, "time")
         self.daily = os.path.join(self.time_dir, "daily")
@@ -1495,6 +1495,8 @@ class PrivateStore:
         """Create the store (0700 directories, a random store id); idempotent."""
         if timezone:
             load_timezone(timezone)
+        if not self.exists():
+            self._refuse_to_hide_a_mirror()
         for path in (self.daily, os.path.join(self.time_dir, "archive")):
             makedirs_private(path)
         os.chmod(self.dir, 0o700)
@@ -1511,6 +1513,20 @@ class PrivateStore:
             self._settings = self._tz = self._clock = None
             self.mirror.put("config.json", canonical_bytes(settings))
         return False
+
+    def _refuse_to_hide_a_mirror(self):
+        """After `git clean -fdx` (or a re-clone into the same path) the store is
+        gone but its mirror is not; a new empty store would hide that data."""
+        for _, directory, info in find_mirrors(self.repo, self.user):
+            if info.get("root") != self.repo.root:
+                continue  # another clone of the same repository on this machine
+            daily = os.path.join(directory, "time", "daily")
+            if os.path.isdir(daily) and os.listdir(daily):
+                raise FlowForgeError(
+                    "the private store of %s is missing from this work tree but its mirror %s "
+                    "holds its data: run `flowforge recover reconstruct --from-mirror`, then "
+                    "`flowforge recover deploy` (to start an empty store instead, move that "
+                    "mirror away)" % (self.user, directory), EXIT_DATA)
 
     def settings(self):
         if self._settings is None:
@@ -2379,11 +2395,20 @@ class Aggregator:
         except ValueError:
             debug("aggregation cache %s is damaged; rebuilding" % self.state_path)
             return None  # a cache: rebuilding it from the private store loses nothing
+        # A team chain that is not the one the cache recorded (restored from
+        # git, say) may lack records for shards the cache calls audited.
         expected = {"schema": AGGSTATE_SCHEMA, "store": self.store.store_id,
-                    "granularity": self.granularity, "timezone": self.store.tz_name}
+                    "granularity": self.granularity, "timezone": self.store.tz_name,
+                    "chain": self.team_head()}
         if not isinstance(state, dict) or any(state.get(k) != v for k, v in expected.items()):
             return None
         return state
+
+    def team_head(self):
+        try:
+            return list(self.chains()[0].head())
+        except FlowForgeError:
+            return None
 
     def contributions(self, day, records):
         return day_contributions(records, self.store.clock, self.granularity)
@@ -2438,7 +2463,7 @@ class Aggregator:
                 audited.update(record["files"])
             new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
                          "granularity": self.granularity, "timezone": store.tz_name,
-                         "files": new_files, "audited": audited}
+                         "chain": self.team_head(), "files": new_files, "audited": audited}
             data = canonical_bytes(new_state)
             try:
                 unchanged = read_bytes(self.state_path) == data
@@ -3678,15 +3703,18 @@ def hook_status(repo):
     return status
 
 
-class BudgetExceeded(FlowForgeError):
-    pass
+class BudgetExceeded(Exception):
+    """Not a FlowForgeError: code that tolerates FlowForge errors (the mirror,
+    reading a chain) must not swallow the end of the budget."""
 
 
 class time_budget:
     """Raise BudgetExceeded in the main thread once `seconds` have passed.
 
-    Interrupting aggregation is safe: every write is an atomic replace (an
-    interrupted one removes its temp file) and re-running is idempotent.  Git
+    Interrupting aggregation is safe: shards, cache and mirror copies are
+    atomic replaces (an interrupted one removes its temp file), an interrupted
+    audit append leaves a torn tail that the next run trims, and re-running is
+    idempotent.  Git
     is never run inside a budget: a killed `git add` could leave index.lock."""
 
     def __init__(self, seconds):
@@ -4759,39 +4787,36 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
 
     def stage(rel, data, source):
         items.append({"path": rel, "source": source, "sha256": sha256_hex(data), "size": len(data),
-                      "data": data})
+                      "data": data, "replaces": _sha_or_none(os.path.join(repo.root, rel))})
+    kept = []
     if from_mirror:
-        mirrors = find_mirrors(repo, user)
-        if store_id:
-            mirrors = [m for m in mirrors if m[0] == store_id]
-        if not mirrors:
-            raise FlowForgeError("no mirror of %s's private store for this repository under %s"
-                                 % (user, mirror_root(repo)))
-        if len(mirrors) > 1 and mirrors[0][2].get("root") != repo.root:
-            raise FlowForgeError("several mirrors of %s's store: %s; choose one with --store"
-                                 % (user, ", ".join(m[0] for m in mirrors)), EXIT_USAGE)
-        chosen, directory, _ = mirrors[0]
         store = PrivateStore(repo, user)
-        if store.exists() and store.store_id != chosen:
-            raise FlowForgeError("this clone already has a private store for %s (%s), not %s"
-                                 % (user, store.store_id, chosen))
+        chosen, directory = choose_mirror(repo, store, store_id)
         for dirpath, _, filenames in os.walk(directory):
             for name in sorted(filenames):
                 if name == "mirror.json" or _TEMP_FILE.match(name):
                     continue
                 source = os.path.join(dirpath, name)
-                rel = repo.rel(os.path.join(store.dir, os.path.relpath(source, directory)))
+                inside = os.path.relpath(source, directory)
+                rel = repo.rel(os.path.join(store.dir, inside))
                 data = read_bytes(source)
                 try:
-                    if read_bytes(os.path.join(repo.root, rel)) == data:
-                        continue
-                except (FileNotFoundError, FlowForgeError):
-                    pass
-                stage(rel, data, "mirror %s" % chosen)
+                    local = read_bytes(os.path.join(repo.root, rel))
+                except FileNotFoundError:
+                    local = None
+                if local == data:
+                    continue
+                if mirror_copy_wanted(inside, local, data):
+                    stage(rel, data, "mirror %s" % chosen)
+                else:
+                    kept.append("%s: the copy here is newer than the mirror's; kept it" % rel)
     granularity = repo.config["granularity"]
     computed = {}
+    repaired = {item["path"] for item in items}
     for name in local_users(repo):
         store = PrivateStore(repo, name)
+        if repo.rel(store.config_path) in repaired:
+            continue  # its settings are damaged and staged for repair: deploy first
         try:
             computed[(name, store.store_id)] = Aggregator(store, granularity).compute_all()
         except FlowForgeError as e:
@@ -4833,7 +4858,7 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
             stage(repo.rel(path), data, source)
     plan = {"schema": 1, "created": now(), "items": [{k: v for k, v in i.items() if k != "data"}
                                                       for i in items],
-            "unrecoverable": unrecoverable}
+            "unrecoverable": unrecoverable, "kept": kept}
     if not dry_run and items:
         staged = os.path.join(recover_dir(repo), "staged")
         if os.path.isdir(staged):
@@ -4847,24 +4872,99 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
     return plan
 
 
-def load_plan(repo):
+def choose_mirror(repo, store, store_id=None):
+    """(store id, directory) of the mirror to reconstruct `store` from: the
+    one given, else the only one, else the one made from this work tree."""
+    user = store.user
+    mirrors = find_mirrors(repo, user)
+    if store_id:
+        mirrors = [m for m in mirrors if m[0] == store_id]
     try:
-        return json.loads(read_bytes(os.path.join(recover_dir(repo), "plan.json")))
+        current = store.store_id if store.exists() else None
+    except FlowForgeError:
+        current = None  # damaged settings: the mirror's copy is what repairs them
+    if current:
+        mirrors = [m for m in mirrors if m[0] == current]
+    if not mirrors:
+        raise FlowForgeError("no mirror of %s's private store %sfor this repository under %s"
+                             % (user, (current or store_id or "") + " " if current or store_id
+                                else "", mirror_root(repo)))
+    here = [m for m in mirrors if m[2].get("root") == repo.root]
+    if len(mirrors) > 1 and len(here) != 1:
+        def describe(m):
+            days = os.path.join(m[1], "time", "daily")
+            count = len(os.listdir(days)) if os.path.isdir(days) else 0
+            return "%s (%d day files, from %s)" % (m[0], count, m[2].get("root", "?"))
+        raise FlowForgeError("several mirrors of %s's store: %s; choose one with --store"
+                             % (user, "; ".join(describe(m) for m in mirrors)), EXIT_USAGE)
+    chosen = here[0] if here else mirrors[0]
+    return chosen[0], chosen[1]
+
+
+def mirror_copy_wanted(inside, local, mirrored):
+    """Whether the mirror's copy of a store file should replace the one here
+    (`local`, None when missing).  A newer local file is never replaced: the
+    append-only files only when the mirror holds every good line of the local
+    one, the settings only when the local ones are damaged, the timer only
+    when it is missing."""
+    if local is None:
+        return True
+    if inside.endswith(".jsonl"):
+        lines = set(mirrored.splitlines(True))
+        if inside == "audit.jsonl":
+            good = [line for line in local.splitlines(True) if line.endswith(b"\n")]
+        else:
+            good = PrivateStore._scan_day(local)[1]
+        return all(line in lines for line in good)
+    if inside == "config.json":
+        try:
+            return not re.fullmatch(r"[0-9a-f]{10}", str(json.loads(local).get("store", "")))
+        except (ValueError, AttributeError):
+            return True
+    return False
+
+
+def load_plan(repo):
+    path = os.path.join(recover_dir(repo), "plan.json")
+    try:
+        plan = json.loads(read_bytes(path))
+        if not isinstance(plan, dict) or not isinstance(plan.get("items"), list):
+            raise ValueError
+        return plan
     except FileNotFoundError:
         return None
+    except ValueError:
+        raise FlowForgeError("the recovery plan %s is damaged: run `flowforge recover "
+                             "reconstruct` again" % repo.rel(path), EXIT_DATA)
 
 
 def validate(repo):
     """Recompute every local store from its private records and compare, to the
     second, with the shards (the staged ones where a repair is staged)."""
+    import shutil
     plan = load_plan(repo) or {"items": []}
     staged = {item["path"] for item in plan["items"]}
     results = []
     granularity = repo.config["granularity"]
-    for name in local_users(repo):
+    prefix = repo.rel(repo.users) + "/"
+    repaired = {path[len(prefix):].split("/")[0] for path in staged if path.startswith(prefix)}
+    for name in sorted(set(local_users(repo)) | repaired):
         store = PrivateStore(repo, name)
-        for month, data in Aggregator(store, granularity).compute_all().items():
-            rel = repo.rel(os.path.join(shard_dir(repo, name, store.store_id), month + ".json"))
+        if name in repaired:  # as the deploy will leave it: a copy with the staged files over it
+            view = os.path.join(recover_dir(repo), "view", name)
+            shutil.rmtree(view, ignore_errors=True)
+            if os.path.isdir(store.dir):
+                shutil.copytree(store.dir, view)
+            shutil.copytree(os.path.join(recover_dir(repo), "staged", repo.rel(store.dir)), view,
+                            dirs_exist_ok=True)
+            store = PrivateStore(repo, name, view)
+        try:
+            computed, store_id = Aggregator(store, granularity).compute_all(), store.store_id
+        finally:
+            if name in repaired:
+                shutil.rmtree(os.path.dirname(store.dir), ignore_errors=True)
+        for month, data in computed.items():
+            rel = repo.rel(os.path.join(shard_dir(repo, name, store_id), month + ".json"))
             where = os.path.join(recover_dir(repo), "staged", rel) if rel in staged else \
                 os.path.join(repo.root, rel)
             expected = json.loads(data)["totals"]["seconds"]
@@ -4949,20 +5049,42 @@ def _apply(repo, journal):
     fsync_dir(recover_dir(repo))
 
 
+def _read_journal(repo, path):
+    """The deploy journal, or None after setting a damaged one aside (it is
+    written by atomic replace, so damage is from outside FlowForge)."""
+    try:
+        journal = json.loads(read_bytes(path))
+        if (not isinstance(journal, dict) or journal.get("state") not in ("prepared", "applying")
+                or not isinstance(journal.get("id"), str) or not isinstance(journal.get("items"), list)
+                or not all(isinstance(i, dict) and isinstance(i.get("path"), str)
+                           for i in journal["items"])):
+            raise ValueError("not a deploy journal")
+        return journal
+    except ValueError:
+        item = Quarantine(repo).put(path, "damaged deploy journal")
+        warn("the deploy journal %s was damaged and was set aside as %s; the deploy it "
+             "described may be half done: run `flowforge recover assess`" % (repo.rel(path), item))
+        return None
+
+
 def finish_interrupted_deploy(repo):
     """After a crash during deploy: a journal that reached "applying" is rolled
     forward, an earlier one discarded, so the files are all new or all old."""
     path = deploy_journal(repo)
     if not os.path.exists(path):
         return None
-    journal = json.loads(read_bytes(path))
+    journal = _read_journal(repo, path)
+    if journal is None:
+        return None
     locks = deploy_locks(repo, [i["path"] for i in journal["items"]])
     for lock in locks:
         lock.acquire()
     try:
         if not os.path.exists(path):
             return None  # someone else finished it while we waited
-        journal = json.loads(read_bytes(path))
+        journal = _read_journal(repo, path)
+        if journal is None:
+            return None
         if journal["state"] == "applying":
             _apply(repo, journal)
             log_event(repo, "deploy-resumed", id=journal["id"])
@@ -4973,6 +5095,13 @@ def finish_interrupted_deploy(repo):
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+def _sha_or_none(path):
+    try:
+        return sha256_hex(read_bytes(path))
+    except FileNotFoundError:
+        return None
 
 
 def deploy(repo, dry_run=False, rollback=False):
@@ -4998,7 +5127,7 @@ def deploy(repo, dry_run=False, rollback=False):
         if not plan or not plan["items"]:
             raise FlowForgeError("nothing is staged: run `flowforge recover reconstruct` first")
         for item in plan["items"]:
-            items.append({"path": item["path"],
+            items.append({"path": item["path"], "replaces": item.get("replaces", False),
                           "source": os.path.join(recover, "staged", item["path"])})
     if dry_run:
         return {"id": None, "items": [{"path": i["path"], "delete": bool(i.get("delete"))}
@@ -5007,6 +5136,12 @@ def deploy(repo, dry_run=False, rollback=False):
     for lock in locks:
         lock.acquire()
     try:
+        changed = [i["path"] for i in items if i.get("replaces", False) is not False
+                   and i["replaces"] != _sha_or_none(os.path.join(repo.root, i["path"]))]
+        if changed:
+            raise FlowForgeError("%s changed since it was staged (%d file(s) in all): run "
+                                 "`flowforge recover reconstruct` again; nothing was deployed"
+                                 % (changed[0], len(changed)))
         journal = {"schema": 1, "id": deploy_id, "state": "prepared", "rollback": rollback,
                    "items": []}
         for item in items:
@@ -5839,7 +5974,9 @@ class Context:
             repo = self.work_tree().require()
             repo._config = load_config(repo.config_path)  # a damaged one stops every command (78)
             if os.path.exists(deploy_journal(repo)):
-                info("flowforge: %s" % finish_interrupted_deploy(repo))
+                finished = finish_interrupted_deploy(repo)
+                if finished:
+                    info("flowforge: %s" % finished)
             self._repo = repo
         return self._repo
 
@@ -6506,6 +6643,7 @@ def cmd_recover(ctx, args):
         lines = ["%s %s (from %s)" % ("would stage" if args.dry_run else "staged", i["path"],
                                       i["source"]) for i in plan["items"]]
         lines += ["cannot reconstruct %s" % u for u in plan["unrecoverable"]]
+        lines += ["kept %s" % k for k in plan["kept"]]
         if plan["items"] and not args.dry_run:
             lines.append("next: `flowforge recover validate`, then `flowforge recover deploy`")
         ctx.emit("recover", plan, lines or ["nothing needs reconstructing"])

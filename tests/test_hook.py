@@ -102,6 +102,16 @@ def test_time_budget_exceeded(hooked):
     assert hooked.ok("report", "--json").json["total_seconds"] == 28 * 600
 
 
+def test_best_effort_code_does_not_swallow_the_end_of_the_budget(hooked, tmp_path, monkeypatch):
+    """The mirror tolerates FlowForge errors; the budget's end must get through it."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    mirror = ff.PrivateStore(ff.Repo(hooked.root), "alice").mirror
+    with pytest.raises(ff.BudgetExceeded):
+        with ff.time_budget(0.05):
+            mirror._best_effort("slow copy", lambda: time.sleep(2))
+    assert not os.path.exists(os.path.join(hooked.root, ".flowforge/state", ff.MIRROR_STALE))
+
+
 def test_broken_flowforge_py_never_blocks(hooked):
     with open(os.path.join(hooked.root, "flowforge.py"), "a") as f:
         f.write("\ndef broken(:\n")

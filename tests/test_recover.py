@@ -75,16 +75,99 @@ def test_two_mirrors_need_a_choice(repo, tmp_path, pycache):
     other.ok("init")
     shutil.copy(str(tmp_path / "config.json"), os.path.join(other.root, ".flowforge/config.json"))
     other.ok("log", "9", "1h", env=NOW)                 # same repo id: a second mirror
-    store = ff.PrivateStore(ff.Repo(other.root), "alice")
-    store.mirror.sync()
+    other.ok("aggregate", env=NOW)
+    store_id = ff.PrivateStore(ff.Repo(other.root), "alice").store_id
     third = Runner(make_git_repo(str(tmp_path / "third")), pycache, repo.home)
     third.ok("init")
     shutil.copy(str(tmp_path / "config.json"), os.path.join(third.root, ".flowforge/config.json"))
     shutil.rmtree(os.path.join(third.root, ".flowforge/user"))
     r = third("recover", "reconstruct", "--from-mirror")
     assert r.rc == 64 and "--store" in r.err
-    r = third.ok("recover", "reconstruct", "--from-mirror", "--store", store.store_id)
-    assert "mirror %s" % store.store_id in r.out
+    assert "1 day files, from %s" % other.root in r.err
+    r = third.ok("recover", "reconstruct", "--from-mirror", "--store", store_id)
+    assert "mirror %s" % store_id in r.out
+
+
+def test_after_git_clean_no_command_hides_the_mirror_behind_a_new_store(repo):
+    work(repo)
+    subprocess.run(["git", "clean", "-fdxq"], cwd=repo.root, check=True)
+    for command in (["status"], ["log", "1", "1h"], ["init"]):
+        r = repo(*command, env=NOW)
+        assert r.rc == 65 and "recover reconstruct --from-mirror" in r.err, (command, r)
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/alice"))
+    repo.ok("recover", "reconstruct", "--from-mirror")
+    r = repo.ok("recover", "validate", "--json")       # checks the staged store, before deploy
+    assert [x["recomputed_seconds"] for x in r.json["results"]] == [3 * 3600]
+    assert r.json["differ"] == 0
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/state/recover/view"))
+    repo.ok("recover", "deploy")
+    assert repo.ok("status", "--json", env=NOW).json["timer"]["issue"] == "3"
+
+
+def test_reconstruct_never_replaces_newer_private_data_with_the_mirror(repo, tmp_path):
+    work(repo)
+    daily = os.path.join(repo.root, ".flowforge/user/alice/time/daily")
+    elsewhere = {"XDG_DATA_HOME": str(tmp_path / "elsewhere")}       # the mirror misses this
+    repo.ok("log", "7", "2h", "--date", "2026-11-18", env=dict(NOW, **elsewhere))
+    newer = open(os.path.join(daily, "2026-11-18.jsonl"), "rb").read()
+    os.unlink(os.path.join(daily, "2026-11-19.jsonl"))                 # this one is lost
+    r = repo.ok("recover", "reconstruct", "--from-mirror")
+    assert "2026-11-19.jsonl (from mirror" in r.out
+    assert "kept .flowforge/user/alice/time/daily/2026-11-18.jsonl" in r.out
+    repo.ok("recover", "deploy")
+    assert open(os.path.join(daily, "2026-11-18.jsonl"), "rb").read() == newer
+    assert sum(ff.entry_seconds(e) for e in entries(repo)) == 3 * 3600 + 7200
+
+
+def test_deploy_refuses_a_target_that_changed_since_staging(repo):
+    work(repo)
+    day = os.path.join(repo.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
+    os.unlink(day)
+    repo.ok("recover", "reconstruct", "--from-mirror")
+    repo.ok("log", "8", "30m", "--date", "2026-11-19", env=NOW)        # written meanwhile
+    def data():
+        return {k: v for k, v in tree_snapshot(repo.root).items() if "/locks/" not in k}
+    before = data()
+    r = repo("recover", "deploy")
+    assert r.rc == 1 and "changed since it was staged" in r.err and r.err.count("\n") == 1
+    assert data() == before
+
+
+def test_damaged_private_settings_are_repaired_from_the_mirror(repo):
+    work(repo)
+    config = os.path.join(repo.root, ".flowforge/user/alice/config.json")
+    good = open(config, "rb").read()
+    open(config, "wb").write(b"{garbage")
+    r = repo("recover", "assess", "--json")
+    assert any("reconstruct --from-mirror" in f["fix"] for f in r.json["findings"])
+    r = repo.ok("recover", "reconstruct", "--from-mirror")
+    assert "staged .flowforge/user/alice/config.json" in r.out
+    repo.ok("recover", "deploy")
+    assert open(config, "rb").read() == good
+    assert sum(ff.entry_seconds(e) for e in entries(repo)) == 3 * 3600
+
+
+def test_damaged_plan_and_deploy_journal_are_one_line_errors(repo):
+    deploy_template(repo)
+    recover = os.path.join(repo.root, ".flowforge/state/recover")
+    open(os.path.join(recover, "plan.json"), "w").write("{")
+    r = repo("recover", "deploy")
+    assert r.rc == 65 and "plan" in r.err and "Traceback" not in r.err and r.err.count("\n") == 1
+    open(os.path.join(recover, "deploy.json"), "w").write("[1, 2")
+    r = repo("status", env=NOW)
+    assert r.rc == 0 and "deploy journal" in r.err and "set aside as Q" in r.err
+    assert not os.path.exists(os.path.join(recover, "deploy.json"))
+    assert "deploy journal" in repo.ok("quarantine", "list").out
+
+
+def test_a_chain_restored_from_git_is_brought_up_to_date(repo):
+    work(repo)
+    repo.ok("log", "9", "1h", "--date", "2026-11-19", env=NOW)
+    repo.ok("aggregate", env=NOW)                     # a chain record the commit does not have
+    git(repo.root, "checkout", "HEAD", "--", ".flowforge/team/audit")
+    assert repo("audit", "verify").rc != 0
+    repo.ok("aggregate", env=NOW)                     # notices the chain is not the cached one
+    assert repo.ok("audit", "verify").rc == 0
 
 
 def test_shard_corrupted_in_head_is_rebuilt_from_git_history(repo):
