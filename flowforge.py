@@ -479,8 +479,11 @@ def decode_record(line):
         raise ValueError("not JSON")
     if not isinstance(record, dict):
         raise ValueError("not a record")
-    if record.get("v", 0) > RECORD_SCHEMA:
-        raise ValueError("written by a newer FlowForge (record version %s)" % record.get("v"))
+    version = record.get("v", 0)
+    if type(version) is not int:
+        raise ValueError("record version %r is not a number" % (version,))
+    if version > RECORD_SCHEMA:
+        raise ValueError("written by a newer FlowForge (record version %s)" % version)
     return record
 
 
@@ -979,6 +982,16 @@ def validate_config(config, path):
     if (not isinstance(interval, (int, float)) or isinstance(interval, bool)
             or not 1 <= interval <= 86400):
         bad("daemon.interval must be 1-86400 seconds")
+    plugins = config.get("plugins", {})
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        bad("plugins must be an object of {\"name\": {settings}}")
+    for name, section in plugins.items():
+        if not isinstance(section.get("enabled", True), bool):
+            bad("plugins.%s.enabled must be true or false" % name)
+    authors = config.get("authors", {})
+    if not isinstance(authors, dict) or not all(
+            isinstance(v, str) and valid_user_name(v) for v in authors.values()):
+        bad("authors must map commit e-mail addresses to FlowForge user names")
 
 
 def derive_user_name(email):
@@ -1234,7 +1247,8 @@ def entry_start(entry):
 
 def _valid_record(record):
     """Structural check of a record that passed its checksum."""
-    if type(record) is not dict or record.get("v", 0) > RECORD_SCHEMA:
+    version = record.get("v", 0) if type(record) is dict else None
+    if type(version) is not int or version > RECORD_SCHEMA:
         return False
     entry_id = record.get("id")
     if type(entry_id) is not str or not _ENTRY_ID.fullmatch(entry_id):
@@ -2308,21 +2322,43 @@ def verify_shard_bytes(raw):
 
 
 def check_shard_sums(doc):
-    """Internal consistency: rows well formed and the totals equal their sums."""
+    """Internal consistency: header and rows well formed, the totals equal
+    their sums."""
+    if (not valid_user_name(str(doc.get("user"))) or not isinstance(doc.get("store"), str)
+            or not _MONTH.fullmatch(str(doc.get("month")))
+            or doc.get("granularity") not in ("day", "week", "month")):
+        raise ValueError("header (user, store, month, granularity) malformed")
     rows = doc.get("rows")
     if not isinstance(rows, list):
         raise ValueError("rows missing")
+    periods = month_periods(doc["month"], doc["granularity"])
     total = 0
     by_issue = {}
     for row in rows:
         if (not isinstance(row, list) or len(row) != 4 or type(row[3]) is not int
-                or row[3] <= 0 or not all(isinstance(x, str) for x in row[:3])):
+                or row[3] <= 0 or not all(isinstance(x, str) for x in row[:3])
+                or row[0] not in periods):
             raise ValueError("malformed row %r" % (row,))
         total += row[3]
         by_issue[row[1]] = by_issue.get(row[1], 0) + row[3]
     totals = doc.get("totals") or {}
     if totals.get("seconds") != total or totals.get("by_issue") != by_issue:
         raise ValueError("totals do not match its rows")
+
+
+_MONTH_PERIODS = {}
+
+
+def month_periods(month, granularity):
+    """The periods a shard of `month` may have rows for (days, ISO weeks or
+    the month itself); ValueError for a month that does not exist."""
+    key = (month, granularity)
+    if key not in _MONTH_PERIODS:
+        from datetime import date, timedelta
+        first, last = (date.fromisoformat(d) for d in month_bounds(month))
+        _MONTH_PERIODS[key] = {period_of((first + timedelta(days=n)).isoformat(), granularity)
+                               for n in range((last - first).days + 1)}
+    return _MONTH_PERIODS[key]
 
 
 def read_shard(path):
@@ -3280,7 +3316,11 @@ class Plugin:
             func = getattr(module, hook, None)
             if func is None:
                 continue
-            params = inspect.signature(func).parameters.values()
+            try:
+                params = inspect.signature(func).parameters.values()
+            except (TypeError, ValueError):
+                self.error = "hook %s is not a function" % hook
+                return self
             if any(p.kind == p.VAR_KEYWORD for p in params):
                 self.hooks[hook] = (func, None)   # takes everything we pass
                 continue
@@ -3445,8 +3485,11 @@ class Http:
         import urllib.error
         import urllib.parse
         import urllib.request
+        origin = urllib.parse.urlsplit(self.base_url)[:2]
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        origin = urllib.parse.urlsplit(url)[:2]
+        if urllib.parse.urlsplit(url)[:2] != origin:  # a pagination link, say: not our host
+            raise PermanentFailure("refusing to send the credentials to another host: %s"
+                                   % urllib.parse.urlsplit(url).netloc)
         data = canonical_json(body).encode("utf-8") if body is not None else None
         for _ in range(4):
             all_headers = dict(self.headers, **(headers or {}))
@@ -3527,6 +3570,7 @@ def plugins_report(repo, check=False):
         if check and not problem and config is not None and "health" in plugin.hooks:
             try:
                 problem = plugin.call("health", repo=repo, config=config)
+                problem = str(problem) if problem else None
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:
@@ -5634,9 +5678,13 @@ def load_team_shards(repo):
     shards, damaged = [], []
     for path, _, _, _ in list_shard_files(repo):
         try:
-            shards.append(read_shard(path))
+            doc = read_shard(path)
+            check_shard_sums(doc)  # a valid sha256 says nothing about rows written by hand
+            shards.append(doc)
         except CorruptFile as e:
             damaged.append("%s (%s)" % (repo.rel(path), e.reason))
+        except ValueError as e:
+            damaged.append("%s (shard %s)" % (repo.rel(path), e))
     if damaged:
         raise FlowForgeError("%d damaged shard(s): %s; run `flowforge reconcile` on the "
                              "owner's machine or `flowforge recover assess`"
@@ -5946,6 +5994,22 @@ def arg(*flags, **kwargs):
     return flags, kwargs
 
 
+def number(kind, low, high):
+    """An argparse type: a `kind` (int or float) from low to high; NaN and
+    infinities are refused like any other number out of range."""
+    def convert(text):
+        import argparse
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%s is not from %s to %s" % (text, low, high))
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
 AT = arg("--at", metavar="TIME", help="when: 09:30, '2026-11-22 09:30', ISO-8601 or -15m "
          "(default: now)")
 
@@ -6243,13 +6307,11 @@ def cmd_delete(ctx, args):
          "flowforge aggregate --full",
          arg("--full", action="store_true", help="rebuild every shard instead of only changed days"),
          arg("--all", action="store_true", help="every private store in this clone, not only yours"),
-         arg("--wait", metavar="SECONDS", type=float, default=10.0,
+         arg("--wait", metavar="SECONDS", type=number(float, 0, 3600), default=10.0,
              help="how long to wait for a busy lock before exit 75 (default 10)"),
          area="team")
 def cmd_aggregate(ctx, args):
     repo = ctx.repo
-    if not 0 <= args.wait <= 3600:
-        raise FlowForgeError("--wait must be 0-3600 seconds", EXIT_USAGE)
     users = local_users(repo) if args.all else [ctx.user]
     if not args.all and not PrivateStore(repo, ctx.user).exists():
         raise FlowForgeError("no private store for %s here: nothing to aggregate" % ctx.user)
@@ -6409,20 +6471,20 @@ def cmd_hook(ctx, args):
 @command("queue", "Inspect and repair the retry queue.", "flowforge queue retry 12",
          arg("action", choices=("status", "list", "run", "retry", "dead", "purge"),
              help="status, list, run (due jobs), retry ID, dead (dead-lettered), purge (done)"),
-         arg("id", nargs="?", type=int, metavar="ID", help="job id (retry)"),
+         arg("id", nargs="?", type=number(int, 1, 2 ** 63 - 1), metavar="ID",
+             help="job id (retry)"),
          arg("--once", action="store_true", help="run: one job at most"),
          arg("--status", choices=("queued", "leased", "done", "dead"), help="list: only these"),
-         arg("--limit", type=int, default=50, metavar="N", help="list: at most N jobs"),
+         arg("--limit", type=number(int, 1, 100000), default=50, metavar="N",
+             help="list: at most N jobs"),
          arg("--dead", action="store_true", help="purge: dead jobs too"),
-         arg("--older-than", type=float, default=0.0, metavar="DAYS",
+         arg("--older-than", type=number(float, 0, 36500), default=0.0, metavar="DAYS",
              help="purge: only jobs finished at least DAYS ago"),
          area="layers")
 def cmd_queue(ctx, args):
     repo = ctx.repo
     if args.action == "retry" and args.id is None:
         raise FlowForgeError("queue retry needs a job ID (see `flowforge queue list`)", EXIT_USAGE)
-    if not 1 <= args.limit <= 100000 or args.older_than < 0:
-        raise FlowForgeError("--limit must be 1-100000 and --older-than not negative", EXIT_USAGE)
     queue = open_queue(repo)
     if args.action == "status":
         stats = queue.stats()
@@ -6460,7 +6522,8 @@ def cmd_queue(ctx, args):
 @command("daemon", "Run the polling daemon: aggregate changes, run due jobs, heartbeat.",
          "flowforge daemon --ensure",
          arg("--once", action="store_true", help="one round, then exit (for cron)"),
-         arg("--interval", type=float, metavar="S", help="seconds between rounds (default: "
+         arg("--interval", type=number(float, 1, 86400), metavar="S",
+             help="seconds between rounds (default: "
              "config daemon.interval, 30)"),
          arg("--ensure", action="store_true", help="start a detached daemon unless one runs"),
          arg("--stop", action="store_true", help="stop the running daemon (SIGTERM)"),
@@ -6469,8 +6532,6 @@ def cmd_daemon(ctx, args):
     repo = ctx.repo
     if sum(map(bool, (args.once, args.ensure, args.stop))) > 1:
         raise FlowForgeError("use one of --once, --ensure, --stop", EXIT_USAGE)
-    if args.interval is not None and not 1 <= args.interval <= 86400:
-        raise FlowForgeError("--interval must be 1-86400 seconds", EXIT_USAGE)
     repo.ensure_machine_dirs()
     if args.ensure:
         started, pid = ensure_daemon(repo)
@@ -6529,14 +6590,12 @@ def cmd_doctor(ctx, args):
          arg("action", choices=("verify", "show"), help="verify every chain, or show one"),
          arg("--store", metavar="ID", help="show: the store (default: yours here)"),
          arg("--local", action="store_true", help="show: your private chain (exact times)"),
-         arg("--since-hours", type=float, default=720.0, metavar="H",
+         arg("--since-hours", type=number(float, 0, 876000), default=720.0, metavar="H",
              help="verify: check committed history this far back (default 720)"),
          area="recovery")
 def cmd_audit(ctx, args):
     repo = ctx.repo
     if args.action == "verify":
-        if args.since_hours < 0:
-            raise FlowForgeError("--since-hours must not be negative", EXIT_USAGE)
         result = verify_team(repo, history_since=now() - int(args.since_hours * 3600))
         findings = [f for f in result["findings"] if f["kind"] in ("audit", "torn-tail",
                                                                    "shard-audit", "audit-history")]
@@ -6576,15 +6635,13 @@ def cmd_audit(ctx, args):
          "flowforge reconcile --ci --report flowforge-reconcile.md",
          arg("--ci", action="store_true", help="verify shards, chains and authors without "
              "private data; exit 1 when something is wrong"),
-         arg("--lookback-hours", type=float, default=72.0, metavar="N",
+         arg("--lookback-hours", type=number(float, 0, 87600), default=72.0, metavar="N",
              help="--ci: authors of the last N hours (default 72)"),
          arg("--report", metavar="FILE", help="--ci: write the Markdown report to FILE "
              "(also appended to $GITHUB_STEP_SUMMARY when set)"),
          area="recovery")
 def cmd_reconcile(ctx, args):
     repo = ctx.repo
-    if args.lookback_hours < 0 or args.lookback_hours > 24 * 3650:
-        raise FlowForgeError("--lookback-hours must be 0-87600", EXIT_USAGE)
     if not args.ci:
         if args.report:
             raise FlowForgeError("--report goes with --ci", EXIT_USAGE)

@@ -31,6 +31,11 @@ CORPUS = [
     (["entries", "--from", "2026-1-1"], 64), (["entries", "--issue", "x y"], 64),
     # team
     (["aggregate", "--wait", "-1"], 64), (["aggregate", "--wait", "x"], 64),
+    (["aggregate", "--wait", "nan"], 64), (["audit", "verify", "--since-hours", "nan"], 64),
+    (["audit", "verify", "--since-hours", "inf"], 64), (["reconcile", "--lookback-hours", "nan"], 64),
+    (["queue", "retry", "99999999999999999999"], 64), (["queue", "list", "--limit", "0"], 64),
+    (["daemon", "--interval", "inf"], 64), (["start", "1", "--at", "-99999999h"], 64),
+    (["start", "1", "--at", "1969-12-31 09:00"], 64),
     (["report", "--by", "bogus"], 64), (["report", "--by", "user,user"], 64),
     (["report", "--format", "xml"], 64), (["report", "--from", "2026-1-1"], 64),
     (["report", "--period", "year"], 64), (["bill", "--month", "2026-00"], 64),
@@ -78,7 +83,12 @@ def test_hostile_user_from_environment(lived_in):
 
 
 @pytest.mark.parametrize("content", [b"{", b"[]", b'{"schema": 99}', b'{"schema": 1, "granularity":'
-                                     b' "hour"}', b'{"schema":1,"billing":{"currency":"euro"}}', b""])
+                                     b' "hour"}', b'{"schema":1,"billing":{"currency":"euro"}}', b"",
+                                     b'{"schema": 1, "plugins": [1]}',
+                                     b'{"schema": 1, "plugins": {"github": "yes"}}',
+                                     b'{"schema": 1, "plugins": {"github": {"enabled": "no"}}}',
+                                     b'{"schema": 1, "authors": ["x"]}',
+                                     b'{"schema": 1, "authors": {"a@example.com": "../x"}}'])
 def test_corrupted_config(lived_in, content):
     path = os.path.join(lived_in.root, ".flowforge/config.json")
     open(path, "wb").write(content)
@@ -125,3 +135,27 @@ def test_read_only_flowforge_dir(lived_in):
     finally:
         restore()
     assert tree_snapshot(lived_in.root) == before
+
+
+def test_a_shard_with_a_valid_checksum_but_bad_rows_stops_reports(lived_in):
+    import glob
+    import flowforge as ff
+    [shard] = glob.glob(lived_in.root + "/.flowforge/team/summaries/alice--*/2026-11.json")
+    doc = ff.read_shard(shard)
+    for cells in ({("yesterday", "1", ""): 3600}, {("2026-10-31", "1", ""): 3600}):
+        open(shard, "wb").write(ff.render_shard("alice", doc["store"], "2026-11", "day", "UTC",
+                                                cells))
+        for command in (["report"], ["bill"]):
+            r = lived_in(*command, env=NOW)
+            check_clean_failure(r, 65)
+            assert "malformed row" in r.err
+
+
+def test_a_day_record_with_a_string_version_is_set_aside(lived_in):
+    import flowforge as ff
+    path = os.path.join(lived_in.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
+    with open(path, "ab") as f:
+        f.write(ff.encode_record({"op": "entry", "id": "20261119-0badbad0", "issue": "2",
+                                  "date": "2026-11-19", "seconds": 60, "v": "1"}))
+    r = lived_in("entries", "--date", "2026-11-19", env=NOW)
+    assert r.rc == 0 and "Traceback" not in r.err and "quarantined" in r.err

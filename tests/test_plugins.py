@@ -60,12 +60,14 @@ def test_broken_newer_and_foreign_plugins_are_reported_and_skipped(repo):
     with open(os.path.join(directory, "foreign.py"), "w") as f:
         f.write("x = 1\n")
     write_plugin(directory, "greedy", "def on_stop(entry, banana):\n    pass\n")
-    enable(repo, broken={}, future={}, foreign={}, greedy={})
+    write_plugin(directory, "odd", "health = 'fine'\n")
+    enable(repo, broken={}, future={}, foreign={}, greedy={}, odd={})
     found = plugins(repo)
     assert found["broken"]["problem"].startswith("does not import: SyntaxError")
     assert "needs plugin API 2; this FlowForge" in found["future"]["problem"]
     assert found["foreign"]["problem"] == "is not a FlowForge plugin (no PLUGIN_API)"
     assert "wants banana" in found["greedy"]["problem"]
+    assert found["odd"]["problem"] == "hook health is not a function"
     assert repo("plugins", "check").rc == 1
     r = repo.ok("log", "1", "1h", env=NOW)                 # everything else goes on
     repo.ok("aggregate", env=NOW)
@@ -173,3 +175,23 @@ def test_enabled_but_missing_and_health_problems(repo):
     assert rows["nosuch"]["problem"] == "enabled in config.json but not found"
     assert "no GITHUB_TOKEN" in rows["github"]["problem"]
     assert repo("plugins", "check", env={"GITHUB_TOKEN": "x"}).rc == 1          # nosuch still
+
+
+def test_http_sends_credentials_only_to_its_own_host():
+    from fakes import FakeServer
+    ours, other = FakeServer(), FakeServer()
+    try:
+        http = ff.Http(ours.url, {"Authorization": "token secret"})
+        ours.script = [("GET", "^/old$", 307, {"Location": "/new"}, None),
+                       ("GET", "^/new$", 200, {}, {"ok": 1}),
+                       ("GET", "^/moved$", 302, {"Location": other.url + "/x"}, None)]
+        assert http.request("GET", "/old").json() == {"ok": 1}       # same host: followed
+        with pytest.raises(ff.PermanentFailure, match="another host"):
+            http.request("GET", "/moved")
+        with pytest.raises(ff.PermanentFailure, match="another host"):
+            http.request("GET", other.url + "/issues?page=2")          # a foreign next link
+        assert other.requests == []
+        assert [r[2]["authorization"] for r in ours.requests] == ["token secret"] * 3
+    finally:
+        ours.close()
+        other.close()
