@@ -5753,6 +5753,13 @@ def team_cells(shards, dims, first, last):
                 p_first, p_last = period_bounds(period, granularity, month)
                 if (first and p_last < first) or (last and p_first > last):
                     continue
+                if (first and p_first < first) or (last and p_last > last):
+                    # Counting it would bill it again in the adjacent range.
+                    raise FlowForgeError(
+                        "the shards of %s keep time per %s, and %s (%s to %s) crosses the "
+                        "edge of %s..%s: use a range that starts and ends on %s boundaries"
+                        % (user, granularity, period, p_first, p_last, first or "", last or "",
+                           granularity), EXIT_USAGE)
             if granularity == "day":
                 day = period
                 week = None

@@ -95,6 +95,13 @@ def test_granularity(repo, granularity, periods):
     assert doc["granularity"] == granularity
     assert repo("report", "--by", "day").rc == 1
     assert team_total(repo) == 3 * 3600
+    # a range may not cut a period in two: adjacent ranges would both count it
+    r = repo("bill", "--from", "2026-11-12", "--to", "2026-11-15")
+    assert r.rc == 64 and "boundaries" in r.err
+    if granularity == "week":
+        halves = [repo.ok("bill", "--json", "--from", a, "--to", b).json["total_seconds"]
+                  for a, b in (("2026-11-01", "2026-11-15"), ("2026-11-16", "2026-11-30"))]
+        assert halves == [3600, 7200]
 
 
 def test_edits_that_move_months_and_empty_a_month(repo):
