@@ -1025,7 +1025,7 @@ def check_user_name(name, source):
     return name
 
 
-def init_repo(root, user, timezone):
+def init_repo(root):
     """Create the layout; safe to run twice (nothing existing is overwritten)."""
     repo = Repo(root)
     created = []
@@ -1376,7 +1376,7 @@ class Mirror:
     def __init__(self, store):
         self.store = store
         self.repo = store.repo
-        self.dir = os.path.join(mirror_root(store.repo), "%s--%s" % (store.user, store.store_id))
+        self.dir = os.path.join(mirror_root(store.repo), store_key(store.user, store.store_id))
 
     def _best_effort(self, what, func):
         try:
@@ -2047,6 +2047,11 @@ class Timers:
 AUDIT_GENESIS = "0" * 64
 
 
+def utc_day_start(ts):
+    """Team chains record only the UTC day: when someone worked stays private."""
+    return ts - ts % 86400
+
+
 def audit_hash(prev, body):
     return sha256_hex((prev + canonical_json(body)).encode("utf-8"))
 
@@ -2179,8 +2184,14 @@ class AuditChain:
         return result
 
 
+def store_key(user, store_id):
+    """`<user>--<store>`: how shard directories, team chains, mirrors and
+    backups name one private store."""
+    return "%s--%s" % (user, store_id)
+
+
 def team_chain_path(repo, user, store_id):
-    return os.path.join(repo.team, "audit", "%s--%s.jsonl" % (user, store_id))
+    return os.path.join(repo.team, "audit", store_key(user, store_id) + ".jsonl")
 
 
 def list_team_chains(repo):
@@ -2275,7 +2286,7 @@ def day_contributions(records, clock, granularity):
 
 
 def shard_dir(repo, user, store_id):
-    return os.path.join(repo.summaries, "%s--%s" % (user, store_id))
+    return os.path.join(repo.summaries, store_key(user, store_id))
 
 
 def render_shard(user, store_id, month, granularity, tz_name, cells):
@@ -2406,7 +2417,7 @@ def backup_shard(repo, path, old):
 
 def shard_backups(repo, user, store_id, month):
     """Paths of a shard's kept versions, newest first."""
-    directory = os.path.join(repo.state, "backups", "shards", "%s--%s" % (user, store_id), month)
+    directory = os.path.join(repo.state, "backups", "shards", store_key(user, store_id), month)
     try:
         return [os.path.join(directory, n) for n in sorted(os.listdir(directory), reverse=True)]
     except FileNotFoundError:
@@ -2609,7 +2620,7 @@ class Aggregator:
             if item:
                 warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
                      % (self.repo.rel(chain.path), item))
-        record = team.append(action, ts - ts % 86400, files=files, totals=totals, **extra)
+        record = team.append(action, utc_day_start(ts), files=files, totals=totals, **extra)
         local.append(action, ts, files=files, totals=totals, team_seq=record["seq"], **extra)
         self.store.mirror.sync([])  # the local chain (and settings) without any day file
         return record
@@ -3063,12 +3074,17 @@ class RetryQueue:
             conn.execute("UPDATE jobs SET status = 'done', done_at = ?, updated_at = ?, "
                          "lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
                          (now_ts, now_ts, job.id))
-            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_done'")
-            if failed_at is not None:
-                conn.execute("UPDATE meta SET value = value + ? WHERE key = "
-                             "'recovery_seconds_sum'", (now_ts - failed_at,))
-                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovery_count'")
+            self._count_done(conn, failed_at, now_ts)
         self._write(tx)
+
+    @staticmethod
+    def _count_done(conn, failed_at, now_ts):
+        """The done counter, and for a job that had failed, how long recovery took."""
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_done'")
+        if failed_at is not None:
+            conn.execute("UPDATE meta SET value = value + ? WHERE key = "
+                         "'recovery_seconds_sum'", (now_ts - failed_at,))
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovery_count'")
 
     def fail(self, job, error, retry_after=None, permanent=False):
         """Record a failed attempt: back to the queue after a backoff, or dead."""
@@ -3094,11 +3110,7 @@ class RetryQueue:
                 conn.execute("UPDATE jobs SET status = 'done', done_at = ?, updated_at = ?, "
                              "last_error = COALESCE(last_error || ' ', '') || '(done by another "
                              "run)' WHERE id = ?", (now_ts, now_ts, row["id"]))
-                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'jobs_done'")
-                if row["failed_at"] is not None:
-                    conn.execute("UPDATE meta SET value = value + ? WHERE key = "
-                                 "'recovery_seconds_sum'", (now_ts - row["failed_at"],))
-                    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovery_count'")
+                self._count_done(conn, row["failed_at"], now_ts)
             return len(rows)
         return self._write(tx)
 
@@ -3225,6 +3237,16 @@ def run_job(repo, queue, job):
         outcome = "done"
     log_event(repo, "job", job=job.id, kind=job.kind, outcome=outcome, attempt=job.attempts)
     return outcome
+
+
+AGGREGATE_MAX_ATTEMPTS = 100   # about two days of retries (mean wait 30 min at the cap)
+
+
+def enqueue_aggregate(queue, user):
+    """Queue an aggregation that failed: one job per user (by key), first in line."""
+    job_id, _ = queue.enqueue("aggregate", {"user": user}, key="aggregate:" + user,
+                              priority="high", failed=True, max_attempts=AGGREGATE_MAX_ATTEMPTS)
+    return job_id
 
 
 @job_kind("aggregate")
@@ -3605,7 +3627,6 @@ def plugins_report(repo, check=False):
 HOOKS = ("pre-commit", "post-commit")
 SHIM_VERSION = 1
 SHIM_MARK = "# flowforge-shim v"
-AGGREGATE_MAX_ATTEMPTS = 100   # about four days of hourly retries before a job is dead
 
 # Loads flowforge.py by path: putting the repository root on sys.path could let
 # a team's own json.py or select.py shadow the standard library.
@@ -3856,9 +3877,7 @@ def hook_failed(repo, user, error):
         return "flowforge: time not aggregated: %s" % reason
     try:
         queue = open_queue(repo, busy_timeout=2.0)
-        job_id, _ = queue.enqueue("aggregate", {"user": user}, key="aggregate:" + user,
-                                  priority="high", failed=True,
-                                  max_attempts=AGGREGATE_MAX_ATTEMPTS)
+        job_id = enqueue_aggregate(queue, user)
         queue.close()
         mark_pending(repo)
         return "flowforge: time not aggregated (%s); queued as job %d" % (reason, job_id)
@@ -4023,9 +4042,7 @@ class Daemon:
             except LockBusy:
                 continue  # someone (the hook) is aggregating right now
             except FlowForgeError as e:
-                job_id, _ = self.queue.enqueue("aggregate", {"user": user}, key="aggregate:" + user,
-                                               priority="high", failed=True,
-                                               max_attempts=AGGREGATE_MAX_ATTEMPTS)
+                job_id = enqueue_aggregate(self.queue, user)
                 log_event(self.repo, "daemon-aggregate-failed", user=user, error=one_line(e),
                           job=job_id)
                 return
@@ -4424,9 +4441,10 @@ def doctor_findings(repo):
 #
 # Layer 3 (`reconcile --ci`, on a clean checkout) proves the committed data
 # right or names what is wrong; layer 4 (`recover`, `reconcile`) repairs it
-# from the private store, the mirror, the backups and git history.  Nothing
-# here rewrites a file in place: repairs are staged and deployed under a
-# journal, damaged files go to quarantine.
+# from the private store, the mirror, the backups and git history.  Repairs
+# are staged and deployed under a journal; the only changes in place are
+# trimming a chain's torn tail and keeping a day file's good lines, each
+# after copying the original to quarantine.
 
 def verify_shard_file(repo, path, user, store_id, month):
     """Problems of one shard file: checksum, schema, internal sums, path."""
@@ -4469,6 +4487,7 @@ def verify_team(repo, history_since=None):
         stores.setdefault((user, store_id), 0)
         if problem:
             find("shard", path, problem)
+    damaged = {f["path"] for f in findings}  # one finding per file, not one per check
     chains = list_team_chains(repo)
     for path, user, store_id in chains:
         result = AuditChain(path).verify()
@@ -4476,6 +4495,8 @@ def verify_team(repo, history_since=None):
             find("torn-tail" if result["torn_tail"] and result["bad_seq"] == result["records"] + 1
                  else "audit", path, result["problem"])
         for rel, problem in shards_against_chain(repo, user, store_id, result["files"]):
+            if rel in damaged:
+                continue
             if problem != "not in the audit chain" or (user, store_id) in stores:
                 find("shard-audit", os.path.join(repo.root, rel), problem)
         stores.pop((user, store_id), None)
@@ -5636,7 +5657,7 @@ def erase_user(repo, user):
         with store.lock(30):
             if store_id:
                 AuditChain(team_chain_path(repo, user, store_id), 0o644).append(
-                    "erase", now() - now() % 86400, files={}, totals={},
+                    "erase", utc_day_start(now()), files={}, totals={},
                     note="private data erased; committed aggregates kept")
             if os.path.isdir(store.dir):
                 shutil.rmtree(store.dir)
@@ -6108,7 +6129,7 @@ def cmd_init(ctx, args):
     if args.timezone:
         load_timezone(args.timezone)
     root = ctx.work_tree().root
-    repo, created = init_repo(root, None, args.timezone)
+    repo, created = init_repo(root)
     ctx._repo = repo
     lines = ["created " + c for c in created] or ["FlowForge is already set up in %s" % root]
     try:
@@ -6148,14 +6169,14 @@ def _timers(ctx):
 def cmd_start(ctx, args):
     issue, project, note = parse_issue(args.issue), parse_project(args.project), parse_note(args.note)
     timers = _timers(ctx)
-    at = timers.check_time(ctx.time(args.at, timers.store), "start time")
+    at = timers.check_time(ctx.time(args.at, timers.store), "start time")  # before any store exists
     ctx.ready_store(timers.store)
     result, lines = timers.start(issue, project, note, at)
     return ctx.emit("start", result, lines)
 
 
 @command("switch", "Stop the running timer and start one for another issue.",
-         "flowforge switch 124 --at 11:15",
+         "flowforge switch 124 --at -15m",
          arg("issue", metavar="ISSUE", help="the issue to switch to"),
          arg("--project", metavar="P", help="project name"),
          arg("--note", metavar="TEXT", help="private note"), AT)
@@ -6166,7 +6187,7 @@ def cmd_switch(ctx, args):
 def _timer_at(ctx, args, action):
     """stop, pause and resume: an optional --at, then the Timers method of that name."""
     timers = _timers(ctx)
-    at = ctx.time(args.at, timers.store)
+    at = timers.check_time(ctx.time(args.at, timers.store), action + " time")
     ctx.ready_store(timers.store)
     return ctx.emit(action, *getattr(timers, action)(at))
 

@@ -184,7 +184,7 @@ def test_shard_corrupted_in_head_is_rebuilt_from_git_history(repo):
     shutil.rmtree(os.path.join(repo.root, ".flowforge/user/bob"))       # bob's data is elsewhere
     shutil.rmtree(os.path.join(repo.root, ".flowforge/state/backups"), ignore_errors=True)
     findings = repo("reconcile", "--ci", "--json").json["findings"]
-    assert [f["kind"] for f in findings] == ["shard", "shard-audit"]
+    assert [f["kind"] for f in findings] == ["shard"]             # one finding per file
     r = repo.ok("recover", "reconstruct")
     assert "from git " in r.out and os.path.basename(os.path.dirname(bob_shard)) in r.out
     repo.ok("recover", "deploy")

@@ -114,7 +114,7 @@ def queue_throughput(path, jobs=1000):
 def make_repo(path):
     os.makedirs(path)
     subprocess.run(["git", "init", "-q", path], check=True)
-    repo, _ = flowforge.init_repo(path, None, "UTC")
+    repo, _ = flowforge.init_repo(path)
     return repo
 
 
