@@ -4567,11 +4567,14 @@ def missing_aggregation(repo, lookback_hours):
 
 def ci_report_markdown(repo, result, missing, lookback_hours):
     _, head, _ = run_git(["rev-parse", "--short", "HEAD"], repo.root, check=False)
+    _, changed, _ = run_git(["status", "--porcelain", "--", repo.rel(repo.team)], repo.root,
+                            check=False)
     findings = result["findings"]
     problems = len(findings) + len(missing)
     out = ["# FlowForge reconcile", "",
-           "Checked %d shard(s) and %d audit chain(s) at `%s`; authors of the last %g hours."
-           % (result["shards"], result["chains"], head.strip() or "?", lookback_hours), ""]
+           "Checked %d shard(s) and %d audit chain(s) at `%s`%s; authors of the last %g hours."
+           % (result["shards"], result["chains"], head.strip() or "?",
+              " with uncommitted changes to them" if changed.strip() else "", lookback_hours), ""]
     titles = {"shard": "Damaged shards", "audit": "Broken audit chains",
               "torn-tail": "Audit chains with a torn last line (repairable)",
               "shard-audit": "Shards that do not match their audit chain",
@@ -5904,7 +5907,9 @@ def render_report(report, fmt):
             for r in report["rows"]]
     total = ["total"] + [""] * (len(dims) - 1) + [format_hours(report["total_seconds"]),
                                                   report["total_hours"]]
-    span = "%s .. %s" % (report["from"] or "start", report["to"] or "now")
+    first, last = report["from"], report["to"]
+    span = ("%s to %s" % (first, last) if first and last else "since %s" % first if first
+            else "up to %s" % last if last else "all time")
     if fmt == "table" and not rows:
         return "no tracked time in %s\n" % span
     return render(fmt, headers, rows, total if fmt != "csv" or rows else None,
