@@ -192,6 +192,12 @@ def system_timezone_name():
     return "UTC"
 
 
+def utc_text(ts):
+    """`2026-11-20 09:00:00 UTC`: a time for messages that have no user's zone."""
+    from datetime import datetime
+    return datetime.fromtimestamp(ts, _utc()).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def local_date(ts, tz):
     """The calendar date (ISO string) of epoch second `ts` in zone `tz`."""
     from datetime import datetime
@@ -5587,7 +5593,8 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
                 continue
             if user != importing_user:
                 summary["timers"].append("not restored: %s's running %s since %s (only the "
-                                         "importing user's timer is)" % (user, issue, start))
+                                         "importing user's timer is)"
+                                         % (user, issue, utc_text(start)))
                 continue
             summary["timers"].append(restore_timer(store, timer_id, issue, project, note, start,
                                                    dry_run))
@@ -5604,22 +5611,23 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
 def restore_timer(store, timer_id, issue, project, note, start, dry_run):
     """Restore an imported running interval unless it was already restored
     (running) or already recorded (stopped, perhaps since deleted)."""
+    since = utc_text(start)
     if not store.exists():
-        return "would restore: running %s since %s" % (issue, start)
+        return "would restore: running %s since %s" % (issue, since)
     day = day_of_entry_id(timer_id)
     with store.lock():
         if store.has_record(day, timer_id):
-            return "not restored: %s since %s was already stopped and recorded" % (issue, start)
+            return "not restored: %s since %s was already stopped and recorded" % (issue, since)
         current = store.load_timer()
         if current is not None and current["id"] == timer_id:
-            return "already running: %s since %s" % (issue, start)
+            return "already running: %s since %s" % (issue, since)
         if current is not None:
-            return "not restored: %s since %s (a timer is running)" % (issue, start)
+            return "not restored: %s since %s (a timer is running)" % (issue, since)
         if dry_run:
-            return "would restore: running %s since %s" % (issue, start)
+            return "would restore: running %s since %s" % (issue, since)
         store.save_timer({"id": timer_id, "day": day, "issue": issue, "project": project,
                           "note": note, "segments": [], "running_since": start})
-    return "restored: running %s since %s" % (issue, start)
+    return "restored: running %s since %s" % (issue, since)
 
 
 def export_entries(store):
