@@ -5908,6 +5908,13 @@ def build_report(repo, dims, first, last):
             "rows": rows, "total_seconds": total, "total_hours": decimal_hours(total)}
 
 
+def range_text(first, last):
+    """A report's days in words, for titles."""
+    if first and last:
+        return "%s to %s" % (first, last)
+    return "since %s" % first if first else "up to %s" % last if last else "all time"
+
+
 def render_report(report, fmt):
     dims = report["by"]
     headers = list(dims) + ["time", "hours"]
@@ -5915,9 +5922,7 @@ def render_report(report, fmt):
             for r in report["rows"]]
     total = ["total"] + [""] * (len(dims) - 1) + [format_hours(report["total_seconds"]),
                                                   report["total_hours"]]
-    first, last = report["from"], report["to"]
-    span = ("%s to %s" % (first, last) if first and last else "since %s" % first if first
-            else "up to %s" % last if last else "all time")
+    span = range_text(report["from"], report["to"])
     if fmt == "table" and not rows:
         return "no tracked time in %s\n" % span
     return render(fmt, headers, rows, total if fmt != "csv" or rows else None,
@@ -5994,7 +5999,7 @@ def render_bill(bill, fmt):
              + [decimal_hours(bill["total_seconds"]), decimal_hours(bill["total_billable_seconds"]),
                 "", "%s %s" % (bill["total_amount"], bill["currency"]) if fmt != "csv"
                 else bill["total_amount"]])
-    span = "%s .. %s" % (bill["from"] or "start", bill["to"] or "now")
+    span = range_text(bill["from"], bill["to"])
     rounding = bill["rounding"]
     title = "Bill %s, %s%s" % (span, bill["currency"],
                                ", rounded %s to %d min per %s" % (rounding["mode"], rounding["minutes"],
