@@ -515,58 +515,225 @@ def sha256_hex(data):
     return _sha256(data).hexdigest()
 
 
-def run_git(args, cwd, check=True):
-    """Run git; returns (exit code, stdout, stderr) as text.
+def _spawn_git(args, cwd, env=None, stdin=False, stderr=True):
+    """posix_spawn `git -C cwd ARGS`: (pid, stdin fd or None, stdout fd, stderr fd or None).
 
     posix_spawn instead of subprocess: importing subprocess costs ~15 ms, which
-    the timers and the hook cannot afford.  Inherits the environment, so inside
-    a git hook GIT_DIR and GIT_INDEX_FILE keep pointing at the right index."""
-    argv = ["git"] + list(args)
+    the timers and the hook cannot afford.  Inherits the environment (plus
+    `env`), so inside a git hook GIT_DIR and GIT_INDEX_FILE keep pointing at the
+    right repository."""
+    ours, theirs, actions = [], [], []
+    try:
+        if stdin:
+            in_r, in_w = os.pipe()
+            ours.append(in_w)
+            theirs.append(in_r)
+            actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
+        else:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            theirs.append(devnull)
+            actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
+        out_r, out_w = os.pipe()
+        ours.append(out_r)
+        theirs.append(out_w)
+        actions.append((os.POSIX_SPAWN_DUP2, out_w, 1))
+        if stderr:
+            err_r, err_w = os.pipe()
+            ours.append(err_r)
+            theirs.append(err_w)
+            actions.append((os.POSIX_SPAWN_DUP2, err_w, 2))
+        else:
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            theirs.append(quiet)
+            actions.append((os.POSIX_SPAWN_DUP2, quiet, 2))
+        for fd in ours:
+            actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        environ = dict(os.environ, **env) if env else os.environ
+        pid = os.posix_spawnp("git", ["git", "-C", cwd] + list(args), environ,
+                              file_actions=actions)
+    except OSError as e:
+        for fd in ours:
+            os.close(fd)
+        raise FlowForgeError("cannot run git: %s" % e.strerror, EXIT_UNAVAILABLE)
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return (pid, ours[0] if stdin else None, ours[1 if stdin else 0],
+            ours[-1] if stderr else None)
+
+
+def _wait_exit(pid):
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+        else (status >> 8)
+
+
+def run_git_bytes(args, cwd, input=None, env=None, timeout=None):
+    """Run git to the end; returns (exit code, stdout bytes, stderr text).
+
+    `input` is written to its stdin while its output is read (no deadlock on
+    big exchanges); after `timeout` seconds it is killed and exit code is -1."""
     if not hasattr(os, "posix_spawnp"):  # pragma: no cover - non-POSIX
         import subprocess
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True)
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
-    else:
-        import select
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         try:
-            actions = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
-                       (os.POSIX_SPAWN_CLOSE, out_r), (os.POSIX_SPAWN_CLOSE, err_r)]
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
-            try:
-                pid = os.posix_spawnp("git", ["git", "-C", cwd] + list(args), os.environ,
-                                      file_actions=actions)
-            finally:
-                os.close(devnull)
-        except OSError as e:
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
-            raise FlowForgeError("cannot run git: %s" % e.strerror, EXIT_UNAVAILABLE)
-        os.close(out_w)
-        os.close(err_w)
-        chunks = {out_r: [], err_r: []}
-        open_fds = [out_r, err_r]
-        while open_fds:
-            ready, _, _ = select.select(open_fds, [], [])
-            for fd in ready:
+            proc = subprocess.run(["git", "-C", cwd] + list(args), input=input or b"",
+                                  capture_output=True, timeout=timeout,
+                                  env=dict(os.environ, **env) if env else None)
+        except subprocess.TimeoutExpired:
+            return -1, b"", "timed out"
+        return proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace")
+    import select
+    pid, in_w, out_r, err_r = _spawn_git(args, cwd, env, stdin=input is not None)
+    chunks = {out_r: [], err_r: []}
+    readers = [out_r, err_r]
+    pending = memoryview(input or b"")
+    writers = [in_w] if in_w is not None else []
+    if in_w is not None and not pending:
+        os.close(in_w)
+        writers = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    killed = False
+    try:
+        while readers or writers:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready_r, ready_w, _ = select.select(readers, writers, [], wait)
+            if not ready_r and not ready_w:
+                import signal
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+            for fd in ready_w:
+                try:
+                    pending = pending[os.write(fd, pending[:65536]):]
+                except BrokenPipeError:
+                    pending = pending[:0]
+                if not pending:
+                    os.close(fd)
+                    writers = []
+            for fd in ready_r:
                 data = os.read(fd, 65536)
                 if data:
                     chunks[fd].append(data)
                 else:
-                    open_fds.remove(fd)
+                    readers.remove(fd)
+    finally:
+        for fd in readers + writers:
+            os.close(fd)
+        for fd in (out_r, err_r):
+            if fd not in readers:
+                try:
                     os.close(fd)
-        _, status = os.waitpid(pid, 0)
-        rc = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-            else (status >> 8)
-        out, err = b"".join(chunks[out_r]), b"".join(chunks[err_r])
-    out = out.decode("utf-8", "replace")
-    err = err.decode("utf-8", "replace")
+                except OSError:
+                    pass
+    rc = _wait_exit(pid)
+    if killed:
+        return -1, b"", "timed out after %g s" % timeout
+    return rc, b"".join(chunks[out_r]), b"".join(chunks[err_r]).decode("utf-8", "replace")
+
+
+def git_error_line(err, rc):
+    """The line of git's stderr that says what went wrong."""
+    lines = [line.strip() for line in err.strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("fatal:", "error:")):
+            return line
+    return lines[-1] if lines else "exit %d" % rc
+
+
+def run_git(args, cwd, check=True, input=None, env=None, timeout=None):
+    """Run git; returns (exit code, stdout, stderr) as text."""
+    rc, out, err = run_git_bytes(args, cwd, input, env, timeout)
     if check and rc != 0:
-        raise FlowForgeError("git %s failed: %s" % (" ".join(args[:2]), err.strip().splitlines()[-1]
-                                                    if err.strip() else "exit %d" % rc))
-    return rc, out, err
+        raise FlowForgeError("git %s failed: %s" % (" ".join(args[:2]), git_error_line(err, rc)))
+    return rc, out.decode("utf-8", "replace"), err
+
+
+class GitObjects:
+    """One `git cat-file --batch` process: many objects per round trip, for as
+    many rounds as the caller needs, so reading a ledger costs one process."""
+
+    def __init__(self, cwd):
+        self.cwd = cwd
+        self.pid = None
+
+    def _start(self):
+        self.pid, self.stdin, self.stdout, _ = _spawn_git(["cat-file", "--batch"], self.cwd,
+                                                          stdin=True, stderr=False)
+        self.buffer = b""
+
+    def get(self, names):
+        """[(type, bytes) or None] for each object name (an id, or `REV:PATH`)."""
+        import select
+        names = [n for n in names]
+        if not names:
+            return []
+        for name in names:
+            if not name or "\n" in name or not name.isprintable():
+                raise FlowForgeError("bad git object name %r" % name, EXIT_DATA)
+        if self.pid is None:
+            self._start()
+        request = memoryview(("\n".join(names) + "\n").encode("utf-8"))
+        out, pos = [], 0
+        buf = self.buffer
+        while len(out) < len(names):
+            ready_r, ready_w, _ = select.select([self.stdout], [self.stdin] if request else [],
+                                                [])
+            if ready_w:
+                request = request[os.write(self.stdin, request[:65536]):]
+            if not ready_r:
+                continue
+            data = os.read(self.stdout, 1 << 20)
+            if not data:
+                raise FlowForgeError("git cat-file ended early", EXIT_UNAVAILABLE)
+            buf += data
+            while len(out) < len(names):
+                eol = buf.find(b"\n", pos)
+                if eol < 0:
+                    break
+                header = buf[pos:eol].split(b" ")
+                if header[-1] in (b"missing", b"ambiguous") or len(header) != 3:
+                    out.append(None)
+                    pos = eol + 1
+                    continue
+                size = int(header[2])
+                if len(buf) < eol + 1 + size + 1:
+                    break
+                out.append((header[1].decode(), buf[eol + 1:eol + 1 + size]))
+                pos = eol + 1 + size + 1
+            buf, pos = buf[pos:], 0
+        self.buffer = buf
+        return out
+
+    def close(self):
+        if self.pid is not None:
+            os.close(self.stdin)
+            os.close(self.stdout)
+            _wait_exit(self.pid)
+            self.pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parse_tree(data, id_size):
+    """{name: (mode, object id)} of a raw git tree object (`id_size` bytes per
+    id: 20 for SHA-1 repositories, 32 for SHA-256); ValueError if malformed."""
+    entries, pos = {}, 0
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            nul = data.index(b"\0", space)
+            mode, name = data[pos:space].decode(), data[space + 1:nul].decode("utf-8")
+            if nul + 1 + id_size > len(data):
+                raise ValueError("truncated tree")
+            entries[name] = (mode, data[nul + 1:nul + 1 + id_size].hex())
+            pos = nul + 1 + id_size
+    except UnicodeDecodeError:
+        raise ValueError("tree entry names are not UTF-8")
+    return entries
 
 
 def git_config_get(root, key):
@@ -848,7 +1015,15 @@ DEFAULT_CONFIG = {
     },
     "hook": {"budget_ms": 400, "lock_wait_ms": 100},
     "daemon": {"interval": 30},
+    # Where store refs live on the remote; refs/heads/flowforge/ for a host
+    # that accepts branches only.  This clone's own refs stay under
+    # refs/flowforge/stores/ whatever it is.
+    "ledger": {"prefix": "refs/flowforge/stores/"},
+    # Commit authors (e-mail or name) that `reconcile --ci` never reports as
+    # missing aggregation: people who commit but track no time.
+    "reconcile": {"ignore_authors": []},
 }
+_LEDGER_PREFIX = re.compile(r"refs/(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)+")
 
 _RATE = re.compile(r"^\d{1,9}(\.\d{1,4})?$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -994,6 +1169,19 @@ def validate_config(config, path):
     for name, section in plugins.items():
         if not isinstance(section.get("enabled", True), bool):
             bad("plugins.%s.enabled must be true or false" % name)
+    ledger = config.get("ledger")
+    prefix = ledger.get("prefix") if isinstance(ledger, dict) else None
+    if (not isinstance(prefix, str) or not _LEDGER_PREFIX.fullmatch(prefix) or ".." in prefix
+            or prefix.count("/") < 3 or prefix.startswith(("refs/flowforge/incoming/",
+                                                           "refs/flowforge/remotes/",
+                                                           "refs/flowforge/quarantine/",
+                                                           "refs/remotes/", "refs/tags/"))):
+        bad("ledger.prefix must be a ref namespace of its own ending in /, such as "
+            "\"refs/flowforge/stores/\" or \"refs/heads/flowforge/\"")
+    reconcile = config.get("reconcile")
+    ignored = reconcile.get("ignore_authors") if isinstance(reconcile, dict) else None
+    if not isinstance(ignored, list) or not all(isinstance(a, str) and a for a in ignored):
+        bad("reconcile.ignore_authors must be a list of commit e-mail addresses or names")
     authors = config.get("authors", {})
     if not isinstance(authors, dict) or not all(
             isinstance(v, str) and valid_user_name(v) for v in authors.values()):
@@ -1035,7 +1223,7 @@ def init_repo(root):
     """Create the layout; safe to run twice (nothing existing is overwritten)."""
     repo = Repo(root)
     created = []
-    for path in (repo.summaries, os.path.join(repo.team, "audit"), os.path.join(repo.ff, "plugins")):
+    for path in (os.path.join(repo.ff, "plugins"),):
         if not os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
             created.append(repo.rel(path) + "/")
@@ -2103,9 +2291,7 @@ class AuditChain:
                               "verify`")
 
     def append(self, action, ts, **fields):
-        seq, prev = self.head()
-        body = dict(fields, seq=seq + 1, ts=ts, action=action, prev=prev)
-        record = dict(body, hash=audit_hash(prev, body))
+        record = chain_record(*self.head(), action, ts, **fields)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         append_durable(self.path, canonical_bytes(record), self.mode)
         return record
@@ -2143,51 +2329,72 @@ class AuditChain:
         return out
 
     def verify(self):
-        """{"ok", "records", "problem", "bad_seq", "torn_tail", "files": {path: sha}}.
-
-        Names the first broken record by its expected seq, and tells a torn last
-        line (an interrupted append: repairable) from a damaged or altered one."""
-        result = {"path": self.path, "ok": True, "records": 0, "problem": None, "bad_seq": None,
-                  "torn_tail": False, "files": {}}
         try:
             data = read_bytes(self.path)
         except FileNotFoundError:
-            return result
-        lines = data.split(b"\n")
-        if lines[-1] != b"":
-            result["torn_tail"] = True
-        lines = lines[:-1]
-        prev, expected = AUDIT_GENESIS, 1
-        for line in lines:
-            problem = None
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError
-            except ValueError:
-                record, problem = None, "record %d is not valid JSON" % expected
-            if record is not None:
-                body = {k: v for k, v in record.items() if k != "hash"}
-                if record.get("seq") != expected:
-                    problem = "record %d carries seq %r (removed, reordered or inserted records)" % (
-                        expected, record.get("seq"))
-                elif record.get("prev") != prev:
-                    problem = "record %d does not link to the record before it" % expected
-                elif record.get("hash") != audit_hash(prev, body):
-                    problem = "record %d does not match its hash (edited)" % expected
-            if problem:
-                result.update(ok=False, problem=problem, bad_seq=expected)
-                return result
-            prev = record["hash"]
-            result["records"] = expected
-            for path, sha in (record.get("files") or {}).items():
-                result["files"][path] = sha
-            expected += 1
-        if result["torn_tail"]:
-            result.update(ok=False, problem="torn last line after record %d (an interrupted "
-                          "append: `flowforge reconcile` trims it)" % result["records"],
-                          bad_seq=result["records"] + 1)
+            data = b""
+        return verify_chain_bytes(data, self.path)
+
+
+def verify_chain_bytes(data, path):
+    """{"ok", "records", "problem", "bad_seq", "torn_tail", "files": {path: sha}, "last"}.
+
+    Names the first broken record by its expected seq, and tells a torn last
+    line (an interrupted append: repairable) from a damaged or altered one.
+    Every field a record carries is checked for its type: chains come from
+    teammates' commits."""
+    result = {"path": path, "ok": True, "records": 0, "problem": None, "bad_seq": None,
+              "torn_tail": False, "files": {}, "last": None}
+    if not data:
         return result
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        result["torn_tail"] = True
+    lines = lines[:-1]
+    prev, expected = AUDIT_GENESIS, 1
+    for line in lines:
+        problem = None
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError
+        except (ValueError, RecursionError):
+            record, problem = None, "record %d is not valid JSON" % expected
+        if record is not None:
+            body = {k: v for k, v in record.items() if k != "hash"}
+            files = record.get("files", {})
+            if record.get("seq") != expected:
+                problem = "record %d carries seq %r (removed, reordered or inserted records)" % (
+                    expected, record.get("seq"))
+            elif record.get("prev") != prev:
+                problem = "record %d does not link to the record before it" % expected
+            elif record.get("hash") != audit_hash(prev, body):
+                problem = "record %d does not match its hash (edited)" % expected
+            elif not isinstance(files, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+                problem = "record %d has malformed \"files\"" % expected
+            elif type(record.get("ts")) is not int:
+                problem = "record %d has a malformed \"ts\"" % expected
+        if problem:
+            result.update(ok=False, problem=problem, bad_seq=expected)
+            return result
+        prev = record["hash"]
+        result["records"] = expected
+        result["last"] = record
+        for name, sha in files.items():
+            result["files"][name] = sha
+        expected += 1
+    if result["torn_tail"]:
+        result.update(ok=False, problem="torn last line after record %d (an interrupted "
+                      "append: `flowforge reconcile` trims it)" % result["records"],
+                      bad_seq=result["records"] + 1)
+    return result
+
+
+def chain_record(prev_seq, prev_hash, action, ts, **fields):
+    """The next record of a chain whose head is (prev_seq, prev_hash)."""
+    body = dict(fields, seq=prev_seq + 1, ts=ts, action=action, prev=prev_hash)
+    return dict(body, hash=audit_hash(prev_hash, body))
 
 
 def store_key(user, store_id):
@@ -2407,32 +2614,774 @@ def list_shard_files(repo):
     return found
 
 
-SHARD_BACKUPS_KEPT = 10   # previous versions kept per shard in state/backups
+# ############################################################################
+# 8. The ledger: one git ref per private store
+# ############################################################################
+#
+# Team time does not live on the code branches: the same writer would write
+# different versions of its files on different branches, and merges would
+# conflict.  Each private store owns one ref, refs/flowforge/stores/<user>--<store>,
+# whose linear, fast-forward-only history holds that store's files:
+#     summaries/<YYYY-MM>.json   the monthly shards
+#     audit/<YYYY>.jsonl         its team audit chain, one file per UTC year so
+#                                that an aggregation rewrites one year, not all
+# Every aggregation that changes something is one commit on that ref, written
+# with plumbing (blobs, trees, commit) and published by `update-ref NEW OLD`:
+# the compare-and-swap is the commit point, so a crash before it leaves only
+# unreachable objects and a crash after it leaves a complete commit.  Commit
+# dates are rounded to the UTC day, as the chain's, so no clock time leaks.
+#
+# Refs under refs/flowforge/ (none shows in `git branch -a`):
+#     stores/<key>                      this clone's own stores (pushed)
+#     incoming/<remote>/<key>           what the last fetch brought, as is
+#     remotes/<remote>/<key>            accepted copies: fast-forwards only
+#     quarantine/<remote>/<key>/<id>    histories kept aside when a store ref
+#                                       was rewritten on a remote
+# On the remote, store refs live under ledger.prefix (config.json), by default
+# refs/flowforge/stores/ (refs/heads/flowforge/ for hosts that take branches only).
+
+STORES_REF = "refs/flowforge/stores/"
+INCOMING_REF = "refs/flowforge/incoming/"
+REMOTES_REF = "refs/flowforge/remotes/"
+QUARANTINE_REF = "refs/flowforge/quarantine/"
+LEDGER_SCHEMA = 1
+LEDGER_CACHE_SCHEMA = 1
+LEDGER_AUTHOR = "FlowForge ledger"
+_STORE_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
+_SHARD_NAME = re.compile(r"(\d{4}-\d{2})\.json")
+_CHAIN_NAME = re.compile(r"(\d{4})\.jsonl")
+# Objects are fsynced before the ref that names them, and the ref itself too
+# (git >= 2.36; older versions ignore the setting and rely on the page cache).
+_GIT_DURABLE = ["-c", "core.fsync=objects,reference", "-c", "core.fsyncMethod=fsync"]
 
 
-def backup_shard(repo, path, old):
-    """Keep the version a shard had before it is replaced (bounded retention)."""
-    user_store, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
-    directory = os.path.join(repo.state, "backups", "shards", user_store, name[:-5])
-    makedirs_private(directory)
-    atomic_write(os.path.join(directory, "%d-%s.json" % (now(), sha256_hex(old)[:12])), old,
-                 0o600, sync_dir=False)
-    for stale in sorted(os.listdir(directory))[:-SHARD_BACKUPS_KEPT]:
-        os.unlink(os.path.join(directory, stale))
+def parse_store_key(key):
+    """(user, store id) of `<user>--<store>`, or None."""
+    m = _STORE_KEY.fullmatch(key or "")
+    return (m.group(1), m.group(2)) if m else None
 
 
-def shard_backups(repo, user, store_id, month):
-    """Paths of a shard's kept versions, newest first."""
-    directory = os.path.join(repo.state, "backups", "shards", store_key(user, store_id), month)
-    try:
-        return [os.path.join(directory, n) for n in sorted(os.listdir(directory), reverse=True)]
-    except FileNotFoundError:
+def shard_name(month):
+    return "summaries/%s.json" % month
+
+
+def ledger_file_name(path):
+    """The ledger name of a file an audit record lists: records written before
+    the ledger name work-tree paths (.flowforge/team/summaries/<key>/<m>.json)."""
+    if path.startswith(".flowforge/team/summaries/"):
+        return "summaries/" + path.rsplit("/", 1)[-1]
+    return path
+
+
+def remote_prefix(repo):
+    return repo.config["ledger"]["prefix"]
+
+
+def is_ancestor(repo, older, newer):
+    rc, _, err = run_git(["merge-base", "--is-ancestor", older, newer], repo.root, check=False)
+    if rc not in (0, 1):
+        raise FlowForgeError("git merge-base failed: %s" % git_error_line(err, rc), EXIT_DATA)
+    return rc == 0
+
+
+def list_ledger_refs(repo):
+    """{ref name: (object id, object type, tree id)} of every ref under refs/flowforge/."""
+    _, out, _ = run_git(["for-each-ref", "--format=%(objectname) %(objecttype) %(tree) "
+                         "%(refname)", "refs/flowforge/"], repo.root)
+    refs = {}
+    for line in out.splitlines():
+        parts = line.split(" ", 3)  # a ref to a non-commit has an empty tree field
+        if len(parts) == 4:
+            refs[parts[3]] = (parts[0], parts[1], parts[2])
+    return refs
+
+
+def update_refs(repo, updates, message):
+    """Apply [(ref, new id, old id or "")] in one transaction (all or none);
+    old "" means the ref must not exist yet.  FlowForgeError when another
+    writer got there first."""
+    if not updates:
+        return
+    lines = "".join("update %s %s %s\n" % (ref, new, old) for ref, new, old in updates)
+    rc, _, err = run_git(_GIT_DURABLE + ["update-ref", "--create-reflog", "-m", message,
+                                         "--stdin"], repo.root, check=False, input=lines.encode())
+    if rc:
+        raise FlowForgeError("cannot update the ledger (%s): %s" % (
+            updates[0][0] if len(updates) == 1 else "%d refs" % len(updates),
+            git_error_line(err, rc)), EXIT_TEMPFAIL)
+
+
+def write_blobs(repo, blobs):
+    """Store byte strings as git blobs; returns their ids.  One git process for
+    all of them (temp files, because hash-object reads many only from paths)."""
+    if not blobs:
         return []
+    scratch = os.path.join(repo.state, "tmp", "blobs-%d-%s" % (os.getpid(), os.urandom(4).hex()))
+    makedirs_private(scratch)
+    try:
+        paths = []
+        for n, data in enumerate(blobs):
+            path = os.path.join(scratch, str(n))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                         0o600)
+            try:
+                _write_all(fd, data)
+            except OSError as e:
+                raise StorageError(path, e)
+            finally:
+                os.close(fd)
+            paths.append(path)
+        _, out, _ = run_git(_GIT_DURABLE + ["hash-object", "-w", "--no-filters", "--stdin-paths"],
+                            repo.root, input=("\n".join(paths) + "\n").encode())
+    finally:
+        import shutil
+        shutil.rmtree(scratch, ignore_errors=True)
+    ids = out.split()
+    if len(ids) != len(blobs):
+        raise FlowForgeError("git hash-object returned %d ids for %d blobs" % (len(ids), len(blobs)))
+    return ids
 
+
+def _tree_entry(mode, oid):
+    """An entry of a parsed tree as `git mktree` takes it (mode, type, id)."""
+    if mode in ("40000", "040000"):
+        return "040000", "tree", oid
+    return (mode, "commit", oid) if mode == "160000" else (mode, "blob", oid)
+
+
+def make_trees(repo, trees):
+    """[{name: (mode, type, id)}] -> their tree ids, in one `mktree --batch`."""
+    text = "\n".join("".join("%s %s %s\t%s\n" % (mode, kind, oid, name)
+                             for name, (mode, kind, oid) in sorted(entries.items()))
+                     for entries in trees) + "\n"
+    _, out, _ = run_git(_GIT_DURABLE + ["mktree", "--batch"], repo.root, input=text.encode())
+    ids = out.split()
+    if len(ids) != len(trees):
+        raise FlowForgeError("git mktree returned %d ids for %d trees" % (len(ids), len(trees)))
+    return ids
+
+
+def ledger_commit_env(user, ts):
+    """Author and dates of a ledger commit: the store's user, no e-mail address
+    and no clock time (the UTC day only)."""
+    date = "@%d +0000" % utc_day_start(ts)
+    return {"GIT_AUTHOR_NAME": user, "GIT_AUTHOR_EMAIL": "%s@flowforge.invalid" % user,
+            "GIT_COMMITTER_NAME": LEDGER_AUTHOR, "GIT_COMMITTER_EMAIL": "ledger@flowforge.invalid",
+            "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+
+
+class StoreLedger:
+    """One store's ref: its tip's files, and commits that change them.  The
+    caller holds the store's aggregate lock (one writer per ref)."""
+
+    def __init__(self, repo, user, store_id, objects=None):
+        self.repo, self.user, self.store_id = repo, user, store_id
+        self.key = store_key(user, store_id)
+        self.ref = STORES_REF + self.key
+        self.objects = objects or GitObjects(repo.root)
+        self._tip = False
+        self._trees = {}
+
+    def tip(self):
+        """This clone's tip of the store; a fetched copy that is ahead of it (or
+        the only copy, in a fresh clone of a store restored from its mirror) is
+        taken over, so history stays linear and the next push fast-forwards."""
+        if self._tip is not False:
+            return self._tip
+        _, out, _ = run_git(["for-each-ref", "--format=%(objectname) %(objecttype) %(refname)",
+                             self.ref, REMOTES_REF + "*/" + self.key], self.repo.root)
+        own, copies = None, []
+        for line in out.splitlines():
+            oid, kind, ref = line.split(" ", 2)
+            if ref == self.ref:
+                own = oid
+            elif kind == "commit" and ref.endswith("/" + self.key):
+                copies.append(oid)
+        best = own
+        for oid in copies:
+            if best is None or (oid != best and is_ancestor(self.repo, best, oid)):
+                best = oid
+        if best != own:
+            update_refs(self.repo, [(self.ref, best, own or "")], "flowforge: take over %s from "
+                        "a fetched copy" % self.key)
+        self._tip = best
+        return best
+
+    def tree(self, directory):
+        """{name: (mode, id)} of summaries/ or audit/ at the tip."""
+        if directory not in self._trees:
+            tip = self.tip()
+            entries = {}
+            if tip:
+                found = self.objects.get(["%s:%s" % (tip, directory)])[0]
+                if found is not None:
+                    if found[0] != "tree":
+                        raise CorruptFile("%s:%s" % (self.ref, directory), "is not a directory")
+                    try:
+                        entries = parse_tree(found[1], len(tip) // 2)
+                    except ValueError as e:
+                        raise CorruptFile("%s:%s" % (self.ref, directory), str(e))
+            self._trees[directory] = entries
+        return self._trees[directory]
+
+    def months(self):
+        return sorted(m.group(1) for m in map(_SHARD_NAME.fullmatch, self.tree("summaries")) if m)
+
+    def read(self, names):
+        """{name: bytes or None} of files at the tip."""
+        tip = self.tip()
+        if not tip or not names:
+            return {name: None for name in names}
+        found = self.objects.get(["%s:%s" % (tip, name) for name in names])
+        return {name: (item[1] if item and item[0] == "blob" else None)
+                for name, item in zip(names, found)}
+
+    def chain_head(self):
+        """(seq, hash, name and bytes of the chain's last year file)."""
+        years = sorted(n for n in self.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        if not years:
+            return 0, AUDIT_GENESIS, None, b""
+        name = "audit/" + years[-1]
+        data = self.read([name])[name] or b""
+        result = verify_chain_tail(data, "%s:%s" % (self.ref, name))
+        return result[0], result[1], name, data
+
+    def commit(self, files, message, ts):
+        """One commit over the tip with `files` {ledger name: bytes} changed;
+        returns the new tip.  The update-ref compare-and-swap is the commit
+        point: before it nothing is visible, after it everything is."""
+        tip = self.tip()
+        names = sorted(files)
+        ids = dict(zip(names, write_blobs(self.repo, [files[n] for n in names])))
+        dirs = {}
+        for name in names:
+            directory, base = name.split("/", 1)
+            dirs.setdefault(directory, {})[base] = ids[name]
+        order, trees = [], []
+        for directory in sorted(set(dirs) | {"summaries", "audit"}):
+            entries = {n: _tree_entry(mode, oid) for n, (mode, oid) in self.tree(directory).items()}
+            for base, oid in dirs.get(directory, {}).items():
+                entries[base] = ("100644", "blob", oid)
+            if entries:
+                order.append(directory)
+                trees.append(entries)
+        root = {directory: ("040000", "tree", oid)
+                for directory, oid in zip(order, make_trees(self.repo, trees))}
+        root_id = make_trees(self.repo, [root])[0]
+        args = ["commit-tree", "--no-gpg-sign", root_id] + (["-p", tip] if tip else [])
+        _, out, _ = run_git(args, self.repo.root, input=message.encode("utf-8"),
+                            env=ledger_commit_env(self.user, ts))
+        new = out.strip()
+        update_refs(self.repo, [(self.ref, new, tip or "")], "flowforge: " +
+                    message.splitlines()[0])
+        self._tip, self._trees = new, {}
+        return new
+
+    def close(self):
+        self.objects.close()
+
+
+def verify_chain_tail(data, where):
+    """(seq, hash) of a chain file's last record, without walking the chain
+    (the reads that must be fast); a torn or damaged tail is an error."""
+    if data and not data.endswith(b"\n"):
+        raise CorruptFile(where, "the audit chain ends in a torn line")
+    last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:] if data else b""
+    if not last:
+        return 0, AUDIT_GENESIS
+    try:
+        record = json.loads(last)
+        seq, digest = record["seq"], record["hash"]
+        if type(seq) is not int or not isinstance(digest, str):
+            raise TypeError
+        return seq, digest
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise CorruptFile(where, "the last audit record is damaged; see `flowforge audit verify`")
+
+
+# -- reading every store: what reports, bills and CI see ---------------------
+
+def _ledger_cache_path(repo, key):
+    return os.path.join(repo.state, "cache", "ledger", key + ".rec")
+
+
+def _read_ledger_cache(repo, key):
+    """The cached, verified shards of one store ({"tree", "shards"}), or None.
+    A cache line carries a crc32 like a private record: a damaged or edited
+    cache is ignored and rebuilt from git, never trusted."""
+    try:
+        data = read_bytes(_ledger_cache_path(repo, key))
+        record = decode_record(data.rstrip(b"\n"))
+    except (OSError, ValueError, FlowForgeError):
+        return None
+    if record.get("schema") != LEDGER_CACHE_SCHEMA or record.get("key") != key \
+            or not isinstance(record.get("shards"), dict):
+        return None
+    return record
+
+
+def _shard_doc(data, key, month, where):
+    """The verified rows of one shard blob; CorruptFile names it."""
+    try:
+        doc = verify_shard_bytes(data)
+        check_shard_sums(doc)
+    except ValueError as e:
+        raise CorruptFile(where, "shard %s" % e)
+    user, store_id = parse_store_key(key)
+    if (doc["user"], doc["store"], doc["month"]) != (user, store_id, month):
+        raise CorruptFile(where, "shard says %s--%s/%s but lives in the ledger of %s as %s"
+                          % (doc["user"], doc["store"], doc["month"], key, month))
+    return {"user": user, "store": store_id, "month": month,
+            "granularity": doc["granularity"], "rows": doc["rows"]}
+
+
+class LedgerView:
+    """Every store this clone knows, one tip per store: its own ref wins over
+    the fetched copies unless one of them is ahead of it."""
+
+    def __init__(self, repo):
+        self.repo = repo
+        self.refs = list_ledger_refs(repo)
+        self.warnings = accept_incoming(repo, self.refs)
+        self.problems = []  # what makes the ledger unreadable: a report refuses to add up
+        self.stores = {}   # key -> (ref, commit, tree)
+        copies = {}
+        for ref, (oid, kind, tree) in sorted(self.refs.items()):
+            if ref.startswith(STORES_REF):
+                key = ref[len(STORES_REF):]
+            elif ref.startswith(REMOTES_REF):
+                key = ref.rsplit("/", 1)[-1]
+            else:
+                continue
+            if parse_store_key(key) is None:
+                self.warnings.append("ignoring %s: not a store ref (<user>--<store>)" % ref)
+                continue
+            if kind != "commit":
+                self.problems.append("%s points at a %s, not a commit: a store ref must hold "
+                                     "shards (see `flowforge recover assess`)" % (ref, kind))
+                continue
+            copies.setdefault(key, []).append((ref, oid, tree))
+        for key, found in sorted(copies.items()):
+            chosen = self._choose(key, found)
+            if chosen:
+                self.stores[key] = chosen
+        owners = {}
+        for key in sorted(self.stores):
+            user, store_id = parse_store_key(key)
+            if store_id in owners:
+                self.problems.append("two store refs claim store %s: %s and %s; one of them was "
+                                     "renamed or copied (see `flowforge recover assess`)" % (
+                                         store_id, owners[store_id], key))
+            owners[store_id] = key
+
+    def _choose(self, key, found):
+        own = [f for f in found if f[0].startswith(STORES_REF)]
+        best = own[0] if own else None
+        for candidate in found:
+            if best is None:
+                best = candidate
+            elif candidate[1] != best[1]:
+                if is_ancestor(self.repo, best[1], candidate[1]):
+                    best = candidate
+                elif not is_ancestor(self.repo, candidate[1], best[1]) and not own:
+                    self.problems.append("%s and %s hold diverging histories of store %s: one "
+                                         "was rewritten (see `flowforge recover assess`)"
+                                         % (best[0], candidate[0], key))
+                    return None
+        return best
+
+    def shards(self, months=None):
+        """The verified shard documents of every store (with `months`, a
+        (first, last) pair of YYYY-MM or None, only those months), read through
+        one cat-file process and cached by tree id."""
+        docs, damaged = [], []
+        objects = GitObjects(self.repo.root)
+        try:
+            stale = {}
+            for key, (ref, commit, tree) in sorted(self.stores.items()):
+                cached = _read_ledger_cache(self.repo, key)
+                if cached is not None and cached.get("tree") == tree:
+                    shards = cached["shards"]
+                else:
+                    stale[key] = cached
+                    continue
+                docs.extend(self._pick(key, shards, months))
+            if stale:
+                keys = sorted(stale)
+                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys])
+                wanted = []
+                listing = {}
+                for key, found in zip(keys, trees):
+                    ref, commit = self.stores[key][:2]
+                    entries = {}
+                    if found is not None:
+                        try:
+                            if found[0] != "tree":
+                                raise ValueError("summaries is not a directory")
+                            entries = parse_tree(found[1], len(commit) // 2)
+                        except ValueError as e:
+                            damaged.append("%s (%s)" % (ref, e))
+                            continue
+                    old = (stale[key] or {}).get("shards", {})
+                    listing[key] = {}
+                    for name, (mode, oid) in sorted(entries.items()):
+                        m = _SHARD_NAME.fullmatch(name)
+                        if not m:
+                            continue
+                        month = m.group(1)
+                        listing[key][month] = oid
+                        if not (month in old and old[month].get("blob") == oid):
+                            wanted.append((key, month, oid))
+                blobs = objects.get([oid for _, _, oid in wanted])
+                fresh = {}
+                for (key, month, oid), found in zip(wanted, blobs):
+                    where = "%s:summaries/%s.json" % (self.stores[key][0], month)
+                    try:
+                        if found is None or found[0] != "blob":
+                            raise CorruptFile(where, "is missing from the repository")
+                        fresh[(key, month)] = dict(_shard_doc(found[1], key, month, where),
+                                                   blob=oid)
+                    except CorruptFile as e:
+                        damaged.append(str(e))
+                for key in sorted(listing):
+                    old = (stale[key] or {}).get("shards", {})
+                    shards = {month: fresh.get((key, month)) or old[month]
+                              for month in listing[key] if (key, month) in fresh
+                              or (month in old and old[month].get("blob") == listing[key][month])}
+                    if len(shards) != len(listing[key]):
+                        continue  # damaged: reported below, nothing cached
+                    self._save_cache(key, shards)
+                    docs.extend(self._pick(key, shards, months))
+        finally:
+            objects.close()
+        if damaged:
+            raise FlowForgeError("%d damaged shard(s) in the ledger: %s; run `flowforge recover "
+                                 "assess`" % (len(damaged), "; ".join(damaged[:3])), EXIT_DATA)
+        return docs
+
+    @staticmethod
+    def _pick(key, shards, months):
+        """The documents of the months within (first month, last month)."""
+        first, last = months or (None, None)
+        return [doc for month, doc in shards.items()
+                if (first is None or month >= first) and (last is None or month <= last)]
+
+    def _save_cache(self, key, shards):
+        record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
+                  "shards": shards}
+        try:
+            makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
+            atomic_write(_ledger_cache_path(self.repo, key), encode_record(record), 0o600,
+                         sync_dir=False)
+        except (OSError, FlowForgeError) as e:
+            debug("cannot cache the ledger of %s: %s" % (key, e))  # a cache: reading goes on
+
+
+# -- travelling: fetch, accept, push ------------------------------------------
+
+def accept_incoming(repo, refs):
+    """Move what a fetch brought (incoming/<remote>/<key>) to the accepted
+    copies (remotes/<remote>/<key>) when it fast-forwards them.  A store ref
+    that was rewritten on the remote is refused: the accepted history stays,
+    a quarantine ref keeps it for good, and the warning repeats on every read
+    until someone decides (`flowforge fetch --accept-rewritten`).  Updates
+    `refs` in place; returns the warnings."""
+    warnings, updates, keep = [], [], []
+    for ref, (oid, kind, tree) in sorted(refs.items()):
+        if not ref.startswith(INCOMING_REF) or kind != "commit":
+            continue
+        rest = ref[len(INCOMING_REF):]
+        remote, _, key = rest.rpartition("/")
+        if not remote or parse_store_key(key) is None:
+            continue
+        accepted = REMOTES_REF + rest
+        old = refs.get(accepted)
+        if old and old[0] == oid:
+            continue
+        if old is None or is_ancestor(repo, old[0], oid):
+            updates.append((accepted, oid, old[0] if old else "", (oid, kind, tree)))
+        elif is_ancestor(repo, oid, old[0]):
+            continue  # the remote is behind what we accepted (or pushed): nothing new
+        else:
+            kept = "%s%s/%s" % (QUARANTINE_REF, rest, old[0][:12])
+            if kept not in refs:
+                keep.append((kept, old[0], "", old))
+            warnings.append("the store ref %s was rewritten on %s (its new history does not "
+                            "extend the one fetched before): refused; the earlier history is "
+                            "kept as %s; run `flowforge recover assess`" % (key, remote, kept))
+    if updates or keep:
+        try:
+            update_refs(repo, [u[:3] for u in updates + keep], "flowforge: accept fetched store refs")
+            for ref, _, _, value in updates + keep:
+                refs[ref] = value
+        except FlowForgeError as e:
+            warnings.append("could not record the fetched store refs (%s)" % e)
+    return warnings
+
+
+def default_remote(repo):
+    """The remote that `push` and `fetch` use when none is named."""
+    _, out, _ = run_git(["remote"], repo.root)
+    remotes = out.split()
+    if not remotes:
+        raise FlowForgeError("this clone has no git remote: add one (`git remote add origin URL`)"
+                             " to share the ledger", EXIT_USAGE)
+    if len(remotes) == 1:
+        return remotes[0]
+    if "origin" in remotes:
+        return "origin"
+    raise FlowForgeError("several remotes (%s): name one" % ", ".join(remotes), EXIT_USAGE)
+
+
+def check_remote(repo, remote):
+    _, out, _ = run_git(["remote"], repo.root)
+    if remote not in out.split():
+        raise FlowForgeError("no git remote named %r here (remotes: %s)" % (
+            remote, ", ".join(out.split()) or "none"), EXIT_USAGE)
+    return remote
+
+
+def fetch_refspec(repo, remote):
+    return "+%s*:%s%s/*" % (remote_prefix(repo), INCOMING_REF, remote)
+
+
+def fetch_state_path(repo):
+    return os.path.join(repo.state, "ledger-fetch.json")
+
+
+def record_fetch(repo, remote):
+    try:
+        state = json.loads(read_bytes(fetch_state_path(repo)))
+        if not isinstance(state, dict):
+            state = {}
+    except (OSError, ValueError, FlowForgeError):
+        state = {}
+    state[remote] = now()
+    makedirs_private(repo.state)
+    atomic_write(fetch_state_path(repo), canonical_bytes(state), 0o600)
+
+
+def last_fetch_time(repo):
+    """When the ledger was last fetched here: `flowforge fetch`, or a plain
+    `git fetch` that brought store refs (FETCH_HEAD), whichever is newer."""
+    times = []
+    try:
+        state = json.loads(read_bytes(fetch_state_path(repo)))
+        times += [v for v in state.values() if isinstance(v, int)] if isinstance(state, dict) else []
+    except (OSError, ValueError, FlowForgeError):
+        pass
+    _, out, _ = run_git(["rev-parse", "--git-path", "FETCH_HEAD"], repo.root, check=False)
+    path = out.strip()
+    if path:
+        try:
+            times.append(int(os.stat(os.path.join(repo.root, path)).st_mtime))
+        except OSError:
+            pass
+    return max(times) if times else None
+
+
+def ledger_fetch(repo, remote, accept_rewritten=False):
+    """Fetch every store ref of `remote`; returns {"stores", "new", "warnings"}."""
+    before = list_ledger_refs(repo)
+    rc, _, err = run_git(["fetch", "--no-tags", "--prune", "--quiet", remote,
+                          fetch_refspec(repo, remote)], repo.root, check=False,
+                         env={"GIT_TERMINAL_PROMPT": "0"})
+    if rc:
+        raise FlowForgeError("cannot fetch the ledger from %s: %s" % (remote, git_error_line(err, rc)),
+                             EXIT_UNAVAILABLE)
+    record_fetch(repo, remote)
+    refs = list_ledger_refs(repo)
+    if accept_rewritten:
+        take = []
+        for ref, (oid, kind, tree) in refs.items():
+            if ref.startswith(INCOMING_REF + remote + "/") and kind == "commit":
+                accepted = REMOTES_REF + ref[len(INCOMING_REF):]
+                old = refs.get(accepted)
+                if old and old[0] != oid and not is_ancestor(repo, old[0], oid):
+                    kept = "%s%s/%s" % (QUARANTINE_REF, ref[len(INCOMING_REF):], old[0][:12])
+                    take += [(accepted, oid, old[0])] + ([(kept, old[0], "")] if kept not in refs
+                                                         else [])
+        update_refs(repo, take, "flowforge: accept rewritten store refs")
+        refs = list_ledger_refs(repo)
+    warnings = accept_incoming(repo, refs)
+    mine = [r for r in refs if r.startswith(INCOMING_REF + remote + "/")]
+    changed = [r for r in mine if before.get(r, (None,))[0] != refs[r][0]]
+    return {"remote": remote, "stores": len(mine), "changed": len(changed), "warnings": warnings}
+
+
+PUSH_TIMEOUT = 20.0   # seconds the pre-push hook gives the ledger's own push
+
+
+def ledger_push(repo, remote, timeout=None):
+    """Push this clone's store refs that the remote does not have yet, fast-
+    forward only; returns {"pushed": [keys], "up_to_date": n}.  A refusal is
+    a FlowForgeError whose line says why (and what setting to change)."""
+    refs = list_ledger_refs(repo)
+    prefix = remote_prefix(repo)
+    todo = []
+    for ref, (oid, kind, _) in sorted(refs.items()):
+        if ref.startswith(STORES_REF) and parse_store_key(ref[len(STORES_REF):]):
+            key = ref[len(STORES_REF):]
+            tracking = refs.get("%s%s/%s" % (REMOTES_REF, remote, key))
+            if tracking is None or tracking[0] != oid:
+                todo.append((key, oid, tracking[0] if tracking else ""))
+    if not todo:
+        return {"remote": remote, "pushed": [], "up_to_date": True}
+    specs = ["%s%s:%s%s" % (STORES_REF, key, prefix, key) for key, _, _ in todo]
+    rc, out, err = run_git(["push", "--no-verify", "--porcelain", remote] + specs, repo.root,
+                           check=False, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
+    done, refused = [], []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and ":" in parts[1]:
+            key = parts[1].split(":", 1)[0][len(STORES_REF):]
+            if parts[0] in (" ", "*", "=", "+"):
+                done.append(key)
+            elif parts[0] == "!":
+                refused.append((key, parts[2] if len(parts) > 2 else "rejected"))
+    tips = {key: (oid, old) for key, oid, old in todo}
+    updates = [("%s%s/%s" % (REMOTES_REF, remote, key), tips[key][0], tips[key][1])
+               for key in done if key in tips]
+    try:
+        update_refs(repo, updates, "flowforge: pushed to %s" % remote)
+    except FlowForgeError:
+        pass  # only the record of what the remote has: the next push finds out again
+    if refused or rc:
+        reason = refused[0][1] if refused else git_error_line(err, rc)
+        if "non-fast-forward" in reason or "fetch first" in reason:
+            hint = ("the remote's copy of %s has a history this clone does not have: run "
+                    "`flowforge fetch`, then `flowforge recover assess`" % refused[0][0])
+        elif "hook declined" in reason or "denied" in reason or "refus" in reason.lower():
+            hint = ("the remote refused refs under %s: set \"ledger\": {\"prefix\": "
+                    "\"refs/heads/flowforge/\"} in .flowforge/config.json if it accepts only "
+                    "branches" % prefix)
+        else:
+            hint = reason
+        error = FlowForgeError("cannot push the ledger to %s (%s): %s" % (
+            remote, reason if hint != reason else "exit %d" % rc, hint), EXIT_UNAVAILABLE)
+        error.permanent = bool(refused) and "non-fast-forward" in reason
+        raise error
+    return {"remote": remote, "pushed": done, "up_to_date": False}
+
+
+def add_fetch_refspec(repo, remote):
+    """Make a plain `git fetch` / `git pull` bring the ledger too (idempotent).
+    `git config flowforge.fetch false` opts this clone out."""
+    if git_config_get(repo.root, "flowforge.fetch") == "false":
+        return False
+    spec = fetch_refspec(repo, remote)
+    rc, out, _ = run_git(["config", "--get-all", "remote.%s.fetch" % remote], repo.root,
+                         check=False)
+    if spec in out.splitlines():
+        return False
+    run_git(["config", "--add", "remote.%s.fetch" % remote, spec], repo.root)
+    return True
+
+
+def remove_fetch_refspecs(repo):
+    _, out, _ = run_git(["remote"], repo.root)
+    removed = 0
+    for remote in out.split():
+        rc, specs, _ = run_git(["config", "--get-all", "remote.%s.fetch" % remote], repo.root,
+                               check=False)
+        for spec in specs.splitlines():
+            if (":" + INCOMING_REF) in spec:
+                run_git(["config", "--fixed-value", "--unset", "remote.%s.fetch" % remote, spec],
+                        repo.root, check=False)
+                removed += 1
+    return removed
+
+
+# -- the 0.1 layout: shards and chains in .flowforge/team/ on the branch -------
+
+def legacy_stores(repo):
+    """{key: {"shards": {month: path}, "chain": path or None}} of the work tree's
+    .flowforge/team/ (FlowForge 0.1), which `migrate` moves into the ledger."""
+    out = {}
+    for path, user, store_id, month in list_shard_files(repo):
+        out.setdefault(store_key(user, store_id), {"shards": {}, "chain": None})["shards"][month] = path
+    for path, user, store_id in list_team_chains(repo):
+        out.setdefault(store_key(user, store_id), {"shards": {}, "chain": None})["chain"] = path
+    return out
+
+
+def legacy_store_files(repo, key, entry):
+    """(ledger files {name: bytes}, date of the last record) of one in-tree
+    store, after checking every shard, the chain, and that they agree.  The
+    chain is split into UTC years; its records keep their work-tree paths
+    (their hashes cover them)."""
+    if parse_store_key(key) is None:
+        raise FlowForgeError("%s: not a store directory (<user>--<store>)" % key, EXIT_DATA)
+    files, shas = {}, {}
+    for month, path in sorted(entry["shards"].items()):
+        data = read_bytes(path)
+        _shard_doc(data, key, month, repo.rel(path))
+        files[shard_name(month)] = data
+        shas[shard_name(month)] = _SHARD_SHA.search(data).group(1).decode()
+    chain = read_bytes(entry["chain"]) if entry["chain"] else b""
+    where = repo.rel(entry["chain"]) if entry["chain"] else key
+    result = verify_chain_bytes(chain, where)
+    if not result["ok"]:
+        raise CorruptFile(where, result["problem"] + (
+            "; on the owner's machine `flowforge reconcile` repairs it first"
+            if result["torn_tail"] else ""))
+    audited = {ledger_file_name(p): sha for p, sha in result["files"].items()}
+    for name, sha in sorted(shas.items()):
+        if audited.get(name) != sha:
+            raise CorruptFile(repo.rel(entry["shards"][name[10:17]]),
+                              "differs from its last audit record" if name in audited
+                              else "is not in its audit chain")
+    years, last_ts = {}, 0
+    for line in chain.splitlines(True):
+        ts = json.loads(line)["ts"]
+        if ts < last_ts:
+            raise CorruptFile(where, "records are not in time order")
+        last_ts = ts
+        name = "audit/%s.jsonl" % local_date(ts, _utc())[:4]
+        years[name] = years.get(name, b"") + line
+    files.update(years)
+    return files, last_ts
+
+
+def migrate_store(repo, key, entry):
+    """Create the store's ref from its in-tree files, unless the ledger already
+    holds them; returns the new tip or None.  Deterministic (same tree, date,
+    author, message), so two clones migrating the same data make the same
+    commit and neither push conflicts."""
+    files, last_ts = legacy_store_files(repo, key, entry)
+    user, store_id = parse_store_key(key)
+    ledger = StoreLedger(repo, user, store_id)
+    try:
+        tip = ledger.tip()
+        if tip:
+            names = sorted(n for n in files if n.startswith("audit/"))
+            have = ledger.read(names)
+            if all(have[n] is not None and have[n].startswith(files[n]) for n in names):
+                return None  # migrated before: the ledger's chain extends the in-tree one
+            raise FlowForgeError("the ledger already holds store %s with a history that does not "
+                                 "contain .flowforge/team/'s: see `flowforge recover assess`"
+                                 % key, EXIT_DATA)
+        return ledger.commit(files, "migrate: %d shard(s) from .flowforge/team" % len(
+            [n for n in files if n.startswith("summaries/")]), last_ts or now())
+    finally:
+        ledger.close()
+
+
+# ############################################################################
+# 9. Aggregation
+# ############################################################################
+#
+# Aggregation is incremental.  state/aggregate/<user>.json remembers, for each
+# day file, its size and mtime and the months it contributes to (an entry that
+# crosses midnight at the end of a month, or was edited, can reach another
+# month), and the ledger tip it was computed against.  A changed day file
+# marks its old and new months; each marked month is recomputed from every
+# day file that contributes to it; the shards that changed, with one audit
+# record for them, become one ledger commit.
 
 class Aggregator:
-    """Turns one private store into its shards, incrementally or in full, and
-    records each change in the store's audit chains."""
+    """Turns one private store into its shards in the ledger, incrementally or
+    in full, and records each change in the store's audit chains."""
 
     def __init__(self, store, granularity):
         self.store = store
@@ -2440,104 +3389,105 @@ class Aggregator:
         self.granularity = granularity
         self.state_path = os.path.join(self.repo.aggstate, store.user + ".json")
 
-    def _load_state(self):
+    def _load_state(self, tip):
         try:
             state = json.loads(read_bytes(self.state_path))
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, RecursionError):
             debug("aggregation cache %s is damaged; rebuilding" % self.state_path)
             return None  # a cache: rebuilding it from the private store loses nothing
-        # A team chain that is not the one the cache recorded (restored from
-        # git, say) may lack records for shards the cache calls audited.
+        # A ledger tip other than the one the cache was computed against
+        # (restored, taken over from a fetched copy) may hold other shards.
         expected = {"schema": AGGSTATE_SCHEMA, "store": self.store.store_id,
-                    "granularity": self.granularity, "timezone": self.store.tz_name,
-                    "chain": self.team_head()}
-        if not isinstance(state, dict) or any(state.get(k) != v for k, v in expected.items()):
+                    "granularity": self.granularity, "timezone": self.store.tz_name, "tip": tip}
+        if not isinstance(state, dict) or any(state.get(k) != v for k, v in expected.items()) \
+                or not isinstance(state.get("files"), dict):
             return None
         return state
-
-    def team_head(self):
-        try:
-            return list(self.chains()[0].head())
-        except FlowForgeError:
-            return None
 
     def contributions(self, day, records):
         return day_contributions(records, self.store.clock, self.granularity)
 
     def run(self, full=False, lock_timeout=10.0):
-        """Aggregate; returns {"written": [paths], "months": [...], "full": bool, "audit": seq}."""
+        """Aggregate; returns {"written": [ledger names], "months", "full", "audit": seq, "tip"}."""
         store = self.store
         with self.repo.lock("aggregate." + store.user, lock_timeout,
                             "aggregation for %s" % store.user):
-            state = None if full else self._load_state()
-            full = state is None
-            old_files = state["files"] if state else {}
-            with store.lock(lock_timeout):
-                parsed, stats = {}, {}
-                for day in store.days():
-                    if full:  # read everything; the stat comes from the same descriptor
-                        records, stat = store.read_day_and_stat(day)
-                        if stat is not None:
-                            parsed[day] = self.contributions(day, records)
-                            stats[day] = stat
-                        continue
-                    try:
-                        st = os.stat(store.day_path(day))
-                    except FileNotFoundError:
-                        continue
-                    stats[day] = [st.st_size, st.st_mtime_ns]
-                    if old_files.get(day, [None, None])[:2] != stats[day]:
-                        records, stats[day] = store.read_day_and_stat(day)
-                        parsed[day] = self.contributions(day, records)
-                changed = list(parsed)
-                removed = [d for d in old_files if d not in stats]
-                months = set()
-                for day in changed + removed:
-                    months.update(old_files.get(day, [0, 0, []])[2])
-                for day in changed:
-                    months.update(parsed[day])
-                if full:  # also months whose entries are all gone now
-                    months.update(self.shard_months())
-                new_files = {}
-                for day in stats:
-                    contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
-                    new_files[day] = stats[day] + [contributes]
-                for day in stats:  # unchanged days that share a month with a changed one
-                    if day not in parsed and months.intersection(new_files[day][2]):
-                        parsed[day] = self.contributions(day, store.read_day(day))
-                store.mirror.sync(None if full else changed)
-            written, current, issues = self._write_shards(months, parsed)
-            audited = state.get("audited", {}) if state else self.audited_from_chain()
-            record = self.audit({p: sha for p, sha in current.items() if audited.get(p) != sha},
-                                current, "aggregate-full" if full else "aggregate")
-            if record:
-                audited.update(record["files"])
-            new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
-                         "granularity": self.granularity, "timezone": store.tz_name,
-                         "chain": self.team_head(), "files": new_files, "audited": audited}
-            data = canonical_bytes(new_state)
+            ledger = StoreLedger(self.repo, store.user, store.store_id)
             try:
-                unchanged = read_bytes(self.state_path) == data
-            except FileNotFoundError:
-                unchanged = False
-            if not unchanged:
-                makedirs_private(self.repo.aggstate)
-                atomic_write(self.state_path, data, 0o600)
+                return self._run(ledger, full, lock_timeout)
+            finally:
+                ledger.close()
+
+    def _run(self, ledger, full, lock_timeout):
+        store = self.store
+        if ledger.tip() is None:
+            legacy = legacy_stores(self.repo).get(ledger.key)
+            if legacy:  # this store's 0.1 history first, so its chain goes on
+                migrate_store(self.repo, ledger.key, legacy)
+                ledger._tip = False
+        tip = ledger.tip()
+        state = None if full else self._load_state(tip)
+        full = state is None
+        old_files = state["files"] if state else {}
+        with store.lock(lock_timeout):
+            parsed, stats = {}, {}
+            for day in store.days():
+                if full:  # read everything; the stat comes from the same descriptor
+                    records, stat = store.read_day_and_stat(day)
+                    if stat is not None:
+                        parsed[day] = self.contributions(day, records)
+                        stats[day] = stat
+                    continue
+                try:
+                    st = os.stat(store.day_path(day))
+                except FileNotFoundError:
+                    continue
+                stats[day] = [st.st_size, st.st_mtime_ns]
+                if old_files.get(day, [None, None])[:2] != stats[day]:
+                    records, stats[day] = store.read_day_and_stat(day)
+                    parsed[day] = self.contributions(day, records)
+            changed = list(parsed)
+            removed = [d for d in old_files if d not in stats]
+            months = set()
+            for day in changed + removed:
+                months.update(old_files.get(day, [0, 0, []])[2])
+            for day in changed:
+                months.update(parsed[day])
+            if full:  # also months whose entries are all gone now
+                months.update(ledger.months())
+            new_files = {}
+            for day in stats:
+                contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
+                new_files[day] = stats[day] + [contributes]
+            for day in stats:  # unchanged days that share a month with a changed one
+                if day not in parsed and months.intersection(new_files[day][2]):
+                    parsed[day] = self.contributions(day, store.read_day(day))
+            store.mirror.sync(None if full else changed)
+        files, totals, issues = self._changed_shards(ledger, months, parsed)
+        record = None
+        if files:
+            record, tip = self._commit(ledger, files, totals,
+                                       "aggregate-full" if full else "aggregate")
+        new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
+                     "granularity": self.granularity, "timezone": store.tz_name,
+                     "tip": tip, "files": new_files}
+        data = canonical_bytes(new_state)
+        try:
+            unchanged = read_bytes(self.state_path) == data
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            makedirs_private(self.repo.aggstate)
+            atomic_write(self.state_path, data, 0o600)
+        written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
-                     written=[self.repo.rel(p) for p in written], issues=sorted(issues))
+                     written=written, issues=sorted(issues))
         return {"user": store.user, "store": store.store_id, "full": full,
                 "months": sorted(months), "written": written,
-                "audit": record["seq"] if record else None}
-
-    def shard_months(self):
-        try:
-            names = os.listdir(shard_dir(self.repo, self.store.user, self.store.store_id))
-        except FileNotFoundError:
-            return []
-        return [n[:-5] for n in names if n.endswith(".json") and _MONTH.fullmatch(n[:-5])]
+                "audit": record["seq"] if record else None, "tip": tip}
 
     def render_month(self, month, parsed):
         cells = {}
@@ -2552,84 +3502,60 @@ class Aggregator:
         with self.store.lock():
             parsed = {day: self.contributions(day, self.store.read_day(day))
                       for day in self.store.days()}
-        months = set(self.shard_months())
+        ledger = StoreLedger(self.repo, self.store.user, self.store.store_id)
+        try:
+            existing = set(ledger.months())
+        finally:
+            ledger.close()
+        months = set(existing)
         for contributions in parsed.values():
             months.update(contributions)
         out = {}
         for month in sorted(months):
             data, has_cells = self.render_month(month, parsed)
-            if has_cells or month in self.shard_months():
+            if has_cells or month in existing:
                 out[month] = data
         return out
 
-    def _write_shards(self, months, parsed):
-        """Write the months' shards that changed; returns (written paths,
-        {relative path: sha256} of every month's shard as it now is, the issues
-        of the written shards before and after)."""
-        store = self.store
-        directory = shard_dir(self.repo, store.user, store.store_id)
-        written, current, issues = [], {}, set()
-        for month in sorted(months):
+    def _changed_shards(self, ledger, months, parsed):
+        """({ledger name: new shard bytes}, {month: total seconds}, issues of the
+        changed shards before and after) for the months whose shard changed."""
+        names = {shard_name(m): m for m in sorted(months)}
+        old = ledger.read(sorted(names))
+        files, totals, issues = {}, {}, set()
+        for name, month in sorted(names.items()):
             data, has_cells = self.render_month(month, parsed)
-            path = os.path.join(directory, month + ".json")
-            try:
-                old = read_bytes(path)
-            except FileNotFoundError:
-                old = None
-                if not has_cells:
-                    continue  # nothing to say about a month that never had time
-                os.makedirs(directory, exist_ok=True)
-            current[self.repo.rel(path)] = _SHARD_SHA.search(data).group(1).decode()
-            if old == data:
-                continue  # unchanged: same bytes, same mtime
-            if old is not None:
-                backup_shard(self.repo, path, old)
+            if old[name] == data or (old[name] is None and not has_cells):
+                continue  # unchanged, or a month that never had time
+            for raw in (old[name], data):
                 try:
-                    issues.update(row[1] for row in json.loads(old)["rows"])
-                except (ValueError, KeyError, TypeError, IndexError):
+                    issues.update(row[1] for row in json.loads(raw)["rows"])
+                except (TypeError, ValueError, KeyError, IndexError, RecursionError):
                     pass
-            issues.update(row[1] for row in json.loads(data)["rows"])
-            atomic_write(path, data, sync_dir=False)
-            written.append(path)
-        if written:
-            # One directory fsync makes all the renames durable, before the
-            # audit chain and the aggregation cache record them.
-            try:
-                fsync_dir(directory)
-            except OSError as e:
-                raise StorageError(directory, e)
-        return written, current, issues
+            files[name] = data
+            totals[month] = json.loads(data)["totals"]["seconds"]
+        return files, totals, issues
 
-    def chains(self):
-        store = self.store
-        return (AuditChain(team_chain_path(self.repo, store.user, store.store_id), 0o644),
-                AuditChain(os.path.join(store.dir, "audit.jsonl")))
-
-    def audited_from_chain(self):
-        try:
-            return self.chains()[0].verify()["files"]
-        except FlowForgeError:
-            return {}
-
-    def audit(self, files, current, action, **extra):
-        """Append one record for `files` (path -> sha256) to both chains."""
-        if not files:
-            return None
-        totals = {}
-        for path in files:
-            doc = read_shard(os.path.join(self.repo.root, path))
-            totals[doc["month"]] = doc["totals"]["seconds"]
+    def _commit(self, ledger, files, totals, action):
+        """One audit record and one ledger commit for the changed shards, then
+        the store's private chain; returns (team record, new tip)."""
+        seq, prev, last_name, last_data = ledger.chain_head()
         ts = now()
-        team, local = self.chains()
-        for chain in (team, local):
-            item = chain.trim_torn_tail(self.repo)  # an append cut short by a crash
-            if item:
-                warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
-                     % (self.repo.rel(chain.path), item))
-        record = team.append(action, utc_day_start(ts), files=files, totals=totals, **extra)
-        local.append(action, ts, files=files, totals=totals, team_seq=record["seq"], **extra)
+        shas = {n: _SHARD_SHA.search(d).group(1).decode() for n, d in files.items()}
+        record = chain_record(seq, prev, action, utc_day_start(ts), files=shas, totals=totals)
+        name = max("audit/%s.jsonl" % local_date(ts, _utc())[:4], last_name or "")
+        files = dict(files)
+        files[name] = (last_data if name == last_name else b"") + canonical_bytes(record)
+        tip = ledger.commit(files, "%s: %s (audit %d)" % (action, ", ".join(
+            sorted(n[10:17] for n in shas)), record["seq"]), ts)
+        local = AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
+        item = local.trim_torn_tail(self.repo)  # an append cut short by a crash
+        if item:
+            warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
+                 % (self.repo.rel(local.path), item))
+        local.append(action, ts, files=shas, totals=totals, team_seq=record["seq"])
         self.store.mirror.sync([])  # the local chain (and settings) without any day file
-        return record
+        return record, tip
 
 
 def aggregate_store(repo, user, full=False, lock_timeout=10.0):
@@ -3255,6 +4181,31 @@ def enqueue_aggregate(queue, user):
     return job_id
 
 
+PUSH_MAX_ATTEMPTS = 100
+
+
+def enqueue_push(queue, remote):
+    """Queue a ledger push that failed: one job per remote (by key)."""
+    job_id, _ = queue.enqueue("push", {"remote": remote}, key="push:" + remote, priority="high",
+                              failed=True, max_attempts=PUSH_MAX_ATTEMPTS)
+    return job_id
+
+
+@job_kind("push")
+def push_job(repo, payload, job, queue):
+    """A ledger push that the pre-push hook (or `flowforge push`) could not finish."""
+    remote = payload.get("remote")
+    if not isinstance(remote, str) or not remote:
+        raise PermanentFailure("push job without a remote: %r" % (remote,))
+    try:
+        check_remote(repo, remote)
+        ledger_push(repo, remote, timeout=120.0)
+    except FlowForgeError as e:
+        if getattr(e, "permanent", False) or e.exit_code == EXIT_USAGE:
+            raise PermanentFailure(str(e))
+        raise RetryLater(str(e))
+
+
 @job_kind("aggregate")
 def aggregate_job(repo, payload, job, queue):
     """Aggregation that the hook (or the daemon) could not finish."""
@@ -3619,19 +4570,21 @@ def plugins_report(repo, check=False):
 # 10. Hooks, daemon and health
 # ############################################################################
 #
-# Layer 1, the git hook: `hook pre-commit` aggregates what changed within a
-# time budget and stages this store's shards into the commit.  It never blocks
-# a commit: any failure becomes one `aggregate` job, one line on stderr, a log
-# entry, and exit 0.  The shim in .git/hooks is POSIX sh, so even a missing
-# python3 or a broken flowforge.py cannot fail the commit.
+# Layer 1, the git hooks: `hook pre-commit` aggregates what changed within a
+# time budget into the store's ledger ref (local, no network; the commit being
+# made is not touched).  `hook pre-push` pushes this clone's store refs to the
+# remote being pushed to, fast-forward only.  Neither ever blocks: any failure
+# becomes one `aggregate` or `push` job, one line on stderr, a log entry, and
+# exit 0.  The shims in .git/hooks are POSIX sh, so even a missing python3 or
+# a broken flowforge.py cannot fail a commit or a push.
 #
 # Layer 2, the daemon: polls the private stores' mtimes (the stdlib has no
 # inotify) and the queue; one per repository (a lock); a heartbeat file;
 # SIGTERM finishes the current job; SIGHUP reloads config; sd_notify for
 # systemd.  cron runs `daemon --once` (or `--ensure` as a watchdog).
 
-HOOKS = ("pre-commit", "post-commit")
-SHIM_VERSION = 1
+HOOKS = ("pre-commit", "post-commit", "pre-push")
+SHIM_VERSION = 2
 SHIM_MARK = "# flowforge-shim v"
 
 # Loads flowforge.py by path: putting the repository root on sys.path could let
@@ -3659,7 +4612,7 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "flowforge: python3 not found; time not aggregated (run flowforge aggregate later)" >&2
     exit 0
 fi
-out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' "$ff" hook %(hook)s 2>&1)
+out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' "$ff" hook %(hook)s "$@" 2>&1 </dev/null)
 if [ -n "$out" ]; then
     last=${out##*"
 "}
@@ -3677,6 +4630,7 @@ _SHIM_GUARDS = {
     # post-commit has work only when pre-commit left some: a marker file, so
     # that an ordinary commit does not start Python twice.
     "post-commit": '[ -f "$root/.flowforge/state/hook-pending" ] || exit 0\n',
+    "pre-push": "",
 }
 
 
@@ -3823,29 +4777,6 @@ def mark_pending(repo):
     atomic_write(pending_marker(repo), b"", 0o600)
 
 
-def store_team_paths(repo, store):
-    """The committed paths that this store alone writes."""
-    return [shard_dir(repo, store.user, store.store_id),
-            team_chain_path(repo, store.user, store.store_id)]
-
-
-def stage_store(repo, store):
-    """`git add` this store's committed files, into the index of the running commit.
-
-    A partial commit (`git commit PATHS`) builds its tree from a temporary
-    index; staging there would commit the shards while the real index keeps the
-    old ones, and the next commit would revert them.  Then post-commit stages
-    them into the real index instead, for the next commit."""
-    paths = [repo.rel(p) for p in store_team_paths(repo, store) if os.path.exists(p)]
-    if not paths:
-        return False
-    if os.path.basename(os.environ.get("GIT_INDEX_FILE", "")).startswith("next-index"):
-        mark_pending(repo)
-        return False
-    run_git(["add", "--"] + paths, repo.root)
-    return True
-
-
 def hook_pre_commit(args):
     """The pre-commit hook; returns the line to print (or None).  Never raises:
     this is the one place where FlowForge swallows everything, and it logs what."""
@@ -3864,7 +4795,6 @@ def hook_pre_commit(args):
         hook = config["hook"]
         with time_budget(hook["budget_ms"] / 1000.0):
             Aggregator(store, config["granularity"]).run(False, hook["lock_wait_ms"] / 1000.0)
-        stage_store(repo, store)
         record_metrics(repo, hook_success_total=1, last_aggregate_success=now())
         return None
     except BaseException as e:  # the commit must go on, whatever happened
@@ -3894,8 +4824,7 @@ def hook_failed(repo, user, error):
 
 
 def hook_post_commit(args):
-    """After a commit that left work behind: stage shards into the real index
-    (partial commits) and start a one-off daemon run for queued jobs."""
+    """After a commit whose pre-commit queued work: a one-off daemon run."""
     repo = None
     try:
         repo = Repo.find(args.C or os.getcwd())
@@ -3903,9 +4832,6 @@ def hook_post_commit(args):
         if not os.path.exists(marker):
             return None
         os.unlink(marker)
-        store = PrivateStore(repo, resolve_user(repo.root, args.user))
-        if store.exists():
-            stage_store(repo, store)
         queue = open_queue(repo, busy_timeout=2.0)
         if queue.stats()["depth"]:
             spawn_flowforge(repo, ["daemon", "--once", "-q"])
@@ -3915,6 +4841,43 @@ def hook_post_commit(args):
         if repo is not None and os.path.isdir(repo.state):
             log_event(repo, "post-commit-failed", error=one_line(e))
         return "flowforge: post-commit: %s" % one_line(e)
+
+
+def hook_pre_push(args):
+    """The pre-push hook: push this clone's store refs to the remote that the
+    user pushes to.  Never raises; a failure becomes a queued `push` job."""
+    repo = None
+    remote = args.args[0] if args.args else None
+    try:
+        repo = Repo.find(args.C or os.getcwd())
+        if not os.path.isfile(repo.config_path):
+            return None
+        repo._config = load_config(repo.config_path)
+        _, out, _ = run_git(["remote"], repo.root)
+        if remote not in out.split():
+            return None  # a push to a URL: no remote to keep the ledger's copy for
+        result = ledger_push(repo, remote, timeout=PUSH_TIMEOUT)
+        if queue_exists(repo):
+            queue = open_queue(repo, busy_timeout=2.0)
+            queue.settle_key("push:" + remote)
+            queue.close()
+        if result["pushed"]:
+            return "flowforge: ledger pushed to %s (%d store%s)" % (
+                remote, len(result["pushed"]), "" if len(result["pushed"]) == 1 else "s")
+        return None
+    except BaseException as e:  # the push must go on, whatever happened
+        reason = one_line(e)
+        if repo is None or not os.path.isdir(repo.ff) or not remote:
+            return "flowforge: ledger not pushed: %s" % reason
+        log_event(repo, "push-failed", remote=remote, error=reason)
+        try:
+            queue = open_queue(repo, busy_timeout=2.0)
+            job_id = enqueue_push(queue, remote)
+            queue.close()
+            return "flowforge: ledger not pushed (%s); queued as job %d" % (reason, job_id)
+        except BaseException as e2:
+            return "flowforge: ledger not pushed (%s) and not queued (%s); run `flowforge push`" % (
+                reason, one_line(e2))
 
 
 def spawn_flowforge(repo, argv):
@@ -5698,17 +6661,21 @@ def erase_user(repo, user):
 # 12. Reports and billing
 # ############################################################################
 #
-# Reports read only committed shards, so they work on any clone.  A shard that
-# fails its checksum stops the report with exit 65 and its name: a billing
-# figure is never computed from a damaged file, and never from a partial set.
+# Reports read the ledger (every store ref this clone knows), so they work on
+# any clone that has fetched it.  A shard that fails its checksum stops the
+# report with exit 65 and its name: a billing figure is never computed from a
+# damaged file, and never from a partial set.
 
 REPORT_DIMENSIONS = ("user", "issue", "project", "day", "week", "month", "store")
 _GRANULARITY_RANK = {"day": 0, "week": 1, "month": 2}
 
 
-def load_team_shards(repo):
+def load_legacy_shards(repo, skip):
+    """Shards of FlowForge 0.1's in-tree layout, for stores not in the ledger yet."""
     shards, damaged = [], []
-    for path, _, _, _ in list_shard_files(repo):
+    for path, user, store_id, month in list_shard_files(repo):
+        if store_key(user, store_id) in skip:
+            continue
         try:
             doc = read_shard(path)
             check_shard_sums(doc)  # a valid sha256 says nothing about rows written by hand
@@ -5722,6 +6689,44 @@ def load_team_shards(repo):
                              "owner's machine or `flowforge recover assess`"
                              % (len(damaged), "; ".join(damaged[:3])), EXIT_DATA)
     return shards
+
+
+def load_team_shards(repo, first=None, last=None, about=None):
+    """Every store's shards for the months that [first, last] touches: the
+    ledger, plus stores that only the in-tree 0.1 layout holds.  `about`
+    collects what a report says of its data (stores, when fetched)."""
+    view = LedgerView(repo)
+    for problem in view.problems:
+        raise FlowForgeError(problem, EXIT_DATA)
+    for line in view.warnings:
+        warn(line)
+    months = (first[:7] if first else None, last[:7] if last else None)
+    shards = view.shards(months)
+    legacy = load_legacy_shards(repo, set(view.stores)) if os.path.isdir(repo.summaries) else []
+    if legacy:
+        warn("this branch still keeps time in %s/ (FlowForge 0.1): run `flowforge migrate`"
+             % repo.rel(repo.team))
+    fetched = last_fetch_time(repo)
+    if not view.stores and not legacy and fetched is None:
+        _, remotes, _ = run_git(["remote"], repo.root)
+        if remotes.split():
+            raise FlowForgeError("this clone has never fetched the team ledger: run `flowforge "
+                                 "fetch` (after `flowforge install hooks`, `git fetch` brings it "
+                                 "too)")
+    if about is not None:
+        about.update(stores=len(view.stores), fetched_at=fetched,
+                     legacy_stores=len({(d["user"], d["store"]) for d in legacy}))
+    return shards + [d for d in legacy if (months[0] is None or d["month"] >= months[0])
+                     and (months[1] is None or d["month"] <= months[1])]
+
+
+def data_age_line(about):
+    """"ledger: 12 stores, fetched 2 h ago" for the foot of a report (stderr)."""
+    if about.get("fetched_at") is None:
+        return "ledger: %d store(s), this clone's own (never fetched)" % about.get("stores", 0)
+    age = max(0, now() - about["fetched_at"])
+    return "ledger: %d store(s), fetched %s ago" % (about.get("stores", 0), format_duration(age)
+                                                     if age >= 60 else "%d s" % age)
 
 
 def month_bounds(month):
@@ -5899,13 +6904,15 @@ _NUMERIC_HEADERS = ("time", "hours", "billable", "rate", "amount", "seconds")
 
 
 def build_report(repo, dims, first, last):
-    cells = team_cells(load_team_shards(repo), dims, first, last)
+    about = {}
+    cells = team_cells(load_team_shards(repo, first, last, about), dims, first, last)
     keys = sorted(cells)
     rows = [dict(zip(dims, key), seconds=cells[key], hours=decimal_hours(cells[key]))
             for key in keys]
     total = sum(cells.values())
     return {"schema": "flowforge.report/1", "from": first, "to": last, "by": list(dims),
-            "rows": rows, "total_seconds": total, "total_hours": decimal_hours(total)}
+            "rows": rows, "total_seconds": total, "total_hours": decimal_hours(total),
+            "ledger": about}
 
 
 def range_text(first, last):
@@ -5958,7 +6965,8 @@ def build_bill(repo, first, last, by_issue):
     mode, scope = billing["round_mode"], billing["round_scope"]
     dims = ["project", "user"] + (["issue"] if by_issue else [])
     finest = ["project", "user", "issue", "month", "week", "day"]
-    shards = load_team_shards(repo)
+    about = {}
+    shards = load_team_shards(repo, first, last, about)
     coarsest = max((_GRANULARITY_RANK[s["granularity"]] for s in shards), default=0)
     period_dim = ("day", "week", "month")[coarsest]
     cells = team_cells(shards, finest[:3] + [period_dim], first, last)
@@ -5986,7 +6994,7 @@ def build_bill(repo, first, last, by_issue):
             "currency": billing["currency"], "by": dims,
             "rounding": {"minutes": billing["round_minutes"], "mode": mode, "scope": scope},
             "lines": out, "total_seconds": total_seconds, "total_billable_seconds": total_billable,
-            "total_amount": str(total_amount.quantize(cent))}
+            "total_amount": str(total_amount.quantize(cent)), "ledger": about}
 
 
 def render_bill(bill, fmt):
@@ -6162,6 +7170,7 @@ def cmd_init(ctx, args):
         else:
             lines.append("private store of %s: store %s, time zone %s"
                          % (store.user, store.store_id, store.tz_name))
+    lines += ledger_fetch_setup(repo)
     lines.append("next: `git add .flowforge && git commit`, then `flowforge start ISSUE`")
     return ctx.emit("init", {"root": root, "created": created,
                              "user": store.user if store else None}, lines)
@@ -6349,6 +7358,92 @@ def cmd_delete(ctx, args):
 
 # -- team --------------------------------------------------------------------
 
+def ledger_fetch_setup(repo):
+    """`init` / `install hooks`: a plain `git fetch` brings the ledger too."""
+    lines = []
+    _, out, _ = run_git(["remote"], repo.root)
+    for remote in out.split():
+        if add_fetch_refspec(repo, remote):
+            lines.append("git fetch from %s now brings the ledger too (remote.%s.fetch; opt out "
+                         "with `git config flowforge.fetch false`)" % (remote, remote))
+    return lines
+
+
+@command("fetch", "Fetch every teammate's store ref (the team ledger) from a remote.",
+         "flowforge fetch origin",
+         arg("remote", nargs="?", metavar="REMOTE", help="the git remote (default: origin, or "
+             "the only one)"),
+         arg("--accept-rewritten", action="store_true", help="take the new history of store "
+             "refs that were rewritten on the remote (the old one stays in a quarantine ref)"),
+         area="team")
+def cmd_fetch(ctx, args):
+    repo = ctx.repo
+    remote = check_remote(repo, args.remote) if args.remote else default_remote(repo)
+    result = ledger_fetch(repo, remote, args.accept_rewritten)
+    for line in result["warnings"]:
+        warn(line)
+    return ctx.emit("fetch", result, ["fetched %d store ref(s) from %s, %d changed" % (
+        result["stores"], remote, result["changed"])])
+
+
+@command("push", "Push this clone's store refs (your ledger) to a remote, fast-forward only.",
+         "flowforge push origin",
+         arg("remote", nargs="?", metavar="REMOTE", help="the git remote (default: origin, or "
+             "the only one)"),
+         area="team")
+def cmd_push(ctx, args):
+    repo = ctx.repo
+    remote = check_remote(repo, args.remote) if args.remote else default_remote(repo)
+    result = ledger_push(repo, remote)
+    if queue_exists(repo):
+        queue = open_queue(repo)
+        queue.settle_key("push:" + remote)
+        queue.close()
+    return ctx.emit("push", result, ["pushed %s to %s" % (", ".join(result["pushed"]), remote)
+                                     if result["pushed"] else "the ledger on %s is up to date"
+                                     % remote])
+
+
+@command("migrate", "Move FlowForge 0.1's .flowforge/team/ shards and chains into the ledger.",
+         "flowforge migrate",
+         arg("--dry-run", action="store_true", help="check and say what would move"),
+         area="setup")
+def cmd_migrate(ctx, args):
+    repo = ctx.repo
+    stores = legacy_stores(repo)
+    checked = {key: legacy_store_files(repo, key, entry)[0] for key, entry in sorted(stores.items())}
+    lines = []
+    if args.dry_run:
+        lines = ["would move %s (%d file(s))" % (key, len(files)) for key, files in checked.items()]
+        return ctx.emit("migrate", {"stores": sorted(checked), "dry_run": True},
+                        lines or ["nothing to migrate"])
+    moved = []
+    for key, entry in sorted(stores.items()):
+        user = parse_store_key(key)[0]
+        with repo.lock("aggregate." + user, 30, "aggregation for %s" % user):
+            if migrate_store(repo, key, entry):
+                moved.append(key)
+    lines += ["moved %s into %s%s" % (key, STORES_REF, key) for key in moved]
+    lines += ["%s was in the ledger already" % key for key in sorted(set(checked) - set(moved))]
+    committed = False
+    team = repo.rel(repo.team)
+    rc, tracked, _ = run_git(["ls-files", "--", team], repo.root)
+    if tracked.strip():
+        run_git(["rm", "-r", "-q", "--cached", "--", team], repo.root)
+        run_git(["commit", "-q", "--no-verify", "-m", "FlowForge: team time moved to the ledger "
+                 "(refs/flowforge/stores/)", "--", team], repo.root)
+        committed = True
+        lines.append("committed the removal of %s/ from this branch" % team)
+    if os.path.isdir(repo.team):
+        import shutil
+        shutil.rmtree(repo.team)
+    if checked or committed:
+        lines.append("next: `flowforge push` (or any `git push` with the hooks installed) shares "
+                     "the ledger; other clones run `flowforge fetch`")
+    return ctx.emit("migrate", {"stores": sorted(checked), "moved": moved, "committed": committed},
+                    lines or ["nothing to migrate"])
+
+
 @command("aggregate", "Write your private entries into the committed team shards.",
          "flowforge aggregate --full",
          arg("--full", action="store_true", help="rebuild every shard instead of only changed days"),
@@ -6452,8 +7547,9 @@ def cmd_install(ctx, args):
     repo = ctx.repo
     if args.what == "hooks":
         directory, done = install_hooks(repo)
-        return ctx.emit("install", {"hooks_dir": directory, "hooks": dict(done)},
-                        ["%s: %s (%s)" % (hook, what, directory) for hook, what in done])
+        lines = ["%s: %s (%s)" % (hook, what, directory) for hook, what in done]
+        lines += ledger_fetch_setup(repo)
+        return ctx.emit("install", {"hooks_dir": directory, "hooks": dict(done)}, lines)
     if args.what == "ci":
         path = os.path.join(repo.root, ".github", "workflows", "flowforge-reconcile.yml")
         try:
@@ -6500,15 +7596,22 @@ def cmd_install(ctx, args):
          arg("what", choices=("hooks",), help="what to remove"), area="setup")
 def cmd_uninstall(ctx, args):
     directory, done = uninstall_hooks(ctx.repo)
-    return ctx.emit("uninstall", {"hooks_dir": directory, "hooks": dict(done)},
-                    ["%s: %s" % kv for kv in done])
+    removed = remove_fetch_refspecs(ctx.repo)
+    return ctx.emit("uninstall", {"hooks_dir": directory, "hooks": dict(done),
+                                  "fetch_refspecs_removed": removed},
+                    ["%s: %s" % kv for kv in done] + (
+                        ["removed the ledger's fetch refspec from %d remote(s)" % removed]
+                        if removed else []))
 
 
 @command("hook", "Run a git hook (called by the shims; always exits 0).",
          "flowforge hook pre-commit",
-         arg("name", choices=HOOKS, help="which hook"), area="layers")
+         arg("name", choices=HOOKS, help="which hook"),
+         arg("args", nargs="*", metavar="ARG", help="what git passes the hook (pre-push: the "
+             "remote and its URL)"), area="layers")
 def cmd_hook(ctx, args):
-    line = hook_pre_commit(args) if args.name == "pre-commit" else hook_post_commit(args)
+    line = {"pre-commit": hook_pre_commit, "post-commit": hook_post_commit,
+            "pre-push": hook_pre_push}[args.name](args)
     if line:
         sys.stderr.write(line + "\n")
     return EXIT_OK
