@@ -2877,6 +2877,20 @@ class StoreLedger:
         self._tip, self._trees = new, {}
         return new
 
+    def commit_audited(self, shards, action, ts, **fields):
+        """Commit changed shards ({ledger name: bytes}, perhaps none) together
+        with the team audit record that lists them; returns (record, tip)."""
+        seq, prev, last_name, last_data = self.chain_head()
+        shas = {n: _SHARD_SHA.search(d).group(1).decode() for n, d in shards.items()}
+        record = chain_record(seq, prev, action, utc_day_start(ts), files=shas, **fields)
+        name = max("audit/%s.jsonl" % local_date(ts, _utc())[:4], last_name or "")
+        files = dict(shards)
+        files[name] = (last_data if name == last_name else b"") + canonical_bytes(record)
+        months = ", ".join(sorted(n[10:17] for n in shas))
+        tip = self.commit(files, "%s%s (audit %d)" % (action, ": " + months if months else "",
+                                                      record["seq"]), ts)
+        return record, tip
+
     def close(self):
         self.objects.close()
 
@@ -2897,6 +2911,29 @@ def verify_chain_tail(data, where):
         return seq, digest
     except (ValueError, KeyError, TypeError, RecursionError):
         raise CorruptFile(where, "the last audit record is damaged; see `flowforge audit verify`")
+
+
+def ledger_chain_records(repo, user, store_id):
+    """(where, [records or None]) of a store's team chain at its tip."""
+    ledger = StoreLedger(repo, user, store_id)
+    try:
+        tip = ledger.tip()
+        if not tip:
+            raise FlowForgeError("no ledger ref for %s here (run `flowforge fetch`?)"
+                                 % store_key(user, store_id))
+        names = sorted("audit/" + n for n in ledger.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        data = b"".join(d or b"" for d in ledger.read(names).values())
+    finally:
+        ledger.close()
+    records = []
+    for line in data.split(b"\n"):
+        if line:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                record = None
+            records.append(record if isinstance(record, dict) else None)
+    return ledger.ref + ":audit/", records
 
 
 # -- reading every store: what reports, bills and CI see ---------------------
@@ -3539,15 +3576,9 @@ class Aggregator:
     def _commit(self, ledger, files, totals, action):
         """One audit record and one ledger commit for the changed shards, then
         the store's private chain; returns (team record, new tip)."""
-        seq, prev, last_name, last_data = ledger.chain_head()
         ts = now()
-        shas = {n: _SHARD_SHA.search(d).group(1).decode() for n, d in files.items()}
-        record = chain_record(seq, prev, action, utc_day_start(ts), files=shas, totals=totals)
-        name = max("audit/%s.jsonl" % local_date(ts, _utc())[:4], last_name or "")
-        files = dict(files)
-        files[name] = (last_data if name == last_name else b"") + canonical_bytes(record)
-        tip = ledger.commit(files, "%s: %s (audit %d)" % (action, ", ".join(
-            sorted(n[10:17] for n in shas)), record["seq"]), ts)
+        record, tip = ledger.commit_audited(files, action, ts, totals=totals)
+        shas = record["files"]
         local = AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
         item = local.trim_torn_tail(self.repo)  # an append cut short by a crash
         if item:
@@ -5408,95 +5439,150 @@ def doctor_findings(repo):
 # 11. Recovery and import
 # ############################################################################
 #
-# Layer 3 (`reconcile --ci`, on a clean checkout) proves the committed data
-# right or names what is wrong; layer 4 (`recover`, `reconcile`) repairs it
-# from the private store, the mirror, the backups and git history.  Repairs
+# Layer 3 (`reconcile --ci`, on a clean checkout after fetching the ledger)
+# proves the ledger right or names what is wrong; layer 4 (`recover`,
+# `reconcile`) repairs it from the private store, the mirror, and the
+# ledger's own history, reflog, remote copies and quarantine refs.  Repairs
 # are staged and deployed under a journal; the only changes in place are
 # trimming a chain's torn tail and keeping a day file's good lines, each
 # after copying the original to quarantine.
 
-def verify_shard_file(repo, path, user, store_id, month):
-    """Problems of one shard file: checksum, schema, internal sums, path."""
+def verify_store(repo, objects, key, ref, tip, history_since=None):
+    """Problems of one store ref: [(kind, where, detail)].  Every shard
+    (checksum, schema, sums, header against the ref's name), the audit chain
+    (its years in order), each shard against its last audit record, a linear
+    history, and with `history_since` (epoch) that each commit since then
+    extends the chain of the commit before it."""
+    found = []
+    where = lambda name: "%s:%s" % (ref, name)  # noqa: E731
+    size = len(tip) // 2
+
+    def listing(rev, directory):
+        item = objects.get(["%s:%s" % (rev, directory)])[0]
+        if item is None:
+            return {}
+        if item[0] != "tree":
+            raise ValueError("%s is not a directory" % directory)
+        return parse_tree(item[1], size)
     try:
-        doc = read_shard(path)
-    except CorruptFile as e:
-        return None, e.reason
-    try:
-        check_shard_sums(doc)
+        shards, years = listing(tip, "summaries"), listing(tip, "audit")
     except ValueError as e:
-        return doc, "shard %s" % e
-    if (doc.get("user"), doc.get("store"), doc.get("month")) != (user, store_id, month):
-        return doc, "shard says %s/%s/%s but lives at this path" % (doc.get("user"),
-                                                                     doc.get("store"),
-                                                                     doc.get("month"))
-    return doc, None
-
-
-def git_show(repo, rev, path):
-    rc, out, _ = run_git(["show", "%s:%s" % (rev, repo.rel(path) if os.path.isabs(path)
-                                            else path)], repo.root, check=False)
-    return out.encode("utf-8") if rc == 0 else None
-
-
-def verify_team(repo, history_since=None):
-    """Every committed shard and audit chain; returns {"findings": [...], counts}.
-
-    A finding is {"kind", "path", "detail"}.  With `history_since` (epoch), each
-    version of a chain committed since then must extend the one before it:
-    that is what catches a truncated or rewritten chain, which the chain alone
-    cannot see."""
-    findings = []
-
-    def find(kind, path, detail):
-        findings.append({"kind": kind, "path": repo.rel(path), "detail": detail})
-    shards = list_shard_files(repo)
-    stores = {}
-    for path, user, store_id, month in shards:
-        doc, problem = verify_shard_file(repo, path, user, store_id, month)
-        stores.setdefault((user, store_id), 0)
-        if problem:
-            find("shard", path, problem)
-    damaged = {f["path"] for f in findings}  # one finding per file, not one per check
-    chains = list_team_chains(repo)
-    for path, user, store_id in chains:
-        result = AuditChain(path).verify()
-        if not result["ok"]:
-            find("torn-tail" if result["torn_tail"] and result["bad_seq"] == result["records"] + 1
-                 else "audit", path, result["problem"])
-        for rel, problem in shards_against_chain(repo, user, store_id, result["files"]):
-            if rel in damaged:
-                continue
-            if problem != "not in the audit chain" or (user, store_id) in stores:
-                find("shard-audit", os.path.join(repo.root, rel), problem)
-        stores.pop((user, store_id), None)
-        if history_since is not None:
-            for problem in chain_history_problems(repo, path, history_since):
-                find("audit-history", path, problem)
-    for (user, store_id) in stores:
-        find("shard-audit", shard_dir(repo, user, store_id), "shards without an audit chain")
-    return {"findings": findings, "shards": len(shards), "chains": len(chains)}
-
-
-def chain_history_problems(repo, path, since):
-    """Each committed version of a chain since `since` must extend the previous one."""
-    rc, out, _ = run_git(["log", "--format=%H", "--since=@%d" % since, "--", repo.rel(path)],
-                         repo.root, check=False)
-    revs = out.split()[::-1]
-    if rc or not revs:
-        return []
-    problems = []
-    _, before, _ = run_git(["log", "-1", "--format=%H", revs[0] + "^", "--", repo.rel(path)],
-                           repo.root, check=False)
-    previous = git_show(repo, before.strip(), path) if before.strip() else b""
-    for rev in revs + ["WORKTREE"]:
-        current = read_bytes(path) if rev == "WORKTREE" else git_show(repo, rev, path)
-        if current is None:
+        return [("ledger", ref, str(e))]
+    names = sorted(shards)
+    blobs = objects.get(["%s:summaries/%s" % (tip, n) for n in names])
+    shas = {}
+    for name, item in zip(names, blobs):
+        m = _SHARD_NAME.fullmatch(name)
+        if not m:
+            found.append(("shard", where("summaries/" + name), "is not a shard name (YYYY-MM.json)"))
             continue
-        if previous and not current.startswith(previous):
-            where = "the working tree" if rev == "WORKTREE" else "commit %s" % rev[:10]
-            problems.append("%s rewrites or truncates the chain committed before it" % where)
-        previous = current
+        try:
+            if item is None or item[0] != "blob":
+                raise CorruptFile(where("summaries/" + name), "is not a file")
+            _shard_doc(item[1], key, m.group(1), where("summaries/" + name))
+            shas["summaries/" + name] = _SHARD_SHA.search(item[1]).group(1).decode()
+        except CorruptFile as e:
+            found.append(("shard", e.path, e.reason))
+    chain, problem = _store_chain(objects, tip, years)
+    if problem:
+        found.append(("audit", where("audit/"), problem))
+        return found
+    result = verify_chain_bytes(chain, where("audit/"))
+    if not result["ok"]:
+        found.append(("audit", where("audit/"), result["problem"]))
+        return found
+    audited = {ledger_file_name(p): sha for p, sha in result["files"].items()}
+    damaged = {w for _, w, _ in found}
+    for name, sha in sorted(shas.items()):
+        if audited.get(name) is None:
+            found.append(("shard-audit", where(name), "not in the audit chain"))
+        elif audited[name] != sha:
+            found.append(("shard-audit", where(name), "differs from its last audit record"))
+    for name in sorted(set(audited) - set(shas)):
+        if where(name) not in damaged:
+            found.append(("shard-audit", where(name), "in the audit chain but missing"))
+    rc, out, _ = run_git(["rev-list", "--parents", tip], repo.root, check=False)
+    if rc:
+        found.append(("ledger", ref, "its history cannot be read (missing objects?)"))
+    elif any(len(line.split()) > 2 for line in out.splitlines()):
+        found.append(("ledger", ref, "its history is not linear (a merge commit): store refs "
+                      "only ever fast-forward"))
+    elif history_since is not None:
+        found += _chain_history_problems(repo, objects, ref, tip, history_since, size)
+    return found
+
+
+def _store_chain(objects, rev, years):
+    """(the chain's bytes, its years in order, or a problem)."""
+    names = sorted(years)
+    bad = [n for n in names if not _CHAIN_NAME.fullmatch(n)]
+    if bad:
+        return b"", "audit/%s is not a chain file name (YYYY.jsonl)" % bad[0]
+    items = objects.get(["%s:audit/%s" % (rev, n) for n in names])
+    if any(item is None or item[0] != "blob" for item in items):
+        return b"", "a chain file is not a file"
+    return b"".join(item[1] for item in items), None
+
+
+def _chain_history_problems(repo, objects, ref, tip, since, size):
+    """Each commit on the ref since `since` must extend the chain before it."""
+    rc, out, _ = run_git(["rev-list", "--parents", "--since=@%d" % utc_day_start(since), tip],
+                         repo.root, check=False)
+    problems = []
+    for line in out.splitlines():
+        ids = line.split()
+        if len(ids) != 2:
+            continue
+        chains = []
+        for rev in ids:
+            item = objects.get(["%s:audit" % rev])[0]
+            try:
+                years = parse_tree(item[1], size) if item and item[0] == "tree" else {}
+            except ValueError:
+                years = {}
+            chains.append(_store_chain(objects, rev, years)[0])
+        if not chains[0].startswith(chains[1]):
+            problems.append(("audit-history", ref, "commit %s rewrites or truncates the audit "
+                             "chain of the commit before it" % ids[0][:12]))
     return problems
+
+
+def verify_ledger(repo, history_since=None):
+    """Every store ref this clone knows; returns {"findings": [...], "stores", "shards"}.
+
+    A finding is {"kind", "path", "detail"}; a path names a ref, or a file in
+    one as REF:NAME."""
+    view = LedgerView(repo)
+    findings = [{"kind": "ledger", "path": "refs/flowforge/", "detail": p} for p in view.problems]
+    findings += [{"kind": "ledger", "path": "refs/flowforge/", "detail": w}
+                 for w in view.warnings if "rewritten" in w]
+    shards = 0
+    objects = GitObjects(repo.root)
+    try:
+        for key, (ref, tip, _) in sorted(view.stores.items()):
+            for kind, path, detail in verify_store(repo, objects, key, ref, tip, history_since):
+                findings.append({"kind": kind, "path": path, "detail": detail})
+            item = objects.get(["%s:summaries" % tip])[0]
+            if item and item[0] == "tree":
+                try:
+                    shards += len(parse_tree(item[1], len(tip) // 2))
+                except ValueError:
+                    pass
+    finally:
+        objects.close()
+    if os.path.isdir(repo.summaries) or os.path.isdir(os.path.join(repo.team, "audit")):
+        for key, entry in sorted(legacy_stores(repo).items()):
+            if key in view.stores:
+                continue
+            try:
+                legacy_store_files(repo, key, entry)
+                detail = "still in the 0.1 layout on this branch: run `flowforge migrate`"
+            except FlowForgeError as e:
+                detail = "still in the 0.1 layout, and damaged: %s" % e
+            findings.append({"kind": "legacy", "path": "%s/.../%s" % (repo.rel(repo.team), key),
+                             "detail": detail})
+    return {"findings": findings, "stores": len(view.stores), "shards": shards,
+            "view": view}
 
 
 def author_user(repo, email):
@@ -5506,24 +5592,38 @@ def author_user(repo, email):
     return authors.get(email) or derive_user_name(email)
 
 
-def missing_aggregation(repo, lookback_hours):
-    """Authors with commits in the window whose shards did not change in it."""
+_GIT_LOG_FIELD = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def missing_aggregation(repo, lookback_hours, view):
+    """Authors with commits on any branch in the window (local or fetched)
+    whose store refs did not move in it.  Ledger commits carry the UTC day
+    only, so "moved" means a commit on or after the window's first day."""
     since = now() - int(lookback_hours * 3600)
-    rc, out, err = run_git(["log", "--no-merges", "--since=@%d" % since,
-                            "--format=%x1e%H%x1f%ae%x1f%an%x1f%ct", "--name-only"],
+    rc, out, err = run_git(["log", "--branches", "--remotes", "HEAD", "--no-merges",
+                            "--since=@%d" % since, "--format=%x1e%H%x1f%ae%x1f%an%x1f%ct"],
                            repo.root, check=False)
     if rc:
-        raise FlowForgeError("git log failed: %s" % err.strip())
-    authors, changed_users = {}, set()
+        raise FlowForgeError("git log failed: %s" % git_error_line(err, rc))
+    _, dates, _ = run_git(["for-each-ref", "--format=%(committerdate:unix) %(refname)",
+                           "refs/flowforge/"], repo.root)
+    moved_since = utc_day_start(since)
+    chosen = {ref for ref, _, _ in view.stores.values()}
+    moved = set()
+    for line in dates.splitlines():
+        stamp, _, ref = line.partition(" ")
+        if ref in chosen and stamp.isdigit() and int(stamp) >= moved_since:
+            moved.add(parse_store_key(ref.rsplit("/", 1)[-1])[0])
+    ignored = set(repo.config["reconcile"]["ignore_authors"])
+    authors = {}
     for chunk in out.split("\x1e")[1:]:
-        head, _, names = chunk.partition("\n")
-        sha, email, name, ctime = head.split("\x1f")
-        for changed in names.split():
-            parts = changed.split("/")
-            if changed.startswith(".flowforge/team/") and len(parts) >= 4:
-                owner = parts[3] if parts[2] == "summaries" else parts[3][:-6]
-                changed_users.add(owner.rpartition("--")[0])
-        if name.endswith("[bot]") or email.endswith("[bot]@users.noreply.github.com"):
+        fields = chunk.strip("\n").split("\x1f")
+        if len(fields) != 4 or not fields[3].isdigit():
+            continue  # an author name with our separators in it: not one we can read
+        sha, email, name, ctime = fields
+        email, name = _GIT_LOG_FIELD.sub("?", email), _GIT_LOG_FIELD.sub("?", name)
+        if (name.endswith("[bot]") or email.endswith("[bot]@users.noreply.github.com")
+                or email in ignored or name in ignored):
             continue
         entry = authors.setdefault(email, {"email": email, "name": name,
                                            "user": author_user(repo, email), "commits": 0,
@@ -5531,23 +5631,21 @@ def missing_aggregation(repo, lookback_hours):
         entry["commits"] += 1
         if int(ctime) > entry["last_time"]:
             entry.update(last_commit=sha, last_time=int(ctime))
-    return [a for a in authors.values() if a["user"] not in changed_users]
+    return [a for a in authors.values() if a["user"] not in moved]
 
 
 def ci_report_markdown(repo, result, missing, lookback_hours):
     _, head, _ = run_git(["rev-parse", "--short", "HEAD"], repo.root, check=False)
-    _, changed, _ = run_git(["status", "--porcelain", "--", repo.rel(repo.team)], repo.root,
-                            check=False)
     findings = result["findings"]
     problems = len(findings) + len(missing)
     out = ["# FlowForge reconcile", "",
-           "Checked %d shard(s) and %d audit chain(s) at `%s`%s; authors of the last %g hours."
-           % (result["shards"], result["chains"], head.strip() or "?",
-              " with uncommitted changes to them" if changed.strip() else "", lookback_hours), ""]
-    titles = {"shard": "Damaged shards", "audit": "Broken audit chains",
-              "torn-tail": "Audit chains with a torn last line (repairable)",
+           "Checked %d store ref(s) with %d shard(s) at `%s`; authors of the last %g hours."
+           % (result["stores"], result["shards"], head.strip() or "?", lookback_hours), ""]
+    titles = {"ledger": "Store refs that cannot be trusted", "shard": "Damaged shards",
+              "audit": "Broken audit chains",
               "shard-audit": "Shards that do not match their audit chain",
-              "audit-history": "Audit chains rewritten after they were committed"}
+              "audit-history": "Audit chains rewritten after they were committed",
+              "legacy": "Stores still on the branch (FlowForge 0.1 layout)"}
     for kind, title in titles.items():
         rows = [f for f in findings if f["kind"] == kind]
         if rows:
@@ -5555,13 +5653,15 @@ def ci_report_markdown(repo, result, missing, lookback_hours):
             out.append("")
     if missing:
         out += ["## Possible missing aggregation", "",
-                "These authors committed, but none of their shards changed: time tracked "
-                "since then may not be aggregated yet (or they tracked none).", "",
+                "These authors committed, but none of their store refs moved: time tracked "
+                "since then may not be aggregated or pushed yet (or they tracked none).", "",
                 "| author | FlowForge user | commits | last commit |", "| --- | --- | ---: | --- |"]
         out += ["| %s <%s> | %s | %d | %s |" % (m["name"].replace("|", "/"), m["email"], m["user"],
                                                 m["commits"], m["last_commit"][:10])
                 for m in missing]
-        out += ["", "On that machine: `flowforge reconcile`, then commit."]
+        out += ["", "On that developer's machine: `flowforge reconcile && flowforge push`. "
+                "Someone who tracks no time goes into `reconcile.ignore_authors` in "
+                "`.flowforge/config.json`."]
         out.append("")
     out.append("**Result: %s.**" % ("clean" if not problems else "%d problem(s) found; see "
                                     "\"When things break\" in FlowForge's README" % problems))
@@ -5609,26 +5709,19 @@ def reconcile_local(repo, lookback_hours=72):
         actions.append("removed the orphaned temp file %s" % path)
     granularity = repo.config["granularity"]
     queue = open_queue(repo) if queue_exists(repo) else None
+    before = verify_ledger(repo)["findings"]
     for user in local_users(repo):
         store = PrivateStore(repo, user)
-        aggregator = Aggregator(store, granularity)
-        for chain in aggregator.chains():
-            item = chain.trim_torn_tail(repo)
-            if item:
-                actions.append("trimmed the torn tail of %s (quarantined as %s)"
-                               % (repo.rel(chain.path), item))
-        damaged = []
-        for month in aggregator.shard_months():
-            path = os.path.join(shard_dir(repo, user, store.store_id), month + ".json")
-            _, problem = verify_shard_file(repo, path, user, store.store_id, month)
-            if problem:
-                item = Quarantine(repo).put(path, problem)
-                damaged.append(month)
-                actions.append("quarantined %s (%s) as %s" % (repo.rel(path), problem, item))
-        result = aggregator.run(full=bool(damaged))
+        local = AuditChain(os.path.join(store.dir, "audit.jsonl"))
+        item = local.trim_torn_tail(repo)
+        if item:
+            actions.append("trimmed the torn tail of %s (quarantined as %s)"
+                           % (repo.rel(local.path), item))
+        key = store_key(user, store.store_id)
+        damaged = any(key in f["path"] and f["kind"] in ("shard", "shard-audit") for f in before)
+        result = Aggregator(store, granularity).run(full=damaged)
         if result["written"]:
-            actions.append("%s: aggregated %s" % (user, ", ".join(repo.rel(p)
-                                                                   for p in result["written"])))
+            actions.append("%s: aggregated %s" % (user, ", ".join(result["written"])))
         if queue is not None:
             settled = queue.settle_key("aggregate:" + user, dead=True)
             if settled:
@@ -5639,14 +5732,13 @@ def reconcile_local(repo, lookback_hours=72):
     if queue is not None:
         queue.close()
     record_metrics(repo, last_aggregate_success=now())
-    result = verify_team(repo)
-    return actions, result
+    return actions, verify_ledger(repo)
 
 
 WORKFLOW = """\
-# Written by `flowforge install ci`: checks the committed time shards and audit
-# chains, and looks for authors whose time was not aggregated.  On failure it
-# opens (or comments on) an issue with the report.
+# Written by `flowforge install ci`: fetches the ledger (every store ref), checks
+# its shards, audit chains and histories, and looks for authors whose time was
+# not aggregated.  On failure it opens (or comments on) an issue with the report.
 name: FlowForge reconcile
 on:
   schedule:
@@ -5667,7 +5759,9 @@ jobs:
       - uses: actions/checkout@v4
         with:
           fetch-depth: 0
-      - name: Reconcile time shards
+      - name: Fetch the ledger (store refs)
+        run: python3 flowforge.py fetch origin
+      - name: Reconcile the ledger
         id: reconcile
         run: python3 flowforge.py reconcile --ci --report flowforge-reconcile.md
       - name: Report problems in an issue
@@ -5717,9 +5811,10 @@ def assess(repo, user=None):
     if os.path.exists(os.path.join(recover_dir(repo), "plan.json")):
         add("deploy", "reconstructed files are staged but not deployed",
             "`flowforge recover validate`, then `flowforge recover deploy`")
-    for f in verify_team(repo)["findings"]:
-        fix = {"torn-tail": "`flowforge reconcile` on the owner's machine"}.get(
-            f["kind"], "`flowforge recover reconstruct`, then `flowforge recover deploy`")
+    for f in verify_ledger(repo)["findings"]:
+        fix = {"legacy": "`flowforge migrate`"}.get(
+            f["kind"], "`flowforge recover reconstruct`, then `flowforge recover deploy` (the "
+            "newest version that verifies, as a new commit); or the owner's `flowforge reconcile`")
         add(f["kind"], "%s: %s" % (f["path"], f["detail"]), fix)
     users = local_users(repo)
     for name in users:
@@ -5777,50 +5872,39 @@ def assess(repo, user=None):
     return found
 
 
-def shard_from_history(repo, path):
-    """(bytes, source) of the newest version of a shard that verifies: the
-    kept backups first, then git history (`git show REV:path`)."""
-    parts = repo.rel(path).split(os.sep)
-    user, _, store_id = parts[-2].rpartition("--")
-    for backup in shard_backups(repo, user, store_id, parts[-1][:-5]):
-        data = read_bytes(backup)
-        try:
-            verify_shard_bytes(data)
-            return data, "backup %s" % os.path.basename(backup)
-        except ValueError:
-            continue
-    rc, out, _ = run_git(["log", "--format=%H", "--", repo.rel(path)], repo.root, check=False)
-    for rev in out.split() if rc == 0 else []:
-        data = git_show(repo, rev, path)
-        if data is None:
-            continue
-        try:
-            verify_shard_bytes(data)
-            return data, "git %s" % rev[:12]
-        except ValueError:
-            continue
-    return None, None
+def ledger_candidates(repo, key, tip):
+    """[(commit, where it comes from)] that may hold a good version of a store,
+    newest first: the own ref's reflog, the tip's history, every fetched copy
+    and the quarantine refs."""
+    out, seen = [], {tip}
+    _, reflog, _ = run_git(["log", "-g", "--format=%H", STORES_REF + key], repo.root, check=False)
+    _, history, _ = run_git(["rev-list", "--first-parent", "-n", "500", tip], repo.root, check=False)
+    _, copies, _ = run_git(["for-each-ref", "--format=%(objectname) %(refname)",
+                            REMOTES_REF + "*/" + key, INCOMING_REF + "*/" + key,
+                            QUARANTINE_REF + "*/" + key + "/*"], repo.root, check=False)
+    for source, ids in (("reflog", reflog.split()), ("history", history.split()),
+                        ("copy", copies.splitlines())):
+        for item in ids:
+            oid, _, ref = item.partition(" ")
+            if oid not in seen:
+                seen.add(oid)
+                out.append((oid, "%s %s" % (ref or source, oid[:12])))
+    return out
 
 
-def chain_from_history(repo, path):
-    rc, out, _ = run_git(["log", "--format=%H", "--", repo.rel(path)], repo.root, check=False)
-    for rev in out.split() if rc == 0 else []:
-        data = git_show(repo, rev, path)
-        if data is None:
-            continue
-        scratch = os.path.join(recover_dir(repo), ".chain-check")
-        makedirs_private(recover_dir(repo))
-        atomic_write(scratch, data, 0o600, sync_dir=False)
-        ok = AuditChain(scratch).verify()["ok"]
-        os.unlink(scratch)
-        if ok:
-            return data, "git %s" % rev[:12]
+def good_ledger_version(repo, objects, key, ref, tip):
+    """(commit, source) of the newest version of a store that verifies, or (None, None)."""
+    for oid, source in ledger_candidates(repo, key, tip):
+        rc, kind, _ = run_git(["cat-file", "-t", oid], repo.root, check=False)
+        if rc == 0 and kind.strip() == "commit" and not verify_store(repo, objects, key, ref, oid):
+            return oid, source
     return None, None
 
 
 def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
-    """Stage repaired files under state/recover/staged; returns the plan."""
-    items, unrecoverable = [], []
+    """Stage repairs under state/recover/staged (private files) and in the plan
+    (store refs); returns the plan."""
+    items, refs, unrecoverable = [], [], []
 
     def stage(rel, data, source):
         items.append({"path": rel, "source": source, "sha256": sha256_hex(data), "size": len(data),
@@ -5847,56 +5931,27 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
                     stage(rel, data, "mirror %s" % chosen)
                 else:
                     kept.append("%s: the copy here is newer than the mirror's; kept it" % rel)
-    granularity = repo.config["granularity"]
-    computed = {}
-    repaired = {item["path"] for item in items}
-    for name in local_users(repo):
-        store = PrivateStore(repo, name)
-        if repo.rel(store.config_path) in repaired:
-            continue  # its settings are damaged and staged for repair: deploy first
-        try:
-            computed[(name, store.store_id)] = Aggregator(store, granularity).compute_all()
-        except FlowForgeError as e:
-            unrecoverable.append("%s: private store unreadable (%s)" % (name, e))
-    paths = {path: (u, s, m) for path, u, s, m in list_shard_files(repo)}
-    for chain_path, u, s in list_team_chains(repo):
-        result = AuditChain(chain_path).verify()
-        for rel in result["files"]:
-            full = os.path.join(repo.root, rel)
-            if full not in paths:
-                paths[full] = (u, s, os.path.basename(rel)[:-5])
-        if not result["ok"] and not (result["torn_tail"] and
-                                     result["bad_seq"] == result["records"] + 1):
-            data, source = chain_from_history(repo, chain_path)
-            if data is None:
-                unrecoverable.append("%s: %s, and no good version in git history"
-                                     % (repo.rel(chain_path), result["problem"]))
-            else:
-                stage(repo.rel(chain_path), data, source)
-    progress = Progress("reconstructing", len(paths))
-    for n, (path, (u, s, month)) in enumerate(sorted(paths.items()), 1):
-        progress.step(n)
-        current = computed.get((u, s), {}).get(month)
-        if current is not None:  # recomputed from this clone's private data
-            try:
-                if read_bytes(path) == current:
-                    continue
-            except FileNotFoundError:
-                pass
-            stage(repo.rel(path), current, "private store")
-            continue
-        if os.path.exists(path) and verify_shard_file(repo, path, u, s, month)[1] is None:
-            continue
-        data, source = shard_from_history(repo, path)
-        if data is None:
-            unrecoverable.append("%s: damaged or missing, and no verifying version in the backups"
-                                 " or git history" % repo.rel(path))
-        else:
-            stage(repo.rel(path), data, source)
+    result = verify_ledger(repo)
+    view = result["view"]
+    objects = GitObjects(repo.root)
+    try:
+        for key, (ref, tip, _) in sorted(view.stores.items()):
+            if not any(f["path"].startswith(ref) for f in result["findings"]):
+                continue
+            good, source = good_ledger_version(repo, objects, key, ref, tip)
+            if good is None:
+                unrecoverable.append("%s: damaged, and no version in its reflog, history, fetched "
+                                     "copies or quarantine refs verifies" % ref)
+                continue
+            own = view.refs.get(STORES_REF + key)
+            refs.append({"ref": STORES_REF + key, "key": key, "restore": good, "parent": tip,
+                         "replaces": own[0] if own else "", "source": source})
+    finally:
+        objects.close()
     plan = {"schema": 1, "created": now(), "items": [{k: v for k, v in i.items() if k != "data"}
                                                       for i in items],
-            "unrecoverable": unrecoverable, "kept": kept}
-    if not dry_run and items:
+            "refs": refs, "unrecoverable": unrecoverable, "kept": kept}
+    if not dry_run and (items or refs):
         staged = os.path.join(recover_dir(repo), "staged")
         if os.path.isdir(staged):
             import shutil
@@ -5907,6 +5962,28 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
             atomic_write(target, item["data"], 0o600, sync_dir=False)
         atomic_write(os.path.join(recover_dir(repo), "plan.json"), canonical_bytes(plan), 0o600)
     return plan
+
+
+def restore_store_refs(repo, refs):
+    """Deploy staged ref repairs: each is a new commit on the current tip with
+    the tree of the good version, so the history stays linear and the next
+    push fast-forwards.  Compare-and-swap: a ref that moved since is refused."""
+    done = []
+    for item in refs:
+        _, tree, _ = run_git(["rev-parse", item["restore"] + "^{tree}"], repo.root)
+        user = parse_store_key(item["key"])[0]
+        with repo.lock("aggregate." + user, 30, "aggregation for %s" % user):
+            _, out, _ = run_git(["commit-tree", "--no-gpg-sign", tree.strip(), "-p", item["parent"]],
+                                repo.root, input=("recover: restore %s\n" % item["source"]).encode(),
+                                env=ledger_commit_env(user, now()))
+            try:
+                update_refs(repo, [(item["ref"], out.strip(), item["replaces"])],
+                            "flowforge: recover %s" % item["key"])
+            except FlowForgeError:
+                raise FlowForgeError("%s changed since it was staged: run `flowforge recover "
+                                     "reconstruct` again" % item["ref"])
+        done.append({"path": item["ref"], "restored": item["source"]})
+    return done
 
 
 def choose_mirror(repo, store, store_id=None):
@@ -5977,64 +6054,83 @@ def load_plan(repo):
 
 def validate(repo):
     """Recompute every local store from its private records and compare, to the
-    second, with the shards (the staged ones where a repair is staged)."""
+    second, with its shards in the ledger (the staged version where a repair
+    of its private files or its ref is staged)."""
     import shutil
-    plan = load_plan(repo) or {"items": []}
+    plan = load_plan(repo) or {"items": [], "refs": []}
     staged = {item["path"] for item in plan["items"]}
+    restored = {item["key"]: item["restore"] for item in plan.get("refs", [])}
     results = []
     granularity = repo.config["granularity"]
     prefix = repo.rel(repo.users) + "/"
     repaired = {path[len(prefix):].split("/")[0] for path in staged if path.startswith(prefix)}
-    for name in sorted(set(local_users(repo)) | repaired):
-        store = PrivateStore(repo, name)
-        if name in repaired:  # as the deploy will leave it: a copy with the staged files over it
-            view = os.path.join(recover_dir(repo), "view", name)
-            shutil.rmtree(view, ignore_errors=True)
-            if os.path.isdir(store.dir):
-                shutil.copytree(store.dir, view)
-            shutil.copytree(os.path.join(recover_dir(repo), "staged", repo.rel(store.dir)), view,
-                            dirs_exist_ok=True)
-            store = PrivateStore(repo, name, view)
-        try:
-            computed, store_id = Aggregator(store, granularity).compute_all(), store.store_id
-        finally:
-            if name in repaired:
-                shutil.rmtree(os.path.dirname(store.dir), ignore_errors=True)
-        for month, data in computed.items():
-            rel = repo.rel(os.path.join(shard_dir(repo, name, store_id), month + ".json"))
-            where = os.path.join(recover_dir(repo), "staged", rel) if rel in staged else \
-                os.path.join(repo.root, rel)
-            expected = json.loads(data)["totals"]["seconds"]
+    objects = GitObjects(repo.root)
+    try:
+        for name in sorted(set(local_users(repo)) | repaired):
+            store = PrivateStore(repo, name)
+            if name in repaired:  # as the deploy will leave it: a copy with the staged files over it
+                view = os.path.join(recover_dir(repo), "view", name)
+                shutil.rmtree(view, ignore_errors=True)
+                if os.path.isdir(store.dir):
+                    shutil.copytree(store.dir, view)
+                shutil.copytree(os.path.join(recover_dir(repo), "staged", repo.rel(store.dir)),
+                                view, dirs_exist_ok=True)
+                store = PrivateStore(repo, name, view)
             try:
-                actual = read_bytes(where)
-                seconds = json.loads(actual)["totals"]["seconds"]
-            except (FileNotFoundError, ValueError, KeyError, TypeError):
-                actual, seconds = None, None
-            results.append({"path": rel, "staged": rel in staged, "recomputed_seconds": expected,
-                            "shard_seconds": seconds, "identical": actual == data})
+                computed, store_id = Aggregator(store, granularity).compute_all(), store.store_id
+            finally:
+                if name in repaired:
+                    shutil.rmtree(os.path.dirname(store.dir), ignore_errors=True)
+            key = store_key(name, store_id)
+            ledger = StoreLedger(repo, name, store_id, objects)
+            if key in restored:
+                ledger._tip = restored[key]
+            have = ledger.read([shard_name(m) for m in computed])
+            for month, data in computed.items():
+                actual = have[shard_name(month)]
+                expected = json.loads(data)["totals"]["seconds"]
+                try:
+                    seconds = json.loads(actual)["totals"]["seconds"] if actual else None
+                except (ValueError, KeyError, TypeError):
+                    seconds = None
+                results.append({"path": "%s%s:%s" % (STORES_REF, key, shard_name(month)),
+                                "staged": key in restored, "recomputed_seconds": expected,
+                                "shard_seconds": seconds, "identical": actual == data})
+    finally:
+        objects.close()
     return results
 
 
 def compliance_audit(repo):
     """Per store: chain verified, records, shards matching, total seconds."""
     rows = []
-    for path, user, store_id in list_team_chains(repo):
-        result = AuditChain(path).verify()
-        problems = shards_against_chain(repo, user, store_id, result["files"])
-        total = 0
-        for shard_path, u, s, _ in list_shard_files(repo):
-            if (u, s) == (user, store_id):
+    result = verify_ledger(repo)
+    view = result["view"]
+    objects = GitObjects(repo.root)
+    try:
+        for key, (ref, tip, _) in sorted(view.stores.items()):
+            user, store_id = parse_store_key(key)
+            problems = [f for f in result["findings"] if f["path"].startswith(ref)]
+            ledger = StoreLedger(repo, user, store_id, objects)
+            ledger._tip = tip
+            years = {n: m for n, m in ledger.tree("audit").items()}
+            chain, _ = _store_chain(objects, tip, years)
+            chain_result = verify_chain_bytes(chain, ref)
+            total = 0
+            for name, data in ledger.read([shard_name(m) for m in ledger.months()]).items():
                 try:
-                    total += read_shard(shard_path)["totals"]["seconds"]
-                except CorruptFile:
+                    total += json.loads(data)["totals"]["seconds"]
+                except (TypeError, ValueError, KeyError):
                     pass
-        records = AuditChain(path).records()
-        rows.append({"user": user, "store": store_id, "records": result["records"],
-                     "chain_ok": result["ok"], "problem": result["problem"],
-                     "shards_matching": not problems, "shard_problems": problems,
-                     "total_seconds": total,
-                     "last_record_day": local_date(records[-1]["ts"], _utc())
-                     if records and records[-1] else None})
+            last = chain_result["last"]
+            rows.append({"user": user, "store": store_id, "ref": ref,
+                         "records": chain_result["records"], "chain_ok": chain_result["ok"],
+                         "problem": chain_result["problem"],
+                         "shards_matching": not [p for p in problems if p["kind"] != "audit"],
+                         "shard_problems": problems, "total_seconds": total,
+                         "last_record_day": local_date(last["ts"], _utc()) if last else None})
+    finally:
+        objects.close()
     return rows
 
 
@@ -6147,7 +6243,7 @@ def deploy(repo, dry_run=False, rollback=False):
     recover = recover_dir(repo)
     deploy_id = "%d-%s" % (now(), os.urandom(3).hex())
     staging = os.path.join(recover, "swap-" + deploy_id)
-    items = []
+    items, ref_items = [], []
     if rollback:
         history = os.path.join(recover, "deploys")
         done = sorted(os.listdir(history)) if os.path.isdir(history) else []
@@ -6161,14 +6257,33 @@ def deploy(repo, dry_run=False, rollback=False):
                 items.append({"path": item["path"], "delete": True})
     else:
         plan = load_plan(repo)
-        if not plan or not plan["items"]:
+        if not plan or not (plan["items"] or plan.get("refs")):
             raise FlowForgeError("nothing is staged: run `flowforge recover reconstruct` first")
         for item in plan["items"]:
             items.append({"path": item["path"], "replaces": item.get("replaces", False),
                           "source": os.path.join(recover, "staged", item["path"])})
+        ref_items = plan.get("refs") or []
     if dry_run:
         return {"id": None, "items": [{"path": i["path"], "delete": bool(i.get("delete"))}
-                                      for i in items]}
+                                      for i in items] + [{"path": r["ref"], "restore": r["source"]}
+                                                         for r in ref_items]}
+    journal = {"items": []}
+    if items:
+        journal = _deploy_files(repo, items, deploy_id, staging, rollback)
+    restored = restore_store_refs(repo, ref_items)
+    if not rollback:
+        import shutil
+        shutil.rmtree(os.path.join(recover, "staged"), ignore_errors=True)
+        os.unlink(os.path.join(recover, "plan.json"))
+    import shutil
+    shutil.rmtree(staging, ignore_errors=True)
+    log_event(repo, "deploy", id=deploy_id, rollback=rollback, files=len(items), refs=len(ref_items))
+    return {"id": deploy_id, "items": journal["items"] + restored}
+
+
+def _deploy_files(repo, items, deploy_id, staging, rollback):
+    """The journaled swap of staged private files; returns the journal."""
+    recover = recover_dir(repo)
     locks = deploy_locks(repo, [i["path"] for i in items])
     for lock in locks:
         lock.acquire()
@@ -6205,14 +6320,7 @@ def deploy(repo, dry_run=False, rollback=False):
     finally:
         for lock in reversed(locks):
             lock.release()
-    if not rollback:
-        import shutil
-        shutil.rmtree(os.path.join(recover, "staged"), ignore_errors=True)
-        os.unlink(os.path.join(recover, "plan.json"))
-    import shutil
-    shutil.rmtree(staging, ignore_errors=True)
-    log_event(repo, "deploy", id=deploy_id, rollback=rollback, files=len(items))
-    return {"id": deploy_id, "items": journal["items"]}
+    return journal
 
 
 # -- imports, export, erase ----------------------------------------------------
@@ -6630,9 +6738,12 @@ def erase_user(repo, user):
     with repo.lock("aggregate." + user, 30, "aggregation for %s" % user):
         with store.lock(30):
             if store_id:
-                AuditChain(team_chain_path(repo, user, store_id), 0o644).append(
-                    "erase", utc_day_start(now()), files={}, totals={},
-                    note="private data erased; committed aggregates kept")
+                ledger = StoreLedger(repo, user, store_id)
+                try:
+                    ledger.commit_audited({}, "erase", now(), totals={},
+                                          note="private data erased; committed aggregates kept")
+                finally:
+                    ledger.close()
             if os.path.isdir(store.dir):
                 shutil.rmtree(store.dir)
                 removed.append(repo.rel(store.dir))
@@ -7745,8 +7856,8 @@ def cmd_doctor(ctx, args):
 def cmd_audit(ctx, args):
     repo = ctx.repo
     if args.action == "verify":
-        result = verify_team(repo, history_since=now() - int(args.since_hours * 3600))
-        findings = [f for f in result["findings"] if f["kind"] in ("audit", "torn-tail",
+        result = verify_ledger(repo, history_since=now() - int(args.since_hours * 3600))
+        findings = [f for f in result["findings"] if f["kind"] in ("audit", "ledger",
                                                                    "shard-audit", "audit-history")]
         for name in local_users(repo):
             local = AuditChain(os.path.join(PrivateStore(repo, name).dir, "audit.jsonl")).verify()
@@ -7754,18 +7865,18 @@ def cmd_audit(ctx, args):
                 findings.append({"kind": "audit", "path": repo.rel(local["path"]),
                                  "detail": local["problem"]})
         lines = ["%s: %s" % (f["path"], f["detail"]) for f in findings]
-        lines.append("%d chain(s) checked: %s" % (result["chains"], "all intact" if not findings
+        lines.append("%d chain(s) checked: %s" % (result["stores"], "all intact" if not findings
                                                    else "%d problem(s)" % len(findings)))
-        ctx.emit("audit", {"chains": result["chains"], "findings": findings}, lines)
+        ctx.emit("audit", {"chains": result["stores"], "findings": findings}, lines)
         return EXIT_FAIL if findings else EXIT_OK
     if args.local:
         path = os.path.join(ctx.store().dir, "audit.jsonl")
+        records = AuditChain(path).records()
+        if not records and not os.path.exists(path):
+            raise FlowForgeError("no audit chain at %s" % repo.rel(path))
     else:
         store_id = args.store or ctx.store().store_id
-        path = team_chain_path(repo, ctx.user, store_id)
-    records = AuditChain(path).records()
-    if not records and not os.path.exists(path):
-        raise FlowForgeError("no audit chain at %s" % repo.rel(path))
+        path, records = ledger_chain_records(repo, ctx.user, store_id)
     lines = []
     for r in records:
         if r is None:
@@ -7776,7 +7887,7 @@ def cmd_audit(ctx, args):
         lines.append("%5s  %s  %-14s  %d file(s)  %s  %s" % (
             r.get("seq"), day, r.get("action"), len(r.get("files") or {}),
             format_duration(total) if total else "-", str(r.get("hash"))[:12]))
-    return ctx.emit("audit", {"path": repo.rel(path), "records": records},
+    return ctx.emit("audit", {"path": repo.rel(path) if args.local else path, "records": records},
                     lines or ["the chain is empty"])
 
 
@@ -7800,8 +7911,8 @@ def cmd_reconcile(ctx, args):
         lines += ["still wrong: %s: %s" % (f["path"], f["detail"]) for f in others]
         ctx.emit("reconcile", {"actions": actions, "findings": others}, lines)
         return EXIT_FAIL if others else EXIT_OK
-    result = verify_team(repo, history_since=now() - int(args.lookback_hours * 3600))
-    missing = missing_aggregation(repo, args.lookback_hours)
+    result = verify_ledger(repo, history_since=now() - int(args.lookback_hours * 3600))
+    missing = missing_aggregation(repo, args.lookback_hours, result["view"])
     report = ci_report_markdown(repo, result, missing, args.lookback_hours)
     if args.report:
         atomic_write(os.path.abspath(args.report), report.encode("utf-8"), 0o644)
@@ -7812,7 +7923,7 @@ def cmd_reconcile(ctx, args):
     problems = len(result["findings"]) + len(missing)
     if UI.json:
         ctx.emit("reconcile", {"findings": result["findings"], "missing": missing,
-                               "shards": result["shards"], "chains": result["chains"]}, [])
+                               "shards": result["shards"], "stores": result["stores"]}, [])
     else:
         sys.stdout.write(report)
     return EXIT_FAIL if problems else EXIT_OK
@@ -7973,7 +8084,7 @@ def cmd_erase(ctx, args):
                              EXIT_USAGE)
     result = erase_user(ctx.repo, user)
     lines = ["erased %s" % r for r in result["removed"]] or ["nothing to erase for %s" % user]
-    lines.append("committed aggregates under .flowforge/team stay (billing records); the "
+    lines.append("the aggregates in the ledger stay (billing records); the "
                  "erasure is recorded in the team audit chain")
     return ctx.emit("erase", result, lines)
 
