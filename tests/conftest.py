@@ -240,3 +240,65 @@ def run_crashing(runner, k, *args, user="alice", now="2026-11-20T18:00:00Z"):
     proc = subprocess.run([sys.executable, "-S", "-c", CRASHER] + list(args), cwd=runner.root,
                           env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode
+
+
+# -- the ledger: store refs in git ---------------------------------------------
+
+def store_keys(root):
+    """{user--store: tip} of this clone's own store refs."""
+    out = git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/flowforge/stores/")
+    return {line.split()[0].rsplit("/", 1)[1]: line.split()[1] for line in out.splitlines()}
+
+
+def store_key_of(root, user="alice"):
+    keys = [k for k in store_keys(root) if k.rpartition("--")[0] == user]
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def ledger_files(root, user="alice", rev=None):
+    """{name: bytes} of every file at the tip (or `rev`) of the user's store ref."""
+    rev = rev or "refs/flowforge/stores/" + store_key_of(root, user)
+    names = git(root, "ls-tree", "-r", "--name-only", rev).split()
+    out = {}
+    for name in names:
+        proc = subprocess.run(["git", "cat-file", "blob", "%s:%s" % (rev, name)], cwd=root,
+                              capture_output=True, env=clean_env(HOME=os.path.dirname(root)))
+        out[name] = proc.stdout
+    return out
+
+
+def ledger_shard(root, month, user="alice"):
+    """The bytes of one shard in the user's store ref (None if absent)."""
+    return ledger_files(root, user).get("summaries/%s.json" % month)
+
+
+def ledger_chain(root, user="alice"):
+    """The user's team audit chain (all years) as bytes."""
+    files = ledger_files(root, user)
+    return b"".join(files[n] for n in sorted(files) if n.startswith("audit/"))
+
+
+def rewrite_ledger(root, changes, user="alice", message="tampered"):
+    """Commit `changes` ({name: bytes, or None to delete}) on top of the user's
+    store ref, the way a hostile or buggy teammate's FlowForge could: the
+    result is a normal fast-forward that every clone will fetch."""
+    ref = "refs/flowforge/stores/" + store_key_of(root, user)
+    env = clean_env(HOME=os.path.dirname(root), GIT_INDEX_FILE=os.path.join(root, ".git",
+                                                                           "tamper-index"))
+    subprocess.run(["git", "read-tree", ref], cwd=root, env=env, check=True)
+    for name, data in changes.items():
+        if data is None:
+            subprocess.run(["git", "rm", "-q", "--cached", name], cwd=root, env=env, check=True)
+            continue
+        blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=root, env=env,
+                              input=data, capture_output=True, check=True).stdout.decode().strip()
+        subprocess.run(["git", "update-index", "--add", "--cacheinfo", "100644,%s,%s" % (blob, name)],
+                       cwd=root, env=env, check=True)
+    tree = subprocess.run(["git", "write-tree"], cwd=root, env=env, capture_output=True,
+                          check=True).stdout.decode().strip()
+    commit = subprocess.run(["git", "commit-tree", tree, "-p", ref, "-m", message], cwd=root,
+                            env=env, capture_output=True, check=True).stdout.decode().strip()
+    subprocess.run(["git", "update-ref", ref, commit], cwd=root, env=env, check=True)
+    os.unlink(os.path.join(root, ".git", "tamper-index"))
+    return commit

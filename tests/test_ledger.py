@@ -1,0 +1,662 @@
+"""The ledger with real git: a bare remote, clones with the hooks installed,
+feature branches, concurrent pushes, kill -9, rewritten and refused refs.
+
+Every clone is its own machine (own HOME, so its own mirror); git runs with
+the same environment as FlowForge (FLOWFORGE_USER, the pinned clock), so the
+hooks act as the clone's developer.  Totals are asserted to the second."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import Runner, clean_env, git, make_git_repo, run_crashing
+
+NOW_ISO = "2026-11-20T18:00:00Z"
+NOW = {"FLOWFORGE_NOW": NOW_ISO}
+SETUP_DATE = "2026-11-01T00:00:00Z"     # the seed commit: outside reconcile's window
+LEDGER_FILES = ("summaries/", "audit/", ".flowforge/team")
+
+
+# -- helpers -------------------------------------------------------------------
+
+def make_origin(tmp_path, pycache, name="origin.git", config=None):
+    """A bare remote whose main holds a committed FlowForge setup."""
+    bare = str(tmp_path / name)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", bare], check=True)
+    seed_root = make_git_repo(str(tmp_path / (name + "-seed")), "lead@example.com")
+    seed_home = str(tmp_path / (name + "-seed-home"))
+    os.makedirs(seed_home)
+    seed = Runner(seed_root, pycache, seed_home)
+    seed.ok("init", "--timezone", "UTC", user="lead")
+    if config:
+        path = os.path.join(seed_root, ".flowforge", "config.json")
+        doc = json.load(open(path))
+        doc.update(config)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+    env = clean_env(HOME=seed_home, GIT_AUTHOR_NAME="lead", GIT_AUTHOR_EMAIL="lead@example.com",
+                    GIT_COMMITTER_NAME="lead", GIT_COMMITTER_EMAIL="lead@example.com",
+                    GIT_AUTHOR_DATE=SETUP_DATE, GIT_COMMITTER_DATE=SETUP_DATE)
+    for args in (["add", "-A"], ["commit", "-qm", "Set up FlowForge"],
+                 ["remote", "add", "origin", bare], ["push", "-q", "origin", "main"]):
+        git(seed_root, *args, env=env)
+    return bare
+
+
+@pytest.fixture
+def origin(tmp_path, pycache):
+    return make_origin(tmp_path, pycache)
+
+
+class Clone:
+    """One developer's clone on its own machine."""
+
+    def __init__(self, tmp_path, origin, name, user, pycache, hooks=True):
+        self.name, self.user = name, user
+        self.root = str(tmp_path / name)
+        self.home = str(tmp_path / (name + "-home"))
+        os.makedirs(self.home)
+        self.ff = Runner(self.root, pycache, self.home)
+        email = "%s@example.com" % user
+        self.env = self.ff.env(FLOWFORGE_USER=user, FLOWFORGE_NOW=NOW_ISO,
+                               GIT_AUTHOR_NAME=user, GIT_AUTHOR_EMAIL=email,
+                               GIT_COMMITTER_NAME=user, GIT_COMMITTER_EMAIL=email,
+                               GIT_AUTHOR_DATE=NOW_ISO, GIT_COMMITTER_DATE=NOW_ISO)
+        proc = subprocess.run(["git", "clone", "-q", origin, self.root], env=self.env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        self.git("config", "user.email", email)
+        self.git("config", "user.name", user)
+        self.git("config", "commit.gpgsign", "false")
+        if hooks:
+            self.ok("install", "hooks")
+
+    # git, as this developer (hooks see the same environment as FlowForge)
+    def git(self, *args, check=True, timeout=120):
+        proc = subprocess.run(["git"] + [str(a) for a in args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, "%s: git %s -> %d\n%s%s" % (
+                self.name, " ".join(map(str, args)), proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def popen_git(self, *args):
+        return subprocess.Popen(["git"] + list(args), cwd=self.root, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __call__(self, *args):
+        return self.ff(*args, user=self.user, env=NOW)
+
+    def ok(self, *args):
+        return self.ff.ok(*args, user=self.user, env=NOW)
+
+    def log(self, issue, duration, day):
+        self.ok("log", issue, duration, "--date", day)
+
+    def work(self, issue, start, stop):
+        """A timer from `start` to `stop` (ISO-8601, to the second)."""
+        self.ok("start", issue, "--at", start)
+        self.ok("stop", "--at", stop)
+
+    def commit(self, filename, message):
+        """Change a file and commit it; the pre-commit hook aggregates, silently."""
+        with open(os.path.join(self.root, filename), "a") as f:
+            f.write("%s\n" % message)
+        self.git("add", filename)
+        proc = self.git("commit", "-qm", message)
+        assert "flowforge:" not in proc.stderr, proc.stderr   # aggregated within the budget
+        self.assert_clean()
+        return self.head()
+
+    def head(self):
+        return self.git("rev-parse", "HEAD").stdout.strip()
+
+    def assert_clean(self):
+        """Nothing to commit, and no ledger file on the branch."""
+        status = self.git("status", "--porcelain", "--untracked-files=all").stdout
+        assert status == "", "%s: git status --porcelain:\n%s" % (self.name, status)
+        tracked = self.git("ls-files").stdout.split()
+        assert [p for p in tracked if p.startswith(".flowforge/")] == [
+            ".flowforge/.gitignore", ".flowforge/config.json"], tracked
+        assert not [p for p in tracked if any(s in p for s in LEDGER_FILES)], tracked
+
+    def report(self):
+        return self.ok("report", "--json", "--by", "user,issue,day").json
+
+    def rows(self):
+        """{(user, issue, day): seconds} of the report; checks the total adds up."""
+        report = self.report()
+        rows = {(r["user"], r["issue"], r["day"]): r["seconds"] for r in report["rows"]}
+        assert report["total_seconds"] == sum(rows.values()), report
+        return rows
+
+    def total(self):
+        return self.ok("report", "--json", "--by", "user").json["total_seconds"]
+
+    def store_refs(self):
+        out = self.git("for-each-ref", "--format=%(refname)", "refs/flowforge/stores/").stdout
+        return out.split()
+
+    def store_key(self):
+        refs = self.store_refs()
+        assert len(refs) == 1, refs
+        return refs[0][len("refs/flowforge/stores/"):]
+
+    def queued_pushes(self):
+        jobs = self.ok("queue", "list", "--json").json["jobs"]
+        return [j for j in jobs if j["kind"] == "push" and j["status"] in ("queued", "leased")]
+
+
+def bare_refs(bare, prefix="refs/"):
+    out = git(bare, "for-each-ref", "--format=%(objectname) %(refname)", prefix,
+              env=clean_env(HOME=os.path.dirname(bare)))
+    return dict(reversed(line.split(" ", 1)) for line in out.splitlines())
+
+
+def flowforge_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("flowforge:")]
+
+
+def check_refs_and_objects(root):
+    """Every ref under refs/flowforge/ names an object that exists, and the
+    repository passes `git fsck --no-dangling`."""
+    env = clean_env(HOME=os.path.dirname(root))
+    out = git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/flowforge/",
+              env=env)
+    for line in out.splitlines():
+        oid, ref = line.split(" ", 1)
+        proc = subprocess.run(["git", "cat-file", "-e", oid], cwd=root, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, "%s points at a missing object %s" % (ref, oid)
+        proc = subprocess.run(["git", "cat-file", "-e", oid + "^{tree}"], cwd=root, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, "%s: %s has no tree" % (ref, oid)
+    fsck = subprocess.run(["git", "fsck", "--no-dangling", "--no-progress"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert fsck.returncode == 0, "git fsck: %s%s" % (fsck.stdout, fsck.stderr)
+
+
+def manager_sees(tmp_path, origin, pycache, via="flowforge", name="manager"):
+    """A fresh clone that fetched the ledger: with `flowforge fetch`, or with a
+    plain `git fetch` after `flowforge install hooks`."""
+    manager = Clone(tmp_path, origin, name, "boss", pycache, hooks=(via == "git"))
+    if via == "git":
+        manager.git("fetch", "-q")
+    else:
+        manager.ok("fetch")
+    return manager
+
+
+# -- 1. feature branches: merge, squash, rebase, cherry-pick, revert -----------
+
+def scenario_merge_no_ff(a):
+    a.git("checkout", "-q", "-b", "feat-a")
+    a.work("1", "2026-11-16T09:00:00Z", "2026-11-16T10:00:07Z")        # 3607 s
+    a.commit("a.txt", "feat-a 1")
+    a.log("1", "25m", "2026-11-17")                                     # 1500 s
+    a.commit("a2.txt", "feat-a 2")
+    a.git("checkout", "-q", "main")
+    a.git("checkout", "-q", "-b", "feat-b")
+    a.work("1", "2026-11-16T13:00:00Z", "2026-11-16T13:40:05Z")        # 2405 s, same cell
+    a.log("2", "1h15m", "2026-11-17")                                   # 4500 s
+    a.commit("b.txt", "feat-b 1")
+    a.git("checkout", "-q", "main")
+    for branch in ("feat-a", "feat-b"):
+        merge = a.git("merge", "--no-ff", "--no-edit", branch)
+        assert "CONFLICT" not in merge.stdout + merge.stderr
+        a.assert_clean()
+    assert len(a.git("log", "--merges", "--oneline").stdout.splitlines()) == 2
+    return {("alice", "1", "2026-11-16"): 3607 + 2405, ("alice", "1", "2026-11-17"): 1500,
+            ("alice", "2", "2026-11-17"): 4500}
+
+
+def scenario_squash(a):
+    a.git("checkout", "-q", "-b", "feat-a")
+    a.work("7", "2026-11-18T08:00:00Z", "2026-11-18T08:59:59Z")        # 3599 s
+    a.commit("a.txt", "feat-a 1")
+    a.log("7", "30m", "2026-11-19")                                     # 1800 s
+    a.commit("a.txt", "feat-a 2")
+    a.git("checkout", "-q", "main")
+    merge = a.git("merge", "--squash", "feat-a")
+    assert "CONFLICT" not in merge.stdout + merge.stderr
+    a.log("8", "10m", "2026-11-19")                                     # the squash commit's hook
+    proc = a.git("commit", "-qm", "feat-a squashed")
+    assert "flowforge:" not in proc.stderr, proc.stderr
+    a.assert_clean()
+    a.git("branch", "-q", "-D", "feat-a")                              # its commits are gone
+    return {("alice", "7", "2026-11-18"): 3599, ("alice", "7", "2026-11-19"): 1800,
+            ("alice", "8", "2026-11-19"): 600}
+
+
+def scenario_rebase(a):
+    a.git("checkout", "-q", "-b", "feat-a")
+    a.log("3", "1h", "2026-11-18")
+    a.commit("a.txt", "feat-a 1")
+    a.work("3", "2026-11-19T10:00:00Z", "2026-11-19T10:20:31Z")        # 1231 s
+    a.commit("a2.txt", "feat-a 2")
+    a.git("checkout", "-q", "main")
+    a.log("4", "45m", "2026-11-18")
+    a.commit("m.txt", "main moves on")
+    a.git("checkout", "-q", "feat-a")
+    rebase = a.git("rebase", "-q", "main")
+    assert "CONFLICT" not in rebase.stdout + rebase.stderr
+    a.assert_clean()
+    a.git("checkout", "-q", "main")
+    a.git("merge", "-q", "--ff-only", "feat-a")
+    a.assert_clean()
+    return {("alice", "3", "2026-11-18"): 3600, ("alice", "3", "2026-11-19"): 1231,
+            ("alice", "4", "2026-11-18"): 2700}
+
+
+def scenario_cherry_pick(a):
+    a.git("checkout", "-q", "-b", "feat-a")
+    a.log("5", "2h", "2026-11-17")
+    a.commit("a.txt", "feat-a 1 (never merged)")
+    a.work("6", "2026-11-18T14:00:00Z", "2026-11-18T14:33:33Z")        # 2013 s
+    picked = a.commit("b.txt", "feat-a 2 (picked)")
+    a.git("checkout", "-q", "main")
+    pick = a.git("cherry-pick", picked)
+    assert "CONFLICT" not in pick.stdout + pick.stderr
+    a.assert_clean()
+    a.git("branch", "-q", "-D", "feat-a")
+    return {("alice", "5", "2026-11-17"): 7200, ("alice", "6", "2026-11-18"): 2013}
+
+
+def scenario_revert(a):
+    a.log("9", "50m", "2026-11-16")
+    reverted = a.commit("r.txt", "a change that gets reverted")
+    a.work("9", "2026-11-17T09:00:00Z", "2026-11-17T09:00:59Z")        # 59 s
+    a.commit("s.txt", "another change")
+    revert = a.git("revert", "--no-edit", reverted)
+    assert "CONFLICT" not in revert.stdout + revert.stderr
+    a.assert_clean()
+    assert not os.path.exists(os.path.join(a.root, "r.txt"))
+    return {("alice", "9", "2026-11-16"): 3000, ("alice", "9", "2026-11-17"): 59}
+
+
+SCENARIOS = {"merge-no-ff": (scenario_merge_no_ff, "flowforge"),
+             "squash": (scenario_squash, "git"),
+             "rebase": (scenario_rebase, "flowforge"),
+             "cherry-pick": (scenario_cherry_pick, "git"),
+             "revert": (scenario_revert, "git")}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_feature_branch_workflows_reach_a_fresh_clone_exactly(tmp_path, origin, pycache, name):
+    scenario, via = SCENARIOS[name]
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    expected = scenario(alice)
+    alice.assert_clean()
+    assert alice.rows() == expected                       # her own clone, before any push
+    push = alice.git("push", "origin", "main")
+    assert flowforge_lines(push.stderr) == ["flowforge: ledger pushed to origin (1 store)"], \
+        push.stderr
+    alice.assert_clean()
+    assert not alice.queued_pushes()
+    assert ["refs/flowforge/stores/" + alice.store_key()] == list(
+        bare_refs(origin, "refs/flowforge/"))
+    manager = manager_sees(tmp_path, origin, pycache, via)
+    assert manager.rows() == expected
+    manager.assert_clean()
+    ci = manager("reconcile", "--ci")
+    assert ci.rc == 0, ci
+
+
+# -- 2. one developer, two clones: two stores, one sum -------------------------
+
+def test_one_developer_on_two_clones_is_summed(tmp_path, origin, pycache):
+    laptop = Clone(tmp_path, origin, "laptop", "alice", pycache)
+    desktop = Clone(tmp_path, origin, "desktop", "alice", pycache)
+    laptop.work("1", "2026-11-10T09:00:00Z", "2026-11-10T10:30:11Z")   # 5411 s
+    desktop.work("1", "2026-11-10T14:00:00Z", "2026-11-10T14:45:02Z")  # 2702 s, same cell
+    desktop.log("2", "20m", "2026-11-12")
+    laptop.commit("laptop.txt", "from the laptop")
+    desktop.commit("desktop.txt", "from the desktop")
+    laptop.git("push", "-q", "origin", "main")
+    desktop.git("pull", "-q", "--no-rebase", "--no-edit", "origin", "main")
+    desktop.assert_clean()
+    desktop.git("push", "-q", "origin", "main")
+    keys = [laptop.store_key(), desktop.store_key()]
+    assert keys[0] != keys[1] and all(k.startswith("alice--") for k in keys)
+    assert sorted(bare_refs(origin, "refs/flowforge/")) == sorted(
+        "refs/flowforge/stores/" + k for k in keys)
+    expected = {("alice", "1", "2026-11-10"): 5411 + 2702, ("alice", "2", "2026-11-12"): 1200}
+    manager = manager_sees(tmp_path, origin, pycache)
+    assert manager.rows() == expected
+    by_store = manager.ok("report", "--json", "--by", "store").json["rows"]
+    assert sorted(r["seconds"] for r in by_store) == [5411, 2702 + 1200]
+    for clone in (laptop, desktop):            # each clone sees both stores after a fetch
+        clone.ok("fetch")
+        assert clone.rows() == expected
+
+
+# -- 3. eight clones pushing at the same time ----------------------------------
+
+def test_eight_clones_pushing_concurrently_lose_nothing(tmp_path, origin, pycache):
+    users = ["dev%d" % n for n in range(6)] + ["dev0", "dev1"]   # two of them on two machines
+    clones = [Clone(tmp_path, origin, "c%d" % n, user, pycache) for n, user in enumerate(users)]
+    expected = {}
+    queued = 0
+    for rnd in range(2):
+        for n, clone in enumerate(clones):
+            day = "2026-11-%02d" % (16 + rnd)
+            seconds = 600 + 97 * n + 13 * rnd
+            clone.work(str(n + 1), "%sT09:00:00Z" % day,
+                       "%sT%02d:%02d:%02dZ" % (day, 9 + seconds // 3600, seconds // 60 % 60,
+                                               seconds % 60))
+            cell = (clone.user, str(n + 1), day)
+            expected[cell] = expected.get(cell, 0) + seconds
+            if rnd == 0:
+                clone.git("checkout", "-q", "-b", "feat-%d" % n)
+            clone.commit("c%d.txt" % n, "round %d of %s" % (rnd, clone.name))
+        barrier = threading.Barrier(len(clones))
+        results = [None] * len(clones)
+
+        def push(n):
+            barrier.wait()
+            proc = clones[n].popen_git("push", "origin", "feat-%d" % n)
+            results[n] = (proc.wait(timeout=120), proc.stdout.read(), proc.stderr.read())
+
+        threads = [threading.Thread(target=push, args=(n,)) for n in range(len(clones))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n, (rc, out, err) in enumerate(results):
+            assert rc == 0, (n, out, err)          # FlowForge never fails the user's push
+            lines = flowforge_lines(err)
+            assert len(lines) == 1, err
+            if "queued" in lines[0]:
+                queued += 1
+            else:
+                assert lines[0] == "flowforge: ledger pushed to origin (1 store)", err
+    for clone in clones:
+        if clone.queued_pushes():
+            clone.ok("queue", "run")
+        clone.ok("push")                            # a no-op unless something is still owed
+        assert not clone.queued_pushes()
+    keys = sorted(c.store_key() for c in clones)
+    remote = bare_refs(origin, "refs/flowforge/")
+    assert sorted(remote) == ["refs/flowforge/stores/" + k for k in keys]
+    for clone in clones:
+        assert remote["refs/flowforge/stores/" + clone.store_key()] == clone.git(
+            "rev-parse", clone.store_refs()[0]).stdout.strip()
+    manager = manager_sees(tmp_path, origin, pycache)
+    assert manager.rows() == expected
+    assert manager.total() == sum(expected.values())
+    print("\n%d of %d ledger pushes were queued and retried" % (queued, 2 * len(clones)))
+
+
+# -- 4. time on a pushed, never merged branch ----------------------------------
+
+def test_time_on_a_pushed_unmerged_branch_reaches_a_fresh_clone(tmp_path, origin, pycache):
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.git("checkout", "-q", "-b", "spike")
+    alice.work("42", "2026-11-19T09:00:00Z", "2026-11-19T11:11:11Z")  # 8471 s
+    alice.commit("spike.txt", "an experiment nobody merges")
+    push = alice.git("push", "-u", "origin", "spike")
+    assert flowforge_lines(push.stderr) == ["flowforge: ledger pushed to origin (1 store)"]
+    main = git(origin, "rev-parse", "main", env=clean_env(HOME=str(tmp_path)))
+    assert alice.git("merge-base", "--is-ancestor", "spike", main.strip(), check=False).returncode
+    manager = manager_sees(tmp_path, origin, pycache, via="git")
+    assert manager.git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip() == "main"
+    assert manager.rows() == {("alice", "42", "2026-11-19"): 8471}
+
+
+# -- 5. kill -9 during a ledger update ------------------------------------------
+
+def crash_template(tmp_path, pycache, home):
+    root = make_git_repo(str(tmp_path / "template"))
+    runner = Runner(root, pycache, home)
+    runner.ok("init", "--timezone", "UTC")
+    runner.ok("log", "2", "2h", "--date", "2026-10-31", env=NOW)
+    runner.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    runner.ok("aggregate", env=NOW)                 # the store ref exists: an update follows
+    runner.ok("start", "3", "--at", "2026-11-20T09:00:00Z", env=NOW)
+    runner.ok("stop", "--at", "2026-11-20T09:45:17Z", env=NOW)           # 2717 s
+    runner.ok("log", "4", "30m", "--date", "2026-09-15", env=NOW)
+    runner.ok("log", "1", "15m", "--date", "2026-11-19", env=NOW)
+    return runner, 7200 + 3600 + 2717 + 1800 + 900
+
+
+@pytest.mark.parametrize("op", [["aggregate"], ["aggregate", "--full"]])
+def test_kill9_at_every_step_of_a_ledger_update(tmp_path, pycache, home, op):
+    template, expected = crash_template(tmp_path, pycache, home)
+    before = template.ok("report", "--json", "--by", "user").json["total_seconds"]
+    assert before == 7200 + 3600
+    crashes = 0
+    for k in range(1, 400):
+        root = str(tmp_path / ("run-%d" % k))
+        shutil.copytree(template.root, root, symlinks=True)
+        runner = Runner(root, pycache, home)
+        rc = run_crashing(runner, k, *op)
+        if rc != -signal.SIGKILL:
+            assert rc == 0, (k, rc)
+            check_refs_and_objects(root)
+            assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected
+            break
+        crashes += 1
+        time.sleep(0.02)          # a git child of the killed process may still be finishing
+        check_refs_and_objects(root)
+        total = runner.ok("report", "--json", "--by", "user").json["total_seconds"]
+        assert total in (before, expected), (k, total)   # the old tip or the new one, nothing else
+        runner.ok("aggregate", env=NOW)
+        check_refs_and_objects(root)
+        assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected, k
+        runner.ok("audit", "verify", env=NOW)
+        shutil.rmtree(root)
+    else:
+        pytest.fail("the operation never finished")
+    assert crashes >= 5, crashes
+
+
+def timewarrior_data(path, n, rng):
+    """n intervals over 2026-01..2026-11 with odd seconds; returns their total."""
+    months, total = {}, 0
+    for i in range(n):
+        month, day = 1 + i % 11, 1 + (i * 7) % 28
+        start = 8 * 3600 + rng.randint(0, 3 * 3600)
+        length = rng.randint(60, 4 * 3600)
+        total += length
+        fmt = "2026%02d%02dT%02d%02d%02dZ"
+        a = fmt % ((month, day) + (start // 3600, start // 60 % 60, start % 60))
+        end = start + length
+        b = fmt % ((month, day) + (end // 3600, end // 60 % 60, end % 60))
+        months.setdefault(month, []).append("inc %s - %s # %d\n" % (a, b, 100 + i % 9))
+    os.makedirs(os.path.join(path, "data"))
+    for month, lines in months.items():
+        with open(os.path.join(path, "data", "2026-%02d.data" % month), "w") as f:
+            f.writelines(lines)
+    return total
+
+
+def test_random_kill9_during_full_aggregation(tmp_path, pycache, home):
+    rng = random.Random(20261120)
+    root = make_git_repo(str(tmp_path / "repo"))
+    runner = Runner(root, pycache, home)
+    runner.ok("init", "--timezone", "UTC")
+    expected = timewarrior_data(str(tmp_path / "tw"), 400, rng)
+    runner.ok("import", "timewarrior", str(tmp_path / "tw"), env=NOW)
+    started = time.monotonic()
+    runner.ok("aggregate", "--full", env=NOW)
+    duration = time.monotonic() - started
+    assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected
+    kills = 0
+    for i in range(36):
+        seconds = 60 + i
+        runner.ok("log", str(i % 5 + 1), "%dm" % (1 + i % 30), "--date",
+                  "2026-%02d-%02d" % (1 + i % 11, 1 + i % 28), env=NOW)
+        expected += (1 + i % 30) * 60
+        proc = runner.popen("aggregate", "--full", env=NOW, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.0, duration * 1.1))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == -signal.SIGKILL:
+            kills += 1
+        else:
+            assert proc.returncode == 0, err
+        time.sleep(0.02)
+        env = clean_env(HOME=home)
+        out = git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/flowforge/",
+                  env=env)
+        for line in out.splitlines():
+            oid, ref = line.split(" ", 1)
+            assert subprocess.run(["git", "cat-file", "-e", oid], cwd=root, env=env).returncode \
+                == 0, (i, ref, oid)
+        del seconds
+    assert kills >= 12, kills
+    check_refs_and_objects(root)
+    runner.ok("aggregate", env=NOW)
+    check_refs_and_objects(root)
+    assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected
+    runner.ok("audit", "verify", env=NOW)
+
+
+# -- 6. a store ref rewritten on the remote --------------------------------------
+
+@pytest.mark.parametrize("how", ["force-push", "update-ref"])
+def test_a_rewritten_store_ref_is_refused_until_accepted(tmp_path, origin, pycache, how):
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.log("1", "1h", "2026-11-18")
+    alice.commit("a.txt", "first")
+    alice.git("push", "-q", "origin", "main")
+    key = alice.store_key()
+    ref = "refs/flowforge/stores/" + key
+    old_tip = alice.git("rev-parse", ref).stdout.strip()
+    manager = manager_sees(tmp_path, origin, pycache)
+    old_rows = {("alice", "1", "2026-11-18"): 3600}
+    assert manager.rows() == old_rows
+    # alice records more, then the remote gets a history that does not extend the old one
+    alice.work("2", "2026-11-19T09:00:00Z", "2026-11-19T09:10:10Z")    # 610 s
+    alice.ok("aggregate")
+    tree = alice.git("rev-parse", ref + "^{tree}").stdout.strip()
+    orphan = alice.git("commit-tree", tree, "-m", "rewritten history").stdout.strip()
+    bare_env = clean_env(HOME=str(tmp_path))
+    if how == "force-push":
+        alice.git("push", "-q", "--force", "--no-verify", "origin", "%s:%s" % (orphan, ref))
+    else:
+        alice.git("push", "-q", "--no-verify", "origin", "%s:refs/scratch/new" % orphan)
+        git(origin, "update-ref", ref, orphan, old_tip, env=bare_env)
+        git(origin, "update-ref", "-d", "refs/scratch/new", env=bare_env)
+    assert bare_refs(origin, ref)[ref] == orphan
+    new_rows = dict(old_rows, **{("alice", "2", "2026-11-19"): 610})
+
+    fetch = manager("fetch")
+    assert fetch.rc == 0, fetch
+    assert "rewritten" in fetch.err, fetch
+    kept = "refs/flowforge/quarantine/origin/%s/%s" % (key, old_tip[:12])
+    assert manager.git("rev-parse", kept).stdout.strip() == old_tip
+    assert kept in fetch.err
+    assert manager.git("rev-parse", "refs/flowforge/remotes/origin/" + key).stdout.strip() \
+        == old_tip
+    assert manager.rows() == old_rows                   # the accepted history still counts
+    again = manager("fetch")                           # nothing decided: it says so again
+    assert again.rc == 0 and "rewritten" in again.err, again
+    assert manager.rows() == old_rows
+
+    take = manager("fetch", "--accept-rewritten")
+    assert take.rc == 0, take
+    assert "rewritten" not in take.err, take
+    assert manager.git("rev-parse", "refs/flowforge/remotes/origin/" + key).stdout.strip() \
+        == orphan
+    assert manager.git("rev-parse", kept).stdout.strip() == old_tip   # kept for good
+    assert manager.rows() == new_rows
+    assert "rewritten" not in manager("report", "--json").err
+
+
+# -- 7. receive.denyNonFastForwards ---------------------------------------------
+
+def test_a_remote_that_denies_non_fast_forwards(tmp_path, origin, pycache):
+    git(origin, "config", "receive.denyNonFastForwards", "true", env=clean_env(HOME=str(tmp_path)))
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    expected = {}
+    for n, day in enumerate(("2026-11-16", "2026-11-17", "2026-11-18")):
+        alice.work("1", "%sT09:00:00Z" % day, "%sT09:%02d:%02dZ" % (day, 10 + n, 7 * n))
+        expected[("alice", "1", day)] = (10 + n) * 60 + 7 * n
+        alice.commit("a.txt", "change %d" % n)
+        push = alice.git("push", "origin", "main")
+        assert flowforge_lines(push.stderr) == ["flowforge: ledger pushed to origin (1 store)"], \
+            push.stderr
+        assert not alice.queued_pushes()
+    assert "up to date" in alice.ok("push").out
+    key = alice.store_key()
+    assert bare_refs(origin, "refs/flowforge/")["refs/flowforge/stores/" + key] == alice.git(
+        "rev-parse", "refs/flowforge/stores/" + key).stdout.strip()
+    manager = manager_sees(tmp_path, origin, pycache)
+    assert manager.rows() == expected
+
+
+# -- 8. a host that takes branches only -------------------------------------------
+
+BRANCHES_ONLY = """#!/bin/sh
+while read old new ref; do
+    case "$ref" in
+    refs/heads/*) ;;
+    *) echo "this host takes branches only, not $ref" >&2; exit 1 ;;
+    esac
+done
+exit 0
+"""
+
+
+def test_a_remote_that_takes_branches_only(tmp_path, origin, pycache):
+    hook = os.path.join(origin, "hooks", "pre-receive")
+    with open(hook, "w") as f:
+        f.write(BRANCHES_ONLY)
+    os.chmod(hook, 0o755)
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.work("12", "2026-11-19T09:00:00Z", "2026-11-19T10:02:03Z")  # 3723 s
+    alice.commit("a.txt", "work on a branches-only host")
+    push = alice.git("push", "origin", "main")            # the user's push is never failed
+    head = alice.head()
+    assert bare_refs(origin, "refs/heads/")["refs/heads/main"] == head
+    lines = flowforge_lines(push.stderr)
+    assert len(lines) == 1, push.stderr
+    assert "ledger.prefix" in lines[0], lines[0]
+    assert "refs/heads/flowforge/" in lines[0], lines[0]
+    assert len(alice.queued_pushes()) == 1
+    assert not bare_refs(origin, "refs/flowforge/")
+
+    path = os.path.join(alice.root, ".flowforge", "config.json")
+    config = json.load(open(path))
+    config["ledger"] = {"prefix": "refs/heads/flowforge/"}
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    alice.git("add", ".flowforge/config.json")
+    alice.git("commit", "-qm", "FlowForge: keep the ledger under refs/heads/flowforge/")
+    alice.assert_clean()
+    push = alice.git("push", "origin", "main")
+    assert flowforge_lines(push.stderr) == ["flowforge: ledger pushed to origin (1 store)"], \
+        push.stderr
+    key = alice.store_key()
+    assert bare_refs(origin, "refs/heads/flowforge/")["refs/heads/flowforge/" + key] == \
+        alice.git("rev-parse", "refs/flowforge/stores/" + key).stdout.strip()
+    assert not alice.queued_pushes()                   # the queued job is settled
+
+    manager = manager_sees(tmp_path, origin, pycache)  # its clone has the committed config
+    assert manager.rows() == {("alice", "12", "2026-11-19"): 3723}
+    plain = manager_sees(tmp_path, origin, pycache, via="git", name="manager2")
+    assert plain.rows() == {("alice", "12", "2026-11-19"): 3723}
+
+
+# -- 9. a clone that never fetched -------------------------------------------------
+
+def test_report_on_a_clone_that_never_fetched_says_to_fetch(tmp_path, origin, pycache):
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.log("1", "1h", "2026-11-18")
+    alice.commit("a.txt", "work")
+    alice.git("push", "-q", "origin", "main")
+    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
+    r = manager("report", "--json")
+    assert r.rc != 0, r
+    assert "flowforge fetch" in r.err, r
+    assert r.out == "", r
+    manager.ok("fetch")
+    assert manager.rows() == {("alice", "1", "2026-11-18"): 3600}
