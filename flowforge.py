@@ -11,15 +11,17 @@ Quick start (in a git work tree)
     python3 flowforge.py pause                   # ... resume, switch 124, cancel
     python3 flowforge.py stop
     python3 flowforge.py log 124 1h30m --date 2026-11-20
-    python3 flowforge.py aggregate               # private entries -> committed team shards
+    python3 flowforge.py install hooks           # commits aggregate, pushes carry the ledger
     git add .flowforge && git commit -m "Track time"
-    python3 flowforge.py report --by user,issue  # on any clone, no private data needed
+    python3 flowforge.py report --by user,issue  # on any clone after `flowforge fetch`
     python3 flowforge.py bill --month 2026-11
 
 Where the data lives
     .flowforge/config.json      team config (committed): rates, rounding, granularity
-    .flowforge/team/            committed; every file has exactly one writer:
-        summaries/<user>--<store>/<YYYY-MM>.json   monthly shard with a sha256
+    refs/flowforge/stores/<user>--<store>    the ledger: one git ref per private
+        store, off the code branches, linear; its commits hold
+        summaries/<YYYY-MM>.json (monthly shards with a sha256) and
+        audit/<YYYY>.jsonl (the hash-chained team audit records)
     .flowforge/user/<name>/     private, git-ignored, 0700: timers, entries, notes
     .flowforge/state/           per machine, git-ignored: locks, caches, logs
     .flowforge/quarantine/      damaged files set aside, with manifest.json
@@ -48,13 +50,15 @@ Sections, in dependency order (each leans only on the ones above it):
     4. Layout, config, identity and quarantine
     5. Private store, mirror and timers
     6. Audit chain
-    7. Aggregation and shards
-    8. Retry queue
-    9. Plugins (the hook table is there)
-    10. Hooks, daemon and health
-    11. Recovery and import
-    12. Reports and billing
-    13. Command line
+    7. Shards
+    8. The ledger: one git ref per private store
+    9. Aggregation
+    10. Retry queue
+    11. Plugins (the hook table is there)
+    12. Hooks, daemon and health
+    13. Recovery and import
+    14. Reports and billing
+    15. Command line
 """
 
 import errno
@@ -2230,13 +2234,14 @@ class Timers:
 # ############################################################################
 #
 # Each aggregation that changes shards appends one record to the store's
-# local chain (private, exact times) and to its committed team chain
-# (team/audit/<user>--<store>.jsonl, time rounded to the UTC day):
-#     {"seq", "ts", "action", "files": {path: shard sha256}, "totals", "prev", "hash"}
+# local chain (private, exact times) and to its team chain in the ledger
+# (audit/<YYYY>.jsonl in the store's ref, time rounded to the UTC day):
+#     {"seq", "ts", "action", "files": {name: shard sha256}, "totals", "prev", "hash"}
 # hash = sha256(prev + canonical JSON of the record without "hash"), so an
 # edited, removed, reordered or inserted record breaks every later link.  A
-# chain cannot see its own truncation or a complete rewrite: git anchors the
-# team chain, and `audit verify` checks the committed version is a prefix.
+# chain cannot see its own truncation or a complete rewrite: the ledger's
+# commits anchor it, a fetch refuses a rewritten ref, and `audit verify`
+# checks that each commit's chain extends the one before it.
 
 AUDIT_GENESIS = "0" * 64
 
@@ -2403,10 +2408,6 @@ def store_key(user, store_id):
     return "%s--%s" % (user, store_id)
 
 
-def team_chain_path(repo, user, store_id):
-    return os.path.join(repo.team, "audit", store_key(user, store_id) + ".jsonl")
-
-
 def list_team_chains(repo):
     """[(path, user, store)] of the committed audit chains."""
     directory = os.path.join(repo.team, "audit")
@@ -2423,48 +2424,16 @@ def list_team_chains(repo):
     return out
 
 
-def shards_against_chain(repo, user, store_id, chain_files):
-    """Problems between a store's shard files and its chain's last records."""
-    problems = []
-    directory = shard_dir(repo, user, store_id)
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-    except FileNotFoundError:
-        names = []
-    seen = set()
-    for name in names:
-        rel = repo.rel(os.path.join(directory, name))
-        seen.add(rel)
-        try:
-            doc = read_shard(os.path.join(directory, name))
-        except CorruptFile as e:
-            problems.append((rel, e.reason))
-            continue
-        if rel not in chain_files:
-            problems.append((rel, "not in the audit chain"))
-        elif chain_files[rel] != doc["sha256"]:
-            problems.append((rel, "differs from its last audit record"))
-    for rel in sorted(set(chain_files) - seen):
-        problems.append((rel, "in the audit chain but missing"))
-    return problems
-
-
 # ############################################################################
-# 7. Aggregation and shards
+# 7. Shards
 # ############################################################################
 #
-# A shard is the committed summary of one private store for one month:
-# .flowforge/team/summaries/<user>--<store>/<YYYY-MM>.json.  Only that store
-# ever writes it, so two developers (or one developer on two clones) never
-# touch the same committed file and merges cannot conflict.  It holds integer
-# seconds per (period, issue, project) at the configured granularity, totals,
-# and a sha256 -- no notes, no clock times, no host names.
-#
-# Aggregation is incremental.  state/aggregate/<user>.json remembers, for each
-# day file, its size and mtime and the months it contributes to (an entry that
-# crosses midnight at the end of a month, or was edited, can reach another
-# month).  A changed day file marks its old and new months; each marked month
-# is recomputed from every day file that contributes to it.
+# A shard is the team's summary of one private store for one month, kept as
+# summaries/<YYYY-MM>.json in that store's ledger ref (section 8).  It holds
+# integer seconds per (period, issue, project) at the configured granularity,
+# totals, and a sha256 -- no notes, no clock times, no host names.  The 0.1
+# layout kept the same files in .flowforge/team/summaries/<user>--<store>/ on
+# the branch; they are read here only to migrate them.
 
 def period_of(day_iso, granularity):
     if granularity == "day":
@@ -2496,10 +2465,6 @@ def day_contributions(records, clock, granularity):
             key = (day if granularity == "day" else period_of(day, granularity), issue, project)
             cells[key] = cells.get(key, 0) + seconds
     return months
-
-
-def shard_dir(repo, user, store_id):
-    return os.path.join(repo.summaries, store_key(user, store_id))
 
 
 def render_shard(user, store_id, month, granularity, tz_name, cells):
@@ -3659,7 +3624,7 @@ def local_users(repo):
 
 
 # ############################################################################
-# 8. Retry queue
+# 10. Retry queue
 # ############################################################################
 #
 # Everything that failed, or must happen later, is a job in state/queue.db.
@@ -4250,7 +4215,7 @@ def aggregate_job(repo, payload, job, queue):
 
 
 # ############################################################################
-# 9. Plugins
+# 11. Plugins
 # ############################################################################
 #
 # A plugin is one standard-library-only .py file, found in plugins/ beside
@@ -4598,7 +4563,7 @@ def plugins_report(repo, check=False):
 
 
 # ############################################################################
-# 10. Hooks, daemon and health
+# 12. Hooks, daemon and health
 # ############################################################################
 #
 # Layer 1, the git hooks: `hook pre-commit` aggregates what changed within a
@@ -5436,7 +5401,7 @@ def doctor_findings(repo):
 
 
 # ############################################################################
-# 11. Recovery and import
+# 13. Recovery and import
 # ############################################################################
 #
 # Layer 3 (`reconcile --ci`, on a clean checkout after fetching the ledger)
@@ -6769,7 +6734,7 @@ def erase_user(repo, user):
 
 
 # ############################################################################
-# 12. Reports and billing
+# 14. Reports and billing
 # ############################################################################
 #
 # Reports read the ledger (every store ref this clone knows), so they work on
@@ -7130,7 +7095,7 @@ def render_bill(bill, fmt):
 
 
 # ############################################################################
-# 13. Command line
+# 15. Command line
 # ############################################################################
 #
 # One cmd_<name>() per command, registered with @command together with its

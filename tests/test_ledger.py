@@ -546,7 +546,8 @@ def test_a_rewritten_store_ref_is_refused_until_accepted(tmp_path, origin, pycac
         git(origin, "update-ref", ref, orphan, old_tip, env=bare_env)
         git(origin, "update-ref", "-d", "refs/scratch/new", env=bare_env)
     assert bare_refs(origin, ref)[ref] == orphan
-    new_rows = dict(old_rows, **{("alice", "2", "2026-11-19"): 610})
+    new_rows = dict(old_rows)
+    new_rows[("alice", "2", "2026-11-19")] = 610
 
     fetch = manager("fetch")
     assert fetch.rc == 0, fetch
