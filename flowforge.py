@@ -7520,7 +7520,7 @@ def cmd_migrate(ctx, args):
                     lines or ["nothing to migrate"])
 
 
-@command("aggregate", "Write your private entries into the committed team shards.",
+@command("aggregate", "Write your private entries into your store's ledger ref (the team shards).",
          "flowforge aggregate --full",
          arg("--full", action="store_true", help="rebuild every shard instead of only changed days"),
          arg("--all", action="store_true", help="every private store in this clone, not only yours"),
@@ -7563,7 +7563,7 @@ def _today_local():
     return local_date(now(), load_timezone(system_timezone_name()))
 
 
-@command("report", "Team time from the committed shards (works on any clone).",
+@command("report", "Team time from the ledger: every store ref this clone has fetched.",
          "flowforge report --period month --by user,issue --format md",
          arg("--period", choices=("day", "week", "month", "all"), default="all",
              help="this day / week / month, or everything (default)"),
