@@ -330,7 +330,7 @@ def test_one_developer_on_two_clones_is_summed(tmp_path, origin, pycache):
     manager = manager_sees(tmp_path, origin, pycache)
     assert manager.rows() == expected
     by_store = manager.ok("report", "--json", "--by", "store").json["rows"]
-    assert sorted(r["seconds"] for r in by_store) == [5411, 2702 + 1200]
+    assert sorted(r["seconds"] for r in by_store) == [2702 + 1200, 5411]
     for clone in (laptop, desktop):            # each clone sees both stores after a fetch
         clone.ok("fetch")
         assert clone.rows() == expected
@@ -398,7 +398,7 @@ def test_eight_clones_pushing_concurrently_lose_nothing(tmp_path, origin, pycach
 def test_time_on_a_pushed_unmerged_branch_reaches_a_fresh_clone(tmp_path, origin, pycache):
     alice = Clone(tmp_path, origin, "alice", "alice", pycache)
     alice.git("checkout", "-q", "-b", "spike")
-    alice.work("42", "2026-11-19T09:00:00Z", "2026-11-19T11:11:11Z")  # 8471 s
+    alice.work("42", "2026-11-19T09:00:00Z", "2026-11-19T11:11:11Z")  # 7871 s
     alice.commit("spike.txt", "an experiment nobody merges")
     push = alice.git("push", "-u", "origin", "spike")
     assert flowforge_lines(push.stderr) == ["flowforge: ledger pushed to origin (1 store)"]
@@ -406,7 +406,7 @@ def test_time_on_a_pushed_unmerged_branch_reaches_a_fresh_clone(tmp_path, origin
     assert alice.git("merge-base", "--is-ancestor", "spike", main.strip(), check=False).returncode
     manager = manager_sees(tmp_path, origin, pycache, via="git")
     assert manager.git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip() == "main"
-    assert manager.rows() == {("alice", "42", "2026-11-19"): 8471}
+    assert manager.rows() == {("alice", "42", "2026-11-19"): 7871}
 
 
 # -- 5. kill -9 during a ledger update ------------------------------------------
@@ -453,6 +453,7 @@ def test_kill9_at_every_step_of_a_ledger_update(tmp_path, pycache, home, op):
         shutil.rmtree(root)
     else:
         pytest.fail("the operation never finished")
+    print("\n%s: %d crash points" % (" ".join(op), crashes))
     assert crashes >= 5, crashes
 
 
@@ -460,7 +461,7 @@ def timewarrior_data(path, n, rng):
     """n intervals over 2026-01..2026-11 with odd seconds; returns their total."""
     months, total = {}, 0
     for i in range(n):
-        month, day = 1 + i % 11, 1 + (i * 7) % 28
+        month, day = 1 + i % 11, 1 + (i * 7) % 19
         start = 8 * 3600 + rng.randint(0, 3 * 3600)
         length = rng.randint(60, 4 * 3600)
         total += length
@@ -489,13 +490,12 @@ def test_random_kill9_during_full_aggregation(tmp_path, pycache, home):
     assert runner.ok("report", "--json", "--by", "user").json["total_seconds"] == expected
     kills = 0
     for i in range(36):
-        seconds = 60 + i
         runner.ok("log", str(i % 5 + 1), "%dm" % (1 + i % 30), "--date",
-                  "2026-%02d-%02d" % (1 + i % 11, 1 + i % 28), env=NOW)
+                  "2026-%02d-%02d" % (1 + i % 11, 1 + i % 19), env=NOW)
         expected += (1 + i % 30) * 60
         proc = runner.popen("aggregate", "--full", env=NOW, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.0, duration * 1.1))
+        time.sleep(rng.uniform(0.0, duration * 0.9))
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         if proc.returncode == -signal.SIGKILL:
@@ -510,7 +510,7 @@ def test_random_kill9_during_full_aggregation(tmp_path, pycache, home):
             oid, ref = line.split(" ", 1)
             assert subprocess.run(["git", "cat-file", "-e", oid], cwd=root, env=env).returncode \
                 == 0, (i, ref, oid)
-        del seconds
+    print("\n%d of 36 aggregations killed (a full one takes %.2f s)" % (kills, duration))
     assert kills >= 12, kills
     check_refs_and_objects(root)
     runner.ok("aggregate", env=NOW)
