@@ -4843,7 +4843,8 @@ def hook_pre_push(args):
     """The pre-push hook: push this clone's store refs to the remote that the
     user pushes to.  Never raises; a failure becomes a queued `push` job."""
     repo = None
-    remote = args.args[0] if args.args else None
+    # git passes the remote's name; the pre-commit framework passes it in its environment
+    remote = args.args[0] if args.args else os.environ.get("PRE_COMMIT_REMOTE_NAME")
     try:
         repo = Repo.find(args.C or os.getcwd())
         if not os.path.isfile(repo.config_path):
