@@ -611,6 +611,11 @@ def run_git_bytes(args, cwd, input=None, env=None, timeout=None):
                     pending = pending[os.write(fd, pending[:65536]):]
                 except BrokenPipeError:
                     pending = pending[:0]
+                except OSError as e:
+                    import signal
+                    os.kill(pid, signal.SIGKILL)
+                    _wait_exit(pid)
+                    raise StorageError("the pipe to git %s" % args[0], e)
                 if not pending:
                     os.close(fd)
                     writers = []
@@ -648,8 +653,20 @@ def run_git(args, cwd, check=True, input=None, env=None, timeout=None):
     """Run git; returns (exit code, stdout, stderr) as text."""
     rc, out, err = run_git_bytes(args, cwd, input, env, timeout)
     if check and rc != 0:
-        raise FlowForgeError("git %s failed: %s" % (" ".join(args[:2]), git_error_line(err, rc)))
+        raise FlowForgeError("git %s failed: %s" % (" ".join(a for a in args[:4] if a != "-c")
+                                                    if args[0] == "-c" else " ".join(args[:2]),
+                                                    git_error_line(err, rc)), git_exit_code(err))
     return rc, out.decode("utf-8", "replace"), err
+
+
+def git_exit_code(err):
+    """FlowForge's exit code for a git failure: a full or read-only disk is 73/77 as
+    for FlowForge's own writes."""
+    if "No space left" in err or "File too large" in err or "Input/output error" in err:
+        return EXIT_CANTCREAT
+    if "Read-only file system" in err or "Permission denied" in err:
+        return EXIT_NOPERM
+    return EXIT_FAIL
 
 
 class GitObjects:
@@ -2670,10 +2687,11 @@ def update_refs(repo, updates, message):
     lines = "".join("update %s %s %s\n" % (ref, new, old) for ref, new, old in updates)
     rc, _, err = run_git(_GIT_DURABLE + ["update-ref", "--create-reflog", "-m", message,
                                          "--stdin"], repo.root, check=False, input=lines.encode())
-    if rc:
+    if rc:  # another writer moved the ref first, unless the disk said otherwise
+        code = git_exit_code(err)
         raise FlowForgeError("cannot update the ledger (%s): %s" % (
             updates[0][0] if len(updates) == 1 else "%d refs" % len(updates),
-            git_error_line(err, rc)), EXIT_TEMPFAIL)
+            git_error_line(err, rc)), EXIT_TEMPFAIL if code == EXIT_FAIL else code)
 
 
 def write_blobs(repo, blobs):
@@ -7543,11 +7561,9 @@ def cmd_aggregate(ctx, args):
     lines = []
     for r in results:
         if r["written"]:
-            lines.append("%s: wrote %s" % (r["user"], ", ".join(repo.rel(p) for p in r["written"])))
+            lines.append("%s: wrote %s" % (r["user"], ", ".join(r["written"])))
         else:
             lines.append("%s: shards up to date" % r["user"])
-    for r in results:
-        r["written"] = [repo.rel(p) for p in r["written"]]
     return ctx.emit("aggregate", {"results": results}, lines)
 
 

@@ -1,5 +1,4 @@
 """Aggregation into shards: exactness, incrementality, privacy, damage handling."""
-import glob
 import json
 import os
 import random
@@ -9,49 +8,75 @@ import pytest
 
 import flowforge as ff
 
-from conftest import git, lock_held, private_total, team_total
+from conftest import (clean_env, git, ledger_files, lock_held, private_total, rewrite_ledger,
+                      store_key_of, store_keys, team_total)
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
 
-def shard_files(root):
-    return sorted(glob.glob(os.path.join(root, ".flowforge/team/summaries/*/*.json")))
+def shard_bytes(root, user="alice"):
+    """{"YYYY-MM.json": bytes} of the shards at the tip of the user's store ref
+    ({} while the store has no ref yet)."""
+    if not any(k.rpartition("--")[0] == user for k in store_keys(root)):
+        return {}
+    return {name[len("summaries/"):]: data for name, data in ledger_files(root, user).items()
+            if name.startswith("summaries/")}
 
 
-def shard_bytes(root):
-    return {os.path.basename(p): open(p, "rb").read() for p in shard_files(root)}
+def shard_docs(root, user="alice"):
+    """{"YYYY-MM.json": verified document} of the user's shards in the ledger."""
+    return {name: ff.verify_shard_bytes(data) for name, data in shard_bytes(root, user).items()}
+
+
+def store_ref(root, user="alice"):
+    return "refs/flowforge/stores/" + store_key_of(root, user)
 
 
 def test_shard_content(repo):
     repo.ok("start", "owner/repo#5", "--project", "web", "--at", "2026-11-19 09:00", env=NOW)
     repo.ok("stop", "--at", "2026-11-19 10:30", env=NOW)
     repo.ok("log", "ABC-1", "45m", "--date", "2026-11-18", env=NOW)
+    assert store_keys(repo.root) == {}                 # nothing in the ledger before aggregating
     repo.ok("aggregate", env=NOW)
-    [path] = shard_files(repo.root)
-    assert path.endswith("2026-11.json")
-    assert os.path.basename(os.path.dirname(path)).startswith("alice--")
-    doc = ff.read_shard(path)
+    key = store_key_of(repo.root)
+    assert key.startswith("alice--")
+    files = ledger_files(repo.root)
+    assert sorted(files) == ["audit/2026.jsonl", "summaries/2026-11.json"]
+    doc = ff.verify_shard_bytes(files["summaries/2026-11.json"])
+    assert (doc["user"], doc["store"], doc["month"]) == ("alice", key.rpartition("--")[2], "2026-11")
     assert doc["rows"] == [["2026-11-18", "ABC-1", "", 2700], ["2026-11-19", "owner/repo#5", "web", 5400]]
     assert doc["totals"] == {"seconds": 8100, "by_issue": {"ABC-1": 2700, "owner/repo#5": 5400},
                              "by_project": {"": 2700, "web": 5400},
                              "by_period": {"2026-11-18": 2700, "2026-11-19": 5400}}
     assert doc["schema"] == 1 and len(doc["sha256"]) == 64
     ff.check_shard_sums(doc)
-    assert os.stat(path).st_mode & 0o777 == 0o644  # committed files follow the umask
+    # plain files in the ledger, and nothing written into the work tree's old team layout
+    modes = {line.split()[0] for line in git(repo.root, "ls-tree", "-r", store_ref(repo.root))
+             .splitlines()}
+    assert modes == {"100644"}
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/team"))
     assert team_total(repo) == 8100
 
 
 def test_rerun_rewrites_nothing(repo):
     repo.ok("log", "1", "1h", env=NOW)
     repo.ok("aggregate", env=NOW)
-    [path] = shard_files(repo.root)
-    before = (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+    ref = store_ref(repo.root)
+
+    def ledger_state():
+        """The tip, its history, the ref's reflog and the loose objects."""
+        return (store_keys(repo.root), git(repo.root, "rev-list", ref),
+                git(repo.root, "reflog", "show", "--format=%H %gs", ref),
+                git(repo.root, "count-objects"), ledger_files(repo.root))
+
+    before = ledger_state()
+    assert len(before[1].split()) == 1 and "summaries/2026-11.json" in before[4]
     state = os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")
     state_before = os.stat(state).st_mtime_ns
     for args in (["aggregate"], ["aggregate", "--full"]):
         r = repo.ok(*args, env=NOW)
         assert "up to date" in r.out
-        assert (open(path, "rb").read(), os.stat(path).st_mtime_ns) == before
+        assert ledger_state() == before          # no new ledger commit, no new object
     assert os.stat(state).st_mtime_ns == state_before
 
 
@@ -59,7 +84,8 @@ def test_entry_across_month_end_reaches_both_shards(repo):
     repo.ok("start", "1", "--at", "2026-10-31 22:00", env=NOW)
     repo.ok("stop", "--at", "2026-11-01 01:30", env=NOW)
     repo.ok("aggregate", env=NOW)
-    docs = {os.path.basename(p): ff.read_shard(p) for p in shard_files(repo.root)}
+    docs = shard_docs(repo.root)
+    assert sorted(docs) == ["2026-10.json", "2026-11.json"]
     assert docs["2026-10.json"]["rows"] == [["2026-10-31", "1", "", 7200]]
     assert docs["2026-11.json"]["rows"] == [["2026-11-01", "1", "", 5400]]
 
@@ -73,8 +99,11 @@ def test_dst_days_are_split_in_the_users_zone(repo):
     repo.ok("stop", "--at", "2026-11-01 03:00", user="ny", env=env)      # 5 real hours
     repo.ok("aggregate", user="ny", env=env)
     rows = {}
-    for p in shard_files(repo.root):
-        for period, issue, _, seconds in ff.read_shard(p)["rows"]:
+    docs = shard_docs(repo.root, user="ny")
+    assert sorted(docs) == ["2026-03.json", "2026-10.json", "2026-11.json"]
+    for doc in docs.values():
+        assert doc["timezone"] == "America/New_York"
+        for period, issue, _, seconds in doc["rows"]:
             rows[(period, issue)] = seconds
     assert rows == {("2026-03-07", "1"): 7200, ("2026-03-08", "1"): 10800,
                     ("2026-10-31", "2"): 3600, ("2026-11-01", "2"): 14400}
@@ -90,7 +119,7 @@ def test_granularity(repo, granularity, periods):
     repo.ok("log", "1", "1h", "--date", "2026-11-15", env=NOW)
     repo.ok("log", "1", "2h", "--date", "2026-11-16", env=NOW)
     repo.ok("aggregate", env=NOW)
-    [doc] = [ff.read_shard(p) for p in shard_files(repo.root)]
+    [doc] = shard_docs(repo.root).values()
     assert sorted({r[0] for r in doc["rows"]}) == periods
     assert doc["granularity"] == granularity
     assert repo("report", "--by", "day").rc == 1
@@ -109,11 +138,13 @@ def test_edits_that_move_months_and_empty_a_month(repo):
     repo.ok("aggregate", env=NOW)
     repo.ok("edit", entry["id"], "--date", "2026-11-10", env=NOW)
     repo.ok("aggregate", env=NOW)
-    docs = {os.path.basename(p): ff.read_shard(p) for p in shard_files(repo.root)}
+    docs = shard_docs(repo.root)
     assert docs["2026-10.json"]["rows"] == []
     assert docs["2026-11.json"]["rows"] == [["2026-11-10", "1", "", 3600]]
     repo.ok("delete", entry["id"], env=NOW)
     repo.ok("aggregate", env=NOW)
+    assert {name: doc["rows"] for name, doc in shard_docs(repo.root).items()} == {
+        "2026-10.json": [], "2026-11.json": []}
     assert team_total(repo) == 0
 
 
@@ -141,12 +172,33 @@ def test_incremental_equals_full_rebuild(repo):
             repo.ok("aggregate", env=NOW)
     repo.ok("aggregate", env=NOW)
     incremental = shard_bytes(repo.root)
+    assert incremental
+    # forget the cache and every shard (a commit that removes them), rebuild from scratch
     os.unlink(os.path.join(repo.root, ".flowforge/state/aggregate/alice.json"))
-    for p in shard_files(repo.root):
-        os.unlink(p)
+    rewrite_ledger(repo.root, {"summaries/" + name: None for name in incremental})
+    assert shard_bytes(repo.root) == {}
     repo.ok("aggregate", "--full", env=NOW)
     assert shard_bytes(repo.root) == incremental
     assert team_total(repo) == private_total(repo.root)
+
+
+def ledger_objects(root):
+    """(every blob, every commit object) reachable from any ref under refs/flowforge/, raw."""
+    out = git(root, "rev-list", "--objects", "--glob=refs/flowforge/*")
+    oids = [line.split()[0] for line in out.splitlines()]
+    proc = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(oids).encode()
+                          + b"\n", capture_output=True, check=True,
+                          env=clean_env(HOME=os.path.dirname(root)))
+    data, blobs, commits = proc.stdout, [], []
+    while data:
+        header, _, data = data.partition(b"\n")
+        _, kind, size = header.split()
+        body, data = data[:int(size)], data[int(size) + 1:]
+        if kind == b"blob":
+            blobs.append(body)
+        elif kind == b"commit":
+            commits.append(body)
+    return blobs, commits
 
 
 def test_notes_and_times_never_reach_committed_files(repo):
@@ -155,17 +207,40 @@ def test_notes_and_times_never_reach_committed_files(repo):
     entry = repo.ok("stop", "--at", "2026-11-19 11:02:41", "--json", env=NOW).json["entry"]
     repo.ok("log", "2", "1h", "--note", marker, env=NOW)
     repo.ok("aggregate", env=NOW)
-    git(repo.root, "add", "-A")
-    git(repo.root, "commit", "-qm", "time")
+    # the developer commits everything git would take; the code commit's own dates are
+    # pinned, so that no wall-clock time can match (or hide) what is looked for
+    pinned = clean_env(HOME=os.path.dirname(repo.root), GIT_AUTHOR_DATE="2026-11-20T18:00:00Z",
+                       GIT_COMMITTER_DATE="2026-11-20T18:00:00Z")
+    git(repo.root, "add", "-A", env=pinned)
+    git(repo.root, "commit", "-qm", "time", env=pinned)
     committed = git(repo.root, "ls-files").split()
-    assert any("summaries" in c for c in committed)
-    assert not any(c.startswith(".flowforge/user") or c.startswith(".flowforge/state")
-                   for c in committed)
-    dump = subprocess.run(["git", "log", "-p", "--all"], cwd=repo.root, capture_output=True).stdout
-    assert marker.encode() not in dump
-    for ts in entry["segments"][0]:
-        assert str(ts).encode() not in dump
-    assert b"09:13" not in dump and b"11:02" not in dump
+    assert not any(c.startswith((".flowforge/user", ".flowforge/state", ".flowforge/quarantine",
+                                 ".flowforge/team")) for c in committed), committed
+    # the team's time went to the ledger instead
+    assert "summaries/2026-11.json" in ledger_files(repo.root)
+    blobs, commits = ledger_objects(repo.root)
+    assert any(b'"kind":"flowforge-shard"' in b for b in blobs)
+    assert any(b'"action":"aggregate' in b for b in blobs)           # the audit chain
+    assert len(commits) == 1
+    secrets = [marker.encode(), b"09:13", b"11:02"] + [str(ts).encode()
+                                                       for ts in entry["segments"][0]]
+    for obj in blobs + commits:
+        for secret in secrets:
+            assert secret not in obj, (secret, obj[:300])
+    for obj in commits:
+        # the store's user, no developer e-mail address, the UTC day only
+        assert b"dev@example.com" not in obj and b"test@example.com" not in obj, obj
+        stamps = [line.rsplit(b" ", 2) for line in obj.split(b"\n\n")[0].splitlines()
+                  if line.startswith((b"author ", b"committer "))]
+        assert len(stamps) == 2
+        for _who, ts, zone in stamps:
+            assert int(ts) % 86400 == 0 and zone == b"+0000", obj
+        assert obj.startswith(b"tree ") and b"\nauthor alice <" in obj
+    dump = subprocess.run(["git", "log", "-p", "--all", "--format=fuller"], cwd=repo.root,
+                          capture_output=True, check=True).stdout
+    assert b"summaries/2026-11.json" in dump                    # --all does see the ledger
+    for secret in secrets:
+        assert secret not in dump, secret
 
 
 def test_corrupted_line_is_quarantined_not_dropped_silently(repo):
@@ -215,23 +290,28 @@ def test_aggregate_lock_held_exits_75(repo):
     with lock_held(os.path.join(repo.root, ".flowforge/state/locks/aggregate.alice.lock")):
         r = repo("aggregate", "--wait", "0.3", env=NOW)
         assert r.rc == 75 and "busy" in r.err
-        assert shard_files(repo.root) == []
+        assert store_keys(repo.root) == {}       # nothing reached the ledger
     repo.ok("aggregate", "--wait", "5", env=NOW)   # the lock vanished with its holder
 
 
 def test_tampered_shard_stops_the_report_and_full_aggregation_rewrites_it(repo):
     repo.ok("log", "1", "1h", env=NOW)
     repo.ok("aggregate", env=NOW)
-    [path] = shard_files(repo.root)
-    good = open(path, "rb").read()
-    open(path, "wb").write(good.replace(b"3600", b"7200"))
+    name = "summaries/2026-11.json"
+    good = ledger_files(repo.root)[name]
+    assert team_total(repo) == 3600                          # (and the reading is cached)
+    rewrite_ledger(repo.root, {name: good.replace(b"3600", b"7200")})
     r = repo("report")
-    assert r.rc == 65 and os.path.basename(path) in r.err and "sha256" in r.err
-    open(path, "wb").write(b"<<<<<<< HEAD\n" + good + b"=======\n" + good + b">>>>>>> x\n")
+    assert r.rc == 65 and name in r.err and "sha256" in r.err, r
+    conflicted = rewrite_ledger(repo.root, {name: b"<<<<<<< HEAD\n" + good + b"=======\n" + good
+                                            + b">>>>>>> x\n"})
     r = repo("report")
-    assert r.rc == 65 and "conflict markers" in r.err
+    assert r.rc == 65 and name in r.err and "conflict markers" in r.err, r
     repo.ok("aggregate", "--full", env=NOW)
-    assert open(path, "rb").read() == good
+    assert ledger_files(repo.root)[name] == good
+    # repaired by a new commit on top: the ref still only moves forward
+    ref = store_ref(repo.root)
+    assert git(repo.root, "rev-parse", ref + "~1").strip() == conflicted
     assert team_total(repo) == 3600
 
 

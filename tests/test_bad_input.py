@@ -138,17 +138,19 @@ def test_read_only_flowforge_dir(lived_in):
 
 
 def test_a_shard_with_a_valid_checksum_but_bad_rows_stops_reports(lived_in):
-    import glob
     import flowforge as ff
-    [shard] = glob.glob(lived_in.root + "/.flowforge/team/summaries/alice--*/2026-11.json")
-    doc = ff.read_shard(shard)
+    from conftest import ledger_shard, rewrite_ledger
+    name = "summaries/2026-11.json"
+    doc = ff.verify_shard_bytes(ledger_shard(lived_in.root, "2026-11"))
+    assert lived_in("report", env=NOW).rc == 0              # readable (and cached) before
     for cells in ({("yesterday", "1", ""): 3600}, {("2026-10-31", "1", ""): 3600}):
-        open(shard, "wb").write(ff.render_shard("alice", doc["store"], "2026-11", "day", "UTC",
-                                                cells))
+        bad = ff.render_shard("alice", doc["store"], "2026-11", "day", "UTC", cells)
+        ff.verify_shard_bytes(bad)                           # the checksum itself is valid
+        rewrite_ledger(lived_in.root, {name: bad})            # as a teammate's FlowForge could
         for command in (["report"], ["bill"]):
             r = lived_in(*command, env=NOW)
             check_clean_failure(r, 65)
-            assert "malformed row" in r.err
+            assert "malformed row" in r.err and name in r.err
 
 
 def test_a_day_record_with_a_string_version_is_set_aside(lived_in):

@@ -11,9 +11,36 @@ import pytest
 
 import flowforge as ff
 
-from conftest import ROOT, all_files_parse, call, private_total, tree_snapshot
+from conftest import ROOT, all_files_parse, call, git, ledger_files, private_total, tree_snapshot
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
+
+
+def ledger_refs(root):
+    """`git for-each-ref refs/flowforge/`: every ledger ref and where it points."""
+    return git(root, "for-each-ref", "refs/flowforge/")
+
+
+def store_tips(root):
+    out = git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/flowforge/stores/")
+    return dict(line.split() for line in out.splitlines())
+
+
+def ledger_whole(root, before):
+    """Every store ref either still points where it did (`before`: ref -> tip) or
+    moved by exactly one commit, and every shard and chain at its tip verifies."""
+    for ref, tip in store_tips(root).items():
+        if ref in before and tip != before[ref]:
+            assert git(root, "rev-parse", tip + "^").strip() == before[ref], ref
+        elif ref not in before:
+            assert git(root, "rev-list", "--count", tip).strip() == "1", ref
+        user = ref.rsplit("/", 1)[1].rpartition("--")[0]
+        files = ledger_files(root, user)
+        chain = b"".join(files[n] for n in sorted(files) if n.startswith("audit/"))
+        assert ff.verify_chain_bytes(chain, ref)["ok"], ref
+        for name, data in files.items():
+            if name.startswith("summaries/"):
+                ff.check_shard_sums(ff.verify_shard_bytes(data))
 
 
 class Fault:
@@ -99,6 +126,7 @@ def test_injected_errors_on_every_call(repo, tmp_path, monkeypatch, name, setup,
         root = str(tmp_path / ("k%d" % k))
         shutil.copytree(repo.root, root, symlinks=True)
         before = tree_snapshot(root)
+        tips_before = store_tips(root)
         with monkeypatch.context() as m:
             fault = Fault(m, k, err, partial)
             r = call(root, *op, env=NOW)
@@ -110,6 +138,7 @@ def test_injected_errors_on_every_call(repo, tmp_path, monkeypatch, name, setup,
             log = open(os.path.join(root, ".flowforge/state/logs/flowforge.jsonl")).read()
             assert "mirror-failed" in log or "metrics-not-recorded" in log, k
             all_files_parse(root)
+            ledger_whole(root, tips_before)
             assert call(root, "aggregate", env=NOW).rc == 0
             assert private_total(root) == expected, k
             shutil.rmtree(root)
@@ -118,7 +147,9 @@ def test_injected_errors_on_every_call(repo, tmp_path, monkeypatch, name, setup,
         assert r.rc == ff.EXIT_CANTCREAT, (k, r)
         assert r.err.count("\n") == 1 and "cannot write" in r.err and "Traceback" not in r.err
         assert not glob.glob(root + "/.flowforge/**/*.tmp-*", recursive=True)
+        assert not glob.glob(root + "/.flowforge/state/tmp/*")    # no scratch blobs either
         all_files_parse(root)   # whatever happened before the failure is whole
+        ledger_whole(root, tips_before)   # the ledger too: no ref moved half-way
         after = tree_snapshot(root)
         changed = {p for p in before if before[p] != after.get(p)}
         assert all(p.endswith((".json", ".jsonl", "/")) for p in changed), (k, changed)
@@ -147,6 +178,8 @@ def test_file_size_limit_gives_efbig_and_changes_nothing(repo):
     repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
     repo.ok("aggregate", env=NOW)
     before = tree_snapshot(repo.root)
+    refs_before = ledger_refs(repo.root)
+    assert "refs/flowforge/stores/alice--" in refs_before
     day = ".flowforge/user/alice/time/daily/2026-11-19.jsonl"
     size = len(before[day][0])
     env = repo.env(FLOWFORGE_USER="alice", **NOW)
@@ -157,12 +190,17 @@ def test_file_size_limit_gives_efbig_and_changes_nothing(repo):
     assert "File too large" in proc.stderr and proc.stderr.count("\n") == 1
     after = tree_snapshot(repo.root)
     assert after[day] == before[day]
-    # a shard write refused by the limit leaves the old shard in place
+    assert ledger_refs(repo.root) == refs_before
+    # a shard write refused by the limit leaves the old shard (and every ledger ref) in place
     repo.ok("log", "3", "3h", "--date", "2026-11-19", env=NOW)
-    shard = [p for p in before if "/summaries/" in p][0]
+    shard = ledger_files(repo.root)["summaries/2026-11.json"]
     proc = subprocess.run([sys.executable, "-S", "-c", EFBIG, "100", "-C", repo.root, "aggregate"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == ff.EXIT_CANTCREAT, proc.stderr
-    assert tree_snapshot(repo.root)[shard] == before[shard]
+    assert "File too large" in proc.stderr and proc.stderr.count("\n") == 1
+    assert ledger_refs(repo.root) == refs_before
+    assert ledger_files(repo.root)["summaries/2026-11.json"] == shard
+    assert not glob.glob(repo.root + "/.flowforge/state/tmp/*")
     repo.ok("aggregate", env=NOW)
+    assert ledger_refs(repo.root) != refs_before
     assert repo.ok("report", "--json").json["total_seconds"] == 4 * 3600

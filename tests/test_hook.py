@@ -1,4 +1,5 @@
-"""The git hook, with real commits: it stages shards, and never blocks a commit."""
+"""The git hooks, with real commits: pre-commit aggregates into the ledger ref (staging
+nothing), and never blocks a commit."""
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import FLOWFORGE, ROOT, git, lock_held
+from conftest import FLOWFORGE, ROOT, git, ledger_files, lock_held, store_keys
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
@@ -37,6 +38,29 @@ def committed_files(repo, rev="HEAD"):
     return git(repo.root, "show", "--name-only", "--format=", rev).split()
 
 
+def ledger_refs(repo):
+    """`git for-each-ref refs/flowforge/`: every ledger ref and where it points."""
+    return git(repo.root, "for-each-ref", "refs/flowforge/")
+
+
+def ledger_seconds(repo, user="alice"):
+    """Total seconds of the shards at the tip of the user's store ref."""
+    total = 0
+    for name, data in ledger_files(repo.root, user).items():
+        if name.startswith("summaries/"):
+            doc = ff.verify_shard_bytes(data)
+            ff.check_shard_sums(doc)
+            total += doc["totals"]["seconds"]
+    return total
+
+
+def assert_nothing_staged(repo):
+    """A clean work tree and index: the hook wrote nothing git would commit."""
+    assert git(repo.root, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git(repo.root, "diff", "--cached", "--name-only") == ""
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/team"))
+
+
 def jobs(repo):
     path = os.path.join(repo.root, ".flowforge/state/queue.db")
     return ff.RetryQueue(path).jobs() if os.path.exists(path) else []
@@ -53,12 +77,18 @@ def hooked(repo):
 
 
 def test_shards_land_in_the_same_commit(hooked):
+    """The commit's pre-commit hook aggregates into the ledger ref: the time is there as
+    soon as the commit is, and the branch, the index and the work tree are untouched."""
+    assert_nothing_staged(hooked)
+    assert store_keys(hooked.root) == {}               # the first commit had no time yet
     hooked.ok("log", "1", "1h30m", "--date", "2026-11-19", env=NOW)
     rc, err = commit(hooked, "work")
     assert rc == 0 and err == ""
-    files = committed_files(hooked)
-    assert any(f.startswith(".flowforge/team/summaries/alice--") for f in files), files
-    assert git(hooked.root, "status", "--porcelain", "--", ".flowforge/team") == ""
+    assert committed_files(hooked) == []               # nothing FlowForge on the branch
+    assert_nothing_staged(hooked)
+    [key] = store_keys(hooked.root)
+    assert key.startswith("alice--")
+    assert ledger_seconds(hooked) == 5400
     assert hooked.ok("report", "--json").json["total_seconds"] == 5400
     metrics = hooked.ok("metrics", "--format", "json").json
     assert metrics["hook_success_total"] >= 2 and metrics["hook_failure_total"] == 0
@@ -72,6 +102,7 @@ def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
             rc, err = commit(hooked, "work %d" % n)
             assert rc == 0
             assert err.count("\n") == 1 and "queued as job" in err and "busy" in err, err
+        assert store_keys(hooked.root) == {}          # nothing reached the ledger meanwhile
     queued = jobs(hooked)
     assert [(j["kind"], j["status"], j["payload"]) for j in queued] == [
         ("aggregate", "queued", {"user": "alice"})]          # three failures, one job
@@ -80,8 +111,12 @@ def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
     hooked.ok("daemon", "--once", env=NOW)
     assert [j["status"] for j in jobs(hooked)] == ["done"]
     assert hooked.ok("report", "--json").json["total_seconds"] == 3600
-    rc, _ = commit(hooked, "next")                              # the daemon's shards go in now
-    assert rc == 0 and any("summaries" in f for f in committed_files(hooked))
+    assert ledger_seconds(hooked) == 3600                      # the daemon wrote the ledger
+    refs = ledger_refs(hooked)
+    rc, err = commit(hooked, "next")              # nothing left to do: no new ledger commit
+    assert rc == 0 and err == "" and ledger_refs(hooked) == refs
+    assert committed_files(hooked) == []
+    assert_nothing_staged(hooked)
     metrics = hooked.ok("metrics", "--format", "json").json
     assert metrics["recovery_count"] == 1 and metrics["recovery_seconds_sum"] >= 0
 
@@ -142,14 +177,15 @@ def test_python3_absent_from_path(hooked, tmp_path):
 
 
 # A python3 for PATH that injects a failure into the hook, then runs what the
-# shim asked for: ENOSPC for shard writes, or a real RLIMIT_FSIZE (EFBIG).
+# shim asked for: ENOSPC for shard writes, or a real RLIMIT_FSIZE (EFBIG, which
+# the git processes it starts inherit).
 FAULTY_PYTHON = r"""#!%(python)s
 import errno, os, resource, signal, sys
 mode = os.environ["FAULT"]
-if mode == "enospc":
+if mode == "enospc":   # every write of a shard's bytes, wherever it goes on the way to git
     real_write = os.write
     def write(fd, data):
-        if "summaries" in os.readlink("/proc/self/fd/%%d" %% fd):
+        if b'"kind":"flowforge-shard"' in bytes(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
     os.write = write
@@ -157,6 +193,9 @@ else:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
 args = sys.argv[1:]
+for flag, value in zip(args, args[1:]):   # as the real python3 would take the shim's -X
+    if flag == "-X" and value.startswith("pycache_prefix="):
+        sys.pycache_prefix = value.split("=", 1)[1]
 code = args[args.index("-c") + 1]
 sys.argv = ["-c"] + args[args.index("-c") + 2:]
 exec(compile(code, "<shim>", "exec"))
@@ -173,35 +212,50 @@ def test_failing_writes_never_block(hooked, tmp_path, fault):
     with open(os.path.join(bindir, "python3"), "w") as f:
         f.write(FAULTY_PYTHON % {"python": sys.executable})
     os.chmod(os.path.join(bindir, "python3"), 0o755)
-    shard_before = git(hooked.root, "ls-files", ".flowforge/team")
+    refs_before = ledger_refs(hooked)
     rc, err = commit(hooked, "disk trouble", env={"FAULT": fault}, path=bindir)
     assert rc == 0, err
     assert err.count("\n") == 1 and "time not aggregated" in err, err
     assert ("No space left" in err) if fault == "enospc" else ("File too large" in err)
     if fault == "enospc":
         assert "queued as job" in err and len(jobs(hooked)) == 1
-    assert git(hooked.root, "ls-files", ".flowforge/team") == shard_before
+    assert ledger_refs(hooked) == refs_before               # no ref moved, none half-way
+    assert committed_files(hooked) == []
+    assert_nothing_staged(hooked)
     wait_for_background_daemon(hooked)
     hooked.ok("daemon", "--once", env=NOW)          # the disk is fine again
     expected = sum((day + 10) * 60 for day in range(1, 20))
     assert hooked.ok("report", "--json").json["total_seconds"] == expected
+    assert ledger_seconds(hooked) == expected
     assert all(j["status"] == "done" for j in jobs(hooked))
 
 
 def test_partial_commit_stages_for_the_next_commit_never_reverts(hooked):
+    """`git commit -- path` runs the hook against a temporary index: the hook writes the
+    ledger ref only, so the commit holds exactly the named path, nothing is staged for
+    later, and no change of the developer's is reverted or swept into a commit."""
     open(os.path.join(hooked.root, "a.txt"), "w").write("a\n")
-    git(hooked.root, "add", "a.txt")
+    open(os.path.join(hooked.root, "b.txt"), "w").write("b\n")
+    git(hooked.root, "add", "a.txt", "b.txt")
     git(hooked.root, "commit", "-qm", "a", "--no-verify")
     hooked.ok("log", "1", "1h", env=NOW)
     open(os.path.join(hooked.root, "a.txt"), "w").write("changed\n")
+    open(os.path.join(hooked.root, "b.txt"), "w").write("staged, not committed\n")
+    git(hooked.root, "add", "b.txt")
     rc, err = commit(hooked, "partial", "--", "a.txt")
     assert rc == 0 and err == ""
     assert committed_files(hooked) == ["a.txt"]
-    staged = git(hooked.root, "diff", "--cached", "--name-only").split()
-    assert any("summaries" in f for f in staged)          # staged by post-commit, for next time
-    rc, _ = commit(hooked, "next")
-    assert any("summaries" in f for f in committed_files(hooked))
-    assert git(hooked.root, "status", "--porcelain", "--", ".flowforge/team") == ""
+    assert git(hooked.root, "show", "HEAD:a.txt") == "changed\n"
+    assert ledger_seconds(hooked) == 3600                  # aggregated by this very commit
+    assert git(hooked.root, "diff", "--cached", "--name-only").split() == ["b.txt"]
+    assert git(hooked.root, "status", "--porcelain") == "M  b.txt\n"
+    assert open(os.path.join(hooked.root, "a.txt")).read() == "changed\n"
+    refs = ledger_refs(hooked)
+    rc, err = commit(hooked, "next")
+    assert rc == 0 and err == ""
+    assert committed_files(hooked) == ["b.txt"]             # only the developer's own change
+    assert_nothing_staged(hooked)
+    assert ledger_refs(hooked) == refs                      # nothing new to aggregate
     assert hooked.ok("report", "--json").json["total_seconds"] == 3600
 
 
@@ -230,11 +284,16 @@ def test_chaining_idempotence_and_uninstall(repo):
 def test_core_hooks_path_is_honoured(repo):
     git(repo.root, "config", "core.hooksPath", ".githooks")
     repo.ok("install", "hooks")
-    shim = os.path.join(repo.root, ".githooks", "pre-commit")
-    assert os.path.exists(shim) and os.stat(shim).st_mode & stat.S_IXUSR
+    for hook in ("pre-commit", "post-commit", "pre-push"):
+        shim = os.path.join(repo.root, ".githooks", hook)
+        assert os.path.exists(shim) and os.stat(shim).st_mode & stat.S_IXUSR, hook
+        assert not os.path.exists(os.path.join(repo.root, ".git", "hooks", hook)), hook
     repo.ok("log", "1", "1h", env=NOW)
-    rc, _ = commit(repo, "work")
-    assert rc == 0 and any("summaries" in f for f in committed_files(repo))
+    assert store_keys(repo.root) == {}
+    rc, err = commit(repo, "work")
+    assert rc == 0 and err == ""
+    assert ledger_seconds(repo) == 3600                    # the hook in .githooks/ ran
+    assert git(repo.root, "diff", "--cached", "--name-only") == ""
 
 
 def test_stale_and_missing_hooks_are_reported(repo):

@@ -9,7 +9,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import ROOT, private_total, tree_snapshot
+from conftest import ROOT, ledger_chain, ledger_files, private_total, store_key_of, tree_snapshot
 
 NOW = {"FLOWFORGE_NOW": "2026-11-22T18:00:00Z"}
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -240,12 +240,23 @@ def test_erase(repo):
     [mirror] = glob.glob(os.path.join(repo.home, "xdg-data", "flowforge", "*", "alice--*"))
     assert os.path.isfile(os.path.join(mirror, "time", "daily", "2026-11-22.jsonl"))
     assert repo("erase", env=NOW).rc == 64                  # needs --yes
+    key = store_key_of(repo.root)
+    files_before = ledger_files(repo.root)
+    chain_before = ledger_chain(repo.root)
     r = repo.ok("erase", "--yes", env=NOW)
     assert "erased .flowforge/user/alice" in r.out and "erased quarantine Q1" in r.out
     assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/alice"))
     assert not os.path.exists(mirror)
     assert repo.ok("quarantine", "list", "--json").json["items"] == []
-    [chain] = glob.glob(repo.root + "/.flowforge/team/audit/alice--*.jsonl")
-    assert ff.AuditChain(chain).records()[-1]["action"] == "erase"
+    # the erasure is one more record on the store's team chain, in its ledger ref
+    assert store_key_of(repo.root) == key
+    chain = ledger_chain(repo.root)
+    assert chain.startswith(chain_before) and len(chain) > len(chain_before)
+    records = [json.loads(line) for line in chain.splitlines()]
+    assert records[-1]["action"] == "erase" and records[-1]["files"] == {}
+    assert len(records) == len(chain_before.splitlines()) + 1
+    assert ff.verify_chain_bytes(chain, key)["ok"]
+    files_after = ledger_files(repo.root)
+    assert {n: d for n, d in files_after.items() if n.startswith("summaries/")} == \
+        {n: d for n, d in files_before.items() if n.startswith("summaries/")}
     assert repo.ok("report", "--json").json["total_seconds"] == 3600   # the aggregates stay
-    assert ff.AuditChain(chain).verify()["ok"]
