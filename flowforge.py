@@ -3181,9 +3181,10 @@ def record_fetch(repo, remote):
     atomic_write(fetch_state_path(repo), canonical_bytes(state), 0o600)
 
 
-def last_fetch_time(repo):
+def last_fetch_time(repo, refs):
     """When the ledger was last fetched here: `flowforge fetch`, or a plain
-    `git fetch` that brought store refs (FETCH_HEAD), whichever is newer."""
+    `git fetch` with the ledger's refspec (FETCH_HEAD, once incoming store refs
+    exist: a fetch without the refspec brings none), whichever is newer."""
     times = []
     try:
         state = json.loads(read_bytes(fetch_state_path(repo)))
@@ -3192,7 +3193,7 @@ def last_fetch_time(repo):
         pass
     _, out, _ = run_git(["rev-parse", "--git-path", "FETCH_HEAD"], repo.root, check=False)
     path = out.strip()
-    if path:
+    if path and any(ref.startswith(INCOMING_REF) for ref in refs):
         try:
             times.append(int(os.stat(os.path.join(repo.root, path)).st_mtime))
         except OSError:
@@ -3272,9 +3273,9 @@ def ledger_push(repo, remote, timeout=None):
             hint = ("the remote's copy of %s has a history this clone does not have: run "
                     "`flowforge fetch`, then `flowforge recover assess`" % refused[0][0])
         elif "hook declined" in reason or "denied" in reason or "refus" in reason.lower():
-            hint = ("the remote refused refs under %s: set \"ledger\": {\"prefix\": "
-                    "\"refs/heads/flowforge/\"} in .flowforge/config.json if it accepts only "
-                    "branches" % prefix)
+            hint = ("the remote refused refs under %s: if it accepts only branches, set "
+                    "ledger.prefix to \"refs/heads/flowforge/\" in .flowforge/config.json "
+                    "(\"ledger\": {\"prefix\": \"refs/heads/flowforge/\"})" % prefix)
         else:
             hint = reason
         error = FlowForgeError("cannot push the ledger to %s (%s): %s" % (
@@ -4750,11 +4751,13 @@ class BudgetExceeded(Exception):
 class time_budget:
     """Raise BudgetExceeded in the main thread once `seconds` have passed.
 
-    Interrupting aggregation is safe: shards, cache and mirror copies are
-    atomic replaces (an interrupted one removes its temp file), an interrupted
+    Interrupting aggregation is safe: the cache and mirror copies are atomic
+    replaces (an interrupted one removes its temp file), an interrupted private
     audit append leaves a torn tail that the next run trims, and re-running is
-    idempotent.  Git
-    is never run inside a budget: a killed `git add` could leave index.lock."""
+    idempotent.  A git child that is running when the budget ends is left to
+    finish on its own (it is not killed, so it leaves no lock file): objects it
+    writes are unreachable until the ledger's update-ref, which either happened
+    (the next run finds the shards current) or did not."""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -6801,7 +6804,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
     if legacy:
         warn("this branch still keeps time in %s/ (FlowForge 0.1): run `flowforge migrate`"
              % repo.rel(repo.team))
-    fetched = last_fetch_time(repo)
+    fetched = last_fetch_time(repo, view.refs)
     if not view.stores and not legacy and fetched is None:
         _, remotes, _ = run_git(["remote"], repo.root)
         if remotes.split():
