@@ -5947,6 +5947,7 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
             target = os.path.join(staged, item["path"])
             makedirs_private(os.path.dirname(target))
             atomic_write(target, item["data"], 0o600, sync_dir=False)
+        makedirs_private(recover_dir(repo))
         atomic_write(os.path.join(recover_dir(repo), "plan.json"), canonical_bytes(plan), 0o600)
     return plan
 
@@ -7944,9 +7945,12 @@ def cmd_recover(ctx, args):
         plan = reconstruct(repo, ctx.user, args.from_mirror, args.store, args.dry_run)
         lines = ["%s %s (from %s)" % ("would stage" if args.dry_run else "staged", i["path"],
                                       i["source"]) for i in plan["items"]]
+        lines += ["%s %s: restore %s as a new commit" % (
+            "would stage" if args.dry_run else "staged", r["ref"], r["source"])
+            for r in plan["refs"]]
         lines += ["cannot reconstruct %s" % u for u in plan["unrecoverable"]]
         lines += ["kept %s" % k for k in plan["kept"]]
-        if plan["items"] and not args.dry_run:
+        if (plan["items"] or plan["refs"]) and not args.dry_run:
             lines.append("next: `flowforge recover validate`, then `flowforge recover deploy`")
         ctx.emit("recover", plan, lines or ["nothing needs reconstructing"])
         return EXIT_FAIL if plan["unrecoverable"] else EXIT_OK
