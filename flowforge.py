@@ -2567,13 +2567,6 @@ def month_periods(month, granularity):
     return _MONTH_PERIODS[key]
 
 
-def read_shard(path):
-    try:
-        return verify_shard_bytes(read_bytes(path))
-    except ValueError as e:
-        raise CorruptFile(path, "shard %s" % e)
-
-
 def list_shard_files(repo):
     """[(path, user, store, month)] of every shard in the work tree, sorted."""
     found = []
@@ -3018,7 +3011,7 @@ class LedgerView:
         objects = GitObjects(self.repo.root)
         try:
             stale = {}
-            for key, (ref, commit, tree) in sorted(self.stores.items()):
+            for key, (_, _, tree) in sorted(self.stores.items()):
                 cached = _read_ledger_cache(self.repo, key)
                 if cached is not None and cached.get("tree") == tree:
                     shards = cached["shards"]
@@ -3044,7 +3037,7 @@ class LedgerView:
                             continue
                     old = (stale[key] or {}).get("shards", {})
                     listing[key] = {}
-                    for name, (mode, oid) in sorted(entries.items()):
+                    for name, (_, oid) in sorted(entries.items()):
                         m = _SHARD_NAME.fullmatch(name)
                         if not m:
                             continue
@@ -3214,7 +3207,7 @@ def ledger_fetch(repo, remote, accept_rewritten=False):
     refs = list_ledger_refs(repo)
     if accept_rewritten:
         take = []
-        for ref, (oid, kind, tree) in refs.items():
+        for ref, (oid, kind, _) in refs.items():
             if ref.startswith(INCOMING_REF + remote + "/") and kind == "commit":
                 accepted = REMOTES_REF + ref[len(INCOMING_REF):]
                 old = refs.get(accepted)
@@ -3240,7 +3233,7 @@ def ledger_push(repo, remote, timeout=None):
     refs = list_ledger_refs(repo)
     prefix = remote_prefix(repo)
     todo = []
-    for ref, (oid, kind, _) in sorted(refs.items()):
+    for ref, (oid, _, _) in sorted(refs.items()):
         if ref.startswith(STORES_REF) and parse_store_key(ref[len(STORES_REF):]):
             key = ref[len(STORES_REF):]
             tracking = refs.get("%s%s/%s" % (REMOTES_REF, remote, key))
@@ -4627,7 +4620,8 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "flowforge: python3 not found; time not aggregated (run flowforge aggregate later)" >&2
     exit 0
 fi
-out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' "$ff" hook %(hook)s "$@" 2>&1 </dev/null)
+out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' \
+    "$ff" hook %(hook)s "$@" 2>&1 </dev/null)
 if [ -n "$out" ]; then
     last=${out##*"
 "}
@@ -5511,24 +5505,38 @@ def _store_chain(objects, rev, years):
     return b"".join(item[1] for item in items), None
 
 
+_RESTORE_MESSAGE = re.compile(r"recover: restore ([0-9a-f]{40}(?:[0-9a-f]{24})?) ")
+
+
 def _chain_history_problems(repo, objects, ref, tip, since, size):
-    """Each commit on the ref since `since` must extend the chain before it."""
-    rc, out, _ = run_git(["rev-list", "--parents", "--since=@%d" % utc_day_start(since), tip],
+    """Each commit on the ref since `since` must extend the chain before it.
+    A `recover` repair instead brings back the files of a named earlier commit
+    of the same history: that is listed as "restored" (not a problem) when its
+    chain is exactly that commit's."""
+    rc, out, _ = run_git(["log", "--format=%H %P%x1f%s", "--since=@%d" % utc_day_start(since), tip],
                          repo.root, check=False)
     problems = []
+
+    def chain_at(rev):
+        item = objects.get(["%s:audit" % rev])[0]
+        try:
+            years = parse_tree(item[1], size) if item and item[0] == "tree" else {}
+        except ValueError:
+            years = {}
+        return _store_chain(objects, rev, years)[0]
     for line in out.splitlines():
-        ids = line.split()
+        head, _, subject = line.partition("\x1f")
+        ids = head.split()
         if len(ids) != 2:
             continue
-        chains = []
-        for rev in ids:
-            item = objects.get(["%s:audit" % rev])[0]
-            try:
-                years = parse_tree(item[1], size) if item and item[0] == "tree" else {}
-            except ValueError:
-                years = {}
-            chains.append(_store_chain(objects, rev, years)[0])
-        if not chains[0].startswith(chains[1]):
+        child = chain_at(ids[0])
+        if child.startswith(chain_at(ids[1])):
+            continue
+        m = _RESTORE_MESSAGE.match(subject + " ")
+        if m and is_ancestor(repo, m.group(1), ids[1]) and child == chain_at(m.group(1)):
+            problems.append(("restored", ref, "commit %s restored the files of its earlier commit "
+                             "%s (flowforge recover)" % (ids[0][:12], m.group(1)[:12])))
+        else:
             problems.append(("audit-history", ref, "commit %s rewrites or truncates the audit "
                              "chain of the commit before it" % ids[0][:12]))
     return problems
@@ -5538,17 +5546,19 @@ def verify_ledger(repo, history_since=None):
     """Every store ref this clone knows; returns {"findings": [...], "stores", "shards"}.
 
     A finding is {"kind", "path", "detail"}; a path names a ref, or a file in
-    one as REF:NAME."""
+    one as REF:NAME.  "notes" lists repairs by `recover` in the window: they are
+    told, not counted as problems."""
     view = LedgerView(repo)
     findings = [{"kind": "ledger", "path": "refs/flowforge/", "detail": p} for p in view.problems]
     findings += [{"kind": "ledger", "path": "refs/flowforge/", "detail": w}
                  for w in view.warnings if "rewritten" in w]
-    shards = 0
+    shards, notes = 0, []
     objects = GitObjects(repo.root)
     try:
         for key, (ref, tip, _) in sorted(view.stores.items()):
             for kind, path, detail in verify_store(repo, objects, key, ref, tip, history_since):
-                findings.append({"kind": kind, "path": path, "detail": detail})
+                (notes if kind == "restored" else findings).append(
+                    {"kind": kind, "path": path, "detail": detail})
             item = objects.get(["%s:summaries" % tip])[0]
             if item and item[0] == "tree":
                 try:
@@ -5568,7 +5578,7 @@ def verify_ledger(repo, history_since=None):
                 detail = "still in the 0.1 layout, and damaged: %s" % e
             findings.append({"kind": "legacy", "path": "%s/.../%s" % (repo.rel(repo.team), key),
                              "detail": detail})
-    return {"findings": findings, "stores": len(view.stores), "shards": shards,
+    return {"findings": findings, "notes": notes, "stores": len(view.stores), "shards": shards,
             "view": view}
 
 
@@ -5638,6 +5648,9 @@ def ci_report_markdown(repo, result, missing, lookback_hours):
         if rows:
             out += ["## %s" % title, ""] + ["- `%s`: %s" % (f["path"], f["detail"]) for f in rows]
             out.append("")
+    if result.get("notes"):
+        out += ["## Restored by `flowforge recover` (for the record; not a problem)", ""]
+        out += ["- `%s`: %s" % (f["path"], f["detail"]) for f in result["notes"]] + [""]
     if missing:
         out += ["## Possible missing aggregation", "",
                 "These authors committed, but none of their store refs moved: time tracked "
@@ -5952,26 +5965,16 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
     return plan
 
 
-def restore_store_refs(repo, refs):
-    """Deploy staged ref repairs: each is a new commit on the current tip with
-    the tree of the good version, so the history stays linear and the next
-    push fast-forwards.  Compare-and-swap: a ref that moved since is refused."""
-    done = []
-    for item in refs:
-        _, tree, _ = run_git(["rev-parse", item["restore"] + "^{tree}"], repo.root)
-        user = parse_store_key(item["key"])[0]
-        with repo.lock("aggregate." + user, 30, "aggregation for %s" % user):
-            _, out, _ = run_git(["commit-tree", "--no-gpg-sign", tree.strip(), "-p", item["parent"]],
-                                repo.root, input=("recover: restore %s\n" % item["source"]).encode(),
-                                env=ledger_commit_env(user, now()))
-            try:
-                update_refs(repo, [(item["ref"], out.strip(), item["replaces"])],
-                            "flowforge: recover %s" % item["key"])
-            except FlowForgeError:
-                raise FlowForgeError("%s changed since it was staged: run `flowforge recover "
-                                     "reconstruct` again" % item["ref"])
-        done.append({"path": item["ref"], "restored": item["source"]})
-    return done
+def repair_commit(repo, key, restore, parent, source):
+    """A new commit on `parent` whose files are those of `restore`: how a ref
+    repair (or its rollback) reaches the ledger, so that history stays linear
+    and the next push fast-forwards.  Its message names the restored commit in
+    full, which is how verification tells a restore from a rewrite."""
+    _, tree, _ = run_git(["rev-parse", "--verify", "%s^{tree}" % restore], repo.root)
+    _, out, _ = run_git(["commit-tree", "--no-gpg-sign", tree.strip(), "-p", parent], repo.root,
+                        input=("recover: restore %s (%s)\n" % (restore, source)).encode(),
+                        env=ledger_commit_env(parse_store_key(key)[0], now()))
+    return out.strip()
 
 
 def choose_mirror(repo, store, store_id=None):
@@ -6105,7 +6108,7 @@ def compliance_audit(repo):
             chain, _ = _store_chain(objects, tip, years)
             chain_result = verify_chain_bytes(chain, ref)
             total = 0
-            for name, data in ledger.read([shard_name(m) for m in ledger.months()]).items():
+            for data in ledger.read([shard_name(m) for m in ledger.months()]).values():
                 try:
                     total += json.loads(data)["totals"]["seconds"]
                 except (TypeError, ValueError, KeyError):
@@ -6162,6 +6165,22 @@ def _apply(repo, journal):
             touched.add(os.path.dirname(target))
     for directory in sorted(touched):
         fsync_dir(directory)
+    current = list_ledger_refs(repo) if journal.get("refs") else {}
+    for item in journal.get("refs", []):
+        now_at = (current.get(item["ref"]) or ("",))[0]
+        if now_at == item["new"]:
+            continue  # done before a crash
+        if now_at != item["old"]:
+            raise FlowForgeError("%s moved during the deploy; run `flowforge recover assess`"
+                                 % item["ref"])
+        update_refs(repo, [(item["ref"], item["new"], item["old"])], "flowforge: recover %s"
+                    % item["key"])
+    if not journal.get("rollback"):  # the plan is used up: part of the deploy, not after it
+        import shutil
+        shutil.rmtree(os.path.join(recover_dir(repo), "staged"), ignore_errors=True)
+        plan = os.path.join(recover_dir(repo), "plan.json")
+        if os.path.exists(plan):
+            os.unlink(plan)
     journal["state"] = "done"
     history = os.path.join(recover_dir(repo), "deploys")
     makedirs_private(history)
@@ -6178,7 +6197,11 @@ def _read_journal(repo, path):
         if (not isinstance(journal, dict) or journal.get("state") not in ("prepared", "applying")
                 or not isinstance(journal.get("id"), str) or not isinstance(journal.get("items"), list)
                 or not all(isinstance(i, dict) and isinstance(i.get("path"), str)
-                           for i in journal["items"])):
+                           for i in journal["items"])
+                or not isinstance(journal.get("refs", []), list)
+                or not all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in
+                                                       ("ref", "key", "old", "new"))
+                           for r in journal.get("refs", []))):
             raise ValueError("not a deploy journal")
         return journal
     except ValueError:
@@ -6197,7 +6220,9 @@ def finish_interrupted_deploy(repo):
     journal = _read_journal(repo, path)
     if journal is None:
         return None
-    locks = deploy_locks(repo, [i["path"] for i in journal["items"]])
+    locks = deploy_locks(repo, [i["path"] for i in journal["items"]] + [
+        ".flowforge/user/%s/" % parse_store_key(r.get("key", ""))[0]
+        for r in journal.get("refs", []) if parse_store_key(r.get("key", ""))])
     for lock in locks:
         lock.acquire()
     try:
@@ -6226,7 +6251,8 @@ def _sha_or_none(path):
 
 
 def deploy(repo, dry_run=False, rollback=False):
-    """Swap the staged files in (or, with rollback, the last deploy's backups)."""
+    """Swap the staged files and ref repairs in (or, with rollback, undo the
+    last deploy), all under one journal."""
     finish_interrupted_deploy(repo)
     recover = recover_dir(repo)
     deploy_id = "%d-%s" % (now(), os.urandom(3).hex())
@@ -6243,6 +6269,10 @@ def deploy(repo, dry_run=False, rollback=False):
                 items.append({"path": item["path"], "source": item["backup"]})
             else:
                 items.append({"path": item["path"], "delete": True})
+        for item in last.get("refs", []):
+            ref_items.append({"ref": item["ref"], "key": item["key"], "restore": item["old"],
+                              "replaces": item["new"], "source": "as before deploy %s"
+                              % last["id"]})
     else:
         plan = load_plan(repo)
         if not plan or not (plan["items"] or plan.get("refs")):
@@ -6255,52 +6285,12 @@ def deploy(repo, dry_run=False, rollback=False):
         return {"id": None, "items": [{"path": i["path"], "delete": bool(i.get("delete"))}
                                       for i in items] + [{"path": r["ref"], "restore": r["source"]}
                                                          for r in ref_items]}
-    journal = {"items": []}
-    if items:
-        journal = _deploy_files(repo, items, deploy_id, staging, rollback)
-    restored = restore_store_refs(repo, ref_items)
-    if not rollback:
-        import shutil
-        shutil.rmtree(os.path.join(recover, "staged"), ignore_errors=True)
-        os.unlink(os.path.join(recover, "plan.json"))
-    import shutil
-    shutil.rmtree(staging, ignore_errors=True)
-    log_event(repo, "deploy", id=deploy_id, rollback=rollback, files=len(items), refs=len(ref_items))
-    return {"id": deploy_id, "items": journal["items"] + restored}
-
-
-def _deploy_files(repo, items, deploy_id, staging, rollback):
-    """The journaled swap of staged private files; returns the journal."""
-    recover = recover_dir(repo)
-    locks = deploy_locks(repo, [i["path"] for i in items])
+    users = [".flowforge/user/%s/" % parse_store_key(r["key"])[0] for r in ref_items]
+    locks = deploy_locks(repo, [i["path"] for i in items] + users)
     for lock in locks:
         lock.acquire()
     try:
-        changed = [i["path"] for i in items if i.get("replaces", False) is not False
-                   and i["replaces"] != _sha_or_none(os.path.join(repo.root, i["path"]))]
-        if changed:
-            raise FlowForgeError("%s changed since it was staged (%d file(s) in all): run "
-                                 "`flowforge recover reconstruct` again; nothing was deployed"
-                                 % (changed[0], len(changed)))
-        journal = {"schema": 1, "id": deploy_id, "state": "prepared", "rollback": rollback,
-                   "items": []}
-        for item in items:
-            target = os.path.join(repo.root, item["path"])
-            entry = {"path": item["path"], "backup": None}
-            if os.path.exists(target):  # keep what is replaced, for rollback
-                backup = os.path.join(recover, "backups", deploy_id, item["path"])
-                makedirs_private(os.path.dirname(backup))
-                atomic_write(backup, read_bytes(target), 0o600, sync_dir=False)
-                entry["backup"] = backup
-            if item.get("delete"):
-                entry["delete"] = True
-            else:
-                swap = os.path.join(staging, item["path"])
-                makedirs_private(os.path.dirname(swap))
-                mode = 0o600 if item["path"].startswith(".flowforge/user/") else None
-                atomic_write(swap, read_bytes(item["source"]), mode, sync_dir=False)
-                entry["staged"] = swap
-            journal["items"].append(entry)
+        journal = _prepare_deploy(repo, items, ref_items, deploy_id, staging, rollback)
         atomic_write(deploy_journal(repo), canonical_bytes(journal), 0o600)
         journal["state"] = "applying"  # from here on, a crash is rolled forward
         atomic_write(deploy_journal(repo), canonical_bytes(journal), 0o600)
@@ -6308,6 +6298,50 @@ def _deploy_files(repo, items, deploy_id, staging, rollback):
     finally:
         for lock in reversed(locks):
             lock.release()
+    import shutil
+    shutil.rmtree(staging, ignore_errors=True)
+    log_event(repo, "deploy", id=deploy_id, rollback=rollback, files=len(items), refs=len(ref_items))
+    return {"id": deploy_id, "items": journal["items"] + [
+        {"path": r["ref"], "restored": r["source"]} for r in journal["refs"]]}
+
+
+def _prepare_deploy(repo, items, ref_items, deploy_id, staging, rollback):
+    """Check that nothing changed since staging, copy what is replaced (for
+    rollback), stage the swaps and make the repair commits; returns the
+    journal.  Nothing live changes here."""
+    recover = recover_dir(repo)
+    changed = [i["path"] for i in items if i.get("replaces", False) is not False
+               and i["replaces"] != _sha_or_none(os.path.join(repo.root, i["path"]))]
+    current = list_ledger_refs(repo)
+    changed += [r["ref"] for r in ref_items
+                if (current.get(r["ref"]) or ("",))[0] != r["replaces"]]
+    if changed:
+        raise FlowForgeError("%s changed since it was staged (%d in all): run `flowforge recover "
+                             "reconstruct` again; nothing was deployed" % (changed[0], len(changed)))
+    journal = {"schema": 1, "id": deploy_id, "state": "prepared", "rollback": rollback,
+               "items": [], "refs": []}
+    for item in items:
+        target = os.path.join(repo.root, item["path"])
+        entry = {"path": item["path"], "backup": None}
+        if os.path.exists(target):  # keep what is replaced, for rollback
+            backup = os.path.join(recover, "backups", deploy_id, item["path"])
+            makedirs_private(os.path.dirname(backup))
+            atomic_write(backup, read_bytes(target), 0o600, sync_dir=False)
+            entry["backup"] = backup
+        if item.get("delete"):
+            entry["delete"] = True
+        else:
+            swap = os.path.join(staging, item["path"])
+            makedirs_private(os.path.dirname(swap))
+            mode = 0o600 if item["path"].startswith(".flowforge/user/") else None
+            atomic_write(swap, read_bytes(item["source"]), mode, sync_dir=False)
+            entry["staged"] = swap
+        journal["items"].append(entry)
+    for item in ref_items:
+        old = item["replaces"] or item.get("parent")
+        new = repair_commit(repo, item["key"], item["restore"], old, item["source"])
+        journal["refs"].append({"ref": item["ref"], "key": item["key"], "old": item["replaces"],
+                                "new": new, "source": item["source"]})
     return journal
 
 
@@ -6773,16 +6807,13 @@ def load_legacy_shards(repo, skip):
     """Shards of FlowForge 0.1's in-tree layout, for stores not in the ledger yet."""
     shards, damaged = [], []
     for path, user, store_id, month in list_shard_files(repo):
-        if store_key(user, store_id) in skip:
+        key = store_key(user, store_id)
+        if key in skip:
             continue
         try:
-            doc = read_shard(path)
-            check_shard_sums(doc)  # a valid sha256 says nothing about rows written by hand
-            shards.append(doc)
+            shards.append(_shard_doc(read_bytes(path), key, month, repo.rel(path)))
         except CorruptFile as e:
             damaged.append("%s (%s)" % (repo.rel(path), e.reason))
-        except ValueError as e:
-            damaged.append("%s (shard %s)" % (repo.rel(path), e))
     if damaged:
         raise FlowForgeError("%d damaged shard(s): %s; run `flowforge reconcile` on the "
                              "owner's machine or `flowforge recover assess`"
@@ -7909,7 +7940,8 @@ def cmd_reconcile(ctx, args):
     problems = len(result["findings"]) + len(missing)
     if UI.json:
         ctx.emit("reconcile", {"findings": result["findings"], "missing": missing,
-                               "shards": result["shards"], "stores": result["stores"]}, [])
+                               "notes": result["notes"], "shards": result["shards"],
+                               "stores": result["stores"]}, [])
     else:
         sys.stdout.write(report)
     return EXIT_FAIL if problems else EXIT_OK

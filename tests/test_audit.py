@@ -115,9 +115,6 @@ def test_insert_a_record(chained):
     assert "record 3" in only_finding(chained)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the repair commit that `recover deploy` makes "
-                   "restores an earlier chain, and `audit verify` reports it as audit-history "
-                   "for the look-back window")
 def test_a_torn_tail_committed_on_the_ref_is_broken_and_repaired_from_history(chained):
     """In the ledger a torn tail is no interrupted append (a commit is all or
     nothing): it is a defect a teammate's FlowForge committed.  It is reported

@@ -22,10 +22,6 @@ STORES = "refs/flowforge/stores/"
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
 
-KNOWN_DEPLOY_GAP = ("known gap: a staged ref repair is applied after the journaled file swap, "
-                    "outside the journal, and --rollback does not undo it")
-
-
 def work(repo, user="alice"):
     repo.ok("start", "1", "--at", "2026-11-18 09:00", "--note", "private", user=user, env=NOW)
     repo.ok("stop", "--at", "2026-11-18 11:15", user=user, env=NOW)
@@ -346,8 +342,7 @@ def crashed_deploys(repo, tmp_path):
         shutil.rmtree(root)
 
 
-@pytest.mark.parametrize("what", ["files", "ref", pytest.param(
-    "both", marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEPLOY_GAP))])
+@pytest.mark.parametrize("what", ["files", "ref", "both"])
 def test_kill9_during_deploy_gives_old_or_new_never_a_mix(repo, tmp_path, what):
     """The private files swap under a journal; a ref repair is one update-ref;
     a deploy of both is old or new as a whole."""
@@ -368,8 +363,6 @@ def test_kill9_during_deploy_gives_old_or_new_never_a_mix(repo, tmp_path, what):
     assert crashes >= (3 if what == "ref" else 5) and outcomes == {"old", "new"}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a deploy killed after its last swap but "
-                   "before plan.json is removed leaves a stale plan that a re-run refuses")
 @pytest.mark.parametrize("what", ["files", "ref"])
 def test_a_deploy_killed_at_any_step_can_be_finished(repo, tmp_path, what):
     """Whatever step a kill -9 hit, `recover deploy` afterwards either deploys
@@ -388,9 +381,7 @@ def test_a_deploy_killed_at_any_step_can_be_finished(repo, tmp_path, what):
         assert [f for f in findings if f["area"] == "deploy"] == [], (k, findings)
 
 
-@pytest.mark.parametrize("what", ["files", pytest.param("ref", marks=pytest.mark.xfail(
-    strict=True, reason=KNOWN_DEPLOY_GAP)), pytest.param("both", marks=pytest.mark.xfail(
-        strict=True, reason=KNOWN_DEPLOY_GAP))])
+@pytest.mark.parametrize("what", ["files", "ref", "both"])
 def test_rollback_restores_what_deploy_replaced(repo, what):
     shards, days = deploy_template(repo, what)
     damaged = ledger_files(repo.root)
