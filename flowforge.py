@@ -7647,6 +7647,7 @@ def cmd_report(ctx, args):
     dims = _dims(args.by)
     first, last = resolve_range(args.period, args.first, args.last, _today_local())
     report = build_report(ctx.repo, dims, first, last)
+    info(data_age_line(report["ledger"]))
     if UI.json or args.format == "json":
         sys.stdout.write(json.dumps(report, sort_keys=True, indent=1) + "\n")
     else:
@@ -7671,6 +7672,7 @@ def cmd_bill(ctx, args):
     else:
         first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
     bill = build_bill(ctx.repo, first, last, args.by_issue)
+    info(data_age_line(bill["ledger"]))
     if UI.json or args.format == "json":
         sys.stdout.write(json.dumps(bill, sort_keys=True, indent=1) + "\n")
     else:

@@ -741,3 +741,47 @@ def test_report_on_a_clone_that_never_fetched_says_to_fetch(tmp_path, origin, py
     assert r.out == "", r
     manager.ok("fetch")
     assert manager.rows() == {("alice", "1", "2026-11-18"): 3600}
+
+
+# -- 10. store refs that lie about whose they are ------------------------------
+
+def hostile_copy(alice, new_key):
+    """Push alice's store history under another store ref name, as a teammate
+    with push access could."""
+    key = alice.store_key()
+    alice.git("push", "-q", "--no-verify", "origin",
+              "refs/flowforge/stores/%s:refs/flowforge/stores/%s" % (key, new_key))
+    return key
+
+
+@pytest.mark.parametrize("rename", ["other user, same store", "same user, other store"])
+def test_a_store_ref_that_claims_someone_elses_store_is_named_never_counted(
+        tmp_path, origin, pycache, rename):
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.log("1", "1h", "2026-11-16")
+    alice.commit("a.txt", "work")
+    alice.git("push", "-q", "origin", "main")
+    key = alice.store_key()
+    user, store = key.rsplit("--", 1)
+    fake = "mallory--" + store if rename.startswith("other user") else user + "--0123456789"
+    hostile_copy(alice, fake)
+    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
+    manager.ok("fetch")
+    r = manager("report", "--json")
+    assert r.rc == 65 and "Traceback" not in r.err, r
+    assert r.err.count("\n") == 1 and fake in r.err, r.err      # one line, naming the liar
+    r = manager("reconcile", "--ci")
+    assert r.rc == 1 and fake in r.out, r
+
+
+def test_reports_say_how_many_stores_and_how_old_the_fetch_is(tmp_path, origin, pycache):
+    alice = Clone(tmp_path, origin, "alice", "alice", pycache)
+    alice.log("1", "1h", "2026-11-16")
+    alice.commit("a.txt", "work")
+    alice.git("push", "-q", "origin", "main")
+    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
+    manager.ok("fetch")
+    r = manager.ok("report")
+    assert "ledger: 1 store(s), fetched" in r.err and "ago" in r.err, r.err
+    assert manager.report()["ledger"]["stores"] == 1
+    assert manager.report()["ledger"]["fetched_at"] is not None
