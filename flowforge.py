@@ -92,6 +92,15 @@ EXIT_NOPERM = 77       # permission denied
 EXIT_CONFIG = 78       # bad configuration
 
 MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
+# What a shard read from a teammate's commit may hold, before it is believed:
+# a row of more than a year of seconds, or a name longer than any issue
+# reference, is garbage or an attack, not time to bill.
+MAX_ROW_SECONDS = 366 * 86400
+MAX_NAME_CHARS = 1000
+MAX_SHARD_BYTES = 16 << 20      # a month of 200 issues a day is ~300 KB
+MAX_CHAIN_BYTES = 64 << 20      # a year of aggregations is well under 1 MB
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TREE_BYTES = 16 << 20       # a ledger directory: ~40 bytes per month
 FUTURE_TOLERANCE = 60          # seconds of clock skew accepted for "now"
 # Times outside 1970..2999 are typos or garbage (and overflow the date functions).
 EPOCH_LIMITS = (0, 32503680000)
@@ -682,8 +691,9 @@ class GitObjects:
                                                           stdin=True, stderr=False)
         self.buffer = b""
 
-    def get(self, names):
-        """[(type, bytes) or None] for each object name (an id, or `REV:PATH`)."""
+    def get(self, names, limit=None):
+        """[(type, bytes) or None] for each object name (an id, or `REV:PATH`).
+        An object bigger than `limit` bytes is not kept: ("too large", size)."""
         import select
         names = [n for n in names]
         if not names:
@@ -694,20 +704,29 @@ class GitObjects:
         if self.pid is None:
             self._start()
         request = memoryview(("\n".join(names) + "\n").encode("utf-8"))
-        out, pos = [], 0
+        out, pos, skip = [], 0, 0
         buf = self.buffer
-        while len(out) < len(names):
+        while len(out) < len(names) or skip:
             ready_r, ready_w, _ = select.select([self.stdout], [self.stdin] if request else [],
                                                 [])
             if ready_w:
-                request = request[os.write(self.stdin, request[:65536]):]
+                try:
+                    request = request[os.write(self.stdin, request[:65536]):]
+                except OSError as e:
+                    raise StorageError("the pipe to git cat-file", e)
             if not ready_r:
                 continue
             data = os.read(self.stdout, 1 << 20)
             if not data:
                 raise FlowForgeError("git cat-file ended early", EXIT_UNAVAILABLE)
             buf += data
-            while len(out) < len(names):
+            while len(out) < len(names) or skip:
+                if skip:  # the rest of an object too large to keep
+                    dropped = min(skip, len(buf) - pos)
+                    pos, skip = pos + dropped, skip - dropped
+                    if skip:
+                        break
+                    continue
                 eol = buf.find(b"\n", pos)
                 if eol < 0:
                     break
@@ -717,6 +736,10 @@ class GitObjects:
                     pos = eol + 1
                     continue
                 size = int(header[2])
+                if limit is not None and size > limit:
+                    out.append(("too large", size))
+                    pos, skip = eol + 1, size + 1
+                    continue
                 if len(buf) < eol + 1 + size + 1:
                     break
                 out.append((header[1].decode(), buf[eol + 1:eol + 1 + size]))
@@ -877,10 +900,12 @@ def read_bytes(path):
     return read_bytes_and_stat(path)[0]
 
 
-def read_bytes_and_stat(path):
-    """(bytes, os.stat_result) from one open descriptor."""
+def read_bytes_and_stat(path, limit=None):
+    """(bytes, os.stat_result) from one open descriptor.  Only a regular file
+    is read (O_NONBLOCK: opening a planted FIFO returns at once instead of
+    hanging), and with `limit` only one of at most that many bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise StorageError(path, e)
@@ -889,6 +914,14 @@ def read_bytes_and_stat(path):
         # stat before reading: if the file grows meanwhile, the recorded stat is
         # the older one, so an incremental reader looks again next time
         st = os.fstat(fd)
+        import stat
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FlowForgeError("refusing %s: not a regular file" % path, EXIT_NOPERM)
+        if limit is not None and st.st_size > limit:
+            raise FlowForgeError("refusing %s: %d bytes, more than the %d a FlowForge file of "
+                                 "its kind can hold" % (path, st.st_size, limit), EXIT_DATA)
         return f.read(), st
 
 
@@ -1086,6 +1119,8 @@ class Repo:
         return os.path.relpath(path, self.root)
 
     def require(self):
+        if os.path.lexists(self.config_path) and not os.path.isfile(self.config_path):
+            raise FlowForgeError("refusing %s: not a regular file" % self.config_path, EXIT_CONFIG)
         if not os.path.isfile(self.config_path):
             raise FlowForgeError("FlowForge is not set up in %s: run `flowforge init`"
                                  % self.root, EXIT_CONFIG)
@@ -1120,14 +1155,16 @@ def _merge_defaults(config, defaults):
 def load_config(path):
     """The team config, with defaults for missing keys; anything wrong is exit 78."""
     try:
-        raw = read_bytes(path)
+        raw = read_bytes_and_stat(path, MAX_CONFIG_BYTES)[0]
     except FileNotFoundError:
         raise FlowForgeError("%s is missing: run `flowforge init`" % path, EXIT_CONFIG)
+    except FlowForgeError as e:
+        raise FlowForgeError(str(e), EXIT_CONFIG)
     try:
         config = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FlowForgeError("%s is not valid JSON (%s); fix it or restore it from git"
-                             % (path, e), EXIT_CONFIG)
+                             % (path, one_line(e)), EXIT_CONFIG)
     if not isinstance(config, dict):
         raise FlowForgeError("%s must hold a JSON object" % path, EXIT_CONFIG)
     config = _merge_defaults(config, DEFAULT_CONFIG)
@@ -2518,7 +2555,7 @@ def verify_shard_bytes(raw):
         raise ValueError("does not match its sha256 (edited by hand?)")
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be a shard
         raise ValueError("is not valid JSON")
     if not isinstance(doc, dict) or doc.get("kind") != "flowforge-shard":
         raise ValueError("is not a FlowForge shard")
@@ -2530,25 +2567,28 @@ def verify_shard_bytes(raw):
 def check_shard_sums(doc):
     """Internal consistency: header and rows well formed, the totals equal
     their sums."""
-    if (not valid_user_name(str(doc.get("user"))) or not isinstance(doc.get("store"), str)
-            or not _MONTH.fullmatch(str(doc.get("month")))
+    user, store_id, month = doc.get("user"), doc.get("store"), doc.get("month")
+    if (not isinstance(user, str) or not valid_user_name(user) or not isinstance(store_id, str)
+            or not isinstance(month, str) or not _MONTH.fullmatch(month)
             or doc.get("granularity") not in ("day", "week", "month")):
         raise ValueError("header (user, store, month, granularity) malformed")
     rows = doc.get("rows")
     if not isinstance(rows, list):
         raise ValueError("rows missing")
-    periods = month_periods(doc["month"], doc["granularity"])
+    periods = month_periods(month, doc["granularity"])
     total = 0
     by_issue = {}
     for row in rows:
         if (not isinstance(row, list) or len(row) != 4 or type(row[3]) is not int
-                or row[3] <= 0 or not all(isinstance(x, str) for x in row[:3])
+                or not 0 < row[3] <= MAX_ROW_SECONDS
+                or not all(isinstance(x, str) and len(x) <= MAX_NAME_CHARS for x in row[:3])
                 or row[0] not in periods):
-            raise ValueError("malformed row %r" % (row,))
+            raise ValueError("malformed row %.80r" % (row,))
         total += row[3]
         by_issue[row[1]] = by_issue.get(row[1], 0) + row[3]
-    totals = doc.get("totals") or {}
-    if totals.get("seconds") != total or totals.get("by_issue") != by_issue:
+    totals = doc.get("totals")
+    if (not isinstance(totals, dict) or totals.get("seconds") != total
+            or totals.get("by_issue") != by_issue):
         raise ValueError("totals do not match its rows")
 
 
@@ -2809,7 +2849,7 @@ class StoreLedger:
             tip = self.tip()
             entries = {}
             if tip:
-                found = self.objects.get(["%s:%s" % (tip, directory)])[0]
+                found = self.objects.get(["%s:%s" % (tip, directory)], MAX_TREE_BYTES)[0]
                 if found is not None:
                     if found[0] != "tree":
                         raise CorruptFile("%s:%s" % (self.ref, directory), "is not a directory")
@@ -2828,7 +2868,11 @@ class StoreLedger:
         tip = self.tip()
         if not tip or not names:
             return {name: None for name in names}
-        found = self.objects.get(["%s:%s" % (tip, name) for name in names])
+        found = self.objects.get(["%s:%s" % (tip, name) for name in names], MAX_CHAIN_BYTES)
+        for name, item in zip(names, found):
+            if item and item[0] == "too large":
+                raise CorruptFile("%s:%s" % (self.ref, name), "is more than %d bytes"
+                                  % MAX_CHAIN_BYTES)
         return {name: (item[1] if item and item[0] == "blob" else None)
                 for name, item in zip(names, found)}
 
@@ -3038,7 +3082,7 @@ class LedgerView:
                 docs.extend(self._pick(key, shards, months))
             if stale:
                 keys = sorted(stale)
-                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys])
+                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys], MAX_TREE_BYTES)
                 wanted = []
                 listing = {}
                 for key, found in zip(keys, trees):
@@ -3062,13 +3106,15 @@ class LedgerView:
                         listing[key][month] = oid
                         if not (month in old and old[month].get("blob") == oid):
                             wanted.append((key, month, oid))
-                blobs = objects.get([oid for _, _, oid in wanted])
+                blobs = objects.get([oid for _, _, oid in wanted], MAX_SHARD_BYTES)
                 fresh = {}
                 for (key, month, oid), found in zip(wanted, blobs):
                     where = "%s:summaries/%s.json" % (self.stores[key][0], month)
                     try:
                         if found is None or found[0] != "blob":
-                            raise CorruptFile(where, "is missing from the repository")
+                            raise CorruptFile(where, "is more than %d bytes: not a shard"
+                                              % MAX_SHARD_BYTES if found and found[0] == "too large"
+                                              else "is missing from the repository")
                         fresh[(key, month)] = dict(_shard_doc(found[1], key, month, where),
                                                    blob=oid)
                     except CorruptFile as e:
@@ -5456,7 +5502,7 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
     size = len(tip) // 2
 
     def listing(rev, directory):
-        item = objects.get(["%s:%s" % (rev, directory)])[0]
+        item = objects.get(["%s:%s" % (rev, directory)], MAX_TREE_BYTES)[0]
         if item is None:
             return {}
         if item[0] != "tree":
@@ -5467,7 +5513,7 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
     except ValueError as e:
         return [("ledger", ref, str(e))]
     names = sorted(shards)
-    blobs = objects.get(["%s:summaries/%s" % (tip, n) for n in names])
+    blobs = objects.get(["%s:summaries/%s" % (tip, n) for n in names], MAX_SHARD_BYTES)
     shas = {}
     for name, item in zip(names, blobs):
         m = _SHARD_NAME.fullmatch(name)
@@ -5476,7 +5522,9 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
             continue
         try:
             if item is None or item[0] != "blob":
-                raise CorruptFile(where("summaries/" + name), "is not a file")
+                raise CorruptFile(where("summaries/" + name), "is more than %d bytes: not a shard"
+                                  % MAX_SHARD_BYTES if item and item[0] == "too large"
+                                  else "is not a file")
             _shard_doc(item[1], key, m.group(1), where("summaries/" + name))
             shas["summaries/" + name] = _SHARD_SHA.search(item[1]).group(1).decode()
         except CorruptFile as e:
@@ -5516,9 +5564,9 @@ def _store_chain(objects, rev, years):
     bad = [n for n in names if not _CHAIN_NAME.fullmatch(n)]
     if bad:
         return b"", "audit/%s is not a chain file name (YYYY.jsonl)" % bad[0]
-    items = objects.get(["%s:audit/%s" % (rev, n) for n in names])
+    items = objects.get(["%s:audit/%s" % (rev, n) for n in names], MAX_CHAIN_BYTES)
     if any(item is None or item[0] != "blob" for item in items):
-        return b"", "a chain file is not a file"
+        return b"", "a chain file is not a file, or more than %d bytes" % MAX_CHAIN_BYTES
     return b"".join(item[1] for item in items), None
 
 
@@ -5535,7 +5583,7 @@ def _chain_history_problems(repo, objects, ref, tip, since, size):
     problems = []
 
     def chain_at(rev):
-        item = objects.get(["%s:audit" % rev])[0]
+        item = objects.get(["%s:audit" % rev], MAX_TREE_BYTES)[0]
         try:
             years = parse_tree(item[1], size) if item and item[0] == "tree" else {}
         except ValueError:
@@ -5576,7 +5624,7 @@ def verify_ledger(repo, history_since=None):
             for kind, path, detail in verify_store(repo, objects, key, ref, tip, history_since):
                 (notes if kind == "restored" else findings).append(
                     {"kind": kind, "path": path, "detail": detail})
-            item = objects.get(["%s:summaries" % tip])[0]
+            item = objects.get(["%s:summaries" % tip], MAX_TREE_BYTES)[0]
             if item and item[0] == "tree":
                 try:
                     shards += len(parse_tree(item[1], len(tip) // 2))
@@ -5614,8 +5662,9 @@ def missing_aggregation(repo, lookback_hours, view):
     whose store refs did not move in it.  Ledger commits carry the UTC day
     only, so "moved" means a commit on or after the window's first day."""
     since = now() - int(lookback_hours * 3600)
-    rc, out, err = run_git(["log", "--branches", "--remotes", "HEAD", "--no-merges",
-                            "--since=@%d" % since, "--format=%x1e%H%x1f%ae%x1f%an%x1f%ct"],
+    # NUL separates the fields: the one byte no author name or address can hold
+    rc, out, err = run_git(["log", "--branches", "--remotes", "--no-merges",
+                            "--since=@%d" % since, "--format=%H%x00%ae%x00%an%x00%ct%x00"],
                            repo.root, check=False)
     if rc:
         raise FlowForgeError("git log failed: %s" % git_error_line(err, rc))
@@ -5630,11 +5679,11 @@ def missing_aggregation(repo, lookback_hours, view):
             moved.add(parse_store_key(ref.rsplit("/", 1)[-1])[0])
     ignored = set(repo.config["reconcile"]["ignore_authors"])
     authors = {}
-    for chunk in out.split("\x1e")[1:]:
-        fields = chunk.strip("\n").split("\x1f")
-        if len(fields) != 4 or not fields[3].isdigit():
-            continue  # an author name with our separators in it: not one we can read
-        sha, email, name, ctime = fields
+    tokens = [t.strip("\n") for t in out.split("\x00")]
+    for n in range(0, len(tokens) - 4, 4):
+        sha, email, name, ctime = tokens[n:n + 4]
+        if not ctime.isdigit():
+            continue
         email, name = _GIT_LOG_FIELD.sub("?", email), _GIT_LOG_FIELD.sub("?", name)
         if (name.endswith("[bot]") or email.endswith("[bot]@users.noreply.github.com")
                 or email in ignored or name in ignored):
@@ -6988,11 +7037,20 @@ def csv_safe(value):
     return text
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value):
+    """A cell as text with control characters (terminal escape sequences among
+    them) shown as `?`: issue names and projects come from teammates' commits."""
+    return _CONTROL.sub("?", str(value))
+
+
 def render(fmt, headers, rows, total_row=None, title=None):
     """Render a table as table / csv / md / html text."""
-    rows = [[str(c) for c in row] for row in rows]
+    rows = [[printable(c) for c in row] for row in rows]
     if total_row:
-        rows_all = rows + [[str(c) for c in total_row]]
+        rows_all = rows + [[printable(c) for c in total_row]]
     else:
         rows_all = rows
     if fmt == "csv":
