@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import flowforge
-from conftest import git, ledger_files, rewrite_ledger, store_key_of
+from conftest import ledger_files, rewrite_ledger, store_key_of
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 READERS = (("report", "--json"), ("bill", "--month", "2026-11", "--json"), ("audit", "verify"),
