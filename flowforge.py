@@ -1118,7 +1118,23 @@ class Repo:
     def rel(self, path):
         return os.path.relpath(path, self.root)
 
+    def check_dirs(self, *extra):
+        """Refuse (exit 77) a symbolic link or a non-directory where FlowForge
+        keeps data: a teammate could commit `.flowforge/user -> somewhere`, and
+        writes would follow it out of the git-ignored directories."""
+        import stat
+        for path in (self.ff, self.users, self.state, self.locks, self.quarantine_dir) + extra:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(mode):
+                raise FlowForgeError("refusing %s: %s where FlowForge keeps its data; move it "
+                                     "away" % (path, "a symbolic link" if stat.S_ISLNK(mode)
+                                               else "not a directory"), EXIT_NOPERM)
+
     def require(self):
+        self.check_dirs()
         if os.path.lexists(self.config_path) and not os.path.isfile(self.config_path):
             raise FlowForgeError("refusing %s: not a regular file" % self.config_path, EXIT_CONFIG)
         if not os.path.isfile(self.config_path):
@@ -1280,6 +1296,7 @@ def check_user_name(name, source):
 def init_repo(root):
     """Create the layout; safe to run twice (nothing existing is overwritten)."""
     repo = Repo(root)
+    repo.check_dirs()
     created = []
     for path in (os.path.join(repo.ff, "plugins"),):
         if not os.path.isdir(path):
@@ -1758,11 +1775,22 @@ class PrivateStore:
         return os.path.isfile(self.config_path)
 
     def create(self, timezone=None):
-        """Create the store (0700 directories, a random store id); idempotent."""
+        """Create the store (0700 directories, a random store id); idempotent.
+        Under the store's lock, with a re-check: two first commands at once
+        (`log` and `aggregate`, say) must not make two store ids, which would
+        bill the user twice."""
         if timezone:
             load_timezone(timezone)
+        if self.exists() and not timezone:
+            return False
+        with self.lock():
+            self._settings = None
+            return self._create(timezone)
+
+    def _create(self, timezone):
         if not self.exists():
             self._refuse_to_hide_a_mirror()
+            self._refuse_to_orphan_days()
         for path in (self.daily, os.path.join(self.time_dir, "archive")):
             makedirs_private(path)
         os.chmod(self.dir, 0o700)
@@ -1779,6 +1807,21 @@ class PrivateStore:
             self._settings = self._tz = self._clock = None
             self.mirror.put("config.json", canonical_bytes(settings))
         return False
+
+    def _refuse_to_orphan_days(self):
+        """Day files without the settings that name their store: a new store id
+        over them would aggregate the same entries a second time under a new
+        ledger ref.  The settings come back from the mirror, or by hand."""
+        try:
+            days = [n for n in os.listdir(self.daily) if n.endswith(".jsonl")]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if days:
+            raise FlowForgeError(
+                "the private store of %s has %d day file(s) but no settings (%s): run `flowforge "
+                "recover reconstruct --from-mirror`, then `flowforge recover deploy`; refusing to "
+                "give its entries a new store id" % (self.user, len(days),
+                                                     self.repo.rel(self.config_path)), EXIT_DATA)
 
     def _refuse_to_hide_a_mirror(self):
         """After `git clean -fdx` (or a re-clone into the same path) the store is
@@ -2086,10 +2129,15 @@ class Timers:
             entry = {"op": "entry", "id": timer["id"], "issue": timer["issue"],
                      "project": timer.get("project", ""), "note": timer.get("note", ""),
                      "segments": segments, "src": "timer"}
-            self.store.append(timer["day"], [entry])
+            self.store.append(timer["day"], [entry])  # the commit point
             messages.append("stopped %s after %s" % (timer["issue"], format_duration(seconds)))
-        else:
-            messages.append("discarded %s: nothing to record (0s)" % timer["issue"])
+            try:
+                self.store.save_timer(None)
+            except StorageError as e:  # recorded: the next command sees it and clears the timer
+                warn("the entry is recorded, but the timer file could not be cleared (%s); the "
+                     "next FlowForge command clears it" % e)
+            return entry
+        messages.append("discarded %s: nothing to record (0s)" % timer["issue"])
         self.store.save_timer(None)
         return entry
 
@@ -3556,8 +3604,14 @@ class Aggregator:
         except FileNotFoundError:
             unchanged = False
         if not unchanged:
-            makedirs_private(self.repo.aggstate)
-            atomic_write(self.state_path, data, 0o600)
+            try:
+                makedirs_private(self.repo.aggstate)
+                atomic_write(self.state_path, data, 0o600)
+            except StorageError as e:
+                if not record:
+                    raise
+                # a cache: without it the next run recomputes in full, to the same shards
+                warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
@@ -3618,13 +3672,19 @@ class Aggregator:
         the store's private chain; returns (team record, new tip)."""
         ts = now()
         record, tip = ledger.commit_audited(files, action, ts, totals=totals)
-        shas = record["files"]
-        local = AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
-        item = local.trim_torn_tail(self.repo)  # an append cut short by a crash
-        if item:
-            warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
-                 % (self.repo.rel(local.path), item))
-        local.append(action, ts, files=shas, totals=totals, team_seq=record["seq"])
+        # The ledger commit is the commit point: what follows is bookkeeping of
+        # this machine, and a failure there no longer makes the command fail.
+        try:
+            local = AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
+            item = local.trim_torn_tail(self.repo)  # an append cut short by a crash
+            if item:
+                warn("%s ended in a torn line; trimmed it (a copy is quarantined as %s)"
+                     % (self.repo.rel(local.path), item))
+            local.append(action, ts, files=record["files"], totals=totals,
+                         team_seq=record["seq"])
+        except StorageError as e:
+            warn("aggregated into the ledger, but the private audit record could not be written "
+                 "(%s)" % e)
         self.store.mirror.sync([])  # the local chain (and settings) without any day file
         return record, tip
 
@@ -5214,9 +5274,11 @@ def scheduler_entries(repo, kind, home=None):
         # a bare % as a newline, hence the escaping.
         command = " ".join(shlex.quote(a) for a in run + ["--once", "-q"])
         lock = shlex.quote(os.path.join(repo.locks, "cron.lock"))
-        line = ("*/5 * * * * cd %s && { command -v flock >/dev/null && flock -n %s %s || %s; } "
-                ">> %s 2>&1 # flowforge:%s" % (shlex.quote(repo.root), lock, command, command,
-                                               shlex.quote(log), repo.root))
+        # `if`, not `&& ... ||`: with `a && flock -n ... || b`, a held lock (flock
+        # exits 1) would run b, the daemon, anyway.
+        line = ("*/5 * * * * cd %s && if command -v flock >/dev/null; then flock -n %s %s; "
+                "else %s; fi >> %s 2>&1 # flowforge:%s" % (shlex.quote(repo.root), lock, command,
+                                                          command, shlex.quote(log), repo.root))
         return {"crontab": line.replace("%", "\\%") + "\n"}
     if kind == "systemd":
         base = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
@@ -7311,7 +7373,9 @@ class Context:
 
     def store(self):
         """This user's private store (not created yet if it does not exist)."""
-        return PrivateStore(self.repo, self.user)
+        store = PrivateStore(self.repo, self.user)
+        self.repo.check_dirs(store.dir, store.time_dir, store.daily)
+        return store
 
     def zone(self, store):
         """The store's time zone, or the machine's for a store not yet created."""
@@ -7366,6 +7430,8 @@ def cmd_init(ctx, args):
     try:
         store = ctx.store()
     except FlowForgeError as e:
+        if e.exit_code == EXIT_NOPERM:
+            raise
         lines.append("no private store yet: %s" % e)
         store = None
     if store is not None:
@@ -7659,7 +7725,7 @@ def cmd_migrate(ctx, args):
 def cmd_aggregate(ctx, args):
     repo = ctx.repo
     users = local_users(repo) if args.all else [ctx.user]
-    if not args.all and not PrivateStore(repo, ctx.user).exists():
+    if not args.all and not ctx.store().exists():
         raise FlowForgeError("no private store for %s here: nothing to aggregate" % ctx.user)
     results = aggregate_stores(repo, users, args.full, args.wait)
     record_metrics(repo, last_aggregate_success=now())
