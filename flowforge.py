@@ -5487,10 +5487,12 @@ def collect_metrics(repo):
             "quarantined_files": len(Quarantine(repo).list())}
 
 
-def doctor_findings(repo):
-    """[(problem, fix)] of this setup; empty when all is well."""
+def doctor_findings(repo, notes=None):
+    """[(problem, fix)] of this setup; empty when all is well.  `notes`, a list,
+    collects what is worth knowing but needs no action (and changes no exit code)."""
     import sqlite3
     findings = []
+    notes = [] if notes is None else notes
     lines = []
     try:
         lines = read_bytes(os.path.join(repo.ff, ".gitignore")).decode("utf-8", "replace").split()
@@ -5521,17 +5523,35 @@ def doctor_findings(repo):
     if not running:
         findings.append(("no daemon is running here", "run `flowforge daemon --ensure`, or "
                          "`flowforge install cron|systemd|launchd --write`"))
+    damaged = False
     if queue_exists(repo):
         queue = open_queue(repo, busy_timeout=2.0)
-        dead = queue.stats()["counts"]["dead"]
-        queue.close()
+        try:
+            damaged = queue.integrity_check() != "ok"
+            dead = 0 if damaged else queue.stats()["counts"]["dead"]
+        except FlowForgeError:
+            damaged, dead = True, 0
+        finally:
+            queue.close()
         if dead:
             findings.append(("%d dead job(s) in the retry queue" % dead,
                              "see `flowforge queue dead`, fix the cause, `flowforge queue retry ID`"))
+    if damaged and not sqlite_wal_reset_bug(sqlite3.sqlite_version_info):
+        findings.append(("queue.db fails its integrity check", "move .flowforge/state/queue.db "
+                         "aside and run `flowforge reconcile`"))
     if sqlite_wal_reset_bug(sqlite3.sqlite_version_info):
-        findings.append(("this Python links SQLite %s, which has the WAL-reset bug (rare "
-                         "corruption when two processes checkpoint at once)" % sqlite3.sqlite_version,
-                         "upgrade to a Python built with SQLite 3.51.3 or later (3.50.7, 3.44.6)"))
+        # Stock Debian and Ubuntu Pythons link such a SQLite and there is nothing
+        # to do about it here, so it is a note -- unless the queue shows damage.
+        text = ("this Python links SQLite %s, which has the WAL-reset bug: it can corrupt "
+                "queue.db only when two processes use it at once (the daemon and a hook) and a "
+                "checkpoint races a commit" % sqlite3.sqlite_version)
+        if damaged:
+            findings.append((text + "; queue.db fails its integrity check",
+                             "move .flowforge/state/queue.db aside and run `flowforge reconcile`; "
+                             "use a Python built with SQLite 3.51.3 or later (3.50.7, 3.44.6)"))
+        else:
+            notes.append(text + "; queue.db passes its integrity check. A Python built with "
+                         "SQLite 3.51.3 or later (3.50.7, 3.44.6) removes it")
     fs = filesystem_type(repo.state)
     if fs in NETWORK_FILESYSTEMS:
         findings.append((".flowforge/state is on a network file system (%s)" % fs,
@@ -7997,9 +8017,12 @@ def cmd_metrics(ctx, args):
 @command("doctor", "Say what is wrong with this setup and how to fix it.", "flowforge doctor",
          area="setup")
 def cmd_doctor(ctx, args):
-    findings = doctor_findings(ctx.repo)
+    notes = []
+    findings = doctor_findings(ctx.repo, notes)
     lines = ["problem: %s\n    fix: %s" % f for f in findings] or ["all good"]
-    ctx.emit("doctor", {"findings": [{"problem": p, "fix": f} for p, f in findings]}, lines)
+    lines += ["note: %s" % n for n in notes]
+    ctx.emit("doctor", {"findings": [{"problem": p, "fix": f} for p, f in findings],
+                        "notes": notes}, lines)
     return EXIT_FAIL if findings else EXIT_OK
 
 

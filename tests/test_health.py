@@ -8,7 +8,7 @@ import time
 
 import flowforge as ff
 
-from conftest import ROOT, git
+from conftest import ROOT, call, git
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
@@ -124,3 +124,23 @@ def test_event_log_is_size_rotated(repo):
     assert names == ["flowforge.jsonl", "flowforge.jsonl.1", "flowforge.jsonl.2", "flowforge.jsonl.3"]
     total = sum(os.path.getsize(os.path.join(os.path.dirname(path), n)) for n in names)
     assert total < (ff.LOG_KEEP + 2) * (ff.LOG_MAX_BYTES + 1000)
+
+
+def test_the_sqlite_wal_reset_bug_is_a_note_unless_the_queue_is_damaged(repo, monkeypatch):
+    """A stock Debian/Ubuntu Python links an affected SQLite: doctor says so, but
+    exits 0 on an otherwise good setup; only a damaged queue.db makes it a problem."""
+    monkeypatch.setattr(ff, "sqlite_wal_reset_bug", lambda version: True)
+    monkeypatch.setattr(ff, "daemon_state", lambda r: (True, {}))   # one is running
+    repo.ok("install", "hooks")
+    ff.open_queue(ff.Repo(repo.root)).enqueue("aggregate", {"user": "alice"})
+    r = call(repo.root, "doctor")
+    assert r.rc == 0 and "all good" in r.out and "note: " in r.out and "WAL-reset" in r.out, r
+    db = os.path.join(repo.root, ".flowforge/state/queue.db")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+    with open(db, "r+b") as f:          # damage a page in the middle of the database
+        f.seek(4096 + 100)
+        f.write(b"\xff" * 900)
+    r = call(repo.root, "doctor")
+    assert r.rc == 1 and "integrity" in r.out, r

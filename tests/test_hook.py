@@ -95,6 +95,7 @@ def test_shards_land_in_the_same_commit(hooked):
 
 
 def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
+    started = time.time()
     hooked.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
     lock = os.path.join(hooked.root, ".flowforge/state/locks/aggregate.alice.lock")
     with lock_held(lock):
@@ -118,7 +119,9 @@ def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
     assert committed_files(hooked) == []
     assert_nothing_staged(hooked)
     metrics = hooked.ok("metrics", "--format", "json").json
-    assert metrics["recovery_count"] == 1 and metrics["recovery_seconds_sum"] >= 0
+    # from the first failure to the job's success: within this test's own run time
+    assert metrics["recovery_count"] == 1
+    assert 0 <= metrics["recovery_seconds_sum"] <= time.time() - started + 1, metrics
 
 
 def test_time_budget_exceeded(hooked):
