@@ -79,7 +79,7 @@ if __name__ == "__main__":
 # 1. Constants and errors
 # ############################################################################
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"   # 0.2: team time in the ledger (store refs); 0.1 kept it in .flowforge/team/
 
 EXIT_OK = 0
 EXIT_FAIL = 1          # an expected failure; the message says what to do
@@ -2708,6 +2708,7 @@ INCOMING_REF = "refs/flowforge/incoming/"
 REMOTES_REF = "refs/flowforge/remotes/"
 QUARANTINE_REF = "refs/flowforge/quarantine/"
 LEDGER_SCHEMA = 1
+LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
 LEDGER_CACHE_SCHEMA = 1
 LEDGER_AUTHOR = "FlowForge ledger"
 _STORE_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
@@ -2761,11 +2762,13 @@ def list_ledger_refs(repo):
 
 def update_refs(repo, updates, message):
     """Apply [(ref, new id, old id or "")] in one transaction (all or none);
-    old "" means the ref must not exist yet.  FlowForgeError when another
-    writer got there first."""
+    old "" means the ref must not exist yet, None that anything goes.
+    FlowForgeError when another writer got there first."""
     if not updates:
         return
-    lines = "".join("update %s %s %s\n" % (ref, new, old) for ref, new, old in updates)
+    lines = "".join("update %s %s %s\n" % (ref, new, "" if old is None else old)
+                    if old is not None else "update %s %s\n" % (ref, new)
+                    for ref, new, old in updates)
     rc, _, err = run_git(_GIT_DURABLE + ["update-ref", "--create-reflog", "-m", message,
                                          "--stdin"], repo.root, check=False, input=lines.encode())
     if rc:  # another writer moved the ref first, unless the disk said otherwise
@@ -3130,7 +3133,20 @@ class LedgerView:
                 docs.extend(self._pick(key, shards, months))
             if stale:
                 keys = sorted(stale)
-                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys], MAX_TREE_BYTES)
+                roots = objects.get([self.stores[k][2] for k in keys], MAX_TREE_BYTES)
+                for key, root in zip(keys, roots):
+                    try:
+                        names = parse_tree(root[1], len(self.stores[key][1]) // 2) \
+                            if root and root[0] == "tree" else {}
+                    except ValueError:
+                        names = {}
+                    if "audit" not in names or set(names) - set(LEDGER_DIRS):
+                        damaged.append("%s (%s is not a ledger commit)" % (
+                            self.stores[key][0], self.stores[key][1][:12]))
+                keys = [k for k in keys if not any(d.startswith(self.stores[k][0] + " ")
+                                                   for d in damaged)]
+                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys],
+                                    MAX_TREE_BYTES)
                 wanted = []
                 listing = {}
                 for key, found in zip(keys, trees):
@@ -3225,7 +3241,11 @@ def accept_incoming(repo, refs):
         if old is None or is_ancestor(repo, old[0], oid):
             updates.append((accepted, oid, old[0] if old else "", (oid, kind, tree)))
         elif is_ancestor(repo, oid, old[0]):
-            continue  # the remote is behind what we accepted (or pushed): nothing new
+            # Behind what we accepted: an unfinished push of ours, or someone
+            # moved it back on the remote (time lost there).  Told, not taken.
+            warnings.append("the store ref %s on %s is behind the history accepted here (moved "
+                            "back, or a push of it is pending): kept the longer one; its owner's "
+                            "`flowforge push` brings the remote up to date" % (key, remote))
         else:
             kept = "%s%s/%s" % (QUARANTINE_REF, rest, old[0][:12])
             if kept not in refs:
@@ -3337,24 +3357,41 @@ def ledger_fetch(repo, remote, accept_rewritten=False):
 PUSH_TIMEOUT = 20.0   # seconds the pre-push hook gives the ledger's own push
 
 
-def ledger_push(repo, remote, timeout=None):
+def ledger_push(repo, remote, owned, timeout=None, restore=False):
     """Push this clone's store refs that the remote does not have yet, fast-
     forward only; returns {"pushed": [keys], "up_to_date": n}.  A refusal is
-    a FlowForgeError whose line says why (and what setting to change)."""
+    a FlowForgeError whose line says why (and what setting to change).
+
+    `owned` are the keys of the private stores in this clone: they are pushed
+    whenever they moved.  Other store refs here (made by `migrate`) are
+    published once, while the remote has no copy; after that their owners
+    write them, and a refusal of one of them is not this clone's problem.
+    With `restore`, the owned refs replace a copy that was rewritten on the
+    remote (a lease on the rewritten value the last fetch saw)."""
     refs = list_ledger_refs(repo)
     prefix = remote_prefix(repo)
-    todo = []
+    todo, leases = [], []
     for ref, (oid, _, _) in sorted(refs.items()):
         if ref.startswith(STORES_REF) and parse_store_key(ref[len(STORES_REF):]):
             key = ref[len(STORES_REF):]
             tracking = refs.get("%s%s/%s" % (REMOTES_REF, remote, key))
-            if tracking is None or tracking[0] != oid:
+            seen = refs.get("%s%s/%s" % (INCOMING_REF, remote, key))
+            if key not in owned:
+                if tracking is None and seen is None:
+                    todo.append((key, oid, ""))
+            elif restore:
+                if seen and seen[0] != oid:
+                    todo.append((key, oid, tracking[0] if tracking else ""))
+                    leases.append("--force-with-lease=%s%s:%s" % (prefix, key, seen[0]))
+            elif (tracking is None or tracking[0] != oid) or (seen and seen[0] != oid):
                 todo.append((key, oid, tracking[0] if tracking else ""))
     if not todo:
         return {"remote": remote, "pushed": [], "up_to_date": True}
-    specs = ["%s%s:%s%s" % (STORES_REF, key, prefix, key) for key, _, _ in todo]
-    rc, out, err = run_git(["push", "--no-verify", "--porcelain", remote] + specs, repo.root,
-                           check=False, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
+    specs = ["%s%s%s:%s%s" % ("+" if restore else "", STORES_REF, key, prefix, key)
+             for key, _, _ in todo]
+    rc, out, err = run_git(["push", "--no-verify", "--porcelain"] + leases + [remote] + specs,
+                           repo.root, check=False, timeout=timeout,
+                           env={"GIT_TERMINAL_PROMPT": "0"})
     done, refused = [], []
     for line in out.splitlines():
         parts = line.split("\t")
@@ -3365,17 +3402,27 @@ def ledger_push(repo, remote, timeout=None):
             elif parts[0] == "!":
                 refused.append((key, parts[2] if len(parts) > 2 else "rejected"))
     tips = {key: (oid, old) for key, oid, old in todo}
-    updates = [("%s%s/%s" % (REMOTES_REF, remote, key), tips[key][0], tips[key][1])
-               for key in done if key in tips]
+    updates = []
+    for key in done:  # what the remote now has, as a fetch would have recorded it
+        if key in tips:
+            # git itself may have moved incoming/ already (its fetch refspec maps
+            # pushed refs): no compare-and-swap on that one
+            updates.append(("%s%s/%s" % (REMOTES_REF, remote, key), tips[key][0], tips[key][1]))
+            updates.append(("%s%s/%s" % (INCOMING_REF, remote, key), tips[key][0], None))
     try:
         update_refs(repo, updates, "flowforge: pushed to %s" % remote)
     except FlowForgeError:
         pass  # only the record of what the remote has: the next push finds out again
+    refused = [r for r in refused if r[0] in owned]
+    if rc and out.strip() and not refused and all(key in done for key, _, _ in todo
+                                                  if key in owned):
+        rc = 0  # the remote answered, and refused only other stores' publication
     if refused or rc:
         reason = refused[0][1] if refused else git_error_line(err, rc)
-        if "non-fast-forward" in reason or "fetch first" in reason:
+        if "non-fast-forward" in reason or "fetch first" in reason or "stale info" in reason:
             hint = ("the remote's copy of %s has a history this clone does not have: run "
-                    "`flowforge fetch`, then `flowforge recover assess`" % refused[0][0])
+                    "`flowforge fetch`; if it says the ref was rewritten there, `flowforge push "
+                    "--restore` puts this clone's history back" % refused[0][0])
         elif "hook declined" in reason or "denied" in reason or "refus" in reason.lower():
             hint = ("the remote refused refs under %s: if it accepts only branches, set "
                     "ledger.prefix to \"refs/heads/flowforge/\" in .flowforge/config.json "
@@ -3399,6 +3446,10 @@ def add_fetch_refspec(repo, remote):
                          check=False)
     if spec in out.splitlines():
         return False
+    for old in out.splitlines():  # a changed ledger.prefix: the old mapping goes
+        if old.endswith(":%s%s/*" % (INCOMING_REF, remote)):
+            run_git(["config", "--fixed-value", "--unset", "remote.%s.fetch" % remote, old],
+                    repo.root, check=False)
     run_git(["config", "--add", "remote.%s.fetch" % remote, spec], repo.root)
     return True
 
@@ -3746,6 +3797,17 @@ def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
         if by_user[user][0] == "error":
             raise FlowForgeError(by_user[user][1], by_user[user][2])
     return [by_user[user][1] for user in users]
+
+
+def own_store_keys(repo):
+    """The ledger keys of the private stores in this clone (the refs it writes)."""
+    keys = set()
+    for user in local_users(repo):
+        try:
+            keys.add(store_key(user, PrivateStore(repo, user).store_id))
+        except FlowForgeError:
+            continue  # damaged settings: `recover assess` says so
+    return keys
 
 
 def local_users(repo):
@@ -4330,7 +4392,7 @@ def push_job(repo, payload, job, queue):
         raise PermanentFailure("push job without a remote: %r" % (remote,))
     try:
         check_remote(repo, remote)
-        ledger_push(repo, remote, timeout=120.0)
+        ledger_push(repo, remote, own_store_keys(repo), timeout=120.0)
     except FlowForgeError as e:
         if getattr(e, "permanent", False) or e.exit_code == EXIT_USAGE:
             raise PermanentFailure(str(e))
@@ -4991,7 +5053,7 @@ def hook_pre_push(args):
         _, out, _ = run_git(["remote"], repo.root)
         if remote not in out.split():
             return None  # a push to a URL: no remote to keep the ledger's copy for
-        result = ledger_push(repo, remote, timeout=PUSH_TIMEOUT)
+        result = ledger_push(repo, remote, own_store_keys(repo), timeout=PUSH_TIMEOUT)
         if queue_exists(repo):
             queue = open_queue(repo, busy_timeout=2.0)
             queue.settle_key("push:" + remote)
@@ -5340,7 +5402,7 @@ def health_checks(repo):
     bad = {h: s for h, s in hooks.items() if s != "current"}
     add("hooks", "degraded" if bad else "ok",
         "; ".join("%s %s" % kv for kv in bad.items()) + " (run `flowforge install hooks`)"
-        if bad else "pre-commit and post-commit installed and current", hooks=hooks)
+        if bad else "pre-commit, post-commit and pre-push installed and current", hooks=hooks)
 
     running, info = daemon_state(repo)
     interval = repo.config["daemon"]["interval"]
@@ -5591,6 +5653,11 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
             raise ValueError("%s is not a directory" % directory)
         return parse_tree(item[1], size)
     try:
+        root = objects.get([tip + "^{tree}"], MAX_TREE_BYTES)[0]
+        entries = parse_tree(root[1], size) if root and root[0] == "tree" else {}
+        if "audit" not in entries or set(entries) - set(LEDGER_DIRS):
+            raise ValueError("%s is not a ledger commit (its files: %s)" % (
+                tip[:12], ", ".join(sorted(entries)[:5]) or "none"))
         shards, years = listing(tip, "summaries"), listing(tip, "audit")
     except ValueError as e:
         return [("ledger", ref, str(e))]
@@ -5894,7 +5961,7 @@ on:
   push:
   workflow_dispatch:
 concurrency:
-  group: flowforge-reconcile-${{ github.ref }}
+  group: flowforge-reconcile
   cancel-in-progress: false
 permissions:
   contents: read
@@ -7681,11 +7748,13 @@ def cmd_fetch(ctx, args):
          "flowforge push origin",
          arg("remote", nargs="?", metavar="REMOTE", help="the git remote (default: origin, or "
              "the only one)"),
+         arg("--restore", action="store_true", help="put this clone's own store history back "
+             "where `fetch` found it rewritten on the remote (only over the rewritten copy it saw)"),
          area="team")
 def cmd_push(ctx, args):
     repo = ctx.repo
     remote = check_remote(repo, args.remote) if args.remote else default_remote(repo)
-    result = ledger_push(repo, remote)
+    result = ledger_push(repo, remote, own_store_keys(repo), restore=args.restore)
     if queue_exists(repo):
         queue = open_queue(repo)
         queue.settle_key("push:" + remote)
@@ -7719,15 +7788,16 @@ def cmd_migrate(ctx, args):
     committed = False
     team = repo.rel(repo.team)
     rc, tracked, _ = run_git(["ls-files", "--", team], repo.root)
+    if os.path.isdir(repo.team):
+        import shutil
+        shutil.rmtree(repo.team)  # first: `git commit -- PATHS` reads the work tree
     if tracked.strip():
-        run_git(["rm", "-r", "-q", "--cached", "--", team], repo.root)
+        run_git(["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", team], repo.root)
+        # Only these paths: whatever else the user has staged stays staged.
         run_git(["commit", "-q", "--no-verify", "-m", "FlowForge: team time moved to the ledger "
                  "(refs/flowforge/stores/)", "--", team], repo.root)
         committed = True
         lines.append("committed the removal of %s/ from this branch" % team)
-    if os.path.isdir(repo.team):
-        import shutil
-        shutil.rmtree(repo.team)
     if checked or committed:
         lines.append("next: `flowforge push` (or any `git push` with the hooks installed) shares "
                      "the ledger; other clones run `flowforge fetch`")
