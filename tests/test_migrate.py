@@ -1,12 +1,10 @@
 """`flowforge migrate` moves FlowForge 0.1's in-tree .flowforge/team/ into the
 ledger; store refs that were rewritten to something else are never taken for
 ledger history, and their owner can put them back."""
-import json
 import os
-import subprocess
 
 import flowforge
-from conftest import Runner, clean_env, git, make_git_repo
+from conftest import clean_env, git
 from test_ledger import Clone, make_origin  # noqa: F401 (fixture helpers)
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
