@@ -5457,6 +5457,10 @@ def health_checks(repo):
     elif waiting > 3600:
         add("aggregation", "degraded", "private time has waited %s for aggregation (%s)"
             % (format_duration(waiting), since), last_success=last, waiting=waiting)
+    elif waiting:
+        add("aggregation", "ok", "private time changed %s ago, not aggregated yet (the next "
+            "commit or daemon round does it; %s)" % (format_duration(waiting), since),
+            last_success=last, waiting=waiting)
     else:
         add("aggregation", "ok", ("shards are current (%s)" % since) if newest
             else "no private data here", last_success=last, waiting=waiting)
@@ -7068,7 +7072,8 @@ def load_team_shards(repo, first=None, last=None, about=None):
 def data_age_line(about):
     """"ledger: 12 stores, fetched 2 h ago" for the foot of a report (stderr)."""
     if about.get("fetched_at") is None:
-        return "ledger: %d store(s), this clone's own (never fetched)" % about.get("stores", 0)
+        return ("ledger: %d store(s), this clone's own only (never fetched: `flowforge fetch` "
+                "brings the team's)" % about.get("stores", 0))
     age = max(0, now() - about["fetched_at"])
     return "ledger: %d store(s), fetched %s ago" % (about.get("stores", 0), format_duration(age)
                                                      if age >= 60 else "%d s" % age)
