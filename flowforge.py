@@ -2134,6 +2134,7 @@ class Timers:
             try:
                 self.store.save_timer(None)
             except StorageError as e:  # recorded: the next command sees it and clears the timer
+                log_event(self.store.repo, "after-commit-point", command="stop", error=one_line(e))
                 warn("the entry is recorded, but the timer file could not be cleared (%s); the "
                      "next FlowForge command clears it" % e)
             return entry
@@ -3662,6 +3663,7 @@ class Aggregator:
                 if not record:
                     raise
                 # a cache: without it the next run recomputes in full, to the same shards
+                log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
                 warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
@@ -3734,6 +3736,7 @@ class Aggregator:
             local.append(action, ts, files=record["files"], totals=totals,
                          team_seq=record["seq"])
         except StorageError as e:
+            log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
             warn("aggregated into the ledger, but the private audit record could not be written "
                  "(%s)" % e)
         self.store.mirror.sync([])  # the local chain (and settings) without any day file
@@ -6101,8 +6104,11 @@ def ledger_candidates(repo, key, tip):
     _, copies, _ = run_git(["for-each-ref", "--format=%(objectname) %(refname)",
                             REMOTES_REF + "*/" + key, INCOMING_REF + "*/" + key,
                             QUARANTINE_REF + "*/" + key + "/*"], repo.root, check=False)
+    rank = {REMOTES_REF: 0, INCOMING_REF: 1, QUARANTINE_REF: 2}   # accepted copies first
+    copies = sorted(copies.splitlines(), key=lambda line: next(
+        (r for prefix, r in rank.items() if " " + prefix in line), 3))
     for source, ids in (("reflog", reflog.split()), ("history", history.split()),
-                        ("copy", copies.splitlines())):
+                        ("copy", copies)):
         for item in ids:
             oid, _, ref = item.partition(" ")
             if oid not in seen:

@@ -69,6 +69,8 @@ def test_planted_symlinks_are_refused(repo, tmp_path):
     victim.write_text("precious")
     os.chmod(victim, 0o640)
     lock = os.path.join(repo.root, ".flowforge/state/locks/store.alice.lock")
+    if os.path.exists(lock):
+        os.unlink(lock)       # init made the store under this lock; plant the link in its place
     os.symlink(str(victim), lock)
     r = repo("log", "1", "1h")
     assert r.rc == 77 and "symbolic link" in r.err

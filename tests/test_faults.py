@@ -134,9 +134,12 @@ def test_injected_errors_on_every_call(repo, tmp_path, monkeypatch, name, setup,
             assert r.rc == 0, r
             break
         if r.rc == 0:
-            # the failure hit a best-effort write (the mirror, metrics): the work is done
+            # the failure hit a best-effort write (the mirror, metrics) or came after the
+            # command's commit point (the entry appended, the ledger ref moved): the work is
+            # done, and the log says what was left for the next command to heal
             log = open(os.path.join(root, ".flowforge/state/logs/flowforge.jsonl")).read()
-            assert "mirror-failed" in log or "metrics-not-recorded" in log, k
+            assert ("mirror-failed" in log or "metrics-not-recorded" in log
+                    or "after-commit-point" in log), k
             all_files_parse(root)
             ledger_whole(root, tips_before)
             assert call(root, "aggregate", env=NOW).rc == 0
