@@ -68,11 +68,34 @@ def check_clean_failure(r, rc):
     assert r.out == ""
 
 
+def sandbox_digest(*roots):
+    """One sha256 over every file, link and directory (path, mode, bytes) under
+    `roots`, .git included: the repository with its refs and objects, the home
+    directory with the mirror."""
+    import hashlib
+    digest = hashlib.sha256()
+    for root in roots:
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            for name in sorted(filenames) + [d + "/" for d in dirnames]:
+                path = os.path.join(dirpath, name.rstrip("/"))
+                st = os.lstat(path)
+                digest.update(("%s %o\0" % (os.path.relpath(path, root), st.st_mode)).encode())
+                if os.path.islink(path):
+                    digest.update(os.readlink(path).encode())
+                elif not name.endswith("/"):
+                    with open(path, "rb") as f:
+                        digest.update(f.read())
+    return digest.hexdigest()
+
+
 def test_bad_input_corpus_changes_nothing(lived_in):
     before = tree_snapshot(lived_in.root)
+    sandbox = sandbox_digest(lived_in.root, lived_in.home)
     for args, rc in CORPUS:
         check_clean_failure(lived_in(*args, env=NOW), rc)
         assert tree_snapshot(lived_in.root) == before, args
+        assert sandbox_digest(lived_in.root, lived_in.home) == sandbox, args
 
 
 def test_hostile_user_from_environment(lived_in):
