@@ -8,15 +8,26 @@ Enable it in .flowforge/config.json (committed; never put a token there):
 The token comes from GITHUB_TOKEN or GH_TOKEN in the environment of whatever
 runs the retry queue (the daemon, or `flowforge queue run`).  Issues written
 `123`/`#123` belong to `repository` (else $GITHUB_REPOSITORY, else the `origin`
-remote); `owner/repo#123` names its own.  Jira-style `ABC-12` is not GitHub's.
+remote); `owner/repo#123` names its own.  Jira-style `ABC-12` is not GitHub's,
+and neither is anything with path tricks (`a/..#1`, `%2e`, extra slashes).
+
+Where the token goes: https://api.github.com, or the GitHub Enterprise URL in
+GITHUB_API_URL -- the developer's own environment.  A committed
+"api_url" that GITHUB_API_URL does not confirm is refused, never contacted
+(anyone who can commit could otherwise collect every teammate's token).  The
+URL must be https://; http:// only to this machine (localhost, 127.0.0.0/8,
+::1).  Error text is scrubbed of the token before the queue or a log sees it.
 
 What it writes: on each such issue, exactly one comment, found again by a
 hidden marker, with the team's total (and each user's, with "per_user": true),
 plus the optional label.  Nothing else, and no request at all when the total
 has not changed since the last update from this machine.
 """
+import ipaddress
+import json
 import os
 import re
+import urllib.parse
 
 import flowforge
 
@@ -25,6 +36,131 @@ NAME = "github"
 API_VERSION = "2022-11-28"
 BODY_LIMIT = 65536
 MARKER = "<!-- flowforge:summary v1 key=%s -->"
+PUBLIC_API = "https://api.github.com"
+URL_ENV = ("GITHUB_API_URL",)              # the developer's own choice
+# GitHub's own names: an owner is letters, digits, - (and _ on Enterprise), a
+# repository also `.`, but never `.` or `..`.  Nothing else reaches a URL path.
+_REPOSITORY = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,99})/([A-Za-z0-9_.-]{1,100})", re.ASCII)
+_NUMBER = re.compile(r"[0-9]{1,12}", re.ASCII)
+
+
+# -- where the token may go ----------------------------------------------------
+# (the same few functions are in notion.py: a plugin is one file)
+
+def is_loopback(host):
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def shown_url(url):
+    """A URL for a message: without a user name or password, one line, short."""
+    if not isinstance(url, str):
+        return repr(url)[:60]
+    return repr(re.sub(r"//[^/?#]*@", "//", url, count=1)[:120])
+
+
+def base_url(url, setting):
+    """`url` tidied (no trailing /), or PermanentFailure naming `setting`: https, or
+    http to loopback; a host; no user, password, query, fragment or dot segments."""
+    if not isinstance(url, str) or not url.strip() or len(url) > 2000:
+        raise flowforge.PermanentFailure("%s must be a URL" % setting)
+    url = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise flowforge.PermanentFailure("%s is not a valid URL: %s" % (setting, shown_url(url)))
+    if parts.username is not None or parts.password is not None:
+        raise flowforge.PermanentFailure("%s must not carry a user name or password: %s"
+                                         % (setting, shown_url(url)))
+    problem = None
+    if parts.scheme not in ("https", "http") or not host:
+        problem = "must be an https:// URL"
+    elif parts.scheme == "http" and not is_loopback(host):
+        problem = "must be https:// (http:// only to localhost, 127.0.0.1 or ::1)"
+    elif parts.query or parts.fragment or "#" in url or re.search(r"[\s%\\]", url):
+        problem = "must be a plain base URL (no query, fragment, spaces or %-escapes)"
+    elif any(seg in (".", "..") for seg in parts.path.split("/")):
+        problem = "must not contain . or .. path segments"
+    if problem:
+        raise flowforge.PermanentFailure("%s %s: %s" % (setting, problem, shown_url(url)))
+    netloc = host if port is None else "%s:%d" % (host, port)
+    if ":" in host:
+        netloc = "[%s]" % host if port is None else "[%s]:%d" % (host, port)
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc.lower(), parts.path.rstrip("/"),
+                                    "", ""))
+
+
+def api_base(config):
+    """The API's base URL, or PermanentFailure.  A server other than the public
+    API comes from this process's environment (URL_ENV): an api_url in the
+    committed config.json is used only when it is the public API or when the
+    environment says the same -- else it is refused, and never contacted."""
+    env, name = "", URL_ENV[0]
+    for candidate in URL_ENV:
+        if os.environ.get(candidate, "").strip():
+            env, name = os.environ[candidate].strip(), candidate
+            break
+    base = base_url(env, name) if env else PUBLIC_API
+    committed = config.get("api_url")
+    if committed is None or committed == "":
+        return base
+    setting = "plugins.%s.api_url in config.json" % NAME
+    try:
+        if base_url(committed, setting) == base:
+            return base
+    except flowforge.PermanentFailure as e:
+        if env:
+            raise
+        problem = "; it is not valid either: %s" % e
+    else:
+        problem = ""
+    if env:
+        raise flowforge.PermanentFailure(
+            "refusing %s (%s): it does not match %s=%s in this environment; make them agree or "
+            "remove api_url (nothing was sent)" % (setting, shown_url(committed), name,
+                                                    shown_url(env)))
+    raise flowforge.PermanentFailure(
+        "refusing %s (%s): config.json is shared through git, so a server other than %s is "
+        "used only when your own environment names it -- if you trust that server, set %s to "
+        "its https:// URL where the queue runs (nothing was sent)%s"
+        % (setting, shown_url(committed), PUBLIC_API, name, problem))
+
+
+def scrub(text, secret):
+    """`text` without `secret` (as is, %-encoded or JSON-escaped, any case)."""
+    text = str(text)
+    if not secret:
+        return text
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
+             json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    for form in sorted(forms, key=len, reverse=True):
+        text = re.sub(re.escape(form), "[token]", text, flags=re.IGNORECASE)
+    return text
+
+
+class ScrubbedErrors:
+    """`http` whose error replies (status 300 and up) have the token scrubbed
+    from their bodies, before any message is cut from them."""
+
+    def __init__(self, api, secret):
+        self.api, self.secret = api, secret
+
+    def request(self, method, path, body=None):
+        reply = self.api.request(method, path, body)
+        if reply.status >= 300 and reply.body:
+            text = reply.body.decode("utf-8", "replace")
+            clean = scrub(text, self.secret)
+            if clean != text:
+                reply.body = clean.encode("utf-8")
+        return reply
+
+
+# -- issues --------------------------------------------------------------------
 
 
 def origin_repository(repo):
@@ -34,19 +170,59 @@ def origin_repository(repo):
     url = out.strip()
     m = re.fullmatch(r"(?:[a-z+]+://[^/]+/|[^/@\s]+@[^:/\s]+:)([A-Za-z0-9_.-]+)/"
                      r"([A-Za-z0-9_.-]+?)(?:\.git)?/?", url)
-    return "%s/%s" % m.groups() if rc == 0 and m else None
+    found = "%s/%s" % m.groups() if rc == 0 and m else None
+    return found if valid_repository(found) else None
+
+
+def valid_repository(name):
+    """Whether `name` is owner/repo as GitHub spells them: nothing that could
+    move a request to another path (`..`, `.`, %-escapes, more slashes)."""
+    m = _REPOSITORY.fullmatch(name) if isinstance(name, str) else None
+    return bool(m) and m.group(2).strip(".") != ""
+
+
+def default_repository(repo, config):
+    """(owner/repo for bare numbers or None, where it came from)."""
+    for value, where in ((config.get("repository"), "plugins.github.repository"),
+                         (os.environ.get("GITHUB_REPOSITORY"), "GITHUB_REPOSITORY")):
+        if value:
+            return (value if valid_repository(value) else None), where
+    return origin_repository(repo), "the origin remote"
 
 
 def github_issue(repo, issue, config):
     """(owner/repo, number) of an issue reference GitHub can hold, else None."""
-    m = re.fullmatch(r"([A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)#(\d+)", issue)
-    if m:
-        return m.group(1), int(m.group(2))
-    if issue.isdigit():
-        repository = (config.get("repository") or os.environ.get("GITHUB_REPOSITORY")
-                      or origin_repository(repo))
+    if not isinstance(issue, str):
+        return None
+    owner_repo, hash_, number = issue.rpartition("#")
+    if hash_ and owner_repo:
+        if valid_repository(owner_repo) and _NUMBER.fullmatch(number):
+            return owner_repo, int(number)
+        return None
+    if _NUMBER.fullmatch(issue):
+        repository = default_repository(repo, config)[0]
         return (repository, int(issue)) if repository else None
     return None
+
+
+def not_an_issue(repo, issue, config):
+    """Why `issue` gets no comment: the message of the dead letter."""
+    if not _NUMBER.fullmatch(issue):
+        return ("refusing issue reference %r: GitHub's are 123 or owner/repo#123, with GitHub "
+                "names only (no ., .., %%-escapes or extra slashes)" % issue[:200])
+    value, where = default_repository(repo, config)
+    if where != "the origin remote":
+        return "%s %r is not a GitHub owner/repo name" % (where, str(value)[:200])
+    return ("%s is not an issue of a known GitHub repository (set plugins.github.repository)"
+            % issue)
+
+
+def comment_id_of(comment):
+    """A comment's id from GitHub: a positive whole number, else PermanentFailure."""
+    value = comment.get("id") if isinstance(comment, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise flowforge.PermanentFailure("GitHub returned a comment without a valid id")
+    return value
 
 
 def on_stop(repo, entry, config):
@@ -63,8 +239,14 @@ def on_aggregate(repo, issues, config):
 def health(repo, config):
     if not (os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")):
         return "no GITHUB_TOKEN or GH_TOKEN in this environment"
-    if not (config.get("repository") or os.environ.get("GITHUB_REPOSITORY")
-            or origin_repository(repo)):
+    try:
+        api_base(config)
+    except flowforge.PermanentFailure as e:
+        return str(e)
+    value, where = default_repository(repo, config)
+    if value is None and where != "the origin remote":
+        return "%s is not a GitHub owner/repo name" % where
+    if value is None:
         return "no repository: set plugins.github.repository in config.json"
     return None
 
@@ -90,8 +272,10 @@ def check(reply, what):
     if 200 <= reply.status < 300:
         return reply
     doc = reply.json_object()
-    message = doc.get("message") or reply.body[:200].decode("utf-8", "replace") or "no message"
-    if doc.get("errors"):
+    message = doc.get("message")
+    if not isinstance(message, str) or not message:
+        message = reply.body[:2000].decode("utf-8", "replace")[:200] or "no message"
+    if isinstance(doc.get("errors"), list) and doc["errors"]:
         message += " (%s)" % "; ".join(
             str(e.get("message") or e.get("code") or e) if isinstance(e, dict) else str(e)
             for e in doc["errors"][:3])
@@ -123,22 +307,37 @@ def find_comments(api, repository, number, marker):
     found = []
     while path:
         reply = check(api.request("GET", path), "listing comments of %s#%d" % (repository, number))
-        found += [c for c in reply.json() or [] if ours(c, marker)]
+        page = reply.json()
+        found += [c for c in page if ours(c, marker)] if isinstance(page, list) else []
         m = re.search(r'<([^>]+)>;\s*rel="next"', reply.headers.get("link", ""))
         path = m.group(1) if m else None
-    return sorted(found, key=lambda c: c["id"])
+    return sorted(found, key=comment_id_of)
 
 
 def sync(repo, issue, config, http, state):
     target = github_issue(repo, issue, config)
     if target is None:
-        raise flowforge.PermanentFailure("%s is not an issue of a known GitHub repository (set "
-                                         "plugins.github.repository)" % issue)
-    repository, number = target
+        raise flowforge.PermanentFailure(not_an_issue(repo, issue, config))
     token = os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")
     if not token:
         raise flowforge.PermanentFailure("no GITHUB_TOKEN or GH_TOKEN in the environment of the "
                                          "process that runs the queue")
+    base = api_base(config)                             # before any request, or none at all
+    try:
+        return update(repo, issue, config, http, state, target, base, token)
+    except flowforge.RetryLater as e:                   # GitHub's words, minus the token
+        raise flowforge.RetryLater(scrub(e, token), after=e.after) from None
+    except flowforge.PermanentFailure as e:
+        raise flowforge.PermanentFailure(scrub(e, token)) from None
+    except Exception as e:
+        if scrub(repr(e), token) != repr(e) or scrub(e, token) != str(e):
+            text = scrub("%s: %s" % (type(e).__name__, e), token)   # scrubbed, then cut
+            raise RuntimeError(" ".join(text.split())[:1000]) from None
+        raise
+
+
+def update(repo, issue, config, http, state, target, base, token):
+    repository, number = target
     key = "%s#%d" % (repository, number)
     marker = MARKER % key
     body = render_body(key, flowforge.issue_totals(repo, issue), config)
@@ -147,11 +346,11 @@ def sync(repo, issue, config, http, state):
     known = comments.get(key) or {}
     if known.get("sha") == digest and (known.get("labelled") or not config.get("label")):
         return "unchanged"                              # no request at all
-    base = config.get("api_url") or os.environ.get("GITHUB_API_URL") or "https://api.github.com"
-    api = http(base, {"Accept": "application/vnd.github+json", "Authorization": "Bearer " + token,
-                      "X-GitHub-Api-Version": API_VERSION,
-                      "User-Agent": "flowforge/%s" % flowforge.VERSION},
-               timeout=float(config.get("timeout", 15)))
+    api = ScrubbedErrors(http(base, {"Accept": "application/vnd.github+json",
+                                     "Authorization": "Bearer " + token,
+                                     "X-GitHub-Api-Version": API_VERSION,
+                                     "User-Agent": "flowforge/%s" % flowforge.VERSION},
+                              timeout=float(config.get("timeout", 15))), token)
     comment_id = known.get("id")
     if comment_id and known.get("sha") != digest:
         reply = api.request("PATCH", "/repos/%s/issues/comments/%d" % (repository, comment_id),
@@ -164,10 +363,10 @@ def sync(repo, issue, config, http, state):
         found = find_comments(api, repository, number, marker)
         for duplicate in found[1:]:                     # a race once left two: keep the first
             check(api.request("DELETE", "/repos/%s/issues/comments/%d" % (repository,
-                                                                       duplicate["id"])),
+                                                                       comment_id_of(duplicate))),
                   "removing a duplicate comment on %s" % key)
         if found:
-            comment_id = found[0]["id"]
+            comment_id = comment_id_of(found[0])
             if found[0].get("body") != body:
                 check(api.request("PATCH", "/repos/%s/issues/comments/%d" % (repository,
                                                                            comment_id),
@@ -175,7 +374,7 @@ def sync(repo, issue, config, http, state):
         else:
             reply = check(api.request("POST", "/repos/%s/issues/%d/comments" % (repository, number),
                                       {"body": body}), "commenting on %s" % key)
-            comment_id = reply.json()["id"]
+            comment_id = comment_id_of(reply.json())
     comments[key] = known = {"id": comment_id, "sha": digest, "labelled": known.get("labelled")}
     if config.get("label") and not known.get("labelled"):
         check(api.request("POST", "/repos/%s/issues/%d/labels" % (repository, number),

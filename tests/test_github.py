@@ -24,14 +24,16 @@ def github():
 
 
 def enable(repo, github, **extra):
+    """The committed config names no server: the fake's URL comes from the
+    environment (GITHUB_API_URL), as GitHub Enterprise's would."""
     path = os.path.join(repo.root, ".flowforge/config.json")
     config = json.load(open(path))
-    config["plugins"] = {"github": dict({"repository": "acme/app", "api_url": github.url}, **extra)}
+    config["plugins"] = {"github": dict({"repository": "acme/app"}, **extra)}
     json.dump(config, open(path, "w"), indent=2)
 
 
 def env(github, **extra):
-    return dict(NOW, GITHUB_TOKEN=github.token, **extra)
+    return dict(NOW, GITHUB_TOKEN=github.token, GITHUB_API_URL=github.url, **extra)
 
 
 def track(repo, issue, minutes, github, user="alice", day="2026-11-19"):
@@ -123,6 +125,7 @@ class Clock:
 def run_in_process(repo, github, monkeypatch, clock=None):
     """Run the queued job here, with a fake clock for the queue."""
     monkeypatch.setenv("GITHUB_TOKEN", github.token)
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
     queue = ff.RetryQueue(os.path.join(repo.root, ".flowforge/state/queue.db"), clock=clock or Clock())
     job = queue.claim("test")
     outcome = ff.run_job(ff.Repo(repo.root), queue, job)
@@ -209,7 +212,7 @@ def test_enterprise_url_gh_token_and_the_origin_remote(repo, github, monkeypatch
 def test_no_token_is_a_clear_dead_letter(repo, github):
     enable(repo, github)
     track(repo, "7", 60, github)
-    ran = repo.ok("queue", "run", "--json", env=NOW).json["ran"]
+    ran = repo.ok("queue", "run", "--json", env=dict(NOW, GITHUB_API_URL=github.url)).json["ran"]
     assert ran[0]["outcome"] == "dead"
     assert "no GITHUB_TOKEN or GH_TOKEN" in jobs(repo)[0]["last_error"]
     assert github.requests == []
@@ -236,7 +239,7 @@ def test_daemon_killed_in_the_middle_of_a_sync_still_one_comment(repo, github):
     enable(repo, github)
     track(repo, "7", 60, github)
     github.delay["POST"] = 3.0                   # the comment exists; the reply is slow
-    e = repo.env(FLOWFORGE_USER="alice", GITHUB_TOKEN=github.token)
+    e = repo.env(FLOWFORGE_USER="alice", GITHUB_TOKEN=github.token, GITHUB_API_URL=github.url)
     daemon = subprocess.Popen(DAEMON + ["-C", repo.root, "daemon", "--interval", "1"], env=e)
     try:
         deadline = time.monotonic() + 30
@@ -269,13 +272,14 @@ def test_the_token_never_reaches_disk_logs_queue_or_output(repo, tmp_path):
     github = FakeGitHub(token="something-else")           # every request: 401 Bad credentials
     try:
         enable(repo, github)
+        NOW_URL = dict(NOW, GITHUB_API_URL=github.url)
         outputs = []
-        outputs.append(repo.ok("log", "7", "1h", env=dict(NOW, GITHUB_TOKEN=marker)))
-        outputs.append(repo.ok("aggregate", env=dict(NOW, GITHUB_TOKEN=marker)))
-        outputs.append(repo.ok("queue", "run", "-v", env=dict(NOW, GITHUB_TOKEN=marker)))
-        outputs.append(repo("plugins", "check", env=dict(NOW, GITHUB_TOKEN=marker)))
-        outputs.append(repo("queue", "dead", "--json", env=dict(NOW, GITHUB_TOKEN=marker)))
-        outputs.append(repo("health", "--json", env=dict(NOW, GITHUB_TOKEN=marker)))
+        outputs.append(repo.ok("log", "7", "1h", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
+        outputs.append(repo.ok("aggregate", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
+        outputs.append(repo.ok("queue", "run", "-v", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
+        outputs.append(repo("plugins", "check", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
+        outputs.append(repo("queue", "dead", "--json", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
+        outputs.append(repo("health", "--json", env=dict(NOW_URL, GITHUB_TOKEN=marker)))
         assert "Bad credentials" in outputs[4].out        # the failure really happened
     finally:
         github.close()

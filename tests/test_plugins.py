@@ -135,10 +135,11 @@ def test_provider_work_never_runs_in_the_commit_hook(repo):
         shutil.copy(os.path.join(ROOT, "plugins", "github.py"),
                     os.path.join(repo.root, ".flowforge", "plugins", "github.py"))
         repo.ok("install", "hooks")
-        enable(repo, github={"repository": "acme/app", "api_url": github.url})
+        enable(repo, github={"repository": "acme/app"})
         repo.ok("log", "7", "1h", env=NOW)
         git(repo.root, "add", "-A")
-        env = repo.env(FLOWFORGE_USER="alice", GITHUB_TOKEN=github.token, **NOW)
+        env = repo.env(FLOWFORGE_USER="alice", GITHUB_TOKEN=github.token,
+                       GITHUB_API_URL=github.url, **NOW)
         proc = subprocess.run(["git", "commit", "-qm", "work"], cwd=repo.root, env=env,
                               capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stderr == ""
