@@ -672,8 +672,9 @@ def run_git(args, cwd, check=True, input=None, env=None, timeout=None):
 def git_exit_code(err):
     """FlowForge's exit code for a git failure: a full or read-only disk is 73/77 as
     for FlowForge's own writes."""
-    if "No space left" in err or "File too large" in err or "Input/output error" in err:
-        return EXIT_CANTCREAT
+    if ("No space left" in err or "File too large" in err or "Input/output error" in err
+            or "couldn't write" in err or "could not write" in err or "unable to write" in err):
+        return EXIT_CANTCREAT   # git names some failed writes without their errno
     if "Read-only file system" in err or "Permission denied" in err:
         return EXIT_NOPERM
     return EXIT_FAIL
@@ -865,6 +866,7 @@ def append_durable(path, data, create_mode=0o600, durable=True):
     its old size so that no torn line is left behind.  A bulk writer creating
     many files passes durable=False and fsyncs them and their directory once at
     the end (creating files between fsyncs waits on the journal each time)."""
+    created = not os.path.lexists(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
                      create_mode)
@@ -878,8 +880,11 @@ def append_durable(path, data, create_mode=0o600, durable=True):
                 os.fsync(fd)
         except BaseException as e:
             try:
-                os.ftruncate(fd, size)
-                os.fsync(fd)
+                if created:  # a file this append made: gone again, as if never tried
+                    os.unlink(path)
+                else:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
             except OSError:
                 pass
             if isinstance(e, OSError):
@@ -2823,8 +2828,8 @@ def make_tree(repo, subtrees):
     (mode, type, id)}}: one `mktree --batch` process, asked one tree at a time
     (it answers each at once), since the root needs its subtrees' ids."""
     import select
-    pid, stdin, stdout, _ = _spawn_git(_GIT_DURABLE + ["mktree", "--batch"], repo.root,
-                                       stdin=True, stderr=False)
+    pid, stdin, stdout, stderr = _spawn_git(_GIT_DURABLE + ["mktree", "--batch"], repo.root,
+                                            stdin=True)
     buffer = b""
 
     def ask(entries):
@@ -2834,19 +2839,24 @@ def make_tree(repo, subtrees):
         while b"\n" not in buffer:
             select.select([stdout], [], [], 30)
             data = os.read(stdout, 4096)
-            if not data:
-                raise FlowForgeError("git mktree ended early (%s)" % repo.root, EXIT_UNAVAILABLE)
+            if not data:  # it stopped (a full disk, say): its last words say why
+                err = os.read(stderr, 65536).decode("utf-8", "replace")
+                raise FlowForgeError("git mktree failed: %s" % git_error_line(err, 1),
+                                     git_exit_code(err))
             buffer += data
         line, _, buffer = buffer.partition(b"\n")
         return line.decode().strip()
     try:
         root = {name: ("040000", "tree", ask(entries)) for name, entries in sorted(subtrees.items())}
         return ask(root)
+    except BrokenPipeError:
+        err = os.read(stderr, 65536).decode("utf-8", "replace")
+        raise FlowForgeError("git mktree failed: %s" % git_error_line(err, 1), git_exit_code(err))
     except OSError as e:
         raise StorageError("the pipe to git mktree", e)
     finally:
-        os.close(stdin)
-        os.close(stdout)
+        for fd in (stdin, stdout, stderr):
+            os.close(fd)
         _wait_exit(pid)
 
 
