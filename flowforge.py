@@ -2663,8 +2663,11 @@ def month_periods(month, granularity):
 
 
 def list_shard_files(repo):
-    """[(path, user, store, month)] of every shard in the work tree, sorted."""
+    """[(path, user, store, month)] of every shard in the work tree, sorted.
+    Committed directories are checked like private ones: a symbolic link is
+    refused, not followed."""
     found = []
+    repo.check_dirs(repo.team, repo.summaries, os.path.join(repo.team, "audit"))
     try:
         dirs = sorted(os.listdir(repo.summaries))
     except FileNotFoundError:
@@ -2674,6 +2677,7 @@ def list_shard_files(repo):
         if not sep:
             continue
         directory = os.path.join(repo.summaries, name)
+        repo.check_dirs(directory)
         try:
             files = sorted(os.listdir(directory))
         except NotADirectoryError:
@@ -5799,7 +5803,7 @@ def verify_ledger(repo, history_since=None):
                     pass
     finally:
         objects.close()
-    if os.path.isdir(repo.summaries) or os.path.isdir(os.path.join(repo.team, "audit")):
+    if os.path.lexists(repo.team):
         for key, entry in sorted(legacy_stores(repo).items()):
             if key in view.stores:
                 continue
@@ -7068,7 +7072,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
         warn(line)
     months = (first[:7] if first else None, last[:7] if last else None)
     shards = view.shards(months)
-    legacy = load_legacy_shards(repo, set(view.stores)) if os.path.isdir(repo.summaries) else []
+    legacy = load_legacy_shards(repo, set(view.stores)) if os.path.lexists(repo.team) else []
     if legacy:
         warn("this branch still keeps time in %s/ (FlowForge 0.1): run `flowforge migrate`"
              % repo.rel(repo.team))
