@@ -2169,7 +2169,18 @@ class Timers:
             day = local_date(at, self.store.tz)
             timer = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
                      "note": note, "segments": [], "running_since": at}
-            self.store.save_timer(timer)
+            try:
+                self.store.save_timer(timer)
+            except StorageError as e:
+                if stopped is None:
+                    raise  # nothing happened
+                # The stop is recorded (the commit point): say so, and what is left to do,
+                # rather than an error exit that a script would answer by logging it again.
+                log_event(self.store.repo, "after-commit-point", command="start", error=one_line(e))
+                warn("%s is recorded, but %s could not be started (%s): run `flowforge start %s "
+                     "--at '%s'` when there is space" % (messages[-1], issue, e, issue,
+                                                         self.show(at)))
+                return {"timer": None, "stopped": public_entry(stopped), "changed": True}, messages
         if stopped:
             announce(self.store.repo, "on_stop", user=self.store.user, entry=public_entry(stopped))
         announce(self.store.repo, "on_start", user=self.store.user, timer=timer)

@@ -129,3 +129,24 @@ def test_the_cron_line_does_not_run_the_daemon_while_its_lock_is_held(repo):
     assert not os.path.exists(heartbeat)              # the lock was held: no daemon round
     subprocess.run(["sh", "-c", command], check=True, timeout=60, env=repo.env())
     assert json.load(open(heartbeat))["once"] is True  # and without it, one round
+
+
+def test_switch_on_a_full_disk_records_the_stop_once_and_says_what_is_left(repo, monkeypatch):
+    repo.ok("start", "7", "--at", "2026-11-20T09:00:00Z", env=NOW)
+    real = flowforge.atomic_write
+
+    def full_for_the_timer(path, data, *a, **k):
+        if path.endswith("current.json"):
+            raise flowforge.StorageError(path, OSError(errno.ENOSPC, "No space left on device"))
+        return real(path, data, *a, **k)
+    monkeypatch.setattr(flowforge, "atomic_write", full_for_the_timer)
+    r = call(repo.root, "switch", "8", "--at", "2026-11-20T10:00:00Z", env=NOW)
+    assert r.rc == 0 and "is recorded" in r.err and "flowforge start 8 --at" in r.err, r
+    monkeypatch.setattr(flowforge, "atomic_write", real)
+    status = repo.ok("status", env=NOW)                 # heals: 7 was recorded, its timer goes
+    assert "7" not in status.out.split("today")[0], status.out
+    repo.ok("start", "8", "--at", "2026-11-20T10:00:00Z", env=NOW)       # as the line said
+    repo.ok("stop", "--at", "2026-11-20T10:30:00Z", env=NOW)
+    entries = repo.ok("entries", "--json", "--date", "2026-11-20", env=NOW).json["entries"]
+    assert sorted((e["issue"], flowforge.entry_seconds(e)) for e in entries) == [
+        ("7", 3600), ("8", 1800)]
