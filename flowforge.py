@@ -420,8 +420,9 @@ def parse_issue(text):
     if m:
         return str(int(m.group(1)))
     m = _ISSUE_REPO.fullmatch(text)
-    if m and not any(part.startswith((".", "-")) for part in m.group(1).split("/")):
-        # (no part starts with a dot: `a/..#1` would be a path trick in a provider's URL)
+    if m and not m.group(1).startswith((".", "-")) and not any(
+            part.strip(".") == "" for part in m.group(1).split("/")):
+        # (`a/..#1` would be a path trick in a provider's URL; `acme/.github#3` is a real repo)
         return "%s#%d" % (m.group(1), int(m.group(2)))
     m = _ISSUE_KEY.fullmatch(text)
     if m:

@@ -344,11 +344,12 @@ def test_issue_references_with_path_tricks_are_refused(repo, github, issue):
     assert "refusing issue reference" in job["last_error"] and "\n" not in job["last_error"]
 
 
-def test_a_dotted_issue_that_flowforge_accepts_is_never_queued(repo, github):
+def test_a_dotted_issue_is_refused_and_a_dotted_repository_name_is_not(repo, github):
     configure(repo, github={"repository": "acme/app"})
     e = dict(NOW, GITHUB_TOKEN=github.token, GITHUB_API_URL=github.url)
-    track(repo, "a/..#1", e)                            # a valid FlowForge issue key ...
-    assert jobs(repo) == []                             # ... but no GitHub job
+    r = repo("log", "a/..#1", "1h", "--date", "2026-11-19", env=e)   # refused at the door
+    assert r.rc == 64 and "not valid" in r.err, r
+    assert jobs(repo) == []
     track(repo, "acme/.github#3", e)                    # dots inside a name are GitHub's own
     assert [j["payload"]["issue"] for j in jobs(repo)] == ["acme/.github#3"]
 
