@@ -19,7 +19,7 @@ test:
 # The reliability tests again, at soak scale (FLOWFORGE_SOAK=1): 2,000+ kills.
 soak:
 	@export FLOWFORGE_SOAK=1; $(RUN_PYTEST) -q -s tests/test_crash.py tests/test_queue.py \
-	  tests/test_concurrency.py tests/test_hook.py
+	  tests/test_concurrency.py tests/test_hook.py tests/test_ledger.py tests/test_disk_full.py
 
 demo:
 	@$(PYTHON) tools/demo.py

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import Runner, clean_env, git, make_git_repo, run_crashing
+from conftest import SOAK, Runner, clean_env, git, make_git_repo, run_crashing
 
 NOW_ISO = "2026-11-20T18:00:00Z"
 NOW = {"FLOWFORGE_NOW": NOW_ISO}
@@ -545,7 +545,7 @@ def test_random_kill9_during_full_aggregation(tmp_path, pycache, home):
                    env=env)
 
     kills = moved = 0
-    for i in range(30):
+    for i in range(300 if SOAK else 30):
         runner.ok("log", str(i % 5 + 1), "%dm" % (1 + i % 30), "--date",
                   "2026-%02d-%02d" % (1 + i % 11, 1 + i % 19), env=NOW)
         expected += (1 + i % 30) * 60
