@@ -97,7 +97,7 @@ MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten time
 # reference, is garbage or an attack, not time to bill.
 MAX_ROW_SECONDS = 366 * 86400
 MAX_NAME_CHARS = 1000
-MAX_SHARD_BYTES = 16 << 20      # a month of 200 issues a day is ~300 KB
+MAX_SHARD_BYTES = 4 << 20       # a month of 500 issues every day is under 1 MB
 MAX_CHAIN_BYTES = 64 << 20      # a year of aggregations is well under 1 MB
 MAX_CONFIG_BYTES = 1 << 20
 MAX_TREE_BYTES = 16 << 20       # a ledger directory: ~40 bytes per month
@@ -606,6 +606,8 @@ def run_git_bytes(args, cwd, input=None, env=None, timeout=None):
     if in_w is not None and not pending:
         os.close(in_w)
         writers = []
+    elif in_w is not None:
+        os.set_blocking(in_w, False)  # write only what the pipe takes: git may be writing too
     deadline = None if timeout is None else time.monotonic() + timeout
     killed = False
     try:
@@ -620,6 +622,8 @@ def run_git_bytes(args, cwd, input=None, env=None, timeout=None):
             for fd in ready_w:
                 try:
                     pending = pending[os.write(fd, pending[:65536]):]
+                except BlockingIOError:
+                    continue
                 except BrokenPipeError:
                     pending = pending[:0]
                 except OSError as e:
@@ -692,6 +696,9 @@ class GitObjects:
     def _start(self):
         self.pid, self.stdin, self.stdout, _ = _spawn_git(["cat-file", "--batch"], self.cwd,
                                                           stdin=True, stderr=False)
+        # select() promises room for one byte only: a blocking write of a long
+        # request could wait on git while git waits on us to read its answers
+        os.set_blocking(self.stdin, False)
         self.buffer = b""
 
     def get(self, names, limit=None):
@@ -715,6 +722,8 @@ class GitObjects:
             if ready_w:
                 try:
                     request = request[os.write(self.stdin, request[:65536]):]
+                except BlockingIOError:
+                    pass
                 except OSError as e:
                     raise StorageError("the pipe to git cat-file", e)
             if not ready_r:
@@ -3198,9 +3207,11 @@ class LedgerView:
                         listing[key][month] = oid
                         if not (month in old and old[month].get("blob") == oid):
                             wanted.append((key, month, oid))
-                blobs = objects.get([oid for _, _, oid in wanted], MAX_SHARD_BYTES)
                 fresh = {}
-                for (key, month, oid), found in zip(wanted, blobs):
+                for (key, month, oid), found in zip(wanted, self._blobs(objects, wanted,
+                                                                        damaged)):
+                    if found is False:
+                        break  # a damaged shard stops the reading: nothing more is needed
                     where = "%s:summaries/%s.json" % (self.stores[key][0], month)
                     try:
                         if found is None or found[0] != "blob":
@@ -3226,6 +3237,23 @@ class LedgerView:
             raise FlowForgeError("%d damaged shard(s) in the ledger: %s; run `flowforge recover "
                                  "assess`" % (len(damaged), "; ".join(damaged[:3])), EXIT_DATA)
         return docs
+
+    @staticmethod
+    def _blobs(objects, wanted, damaged, chunk=32):
+        """The blobs of `wanted`, each id read once, a chunk at a time so that a
+        teammate's tree of huge or repeated blobs costs one chunk, not all of
+        them: once something is damaged, the rest comes back as False."""
+        seen = {}
+        for start in range(0, len(wanted), chunk):
+            if damaged:
+                yield from [False] * (len(wanted) - start)
+                return
+            part = wanted[start:start + chunk]
+            missing = sorted({oid for _, _, oid in part} - set(seen))
+            seen.update(zip(missing, objects.get(missing, MAX_SHARD_BYTES)))
+            for _, _, oid in part:
+                yield seen[oid]
+            seen = {oid: seen[oid] for _, _, oid in part}   # keep only what may repeat next
 
     @staticmethod
     def _pick(key, shards, months):
@@ -5696,9 +5724,13 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
     except ValueError as e:
         return [("ledger", ref, str(e))]
     names = sorted(shards)
-    blobs = objects.get(["%s:summaries/%s" % (tip, n) for n in names], MAX_SHARD_BYTES)
+    wanted = [(key, name, shards[name][1]) for name in names]
+    damaged = []   # LedgerView._blobs stops reading once this holds something
     shas = {}
-    for name, item in zip(names, blobs):
+    for name, item in zip(names, LedgerView._blobs(objects, wanted, damaged)):
+        if item is False:
+            found.append(("shard", where("summaries/"), "not read further after a damaged shard"))
+            break
         m = _SHARD_NAME.fullmatch(name)
         if not m:
             found.append(("shard", where("summaries/" + name), "is not a shard name (YYYY-MM.json)"))
@@ -5712,6 +5744,26 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
             shas["summaries/" + name] = _SHARD_SHA.search(item[1]).group(1).decode()
         except CorruptFile as e:
             found.append(("shard", e.path, e.reason))
+            damaged.append(name)
+    if not damaged:  # one damaged shard is enough to refuse the store; the rest is noise
+        chain_found = _chain_problems(objects, tip, years, shas, where)
+        found += chain_found
+        if any(kind == "audit" for kind, _, _ in chain_found):
+            return found   # a broken chain: its history says nothing more
+    rc, out, _ = run_git(["rev-list", "--parents", tip], repo.root, check=False)
+    if rc:
+        found.append(("ledger", ref, "its history cannot be read (missing objects?)"))
+    elif any(len(line.split()) > 2 for line in out.splitlines()):
+        found.append(("ledger", ref, "its history is not linear (a merge commit): store refs "
+                      "only ever fast-forward"))
+    elif history_since is not None:
+        found += _chain_history_problems(repo, objects, ref, tip, history_since, size)
+    return found
+
+
+def _chain_problems(objects, tip, years, shas, where):
+    """The audit chain of a store's tip, and its shards against their records."""
+    found = []
     chain, problem = _store_chain(objects, tip, years)
     if problem:
         found.append(("audit", where("audit/"), problem))
@@ -5721,23 +5773,13 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
         found.append(("audit", where("audit/"), result["problem"]))
         return found
     audited = {ledger_file_name(p): sha for p, sha in result["files"].items()}
-    damaged = {w for _, w, _ in found}
     for name, sha in sorted(shas.items()):
         if audited.get(name) is None:
             found.append(("shard-audit", where(name), "not in the audit chain"))
         elif audited[name] != sha:
             found.append(("shard-audit", where(name), "differs from its last audit record"))
     for name in sorted(set(audited) - set(shas)):
-        if where(name) not in damaged:
-            found.append(("shard-audit", where(name), "in the audit chain but missing"))
-    rc, out, _ = run_git(["rev-list", "--parents", tip], repo.root, check=False)
-    if rc:
-        found.append(("ledger", ref, "its history cannot be read (missing objects?)"))
-    elif any(len(line.split()) > 2 for line in out.splitlines()):
-        found.append(("ledger", ref, "its history is not linear (a merge commit): store refs "
-                      "only ever fast-forward"))
-    elif history_since is not None:
-        found += _chain_history_problems(repo, objects, ref, tip, history_since, size)
+        found.append(("shard-audit", where(name), "in the audit chain but missing"))
     return found
 
 

@@ -165,6 +165,11 @@ def test_atomic_replace_racing_readers_and_sigkill(tmp_path):
     kills, start = 0, 1
     while time.monotonic() < deadline:
         writer = subprocess.Popen([sys.executable, "-S", "-c", WRITER, path, str(start)])
+        if kills == 0:   # a loaded machine may take longer than a sleep to start Python
+            started = time.monotonic()
+            while not os.path.exists(path + ".written") and time.monotonic() - started < 20:
+                time.sleep(0.01)
+            deadline = max(deadline, time.monotonic() + 1)
         time.sleep(0.15 + 0.1 * (kills % 3))
         writer.send_signal(signal.SIGKILL)
         writer.wait()
