@@ -2794,13 +2794,14 @@ def list_ledger_refs(repo):
 
 def update_refs(repo, updates, message):
     """Apply [(ref, new id, old id or "")] in one transaction (all or none);
-    old "" means the ref must not exist yet, None that anything goes.
+    old "" means the ref must not exist yet, None that anything goes; new ""
+    deletes the ref (old must then be its value).
     FlowForgeError when another writer got there first."""
     if not updates:
         return
-    lines = "".join("update %s %s %s\n" % (ref, new, "" if old is None else old)
-                    if old is not None else "update %s %s\n" % (ref, new)
-                    for ref, new, old in updates)
+    lines = "".join(("delete %s %s\n" % (ref, old) if not new else
+                     "update %s %s %s\n" % (ref, new, old) if old is not None else
+                     "update %s %s\n" % (ref, new)) for ref, new, old in updates)
     rc, _, err = run_git(_GIT_DURABLE + ["update-ref", "--create-reflog", "-m", message,
                                          "--stdin"], repo.root, check=False, input=lines.encode())
     if rc:  # another writer moved the ref first, unless the disk said otherwise
@@ -2906,10 +2907,15 @@ class StoreLedger:
         self._tip = False
         self._trees = {}
 
-    def tip(self):
+    def tip(self, known_seq=None):
         """This clone's tip of the store; a fetched copy that is ahead of it (or
         the only copy, in a fresh clone of a store restored from its mirror) is
-        taken over, so history stays linear and the next push fast-forwards."""
+        taken over, so history stays linear and the next push fast-forwards.
+
+        `known_seq`, from the writer (the aggregation): the last team audit
+        record this store's private chain knows.  A copy with records beyond it
+        was written by another clone with the same store id (a copied work
+        tree): taking it over would drop that clone's time, so it is refused."""
         if self._tip is not False:
             return self._tip
         _, out, _ = run_git(["for-each-ref", "--format=%(objectname) %(objecttype) %(refname)",
@@ -2919,13 +2925,24 @@ class StoreLedger:
             oid, kind, ref = line.split(" ", 2)
             if ref == self.ref:
                 own = oid
-            elif kind == "commit" and ref.endswith("/" + self.key):
-                copies.append(oid)
+            elif kind == "commit" and ref.count("/") == REMOTES_REF.count("/") + 1:
+                copies.append(oid)   # refs/flowforge/remotes/<remote>/<key>, nothing nested
         best = own
         for oid in copies:
             if best is None or (oid != best and is_ancestor(self.repo, best, oid)):
                 best = oid
         if best != own:
+            if known_seq is not None:
+                self._tip = best
+                seq = self.chain_head()[0]
+                self._tip, self._trees = False, {}
+                if seq > known_seq:
+                    raise FlowForgeError(
+                        "the ledger of %s has audit records up to %d but this clone's store knows "
+                        "%d: another clone writes the same store (a copied work tree?); give one "
+                        "of them its own store (move its .flowforge/user/%s away and run "
+                        "`flowforge recover assess`)" % (self.key, seq, known_seq, self.user),
+                        EXIT_DATA)
             update_refs(self.repo, [(self.ref, best, own or "")], "flowforge: take over %s from "
                         "a fetched copy" % self.key)
         self._tip = best
@@ -3098,11 +3115,14 @@ def _shard_doc(data, key, month, where):
 
 
 class LedgerView:
-    """Every store this clone knows, one tip per store: its own ref wins over
-    the fetched copies unless one of them is ahead of it."""
+    """Every store this clone knows, one tip per store.  The ref of a store this
+    clone writes (`owned`) wins over the fetched copies unless one is ahead of
+    it; any other local store ref (a `migrate` or a `recover deploy` made here)
+    is just one more copy, so its owner's newer history is never hidden."""
 
-    def __init__(self, repo):
+    def __init__(self, repo, owned=()):
         self.repo = repo
+        self.owned = set(owned)
         self.refs = list_ledger_refs(repo)
         self.warnings = accept_incoming(repo, self.refs)
         self.problems = []  # what makes the ledger unreadable: a report refuses to add up
@@ -3113,6 +3133,8 @@ class LedgerView:
                 key = ref[len(STORES_REF):]
             elif ref.startswith(REMOTES_REF):
                 key = ref.rsplit("/", 1)[-1]
+                if ref.count("/") != REMOTES_REF.count("/") + 1:
+                    continue  # nested under the prefix on the remote: not a store ref
             else:
                 continue
             if parse_store_key(key) is None:
@@ -3137,15 +3159,24 @@ class LedgerView:
             owners[store_id] = key
 
     def _choose(self, key, found):
-        own = [f for f in found if f[0].startswith(STORES_REF)]
+        own = [f for f in found if f[0].startswith(STORES_REF) and key in self.owned]
         best = own[0] if own else None
-        for candidate in found:
+        for candidate in sorted(found, key=lambda f: f[0].startswith(STORES_REF)):
             if best is None:
                 best = candidate
             elif candidate[1] != best[1]:
                 if is_ancestor(self.repo, best[1], candidate[1]):
                     best = candidate
-                elif not is_ancestor(self.repo, candidate[1], best[1]) and not own:
+                elif is_ancestor(self.repo, candidate[1], best[1]) or own:
+                    continue
+                elif candidate[0].startswith(STORES_REF):
+                    # a local repair or migration that the owner's history has left
+                    # behind: the fetched history is the one to read
+                    self.warnings.append(
+                        "%s, made in this clone, has diverged from %s (its owner's history): "
+                        "reading the latter; `git update-ref -d %s` removes the local one"
+                        % (candidate[0], best[0], candidate[0]))
+                else:
                     self.problems.append("%s and %s hold diverging histories of store %s: one "
                                          "was rewritten (see `flowforge recover assess`)"
                                          % (best[0], candidate[0], key))
@@ -3288,8 +3319,8 @@ def accept_incoming(repo, refs):
             continue
         rest = ref[len(INCOMING_REF):]
         remote, _, key = rest.rpartition("/")
-        if not remote or parse_store_key(key) is None:
-            continue
+        if not remote or "/" in remote or parse_store_key(key) is None:
+            continue  # nested under the prefix on the remote: not a store ref, never a copy
         accepted = REMOTES_REF + rest
         old = refs.get(accepted)
         if old and old[0] == oid:
@@ -3435,6 +3466,9 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
             if key not in owned:
                 if tracking is None and seen is None:
                     todo.append((key, oid, ""))
+                elif (tracking and tracking[0] != oid and (not seen or seen[0] == tracking[0])
+                      and is_ancestor(repo, tracking[0], oid)):
+                    todo.append((key, oid, tracking[0]))   # a repair made here: fast-forward
             elif restore:
                 if seen and seen[0] != oid:
                     todo.append((key, oid, tracking[0] if tracking else ""))
@@ -3652,14 +3686,33 @@ class Aggregator:
             finally:
                 ledger.close()
 
+    def _private_chain(self):
+        return AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
+
+    def known_team_seq(self):
+        """The last team audit record that this store's private chain records."""
+        last, _ = self._private_chain()._tail()
+        try:
+            seq = json.loads(last).get("team_seq") if last else 0
+        except (ValueError, AttributeError, RecursionError):
+            return 0
+        return seq if type(seq) is int and seq > 0 else 0
+
     def _run(self, ledger, full, lock_timeout):
         store = self.store
-        if ledger.tip() is None:
+        known = self.known_team_seq()
+        if ledger.tip(known) is None:
             legacy = legacy_stores(self.repo).get(ledger.key)
             if legacy:  # this store's 0.1 history first, so its chain goes on
                 migrate_store(self.repo, ledger.key, legacy)
                 ledger._tip = False
-        tip = ledger.tip()
+            elif known:  # a fresh clone: the ledger is on the remote, not here yet
+                raise FlowForgeError(
+                    "%s was aggregated before (team audit record %d) but its ledger ref is not in "
+                    "this clone: run `flowforge fetch`, then aggregate again" % (ledger.key, known))
+        tip = ledger.tip(known)
+        if tip:
+            self._heal_private_chain(ledger, known)
         state = None if full else self._load_state(tip)
         full = state is None
         old_files = state["files"] if state else {}
@@ -3727,6 +3780,27 @@ class Aggregator:
         return {"user": store.user, "store": store.store_id, "full": full,
                 "months": sorted(months), "written": written,
                 "audit": record["seq"] if record else None, "tip": tip}
+
+    def _heal_private_chain(self, ledger, known):
+        """Team records that the private chain lacks -- the process ended between
+        the ledger commit and the private append (kill -9, the hook's budget) --
+        are recorded there now, marked as healed."""
+        seq = ledger.chain_head()[0]
+        if seq <= known:
+            return
+        names = sorted("audit/" + n for n in ledger.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        chain = b"".join(d or b"" for d in ledger.read(names).values())
+        local = self._private_chain()
+        for line in chain.splitlines():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                return
+            if isinstance(record, dict) and type(record.get("seq")) is int and record["seq"] > known:
+                local.append("healed", record.get("ts", 0), files=record.get("files", {}),
+                             totals=record.get("totals", {}), team_seq=record["seq"],
+                             healed=record.get("action"))
+        self.store.mirror.sync([])
 
     def render_month(self, month, parsed):
         cells = {}
@@ -5838,7 +5912,7 @@ def verify_ledger(repo, history_since=None):
     A finding is {"kind", "path", "detail"}; a path names a ref, or a file in
     one as REF:NAME.  "notes" lists repairs by `recover` in the window: they are
     told, not counted as problems."""
-    view = LedgerView(repo)
+    view = LedgerView(repo, own_store_keys(repo))
     findings = [{"kind": "ledger", "path": "refs/flowforge/", "detail": p} for p in view.problems]
     findings += [{"kind": "ledger", "path": "refs/flowforge/", "detail": w}
                  for w in view.warnings if "rewritten" in w]
@@ -6240,6 +6314,17 @@ def reconstruct(repo, user, from_mirror=False, store_id=None, dry_run=False):
             own = view.refs.get(STORES_REF + key)
             refs.append({"ref": STORES_REF + key, "key": key, "restore": good, "parent": tip,
                          "replaces": own[0] if own else "", "source": source})
+        # A damaged local store ref that reports no longer read (a good fetched copy
+        # won): brought forward to that copy's files, so it stops standing in the way.
+        for ref, (oid, kind, _) in sorted(view.refs.items()):
+            key = ref[len(STORES_REF):]
+            if (not ref.startswith(STORES_REF) or kind != "commit" or key not in view.stores
+                    or view.stores[key][0] == ref or any(r["key"] == key for r in refs)):
+                continue
+            if verify_store(repo, objects, key, ref, oid):
+                chosen_ref, chosen_tip, _ = view.stores[key]
+                refs.append({"ref": ref, "key": key, "restore": chosen_tip, "parent": oid,
+                             "replaces": oid, "source": "%s %s" % (chosen_ref, chosen_tip[:12])})
     finally:
         objects.close()
     plan = {"schema": 1, "created": now(), "items": [{k: v for k, v in i.items() if k != "data"}
@@ -6398,15 +6483,18 @@ def compliance_audit(repo):
             problems = [f for f in result["findings"] if f["path"].startswith(ref)]
             ledger = StoreLedger(repo, user, store_id, objects)
             ledger._tip = tip
-            years = {n: m for n, m in ledger.tree("audit").items()}
-            chain, _ = _store_chain(objects, tip, years)
-            chain_result = verify_chain_bytes(chain, ref)
             total = 0
-            for data in ledger.read([shard_name(m) for m in ledger.months()]).values():
-                try:
-                    total += json.loads(data)["totals"]["seconds"]
-                except (TypeError, ValueError, KeyError):
-                    pass
+            try:
+                years = {n: m for n, m in ledger.tree("audit").items()}
+                chain, _ = _store_chain(objects, tip, years)
+                chain_result = verify_chain_bytes(chain, ref)
+                for data in ledger.read([shard_name(m) for m in ledger.months()]).values():
+                    try:
+                        total += json.loads(data)["totals"]["seconds"]
+                    except (TypeError, ValueError, KeyError, RecursionError):
+                        pass
+            except FlowForgeError as e:   # a teammate's unreadable ref: one row says so
+                chain_result = {"records": 0, "ok": False, "problem": one_line(e), "last": None}
             last = chain_result["last"]
             rows.append({"user": user, "store": store_id, "ref": ref,
                          "records": chain_result["records"], "chain_ok": chain_result["ok"],
@@ -6633,6 +6721,10 @@ def _prepare_deploy(repo, items, ref_items, deploy_id, staging, rollback):
         journal["items"].append(entry)
     for item in ref_items:
         old = item["replaces"] or item.get("parent")
+        if not item["restore"]:   # rolling back a ref that the deploy created: it goes
+            journal["refs"].append({"ref": item["ref"], "key": item["key"], "old": item["replaces"],
+                                    "new": "", "source": item["source"]})
+            continue
         new = repair_commit(repo, item["key"], item["restore"], old, item["source"])
         journal["refs"].append({"ref": item["ref"], "key": item["key"], "old": item["replaces"],
                                 "new": new, "source": item["source"]})
@@ -7119,7 +7211,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
     """Every store's shards for the months that [first, last] touches: the
     ledger, plus stores that only the in-tree 0.1 layout holds.  `about`
     collects what a report says of its data (stores, when fetched)."""
-    view = LedgerView(repo)
+    view = LedgerView(repo, own_store_keys(repo))
     for problem in view.problems:
         raise FlowForgeError(problem, EXIT_DATA)
     for line in view.warnings:
