@@ -158,3 +158,24 @@ def test_aggregating_in_a_fresh_clone_before_fetching_never_forks_the_store(tmp_
     manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
     manager.ok("fetch")
     assert manager.ok("report", "--json", "--by", "user").json["total_seconds"] == 5400
+
+
+def test_rolling_back_a_deploy_that_created_a_store_ref_deletes_it(tmp_path, pycache):
+    origin = make_origin(tmp_path, pycache)
+    bob = Clone(tmp_path, origin, "bob", "bob", pycache)
+    bob.log("1", "2h", "2026-11-16")
+    bob.commit("b.txt", "work")
+    bob.git("push", "-q", "origin", "main")
+    key = bob.store_key()
+    shard = bob.git("show", "refs/flowforge/stores/%s:summaries/2026-11.json" % key).stdout
+    rewrite_ledger(bob.root, {"summaries/2026-11.json": shard.replace('"rows"', '"rows" ', 1)
+                              .encode()}, user="bob")
+    bob.ok("push")
+    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
+    manager.ok("fetch")
+    manager.ok("recover", "reconstruct")
+    manager.ok("recover", "deploy")
+    assert manager.git("for-each-ref", "refs/flowforge/stores/").stdout.strip()
+    manager.ok("recover", "deploy", "--rollback")
+    assert manager.git("for-each-ref", "refs/flowforge/stores/").stdout.strip() == ""
+    assert manager("report", "--json").rc == 65              # back to how it was
