@@ -32,11 +32,14 @@ def test_a_long_cat_file_exchange_does_not_deadlock(repo):
 def push_tree(clone, ref, entries):
     """Push a commit whose tree is `entries` {path: bytes} to `ref` on origin."""
     env = clean_env(HOME=clone.home, GIT_INDEX_FILE=os.path.join(clone.root, ".git", "evil-index"))
-    for path, data in entries.items():
-        blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=clone.root, env=env,
-                              input=data, capture_output=True, check=True).stdout.decode().strip()
-        subprocess.run(["git", "update-index", "--add", "--cacheinfo", "100644,%s,%s" % (blob, path)],
-                       cwd=clone.root, env=env, check=True)
+    blobs = {}
+    for data in set(entries.values()):
+        blobs[data] = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=clone.root,
+                                     env=env, input=data, capture_output=True,
+                                     check=True).stdout.decode().strip()
+    index = "".join("100644 %s\t%s\n" % (blobs[data], path) for path, data in entries.items())
+    subprocess.run(["git", "update-index", "--add", "--index-info"], cwd=clone.root, env=env,
+                   input=index.encode(), check=True)
     tree = subprocess.run(["git", "write-tree"], cwd=clone.root, env=env, capture_output=True,
                           check=True).stdout.decode().strip()
     commit = subprocess.run(["git", "commit-tree", tree, "-m", "x"], cwd=clone.root, env=env,
