@@ -3412,6 +3412,12 @@ def last_fetch_time(repo, refs):
     return max(times) if times else None
 
 
+def never_fetched(repo):
+    """A clone with a remote that has never brought the ledger from it."""
+    _, remotes, _ = run_git(["remote"], repo.root)
+    return bool(remotes.split()) and last_fetch_time(repo, list_ledger_refs(repo)) is None
+
+
 def ledger_fetch(repo, remote, accept_rewritten=False):
     """Fetch every store ref of `remote`; returns {"stores", "new", "warnings"}."""
     before = list_ledger_refs(repo)
@@ -3706,7 +3712,9 @@ class Aggregator:
             if legacy:  # this store's 0.1 history first, so its chain goes on
                 migrate_store(self.repo, ledger.key, legacy)
                 ledger._tip = False
-            elif known:  # a fresh clone: the ledger is on the remote, not here yet
+            elif known and never_fetched(self.repo):
+                # a fresh clone of a restored store: its ledger is on the remote, not
+                # here yet (with no remote, or after a fetch, the history starts anew)
                 raise FlowForgeError(
                     "%s was aggregated before (team audit record %d) but its ledger ref is not in "
                     "this clone: run `flowforge fetch`, then aggregate again" % (ledger.key, known))
@@ -7224,8 +7232,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
              % repo.rel(repo.team))
     fetched = last_fetch_time(repo, view.refs)
     if not view.stores and not legacy and fetched is None:
-        _, remotes, _ = run_git(["remote"], repo.root)
-        if remotes.split():
+        if never_fetched(repo):
             raise FlowForgeError("this clone has never fetched the team ledger: run `flowforge "
                                  "fetch` (after `flowforge install hooks`, `git fetch` brings it "
                                  "too)")
