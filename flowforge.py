@@ -3586,11 +3586,11 @@ def legacy_store_files(repo, key, entry):
         raise FlowForgeError("%s: not a store directory (<user>--<store>)" % key, EXIT_DATA)
     files, shas = {}, {}
     for month, path in sorted(entry["shards"].items()):
-        data = read_bytes(path)
+        data = read_bytes_and_stat(path, MAX_SHARD_BYTES)[0]
         _shard_doc(data, key, month, repo.rel(path))
         files[shard_name(month)] = data
         shas[shard_name(month)] = _SHARD_SHA.search(data).group(1).decode()
-    chain = read_bytes(entry["chain"]) if entry["chain"] else b""
+    chain = read_bytes_and_stat(entry["chain"], MAX_CHAIN_BYTES)[0] if entry["chain"] else b""
     where = repo.rel(entry["chain"]) if entry["chain"] else key
     result = verify_chain_bytes(chain, where)
     if not result["ok"]:
@@ -7205,7 +7205,8 @@ def load_legacy_shards(repo, skip):
         if key in skip:
             continue
         try:
-            shards.append(_shard_doc(read_bytes(path), key, month, repo.rel(path)))
+            shards.append(_shard_doc(read_bytes_and_stat(path, MAX_SHARD_BYTES)[0], key, month,
+                                     repo.rel(path)))
         except CorruptFile as e:
             damaged.append("%s (%s)" % (repo.rel(path), e.reason))
     if damaged:

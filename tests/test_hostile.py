@@ -136,3 +136,14 @@ def test_author_names_with_separators_do_not_break_reconcile(tracked):
     assert r.rc == 1 and "Traceback" not in r.err, r
     assert "eve@example.com" in r.out and "\x1f" not in r.out, r.out
     assert store_key_of(tracked.root)  # the store itself is untouched
+
+
+def test_a_huge_shard_in_the_old_in_tree_layout_is_refused_unread(repo):
+    key = "mallory--0123456789"
+    directory = os.path.join(repo.root, ".flowforge", "team", "summaries", key)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "2026-11.json"), "wb") as f:
+        f.write(b"{" + b" " * (flowforge.MAX_SHARD_BYTES + 10) + b"}")
+    for args in (("report", "--json"), ("migrate",)):
+        r = repo(*args, env=NOW)
+        assert r.rc == 65 and "bytes, more than" in r.err and r.err.count("\n") == 1, (args, r)
