@@ -4853,6 +4853,131 @@ class _NoRedirects:
 _NO_REDIRECTS = _NoRedirects()
 
 
+# -- where a provider's token may go -------------------------------------------
+#
+# A committed config.json is shared through git: a server named only there
+# must never receive anyone's token.  Providers (and third-party plugins) take
+# their base URL through provider_api_base() and wrap their client in
+# ScrubbedErrors, so error text that echoes the token is cleaned before it is
+# stored or shown.
+
+def is_loopback(host):
+    import ipaddress
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def shown_url(url):
+    """A URL for a message: without a user name or password, one line, short."""
+    if not isinstance(url, str):
+        return repr(url)[:60]
+    return repr(re.sub(r"//[^/?#]*@", "//", url, count=1)[:120])
+
+
+def provider_base_url(url, setting):
+    """`url` tidied (no trailing /), or PermanentFailure naming `setting`: https, or
+    http to loopback; a host; no user, password, query, fragment or dot segments."""
+    if not isinstance(url, str) or not url.strip() or len(url) > 2000:
+        raise PermanentFailure("%s must be a URL" % setting)
+    import urllib.parse
+    url = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise PermanentFailure("%s is not a valid URL: %s" % (setting, shown_url(url)))
+    if parts.username is not None or parts.password is not None:
+        raise PermanentFailure("%s must not carry a user name or password: %s"
+                                         % (setting, shown_url(url)))
+    problem = None
+    if parts.scheme not in ("https", "http") or not host:
+        problem = "must be an https:// URL"
+    elif parts.scheme == "http" and not is_loopback(host):
+        problem = "must be https:// (http:// only to localhost, 127.0.0.1 or ::1)"
+    elif parts.query or parts.fragment or "#" in url or re.search(r"[\s%\\]", url):
+        problem = "must be a plain base URL (no query, fragment, spaces or %-escapes)"
+    elif any(seg in (".", "..") for seg in parts.path.split("/")):
+        problem = "must not contain . or .. path segments"
+    if problem:
+        raise PermanentFailure("%s %s: %s" % (setting, problem, shown_url(url)))
+    netloc = host if port is None else "%s:%d" % (host, port)
+    if ":" in host:
+        netloc = "[%s]" % host if port is None else "[%s]:%d" % (host, port)
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc.lower(), parts.path.rstrip("/"),
+                                    "", ""))
+
+
+def provider_api_base(config, plugin, public_api, url_env):
+    """A provider's base URL, or PermanentFailure.  A server other than the
+    public API comes from this process's environment (`url_env`, names of
+    variables): an api_url in the committed config.json is used only when it is
+    the public API or when the environment says the same -- else it is refused,
+    and never contacted."""
+    env, name = "", url_env[0]
+    for candidate in url_env:
+        if os.environ.get(candidate, "").strip():
+            env, name = os.environ[candidate].strip(), candidate
+            break
+    base = provider_base_url(env, name) if env else public_api
+    committed = config.get("api_url")
+    if committed is None or committed == "":
+        return base
+    setting = "plugins.%s.api_url in config.json" % plugin
+    try:
+        if provider_base_url(committed, setting) == base:
+            return base
+    except PermanentFailure as e:
+        if env:
+            raise
+        problem = "; it is not valid either: %s" % e
+    else:
+        problem = ""
+    if env:
+        raise PermanentFailure(
+            "refusing %s (%s): it does not match %s=%s in this environment; make them agree or "
+            "remove api_url (nothing was sent)" % (setting, shown_url(committed), name,
+                                                    shown_url(env)))
+    raise PermanentFailure(
+        "refusing %s (%s): config.json is shared through git, so a server other than %s is "
+        "used only when your own environment names it -- if you trust that server, set %s to "
+        "its https:// URL where the queue runs (nothing was sent)%s"
+        % (setting, shown_url(committed), public_api, name, problem))
+
+
+def scrub_secret(text, secret):
+    """`text` without `secret` (as is, %-encoded or JSON-escaped, any case)."""
+    import urllib.parse
+    text = str(text)
+    if not secret:
+        return text
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
+             json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    for form in sorted(forms, key=len, reverse=True):
+        text = re.sub(re.escape(form), "[token]", text, flags=re.IGNORECASE)
+    return text
+
+
+class ScrubbedErrors:
+    """`http` whose error replies (status 300 and up) have the token scrubbed
+    from their bodies, before any message is cut from them."""
+
+    def __init__(self, api, secret):
+        self.api, self.secret = api, secret
+
+    def request(self, method, path, body=None):
+        reply = self.api.request(method, path, body)
+        if reply.status >= 300 and reply.body:
+            text = reply.body.decode("utf-8", "replace")
+            clean = scrub_secret(text, self.secret)
+            if clean != text:
+                reply.body = clean.encode("utf-8")
+        return reply
+
+
 @job_kind("sync")
 def sync_job(repo, payload, job, queue):
     """One provider update for one issue, by the plugin named in the payload."""

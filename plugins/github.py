@@ -23,11 +23,8 @@ hidden marker, with the team's total (and each user's, with "per_user": true),
 plus the optional label.  Nothing else, and no request at all when the total
 has not changed since the last update from this machine.
 """
-import ipaddress
-import json
 import os
 import re
-import urllib.parse
 
 import flowforge
 
@@ -44,120 +41,16 @@ _REPOSITORY = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,99})/([A-Za-z0-9_.-]{1,10
 _NUMBER = re.compile(r"[0-9]{1,12}", re.ASCII)
 
 
-# -- where the token may go ----------------------------------------------------
-# (the same few functions are in notion.py: a plugin is one file)
+# -- where the token may go: FlowForge's provider rules --------------------------
 
-def is_loopback(host):
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def shown_url(url):
-    """A URL for a message: without a user name or password, one line, short."""
-    if not isinstance(url, str):
-        return repr(url)[:60]
-    return repr(re.sub(r"//[^/?#]*@", "//", url, count=1)[:120])
-
-
-def base_url(url, setting):
-    """`url` tidied (no trailing /), or PermanentFailure naming `setting`: https, or
-    http to loopback; a host; no user, password, query, fragment or dot segments."""
-    if not isinstance(url, str) or not url.strip() or len(url) > 2000:
-        raise flowforge.PermanentFailure("%s must be a URL" % setting)
-    url = url.strip()
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise flowforge.PermanentFailure("%s is not a valid URL: %s" % (setting, shown_url(url)))
-    if parts.username is not None or parts.password is not None:
-        raise flowforge.PermanentFailure("%s must not carry a user name or password: %s"
-                                         % (setting, shown_url(url)))
-    problem = None
-    if parts.scheme not in ("https", "http") or not host:
-        problem = "must be an https:// URL"
-    elif parts.scheme == "http" and not is_loopback(host):
-        problem = "must be https:// (http:// only to localhost, 127.0.0.1 or ::1)"
-    elif parts.query or parts.fragment or "#" in url or re.search(r"[\s%\\]", url):
-        problem = "must be a plain base URL (no query, fragment, spaces or %-escapes)"
-    elif any(seg in (".", "..") for seg in parts.path.split("/")):
-        problem = "must not contain . or .. path segments"
-    if problem:
-        raise flowforge.PermanentFailure("%s %s: %s" % (setting, problem, shown_url(url)))
-    netloc = host if port is None else "%s:%d" % (host, port)
-    if ":" in host:
-        netloc = "[%s]" % host if port is None else "[%s]:%d" % (host, port)
-    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc.lower(), parts.path.rstrip("/"),
-                                    "", ""))
+is_loopback, shown_url, base_url = flowforge.is_loopback, flowforge.shown_url, flowforge.provider_base_url
+scrub, ScrubbedErrors = flowforge.scrub_secret, flowforge.ScrubbedErrors
 
 
 def api_base(config):
-    """The API's base URL, or PermanentFailure.  A server other than the public
-    API comes from this process's environment (URL_ENV): an api_url in the
-    committed config.json is used only when it is the public API or when the
-    environment says the same -- else it is refused, and never contacted."""
-    env, name = "", URL_ENV[0]
-    for candidate in URL_ENV:
-        if os.environ.get(candidate, "").strip():
-            env, name = os.environ[candidate].strip(), candidate
-            break
-    base = base_url(env, name) if env else PUBLIC_API
-    committed = config.get("api_url")
-    if committed is None or committed == "":
-        return base
-    setting = "plugins.%s.api_url in config.json" % NAME
-    try:
-        if base_url(committed, setting) == base:
-            return base
-    except flowforge.PermanentFailure as e:
-        if env:
-            raise
-        problem = "; it is not valid either: %s" % e
-    else:
-        problem = ""
-    if env:
-        raise flowforge.PermanentFailure(
-            "refusing %s (%s): it does not match %s=%s in this environment; make them agree or "
-            "remove api_url (nothing was sent)" % (setting, shown_url(committed), name,
-                                                    shown_url(env)))
-    raise flowforge.PermanentFailure(
-        "refusing %s (%s): config.json is shared through git, so a server other than %s is "
-        "used only when your own environment names it -- if you trust that server, set %s to "
-        "its https:// URL where the queue runs (nothing was sent)%s"
-        % (setting, shown_url(committed), PUBLIC_API, name, problem))
-
-
-def scrub(text, secret):
-    """`text` without `secret` (as is, %-encoded or JSON-escaped, any case)."""
-    text = str(text)
-    if not secret:
-        return text
-    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
-             json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
-    for form in sorted(forms, key=len, reverse=True):
-        text = re.sub(re.escape(form), "[token]", text, flags=re.IGNORECASE)
-    return text
-
-
-class ScrubbedErrors:
-    """`http` whose error replies (status 300 and up) have the token scrubbed
-    from their bodies, before any message is cut from them."""
-
-    def __init__(self, api, secret):
-        self.api, self.secret = api, secret
-
-    def request(self, method, path, body=None):
-        reply = self.api.request(method, path, body)
-        if reply.status >= 300 and reply.body:
-            text = reply.body.decode("utf-8", "replace")
-            clean = scrub(text, self.secret)
-            if clean != text:
-                reply.body = clean.encode("utf-8")
-        return reply
+    """The API's base URL: the public API, or a server this process's
+    environment (URL_ENV) names; a committed api_url alone is refused."""
+    return flowforge.provider_api_base(config, NAME, PUBLIC_API, URL_ENV)
 
 
 # -- issues --------------------------------------------------------------------
