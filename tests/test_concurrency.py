@@ -77,11 +77,11 @@ def test_planted_symlinks_are_refused(repo, tmp_path):
     assert victim.read_text() == "precious" and os.stat(victim).st_mode & 0o777 == 0o640
     os.unlink(lock)
     # a symlink in place of a private file: the atomic replace swaps the link itself
-    repo.ok("start", "1", "--at", "09:00")
+    repo.ok("start", "1", "--at", "09:00", env={"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"})
     timer = os.path.join(repo.root, ".flowforge/user/alice/time/current.json")
     os.unlink(timer)
     os.symlink(str(victim), timer)
-    r = repo("stop")
+    r = repo("stop", env={"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"})
     assert r.rc == 77 and "symbolic link" in r.err
     assert victim.read_text() == "precious"
 
