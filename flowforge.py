@@ -92,6 +92,9 @@ EXIT_NOPERM = 77       # permission denied
 EXIT_CONFIG = 78       # bad configuration
 
 MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
+# An entry's time lies on local days at most this far from the day file that
+# holds it (the day in its id), so that "the time on day D" reads a few files.
+REACH_DAYS = 7
 # What a shard read from a teammate's commit may hold, before it is believed:
 # a row of more than a year of seconds, or a name longer than any issue
 # reference, is garbage or an attack, not time to bill.
@@ -253,6 +256,12 @@ class DayClock:
             start = stop
         return parts
 
+    def day_length(self, day_iso):
+        """Seconds in local date `day_iso`: 86400, or 82800 / 90000 on DST days."""
+        from datetime import date, timedelta
+        day = date.fromisoformat(day_iso)
+        return self.day_start(day + timedelta(days=1)) - self.day_start(day)
+
     def day_of(self, ts):
         """The local date (ISO string) of epoch second `ts`; cheap for nearby times."""
         lo, hi, iso = self._span
@@ -271,57 +280,161 @@ class DayClock:
         return self._span
 
 
-_TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+# Time input, as people type it.  One table (TIME_FORMS) is the help text, the
+# README's reference and the error message, so the three cannot disagree.
+TIME_FORMS = (
+    ("now", "this instant"),
+    ("9:30, 09:30:15, 9am, 9:30pm, noon", "that time today (on --date's day for `log`)"),
+    ("yesterday 17:00, mon 9:00", "that time on that day (mon..sun: the most recent, "
+     "today included)"),
+    ("2026-11-22 09:30, 2026-11-22T09:30", "that local date and time"),
+    ("2026-11-22T09:30+01:00", "an exact instant, with its offset (Z for UTC); also for a "
+     "time that DST skips or repeats"),
+    ("-15m, -1h30m, 2h ago, 15m ago", "that long before now"),
+)
+DAY_FORMS = (
+    ("today, yesterday", ""),
+    ("mon .. sun, monday .. sunday", "the most recent one, today included"),
+    ("-3d", "three days ago"),
+    ("2026-11-22", "that date"),
+)
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_CLOCK = re.compile(r"^(\d{1,2})(?::(\d{2})(?::(\d{2}))?)?\s*(am|pm)?"
+                    r"\s*(z|[+-]\d{2}:?\d{2})?$")
 _DATE_TIME = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
     r"\s*(Z|z|[+-]\d{2}:?\d{2})?)?$")
+_AGO = re.compile(r"^(?:-(\S+)|(\S+)\s+ago)$")
+_DAYS_AGO = re.compile(r"^-(\d{1,4})d$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MONTH = re.compile(r"^\d{4}-\d{2}$")
 
 
-def parse_time(text, tz, now_ts):
-    """Epoch seconds for a time argument.
+def _forms(table):
+    return ", ".join(form for form, _ in table)
 
-    Accepts `now`, `09:30` (today in `tz`), `2026-11-22 09:30`, ISO-8601 with or
-    without an offset, a bare date (its midnight), and relative `-15m` / `-1h30m`."""
-    from datetime import datetime, timedelta, timezone
-    raw = text
-    text = text.strip()
-    if text == "now":
-        return now_ts
-    if text.startswith("-") and len(text) > 1:
+
+def _offset_zone(text):
+    from datetime import timedelta, timezone
+    if text in ("Z", "z"):
+        return timezone.utc
+    sign = -1 if text[0] == "-" else 1
+    digits = text[1:].replace(":", "")
+    hours, minutes = int(digits[:2]), int(digits[2:])
+    if hours > 23 or minutes > 59:
+        raise ValueError(text)
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def local_instant(day, hour, minute, second, tz, raw):
+    """Epoch second of a wall-clock time on `day` in zone `tz`.
+
+    A time that the zone skips (the spring-forward gap) or repeats (the autumn
+    overlap) has two candidate instants; rather than pick one silently -- an
+    hour billed or lost -- both are named and the user gives the offset."""
+    from datetime import datetime
+    naive = datetime(day.year, day.month, day.day, hour, minute, second)
+    first = int(naive.replace(tzinfo=tz, fold=0).timestamp())
+    second_ = int(naive.replace(tzinfo=tz, fold=1).timestamp())
+    if first == second_:
+        return first
+    zone = getattr(tz, "key", None) or str(tz)
+    options = sorted({first, second_})
+
+    def exact(ts):
+        local = datetime.fromtimestamp(ts, tz)
+        offset = local.strftime("%z")
+        return "%s%s:%s (%s)" % (local.strftime("%Y-%m-%dT%H:%M:%S"), offset[:3], offset[3:],
+                                 local.tzname())
+    if datetime.fromtimestamp(first, tz).replace(tzinfo=None) == naive:
+        what = "happens twice in %s (the clocks go back)" % zone
+    else:
+        what = "does not exist in %s (the clocks skip it)" % zone
+    raise FlowForgeError("time %r %s: it could be %s or %s; give one of those, with its offset"
+                         % (raw, what, exact(options[0]), exact(options[1])), EXIT_USAGE)
+
+
+def parse_day(text, tz, now_ts, what="date"):
+    """A day argument (see DAY_FORMS) as a datetime.date, local to `tz`."""
+    from datetime import date, datetime, timedelta
+    word = (text or "").strip().lower()
+    today = datetime.fromtimestamp(now_ts, tz).date()
+    if word == "today":
+        return today
+    if word == "yesterday":
+        return today - timedelta(days=1)
+    if word[:3] in _WEEKDAYS and word in (word[:3], _WEEKDAY_NAMES[_WEEKDAYS.index(word[:3])]):
+        return today - timedelta(days=(today.weekday() - _WEEKDAYS.index(word[:3])) % 7)
+    m = _DAYS_AGO.fullmatch(word)
+    if m:
+        return today - timedelta(days=int(m.group(1)))
+    if _DATE.fullmatch(word):
         try:
-            ts = now_ts - parse_duration(text[1:])
-        except FlowForgeError:
-            raise FlowForgeError("time %r is not valid: a relative time looks "
-                                 "like -15m or -1h30m" % raw, EXIT_USAGE)
-        return _plausible(ts, raw)
-    m = _TIME_OF_DAY.fullmatch(text)
+            return date.fromisoformat(word)
+        except ValueError:
+            pass
+    raise FlowForgeError("%s %r is not valid: use %s" % (what, text, _forms(DAY_FORMS)),
+                         EXIT_USAGE)
+
+
+def parse_time(text, tz, now_ts, base_day=None):
+    """Epoch seconds for a time argument (see TIME_FORMS), local to `tz`.
+
+    A time of day alone is on `base_day` (a datetime.date; default today)."""
+    from datetime import datetime
+    raw = text
+    text = (text or "").strip()
+    lowered = text.lower()
     try:
-        if m:
-            hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-            today = datetime.fromtimestamp(now_ts, tz).date()
-            local = datetime(today.year, today.month, today.day, hour, minute, second, tzinfo=tz)
-            return _plausible(int(local.timestamp()), raw)
+        if lowered == "now":
+            return now_ts
+        m = _AGO.fullmatch(lowered)
+        if m and not _DAYS_AGO.fullmatch(lowered):
+            try:
+                return _plausible(now_ts - parse_duration(m.group(1) or m.group(2)), raw)
+            except FlowForgeError as e:
+                if e.exit_code != EXIT_USAGE or "out of range" in str(e):
+                    raise
         m = _DATE_TIME.fullmatch(text)
         if m:
             y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
             hour, minute, second = (int(m.group(4) or 0), int(m.group(5) or 0), int(m.group(6) or 0))
-            zone = tz
-            offset = m.group(7)
-            if offset:
-                if offset in ("Z", "z"):
-                    zone = timezone.utc
-                else:
-                    sign = -1 if offset[0] == "-" else 1
-                    digits = offset[1:].replace(":", "")
-                    zone = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
-            ts = int(datetime(y, mo, d, hour, minute, second, tzinfo=zone).timestamp())
-            return _plausible(ts, raw)
+            if m.group(7):
+                ts = int(datetime(y, mo, d, hour, minute, second,
+                                  tzinfo=_offset_zone(m.group(7))).timestamp())
+                return _plausible(ts, raw)
+            from datetime import date
+            return _plausible(local_instant(date(y, mo, d), hour, minute, second, tz, raw), raw)
+        day_word, _, clock = lowered.partition(" ")
+        clock = clock.strip()
+        if not clock or _CLOCK.fullmatch(day_word) or day_word in ("noon", "midnight"):
+            day, clock = base_day, lowered  # a time of day alone
+        else:
+            day = parse_day(day_word, tz, now_ts)
+        if day is None:
+            day = datetime.fromtimestamp(now_ts, tz).date()
+        clock = {"noon": "12:00", "midnight": "0:00"}.get(clock, clock)
+        m = _CLOCK.fullmatch(clock)
+        if m and (m.group(2) is not None or m.group(4)):
+            hour, minute, second = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+            if m.group(4):
+                if not 1 <= hour <= 12:
+                    raise ValueError(raw)
+                hour = hour % 12 + (12 if m.group(4) == "pm" else 0)
+            if hour > 23 or minute > 59 or second > 59:
+                raise ValueError(raw)
+            if m.group(5):
+                local = datetime(day.year, day.month, day.day, hour, minute, second,
+                                 tzinfo=_offset_zone(m.group(5)))
+                return _plausible(int(local.timestamp()), raw)
+            return _plausible(local_instant(day, hour, minute, second, tz, raw), raw)
     except (ValueError, OverflowError):
         pass
-    raise FlowForgeError("time %r is not valid: use 09:30, 2026-11-22 09:30, "
-                         "ISO-8601 or -15m" % raw, EXIT_USAGE)
+    except FlowForgeError as e:
+        if "not valid" not in str(e):  # out of range, or a DST gap/overlap: say that
+            raise
+    raise FlowForgeError("time %r is not valid: use %s" % (raw, _forms(TIME_FORMS)), EXIT_USAGE)
 
 
 def plausible_time(ts):
@@ -333,6 +446,18 @@ def _plausible(ts, raw):
     if not plausible_time(ts):
         raise FlowForgeError("time %r is out of range (1970 to 2999)" % raw, EXIT_USAGE)
     return ts
+
+
+def shift_day(day_iso, days):
+    """The ISO date `days` after (or before, if negative) `day_iso`."""
+    from datetime import date, timedelta
+    return (date.fromisoformat(day_iso) + timedelta(days=days)).isoformat()
+
+
+def _day_count(first_day, last_day):
+    """Days from `first_day` to `last_day`, both included."""
+    from datetime import date
+    return (date.fromisoformat(last_day) - date.fromisoformat(first_day)).days + 1
 
 
 def parse_date(text, what="date"):
@@ -400,6 +525,13 @@ def format_duration(seconds):
     if m:
         return "%s%dm%02ds" % (sign, m, s) if s else "%s%dm" % (sign, m)
     return "%s%ds" % (sign, s)
+
+
+def closest(word, choices):
+    """The choice most like `word` (a typo's likely meaning), or None."""
+    from difflib import get_close_matches
+    found = get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def format_hours(seconds):
@@ -1530,6 +1662,24 @@ def entry_start(entry):
     return entry["segments"][0][0] if entry.get("segments") else None
 
 
+def entry_parts(entry, split):
+    """[(local date, seconds)] of an entry: its clock segments split at local
+    midnight by `split` (a DayClock's), a logged entry all on its date.  This
+    is the one definition of "the time on day D": status, entries, the shards
+    and so every report use it."""
+    segments = entry.get("segments")
+    if segments is None:
+        return ((entry["date"], entry["seconds"]),)
+    if len(segments) == 1:
+        return split(*segments[0])
+    return [part for start, end in segments for part in split(start, end)]
+
+
+def segments_overlap(a, b):
+    """Whether two lists of [start, end) segments share a second."""
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+
+
 def _valid_record(record):
     """Structural check of a record that passed its checksum."""
     version = record.get("v", 0) if type(record) is dict else None
@@ -2029,6 +2179,21 @@ class PrivateStore:
     def entries_of_day(self, day_iso):
         return resolve_entries(self.read_day(day_iso))
 
+    def entries_near(self, first_day, last_day):
+        """{id: (day file, entry)} of every entry that can have time from
+        `first_day` to `last_day`: those in the day files up to REACH_DAYS
+        either side.  The caller holds the store lock."""
+        low, high = shift_day(first_day, -REACH_DAYS), shift_day(last_day, REACH_DAYS)
+        if high <= shift_day(low, 62):  # a few probes beat listing years of day files
+            days = [shift_day(low, n) for n in range(_day_count(low, high))]
+        else:
+            days = [d for d in self.days() if low <= d <= high]
+        found = {}
+        for day in days:
+            for entry_id, entry in self.entries_of_day(day).items():
+                found[entry_id] = (day, entry)
+        return found
+
     def find_entry(self, entry_id):
         day = day_of_entry_id(entry_id)
         entry = self.entries_of_day(day).get(entry_id)
@@ -2110,7 +2275,11 @@ def timer_last_point(timer):
 
 class Timers:
     """Timer commands of one user.  Each runs under the store lock and returns
-    (result dict for --json, list of messages for people)."""
+    (result dict for --json, list of messages for people).
+
+    Every entry is admitted before it is written (`admit`): time that cannot be
+    -- overlapping another timed entry of the same person, or a day holding
+    more hours than it has -- is refused, because it would be billed twice."""
 
     def __init__(self, store, now_ts):
         self.store = store
@@ -2125,7 +2294,134 @@ class Timers:
         from datetime import datetime
         return datetime.fromtimestamp(ts, self.store.tz).strftime("%Y-%m-%d %H:%M:%S")
 
-    def _finish(self, timer, at, messages):
+    def span(self, segments):
+        """`2026-11-20 09:00-10:30` (or `... 23:00 to 2026-11-21 01:30`) for messages."""
+        first, last = self.show(segments[0][0])[:16], self.show(segments[-1][1])[:16]
+        return "%s-%s" % (first, last[11:]) if first[:10] == last[:10] else "%s to %s" % (first, last)
+
+    # -- admission ----------------------------------------------------------
+
+    def admit(self, entry, file_day, allow_overlap=False, timer=None):
+        """Check a new or changed entry against this user's other time; the
+        caller holds the store lock and writes `entry` to `file_day`'s file.
+        `timer`: the running or paused timer, which counts as timed work too.
+        With `allow_overlap` an overlapping entry is marked, not refused."""
+        clock = self.store.clock
+        parts = entry_parts(entry, clock.split)
+        days = sorted({day for day, _ in parts})
+        if days[0] < shift_day(file_day, -REACH_DAYS) or days[-1] > shift_day(file_day, REACH_DAYS):
+            raise FlowForgeError(
+                "%s was recorded on %s and can hold time from %s to %s only: delete it and "
+                "record the time again" % (entry["id"], file_day, shift_day(file_day, -REACH_DAYS),
+                                           shift_day(file_day, REACH_DAYS)), EXIT_USAGE)
+        near = self.store.entries_near(days[0], days[-1])
+        near.pop(entry["id"], None)
+        if entry.get("segments"):
+            clash, other_id = self._overlap(entry, near, timer)
+            if clash and not allow_overlap:
+                fix = ("`flowforge edit %s --start/--end`" % other_id if other_id
+                       else "`flowforge stop --at TIME`")
+                raise FlowForgeError(
+                    "%s overlaps %s: change the times, fix that one (%s), or give --allow-overlap "
+                    "if you really worked on both at once" % (self.span(entry["segments"]), clash,
+                                                              fix), EXIT_DATA)
+            if clash or entry.get("overlap"):
+                entry["overlap"] = bool(clash)
+        recorded = {}
+        for _, other in near.values():
+            for day, seconds in entry_parts(other, clock.split):
+                recorded[day] = recorded.get(day, 0) + seconds
+        adding = {}
+        for day, seconds in parts:
+            adding[day] = adding.get(day, 0) + seconds
+        for day in sorted(adding):
+            length = clock.day_length(day)
+            if recorded.get(day, 0) + adding[day] > length:
+                raise FlowForgeError(
+                    "%s would hold %s of recorded time, more than the %s it has (%s recorded, "
+                    "this adds %s): see `flowforge entries --date %s`"
+                    % (day, format_duration(recorded.get(day, 0) + adding[day]),
+                       format_duration(length), format_duration(recorded.get(day, 0)),
+                       format_duration(adding[day]), day), EXIT_DATA)
+        return entry
+
+    def admit_batch(self, records, allow_overlap=False):
+        """`admit` for many new entries at once (an import), in one pass over
+        their days: ([admitted records], [(record, why not)]).  Entries are
+        taken in time order; one that overlaps an earlier one, or a recorded
+        entry, is refused (marked instead with `allow_overlap`), as is one that
+        would fill a day beyond its hours.  The caller holds the store lock."""
+        from bisect import bisect_left
+        if not records:
+            return [], []
+        split = self.store.clock.split
+        parts = {id(r): entry_parts(r, split) for r in records}
+        days = sorted({day for p in parts.values() for day, _ in p})
+        recorded, starts, reach = {}, [], []
+        timed = []
+        for other_id, (_, other) in self.store.entries_near(days[0], days[-1]).items():
+            for day, seconds in entry_parts(other, split):
+                recorded[day] = recorded.get(day, 0) + seconds
+            for start, end in other.get("segments") or ():
+                timed.append((start, end, other_id, other))
+        timed.sort(key=lambda t: t[0])
+        best = None
+        for start, end, other_id, other in timed:   # reach[i]: the latest end among timed[:i + 1]
+            if best is None or end > best[0]:
+                best = (end, other_id, other)
+            starts.append(start)
+            reach.append(best)
+        admitted, refused = [], []
+        latest = None   # (end, record) of the admitted new entry that ends last
+        for record in sorted(records, key=lambda r: (entry_start(r) or 0, r["id"])):
+            clash = None
+            for start, end in record.get("segments") or ():
+                i = bisect_left(starts, end) - 1   # recorded segments starting before this ends
+                if i >= 0 and reach[i][0] > start:
+                    clash = self._overlap(record, {reach[i][1]: (None, reach[i][2])}, None)[0] or \
+                        "entry %s" % reach[i][1]
+                elif latest is not None and latest[0] > start:
+                    clash = "%s in the same import" % self.span(latest[1]["segments"])
+            if clash and not allow_overlap:
+                refused.append((record, "%s overlaps %s" % (self.span(record["segments"]), clash)))
+                continue
+            full = [day for day, seconds in parts[id(record)]
+                    if recorded.get(day, 0) + seconds > self.store.clock.day_length(day)]
+            if full:
+                refused.append((record, "%s would fill %s beyond its %s" % (
+                    self.span(record["segments"]) if record.get("segments") else record["date"],
+                    full[0], format_duration(self.store.clock.day_length(full[0])))))
+                continue
+            if clash:
+                record["overlap"] = True
+            for day, seconds in parts[id(record)]:
+                recorded[day] = recorded.get(day, 0) + seconds
+            if record.get("segments") and (latest is None or record["segments"][-1][1] > latest[0]):
+                latest = (record["segments"][-1][1], record)
+            admitted.append(record)
+        return admitted, refused
+
+    def _overlap(self, entry, near, timer):
+        """(description, entry id) of the first timed entry -- or (description,
+        None) of the timer -- that `entry` overlaps; (None, None) if none."""
+        segments = entry["segments"]
+        for other_id, (_, other) in sorted(near.items(), key=lambda kv: entry_start(kv[1][1]) or 0):
+            if other.get("segments") and segments_overlap(segments, other["segments"]):
+                return ("entry %s (%s, %s)" % (other_id, other["issue"],
+                                               self.span(other["segments"])), other_id)
+        if timer is not None and timer["id"] != entry["id"]:
+            spans = list(timer["segments"])
+            if timer.get("running_since") is not None:
+                spans.append([timer["running_since"], max(self.now, timer["running_since"] + 1)])
+            if segments_overlap(segments, spans):
+                state = "running" if timer.get("running_since") is not None else "paused"
+                return "the %s timer for %s (since %s)" % (
+                    state, timer["issue"], self.show(spans[0][0])[:16]), None
+        return None, None
+
+    # -- the timer ----------------------------------------------------------
+
+    def _finish(self, timer, at, messages, allow_overlap=False):
         """Record the timer as an entry ending at `at` (if running) and clear it."""
         segments = [list(s) for s in timer["segments"]]
         if timer.get("running_since") is not None:
@@ -2145,8 +2441,11 @@ class Timers:
             entry = {"op": "entry", "id": timer["id"], "issue": timer["issue"],
                      "project": timer.get("project", ""), "note": timer.get("note", ""),
                      "segments": segments, "src": "timer"}
+            self.admit(entry, timer["day"], allow_overlap or timer.get("allow_overlap", False))
             self.store.append(timer["day"], [entry])  # the commit point
-            messages.append("stopped %s after %s" % (timer["issue"], format_duration(seconds)))
+            messages.append("stopped %s after %s%s" % (timer["issue"], format_duration(seconds),
+                                                      " (overlap allowed)" if entry.get("overlap")
+                                                      else ""))
             try:
                 self.store.save_timer(None)
             except StorageError as e:  # recorded: the next command sees it and clears the timer
@@ -2158,7 +2457,7 @@ class Timers:
         self.store.save_timer(None)
         return entry
 
-    def start(self, issue, project, note, at):
+    def start(self, issue, project, note, at, allow_overlap=False):
         self.check_time(at, "start time")
         messages = []
         with self.store.lock():
@@ -2168,17 +2467,29 @@ class Timers:
                     messages.append("already tracking %s since %s"
                                     % (issue, self.show(timer["running_since"])))
                     return {"timer": timer, "changed": False}, messages
-                return self._resume(timer, at, messages)
+                result, messages = self._resume(timer, at, messages)
+                if result["stopped"]:
+                    announce(self.store.repo, "on_stop", user=self.store.user,
+                             entry=result["stopped"])
+                return result, messages
             stopped = None
             if timer is not None:
                 if at < timer_last_point(timer):
                     raise FlowForgeError("start time %s is before the current timer's %s"
                                          % (self.show(at), self.show(timer_last_point(timer))),
                                          EXIT_USAGE)
-                stopped = self._finish(timer, at, messages)
             day = local_date(at, self.store.tz)
-            timer = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
-                     "note": note, "segments": [], "running_since": at}
+            new = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
+                   "note": note, "segments": [], "running_since": at}
+            if allow_overlap:
+                new["allow_overlap"] = True
+            # The new timer's time so far must be free before anything is written
+            # (the old timer's entry is admitted as it is recorded).
+            self.admit({"id": new["id"], "segments": [[at, max(at + 1, self.now)]]}, day,
+                       allow_overlap)
+            if timer is not None:
+                stopped = self._finish(timer, at, messages)
+            timer = new
             try:
                 self.store.save_timer(timer)
             except StorageError as e:
@@ -2197,12 +2508,42 @@ class Timers:
         messages.append("tracking %s since %s" % (issue, self.show(at)))
         return {"timer": timer, "stopped": stopped and public_entry(stopped), "changed": True}, messages
 
-    def stop(self, at):
+    def last_entry(self):
+        """(id, entry) of the timed entry that ended last, or None (for `continue`)."""
+        best = None
+        with self.store.lock():
+            for day in reversed(self.store.days()):
+                if best and day < shift_day(local_date(best[1]["segments"][-1][1], self.store.tz),
+                                            -REACH_DAYS):
+                    break
+                for entry_id, entry in self.store.entries_of_day(day).items():
+                    if entry.get("segments") and (
+                            best is None or entry["segments"][-1][1] > best[1]["segments"][-1][1]):
+                        best = (entry_id, entry)
+        return best
+
+    def resume_entry(self, entry_id, at, allow_overlap=False):
+        """`continue`: a new timer with an entry's issue, project and note."""
+        if entry_id:
+            with self.store.lock():
+                _, entry = self.store.find_entry(entry_id)
+        else:
+            found = self.last_entry()
+            if found is None:
+                raise FlowForgeError("no timed entry to continue yet (start one with "
+                                     "`flowforge start ISSUE`)")
+            entry_id, entry = found
+        result, messages = self.start(entry["issue"], entry.get("project", ""),
+                                      entry.get("note", ""), at, allow_overlap)
+        result["continued"] = entry_id
+        return result, messages
+
+    def stop(self, at, allow_overlap=False):
         self.check_time(at, "stop time")
         messages = []
         with self.store.lock():
             timer = self._require()
-            entry = self._finish(timer, at, messages)
+            entry = self._finish(timer, at, messages, allow_overlap)
         if entry:
             announce(self.store.repo, "on_stop", user=self.store.user, entry=public_entry(entry))
         return {"entry": entry and public_entry(entry)}, messages
@@ -2231,17 +2572,26 @@ class Timers:
             timer = self._require()
             if timer.get("running_since") is not None:
                 raise FlowForgeError("the timer for %s is already running" % timer["issue"])
-            return self._resume(timer, at, [])
+            result, messages = self._resume(timer, at, [])
+        if result["stopped"]:
+            announce(self.store.repo, "on_stop", user=self.store.user, entry=result["stopped"])
+        return result, messages
 
     def _resume(self, timer, at, messages):
         last = timer_last_point(timer)
         if at < last:
             raise FlowForgeError("resume time %s is before the pause at %s"
                                  % (self.show(at), self.show(last)), EXIT_USAGE)
+        stopped = None
+        if local_date(at, self.store.tz) != timer["day"]:
+            # A new day, a new entry: an entry stays near the day file that holds it.
+            stopped = self._finish(timer, last, messages)
+            day = local_date(at, self.store.tz)
+            timer = dict(timer, id=new_entry_id(day), day=day, segments=[])
         timer["running_since"] = at
         self.store.save_timer(timer)
         messages.append("resumed %s at %s" % (timer["issue"], self.show(at)))
-        return {"timer": timer, "changed": True}, messages
+        return {"timer": timer, "changed": True, "stopped": stopped and public_entry(stopped)}, messages
 
     def cancel(self):
         with self.store.lock():
@@ -2254,13 +2604,22 @@ class Timers:
         with self.store.lock():
             timer = self.store.load_timer()
             today = local_date(self.now, self.store.tz)
-            entries = self.store.entries_of_day(today)
-        today_seconds = sum(entry_seconds(e) for e in entries.values())
+            near = self.store.entries_near(today, today)
+        split = self.store.clock.split
+        today_seconds = sum(seconds for _, entry in near.values()
+                            for day, seconds in entry_parts(entry, split) if day == today)
         result = {"timer": timer, "today": today, "today_seconds": today_seconds}
+        lines = []
         if timer is None:
-            line = "no timer running"
+            lines.append("no timer running")
         else:
             result["elapsed_seconds"] = timer_seconds(timer, self.now)
+            spans = list(timer["segments"])
+            if timer.get("running_since") is not None and self.now > timer["running_since"]:
+                spans.append([timer["running_since"], self.now])
+            result["timer_today_seconds"] = sum(
+                seconds for day, seconds in entry_parts({"segments": spans}, split)
+                if day == today) if spans else 0
             state = "tracking" if timer.get("running_since") is not None else "paused"
             line = "%s %s%s: %s" % (state, timer["issue"],
                                     " (%s)" % timer["project"] if timer.get("project") else "",
@@ -2269,7 +2628,11 @@ class Timers:
                 line += " since %s" % self.show(timer["running_since"])[11:16]
             if timer.get("note"):
                 line += " - " + timer["note"]
-        return result, [line, "today %s: %s recorded" % (today, format_duration(today_seconds))]
+            lines.append(line)
+        line = "today %s: %s recorded" % (today, format_duration(today_seconds))
+        if result.get("timer_today_seconds"):
+            line += ", %s more on the timer" % format_duration(result["timer_today_seconds"])
+        return result, lines + [line]
 
     def _require(self):
         timer = self.store.load_timer()
@@ -2277,28 +2640,40 @@ class Timers:
             raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
         return timer
 
-    def log(self, issue, seconds, day, project, note, key):
+    def log(self, issue, seconds, day, project, note, key, allow_overlap=False, start=None):
+        """Record time without a timer: `seconds` on `day`, or with `start`
+        the interval [start, start + seconds) (Timewarrior's `track`)."""
         if seconds > MAX_ENTRY_SECONDS:
             raise FlowForgeError("duration %s is longer than 24h; log each day separately"
                                  % format_duration(seconds), EXIT_USAGE)
-        if day > local_date(self.now, self.store.tz):
+        if start is not None:
+            self.check_time(start + seconds, "end time")
+            day = local_date(start, self.store.tz)
+        elif day > local_date(self.now, self.store.tz):
             raise FlowForgeError("date %s is in the future" % day, EXIT_USAGE)
         entry_id = new_entry_id(day, key)
         entry = {"op": "entry", "id": entry_id, "issue": issue, "project": project,
-                 "note": note, "date": day, "seconds": seconds, "src": "log"}
+                 "note": note, "src": "log"}
+        if start is None:
+            entry.update(date=day, seconds=seconds)
+        else:
+            entry["segments"] = [[start, start + seconds]]
         if key:
             entry["key"] = key
         with self.store.lock():
             if key and self.store.has_record(day, entry_id):
                 return {"entry": public_entry(entry), "changed": False}, [
                     "already logged (key %r): %s" % (key, entry_id)]
+            self.admit(entry, day, allow_overlap, self.store.load_timer())
             self.store.append(day, [entry])
-        return {"entry": public_entry(entry), "changed": True}, ["logged %s to %s on %s (%s)" % (
-            format_duration(seconds), issue, day, entry_id)]
+        when = self.span(entry["segments"]) if start is not None else day
+        return {"entry": public_entry(entry), "changed": True}, ["logged %s to %s on %s (%s)%s" % (
+            format_duration(seconds), issue, when, entry_id,
+            " (overlap allowed)" if entry.get("overlap") else "")]
 
-    def edit(self, entry_id, changes):
+    def edit(self, entry_id, changes, allow_overlap=False):
         """Append an amendment.  `changes` may hold issue, project, note, start,
-        end, seconds, date; the result is validated like a new entry."""
+        end, seconds, date; the result is admitted like a new entry."""
         with self.store.lock():
             day, entry = self.store.find_entry(entry_id)
             new = dict(entry)
@@ -2315,6 +2690,11 @@ class Timers:
                     raise FlowForgeError("date %s is in the future" % new["date"], EXIT_USAGE)
             if entry_seconds(new) > MAX_ENTRY_SECONDS:
                 raise FlowForgeError("an entry cannot be longer than 24h", EXIT_USAGE)
+            if any(new.get(k) != entry.get(k) for k in ("segments", "date", "seconds")):
+                admitted = self.admit(dict(new, id=entry_id), day, allow_overlap,
+                                      self.store.load_timer())
+                if "overlap" in admitted:
+                    new["overlap"] = admitted["overlap"]
             changed = {k: v for k, v in new.items() if entry.get(k) != v}
             if not changed:
                 return {"entry": public_entry(entry, id=entry_id), "changed": False}, [
@@ -2349,13 +2729,19 @@ class Timers:
             entry_id, entry["issue"], format_duration(entry_seconds(entry)))]
 
     def entries(self, first_day, last_day):
+        """Entries with time from `first_day` to `last_day`, each with its "day"
+        (where its time begins) and "range_seconds" (its time in the range)."""
+        split = self.store.clock.split
         with self.store.lock():
-            found = []
-            for day in self.store.days():
-                if first_day <= day <= last_day:
-                    for entry_id, entry in self.store.entries_of_day(day).items():
-                        found.append(public_entry(entry, id=entry_id, day=day))
-        found.sort(key=lambda e: (entry_start(e) or 0, e["day"], e["id"]))
+            near = self.store.entries_near(first_day, last_day)
+        found = []
+        for entry_id, (_, entry) in near.items():
+            parts = entry_parts(entry, split)
+            inside = sum(seconds for day, seconds in parts if first_day <= day <= last_day)
+            if inside:
+                found.append(public_entry(entry, id=entry_id, day=parts[0][0],
+                                          range_seconds=inside))
+        found.sort(key=lambda e: (e["day"], entry_start(e) or 0, e["id"]))
         return found
 
 
@@ -2581,14 +2967,7 @@ def day_contributions(records, clock, granularity):
     split = clock.split
     for entry in resolve_entries(records).values():
         issue, project = entry["issue"], entry.get("project", "")
-        segments = entry.get("segments")
-        if segments is None:
-            parts = ((entry["date"], entry["seconds"]),)
-        elif len(segments) == 1:
-            parts = split(*segments[0])
-        else:
-            parts = [part for start, end in segments for part in split(start, end)]
-        for day, seconds in parts:
+        for day, seconds in entry_parts(entry, split):
             cells = months.get(day[:7])
             if cells is None:
                 cells = months[day[:7]] = {}
@@ -3958,6 +4337,16 @@ def local_users(repo):
         return []
     return [n for n in names if valid_user_name(n)
             and os.path.isfile(os.path.join(repo.users, n, "config.json"))]
+
+
+def known_users(repo):
+    """Users this clone knows of: its private stores, and every store in its ledger."""
+    users = set(local_users(repo))
+    for ref in list_ledger_refs(repo):
+        owner, sep, _ = ref.rsplit("/", 1)[-1].rpartition("--")
+        if sep and valid_user_name(owner):
+            users.add(owner)
+    return sorted(users)
 
 
 # ############################################################################
@@ -7170,36 +7559,55 @@ def parse_timewarrior(path, user, default_issue, project, tz):
     return batch
 
 
-def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
+def apply_import(repo, batch, importing_user, data_sha, dry_run=False, overlaps="refuse"):
     """Append the batch's new entries (by id; deleted ones stay deleted) and
-    restore a running timer for the importing user only."""
+    restore a running timer for the importing user only.
+
+    Entries are admitted like typed ones (Timers.admit_batch).  `overlaps`:
+    "refuse" stops the whole import on the first conflict, naming them, and
+    imports nothing; "allow" imports overlapping entries marked as such;
+    "skip" imports the rest and lists what it left out."""
     summary = {"source": batch.source, "users": {}, "timers": [], "review": list(batch.review),
-               "unknown_fields": sorted(batch.unknown_fields)}
-    for user in sorted(set(batch.entries) | {t[0] for t in batch.timers}):
+               "unknown_fields": sorted(batch.unknown_fields), "skipped": []}
+    users = sorted(set(batch.entries) | {t[0] for t in batch.timers})
+    plans = {}
+    for user in users:   # first every user's check, so that a refusal writes nothing
         store = PrivateStore(repo, user)
-        entries = batch.entries.get(user, [])
-        counts = {"added": 0, "already": 0}
-        if not dry_run and not store.exists() and (entries or user == importing_user):
+        if not store.exists():
+            store._tz = load_timezone(system_timezone_name())  # the zone create() will give it
+        new = []
+        with store.lock():
+            for day, records in _by_file_day(batch.entries.get(user, [])):
+                seen = {r["id"] for r in store.read_day(day)}
+                new += [r for r in records if r["id"] not in seen]
+            admitted, refused = Timers(store, now()).admit_batch(new, overlaps == "allow")
+        if refused and overlaps != "skip":
+            shown = "; ".join(why for _, why in refused[:3])
+            raise FlowForgeError(
+                "%d entr%s for %s would overlap or overfill a day: %s%s; nothing was imported "
+                "(--allow-overlap imports overlapping ones marked as such, --skip-conflicts "
+                "imports the rest)" % (len(refused), "y" if len(refused) == 1 else "ies", user,
+                                       shown, " ..." if len(refused) > 3 else ""), EXIT_DATA)
+        summary["skipped"] += ["not imported for %s: %s" % (user, why) for _, why in refused]
+        plans[user] = (store, admitted, len(batch.entries.get(user, [])) - len(new))
+    for user in users:
+        store, admitted, already = plans[user]
+        counts = {"added": len(admitted), "already": already,
+                  "overlapping": sum(1 for r in admitted if r.get("overlap"))}
+        if not dry_run and not store.exists() and (admitted or user == importing_user):
+            store._tz = None
             store.create()
-        by_day = {}
-        for record in entries:
-            by_day.setdefault(record["id"][:8], []).append(record)
-        if store.exists():
+        if store.exists() and admitted and not dry_run:
             with store.lock():
                 written = []
-                for day_digits, records in sorted(by_day.items()):
-                    day = "%s-%s-%s" % (day_digits[:4], day_digits[4:6], day_digits[6:])
+                for day, records in _by_file_day(admitted):
                     seen = {r["id"] for r in store.read_day(day)}
-                    new = [r for r in records if r["id"] not in seen]
-                    counts["added"] += len(new)
-                    counts["already"] += len(records) - len(new)
-                    if new and not dry_run:
-                        store.append(day, new, bulk=True)
+                    records = [r for r in records if r["id"] not in seen]
+                    if records:
+                        store.append(day, records, bulk=True)
                         written.append(day)
                 if written:
                     store.finish_bulk(written)
-        else:
-            counts["added"] = len(entries)
         for timer_user, issue, project, note, start, timer_id in batch.timers:
             if timer_user != user:
                 continue
@@ -7218,6 +7626,14 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False):
                     already=counts["already"], unknown_fields=sorted(batch.unknown_fields))
         summary["users"][user] = counts
     return summary
+
+
+def _by_file_day(records):
+    """[(day, records)] grouped by the day file their ids name, in day order."""
+    by_day = {}
+    for record in records:
+        by_day.setdefault(record["id"][:8], []).append(record)
+    return [("%s-%s-%s" % (d[:4], d[4:6], d[6:]), by_day[d]) for d in sorted(by_day)]
 
 
 def restore_timer(store, timer_id, issue, project, note, start, dry_run):
@@ -7723,8 +8139,8 @@ def number(kind, low, high):
     return convert
 
 
-AT = arg("--at", metavar="TIME", help="when: 09:30, '2026-11-22 09:30', ISO-8601 or -15m "
-         "(default: now)")
+AT = arg("--at", metavar="TIME", help="when: 9:30, 9am, 'yesterday 17:00', 'mon 9:00', -15m, "
+         "'2h ago', '2026-11-22 09:30' or ISO-8601 (default: now)")
 
 
 class Context:
@@ -7775,6 +8191,21 @@ class Context:
 
     def time(self, text, store):
         return parse_time(text, self.zone(store), self.now) if text else self.now
+
+    def existing_store(self, store):
+        """`store` if it exists, else None -- or, for a user named with --user
+        that this clone does not know, the error that says so: a read-only
+        command must not create a store for a typo."""
+        if store.exists():
+            return store
+        if self.args.user is not None:
+            known = known_users(self.repo)
+            if store.user not in known:
+                guess = closest(store.user, known)
+                raise FlowForgeError("no user %s here%s; known users: %s" % (
+                    store.user, " (did you mean %s?)" % guess if guess else "",
+                    ", ".join(known) or "none yet"), EXIT_USAGE)
+        return None
 
     def ready_store(self, store):
         """Create the store on first use (after all arguments were validated)."""
@@ -7851,17 +8282,23 @@ def _timers(ctx):
     return Timers(ctx.store(), ctx.now)
 
 
+ALLOW_OVERLAP = arg("--allow-overlap", action="store_true",
+                    help="record it even where it overlaps another timed entry (marked as "
+                    "overlapping: real parallel work)")
+
+
 @command("start", "Start a timer (stops the running one first and says so).",
-         "flowforge start 123 --project web --note 'login bug' --at 09:30",
+         "flowforge start 123 --project web --note 'login bug' --at 9:30",
          arg("issue", metavar="ISSUE", help="123, #123, owner/repo#123 or ABC-12"),
          arg("--project", metavar="P", help="project name (for rates and reports)"),
-         arg("--note", metavar="TEXT", help="private note; never leaves this machine"), AT)
+         arg("--note", metavar="TEXT", help="private note; never leaves this machine"), AT,
+         ALLOW_OVERLAP)
 def cmd_start(ctx, args):
     issue, project, note = parse_issue(args.issue), parse_project(args.project), parse_note(args.note)
     timers = _timers(ctx)
     at = timers.check_time(ctx.time(args.at, timers.store), "start time")  # before any store exists
     ctx.ready_store(timers.store)
-    result, lines = timers.start(issue, project, note, at)
+    result, lines = timers.start(issue, project, note, at, args.allow_overlap)
     return ctx.emit("start", result, lines)
 
 
@@ -7869,22 +8306,39 @@ def cmd_start(ctx, args):
          "flowforge switch 124 --at -15m",
          arg("issue", metavar="ISSUE", help="the issue to switch to"),
          arg("--project", metavar="P", help="project name"),
-         arg("--note", metavar="TEXT", help="private note"), AT)
+         arg("--note", metavar="TEXT", help="private note"), AT, ALLOW_OVERLAP)
 def cmd_switch(ctx, args):
     return cmd_start(ctx, args)
 
 
-def _timer_at(ctx, args, action):
+@command("continue", "Start a timer with the issue, project and note of the last timed entry "
+         "(or of entry ID).", "flowforge continue --at 13:00",
+         arg("id", metavar="ID", nargs="?", help="entry id from `flowforge entries` (default: "
+             "the timed entry that ended last)"), AT, ALLOW_OVERLAP)
+def cmd_continue(ctx, args):
+    if args.id:
+        day_of_entry_id(args.id)
+    timers = _timers(ctx)
+    at = timers.check_time(ctx.time(args.at, timers.store), "start time")
+    if ctx.existing_store(timers.store) is None:
+        raise FlowForgeError("no timed entry to continue yet (start one with `flowforge start "
+                             "ISSUE`)")
+    return ctx.emit("continue", *timers.resume_entry(args.id, at, args.allow_overlap))
+
+
+def _timer_at(ctx, args, action, *extra):
     """stop, pause and resume: an optional --at, then the Timers method of that name."""
     timers = _timers(ctx)
     at = timers.check_time(ctx.time(args.at, timers.store), action + " time")
-    ctx.ready_store(timers.store)
-    return ctx.emit(action, *getattr(timers, action)(at))
+    if ctx.existing_store(timers.store) is None:
+        raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
+    return ctx.emit(action, *getattr(timers, action)(at, *extra))
 
 
-@command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT)
+@command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT,
+         ALLOW_OVERLAP)
 def cmd_stop(ctx, args):
-    return _timer_at(ctx, args, "stop")
+    return _timer_at(ctx, args, "stop", args.allow_overlap)
 
 
 @command("pause", "Pause the running timer.", "flowforge pause --at 12:00", AT)
@@ -7892,7 +8346,8 @@ def cmd_pause(ctx, args):
     return _timer_at(ctx, args, "pause")
 
 
-@command("resume", "Resume the paused timer.", "flowforge resume --at 13:00", AT)
+@command("resume", "Resume the paused timer (on a later day: as a new entry).",
+         "flowforge resume --at 13:00", AT)
 def cmd_resume(ctx, args):
     return _timer_at(ctx, args, "resume")
 
@@ -7901,75 +8356,119 @@ def cmd_resume(ctx, args):
          "flowforge cancel")
 def cmd_cancel(ctx, args):
     timers = _timers(ctx)
-    ctx.ready_store(timers.store)
+    if ctx.existing_store(timers.store) is None:
+        raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
     return ctx.emit("cancel", *timers.cancel())
 
 
 @command("status", "Show the timer and today's recorded time.", "flowforge status --json")
 def cmd_status(ctx, args):
     timers = _timers(ctx)
-    ctx.ready_store(timers.store)
+    if ctx.existing_store(timers.store) is None:
+        today = local_date(ctx.now, ctx.zone(timers.store))
+        return ctx.emit("status", {"timer": None, "today": today, "today_seconds": 0},
+                        ["no timer running", "today %s: nothing recorded yet" % today])
     return ctx.emit("status", *timers.status())
 
 
-@command("log", "Record time spent without a timer.",
-         "flowforge log 123 1h30m --date 2026-11-20 --note 'review'",
+@command("log", "Record time spent without a timer: a duration, or an interval.",
+         "flowforge log 123 --start 9:00 --end 11:30 --date yesterday --note 'review'",
          arg("issue", metavar="ISSUE", help="123, #123, owner/repo#123 or ABC-12"),
-         arg("duration", metavar="DURATION", help="90m, 1h30m, 1.5h or 1:30"),
-         arg("--date", metavar="D", help="YYYY-MM-DD (default: today)"),
+         arg("duration", metavar="DURATION", nargs="?", help="90m, 1h30m, 1.5h or 1:30 (with "
+             "--start or --end: the interval's length)"),
+         arg("--start", metavar="TIME", help="the interval's start (a time: see `--at`)"),
+         arg("--end", metavar="TIME", help="the interval's end"),
+         arg("--date", metavar="D", help="the day: today (default), yesterday, mon..sun, -3d "
+             "or YYYY-MM-DD; times of day in --start/--end are on it"),
          arg("--project", metavar="P", help="project name"),
          arg("--note", metavar="TEXT", help="private note"),
          arg("--key", metavar="KEY", help="idempotency key: logging the same key on the same "
-             "date again does nothing (for scripts)"))
+             "date again does nothing (for scripts)"), ALLOW_OVERLAP)
 def cmd_log(ctx, args):
-    issue, seconds = parse_issue(args.issue), parse_duration(args.duration)
+    issue = parse_issue(args.issue)
     project, note = parse_project(args.project), parse_note(args.note)
     if args.key is not None and not 0 < len(args.key) <= 200:
         raise FlowForgeError("--key must be 1-200 characters", EXIT_USAGE)
     timers = _timers(ctx)
-    day = parse_date(args.date).isoformat() if args.date else local_date(
-        ctx.now, ctx.zone(timers.store))
+    zone = ctx.zone(timers.store)
+    day = parse_day(args.date, zone, ctx.now) if args.date else None
+    start = end = None
+    if args.start:
+        start = parse_time(args.start, zone, ctx.now, day)
+    if args.end:
+        end = parse_time(args.end, zone, ctx.now, day)
+    seconds = parse_duration(args.duration) if args.duration else None
+    if start is not None and end is not None:
+        if seconds is not None:
+            raise FlowForgeError("give DURATION or both --start and --end, not all three",
+                                 EXIT_USAGE)
+        if end <= start:
+            raise FlowForgeError("end %s is not after start %s (for an interval past midnight, "
+                                 "give the end's day: --end 'today 01:30')"
+                                 % (timers.show(end), timers.show(start)), EXIT_USAGE)
+        seconds = end - start
+    elif seconds is None:
+        raise FlowForgeError("give a DURATION (log 123 1h30m) or an interval (log 123 --start "
+                             "9:00 --end 11:30)", EXIT_USAGE)
+    elif end is not None:
+        start = end - seconds
+    if start is None:
+        day = (day or parse_day("today", zone, ctx.now)).isoformat()
     ctx.ready_store(timers.store)
-    return ctx.emit("log", *timers.log(issue, seconds, day, project, note, args.key))
+    return ctx.emit("log", *timers.log(issue, seconds, day, project, note, args.key,
+                                       args.allow_overlap, start))
 
 
-@command("entries", "List your recorded entries (default: the last 7 days).",
-         "flowforge entries --from 2026-11-01 --to 2026-11-30 --issue 123",
-         arg("--date", metavar="D", help="one day"),
-         arg("--from", dest="first", metavar="D", help="first day"),
-         arg("--to", dest="last", metavar="D", help="last day"),
+@command("entries", "List your entries with time in a range of days (default: the last 7).",
+         "flowforge entries --date yesterday",
+         arg("--date", metavar="D", help="one day: today, yesterday, mon..sun, -3d or YYYY-MM-DD"),
+         arg("--from", dest="first", metavar="D", help="first day (the same forms)"),
+         arg("--to", dest="last", metavar="D", help="last day (default: today)"),
          arg("--issue", metavar="ISSUE", help="only this issue"))
 def cmd_entries(ctx, args):
-    from datetime import date, timedelta
     issue = parse_issue(args.issue) if args.issue else None
     timers = _timers(ctx)
-    today = local_date(ctx.now, ctx.zone(timers.store))
+    zone = ctx.zone(timers.store)
     if args.date:
-        first = last = parse_date(args.date).isoformat()
+        if args.first or args.last:
+            raise FlowForgeError("use --date or --from/--to, not both", EXIT_USAGE)
+        first = last = parse_day(args.date, zone, ctx.now).isoformat()
     else:
-        last = parse_date(args.last, "--to").isoformat() if args.last else today
-        first = parse_date(args.first, "--from").isoformat() if args.first else (
-            date.fromisoformat(last) - timedelta(days=6)).isoformat()
-    ctx.ready_store(timers.store)
-    found = [e for e in timers.entries(first, last) if issue is None or e["issue"] == issue]
+        last = parse_day(args.last or "today", zone, ctx.now, "--to").isoformat()
+        first = (parse_day(args.first, zone, ctx.now, "--from").isoformat() if args.first
+                 else shift_day(last, -6))
+        if first > last:
+            raise FlowForgeError("--from %s is after --to %s" % (first, last), EXIT_USAGE)
+    found = []
+    if ctx.existing_store(timers.store) is not None:
+        found = [e for e in timers.entries(first, last) if issue is None or e["issue"] == issue]
     if UI.json:
-        return ctx.emit("entries", {"from": first, "to": last, "entries": found}, [])
+        return ctx.emit("entries", {"from": first, "to": last, "entries": found,
+                                    "total_seconds": sum(e["range_seconds"] for e in found)}, [])
+    span_text = first if first == last else "%s to %s" % (first, last)
     if not found:
-        sys.stdout.write("no entries from %s to %s\n" % (first, last))
+        sys.stdout.write("no entries on %s\n" % span_text)
         return EXIT_OK
     rows = []
     for e in found:
         if e.get("segments"):
-            span = "%s-%s" % (timers.show(e["segments"][0][0])[11:16],
-                              timers.show(e["segments"][-1][1])[11:16])
+            start, end = timers.show(e["segments"][0][0]), timers.show(e["segments"][-1][1])
+            span = "%s-%s" % (start[11:16], end[11:16])
+            if end[:10] != start[:10]:  # past midnight: the end is N days later
+                span += " (+%dd)" % (_day_count(start[:10], end[:10]) - 1)
         else:
             span = "(logged)"
+        time_text = format_duration(e["range_seconds"])
+        if e["range_seconds"] != entry_seconds(e):
+            time_text += " of " + format_duration(entry_seconds(e))
         note = e.get("note", "").replace("\n", " ")
-        rows.append([e["id"], e["day"], span, format_duration(entry_seconds(e)), e["issue"],
-                     e.get("project", ""), note[:40] + ("..." if len(note) > 40 else "")])
-    total = sum(entry_seconds(e) for e in found)
+        rows.append([e["id"], e["day"], span, time_text, e["issue"], e.get("project", ""),
+                     ("overlap! " if e.get("overlap") else "")
+                     + note[:40] + ("..." if len(note) > 40 else "")])
+    total = sum(e["range_seconds"] for e in found)
     sys.stdout.write(render("table", ["id", "day", "span", "time", "issue", "project", "note"],
-                            rows, ["total", "", "", format_duration(total), "", "", ""]))
+                            rows, ["total", "", "", format_duration(total), "", "", ""],
+                            title="Entries, %s" % span_text))
     return EXIT_OK
 
 
@@ -7979,13 +8478,17 @@ def cmd_entries(ctx, args):
          arg("--issue", metavar="ISSUE", help="new issue"),
          arg("--project", metavar="P", help="new project"),
          arg("--note", metavar="TEXT", help="new note"),
-         arg("--start", metavar="TIME", help="new start (timer entries)"),
+         arg("--start", metavar="TIME", help="new start (timer entries; a time of day is on the "
+             "entry's day)"),
          arg("--end", metavar="TIME", help="new end (timer entries)"),
          arg("--duration", metavar="DURATION", help="new duration"),
-         arg("--date", metavar="D", help="new date (logged entries)"))
+         arg("--date", metavar="D", help="new date (logged entries): yesterday, mon..sun, -3d, "
+             "YYYY-MM-DD"), ALLOW_OVERLAP)
 def cmd_edit(ctx, args):
-    day_of_entry_id(args.id)
+    from datetime import date
+    entry_day = date.fromisoformat(day_of_entry_id(args.id))
     store = ctx.store()
+    zone = ctx.zone(store)
     changes = {}
     if args.issue is not None:
         changes["issue"] = parse_issue(args.issue)
@@ -7996,16 +8499,16 @@ def cmd_edit(ctx, args):
     if args.duration is not None:
         changes["seconds"] = parse_duration(args.duration)
     if args.date is not None:
-        changes["date"] = parse_date(args.date).isoformat()
+        changes["date"] = parse_day(args.date, zone, ctx.now).isoformat()
     for field in ("start", "end"):
         if getattr(args, field) is not None:
-            changes[field] = parse_time(getattr(args, field), ctx.zone(store), ctx.now)
+            changes[field] = parse_time(getattr(args, field), zone, ctx.now, entry_day)
     if not changes:
         raise FlowForgeError("nothing to change: give --issue, --project, --note, --start, "
                              "--end, --duration or --date", EXIT_USAGE)
-    if not store.exists():
+    if ctx.existing_store(store) is None:
         raise FlowForgeError("no entry %s (no private store yet)" % args.id)
-    return ctx.emit("edit", *Timers(store, ctx.now).edit(args.id, changes))
+    return ctx.emit("edit", *Timers(store, ctx.now).edit(args.id, changes, args.allow_overlap))
 
 
 @command("delete", "Delete an entry (recorded as an amendment).",
@@ -8014,7 +8517,7 @@ def cmd_edit(ctx, args):
 def cmd_delete(ctx, args):
     day_of_entry_id(args.id)
     store = ctx.store()
-    if not store.exists():
+    if ctx.existing_store(store) is None:
         raise FlowForgeError("no entry %s (no private store yet)" % args.id)
     return ctx.emit("delete", *Timers(store, ctx.now).delete(args.id))
 
@@ -8574,6 +9077,10 @@ def cmd_recover(ctx, args):
              "without an issue tag"),
          arg("--project", metavar="P", help="timewarrior: the project of every entry"),
          arg("--dry-run", action="store_true", help="count what would be imported"),
+         arg("--allow-overlap", action="store_true", help="import entries that overlap other "
+             "timed entries, marked as overlapping (default: refuse the import, naming them)"),
+         arg("--skip-conflicts", action="store_true", help="import everything but the entries "
+             "that overlap or overfill a day, and list those"),
          area="data")
 def cmd_import(ctx, args):
     mapping = {}
@@ -8603,12 +9110,18 @@ def cmd_import(ctx, args):
         data_sha = sha256_hex(data)
         batch = (parse_v1(path, data, mapping, tz) if args.kind == "v1"
                  else parse_watson(path, data, user, default_issue, tz))
-    summary = apply_import(ctx.repo, batch, user, data_sha, args.dry_run)
+    if args.allow_overlap and args.skip_conflicts:
+        raise FlowForgeError("use --allow-overlap or --skip-conflicts, not both", EXIT_USAGE)
+    summary = apply_import(ctx.repo, batch, user, data_sha, args.dry_run,
+                           "allow" if args.allow_overlap else "skip" if args.skip_conflicts
+                           else "refuse")
     verb = "would import" if args.dry_run else "imported"
     lines = ["%s %d entr%s for %s (%d already there)" % (
         verb, c["added"], "y" if c["added"] == 1 else "ies", u, c["already"])
         for u, c in sorted(summary["users"].items())] or ["nothing to import"]
-    lines += summary["timers"] + summary["review"]
+    lines += ["%d of them overlap other entries (imported, marked)" % c["overlapping"]
+              for c in summary["users"].values() if c["overlapping"]]
+    lines += summary["timers"] + summary["review"] + summary["skipped"]
     if summary["unknown_fields"]:
         lines.append("unknown fields kept in the entries and the audit: %s"
                      % ", ".join(summary["unknown_fields"]))
@@ -8805,13 +9318,23 @@ def _configure_ui(args):
 
 
 def _join_relative_times(argv):
-    """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option."""
+    """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option.
+    A negative DURATION (`log 123 -1h`) is refused here with its own words,
+    not with argparse's "the following arguments are required"."""
     out = []
     for token in argv:
-        if out and out[-1] in ("--at", "--start", "--end") and re.match(r"^-\d", token):
+        if out and out[-1] in ("--at", "--start", "--end", "--date", "--from", "--to") \
+                and re.match(r"^-\d", token):
             out[-1] = out[-1] + "=" + token
         else:
             out.append(token)
+    if _command_name(out) == "log":
+        for token in out:
+            if re.match(r"^-\d", token):
+                raise FlowForgeError(
+                    "duration %r is not valid: a duration is positive (for time in the past give "
+                    "--date yesterday, or --start/--end; to take time off an entry, `flowforge "
+                    "edit ID --duration`)" % token, EXIT_USAGE)
     return out
 
 
@@ -8833,6 +9356,10 @@ def main(argv=None):
             return cmd_hook(None, _HookArgs(argv[1], argv[2:]))
         name = _command_name(argv)
         known = any(spec.name == name for spec in COMMANDS)
+        if name is not None and not known:
+            guess = closest(name, [spec.name for spec in COMMANDS])
+            raise FlowForgeError("unknown command %r%s (`flowforge --help` lists them)" % (
+                name, ": did you mean %s?" % guess if guess else ""), EXIT_USAGE)
         args = build_parser(name if known else None).parse_args(argv)
         _configure_ui(args)
         if not getattr(args, "handler", None):

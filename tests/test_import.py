@@ -65,8 +65,13 @@ def test_watson_import(repo):
     r = repo("import", "watson", path, env=NOW)
     assert r.rc == 65 and "1 frame(s) have no tag" in r.err and "--default-issue" in r.err
     assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/alice/time/daily/2025-11-16.jsonl"))
-    r = repo.ok("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
+    # two of the frames overlap (10:00-10:15 UTC inside 09:00-11:00): refused, nothing written
+    r = repo("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
+    assert r.rc == 65 and "overlap" in r.err and "nothing was imported" in r.err
+    assert user_total(repo, "alice") == 0
+    r = repo.ok("import", "watson", path, "--default-issue", "OPS-1", "--allow-overlap", env=NOW)
     assert "imported 4 entries for alice (0 already there)" in r.out
+    assert "1 of them overlap other entries (imported, marked)" in r.out
     assert user_total(repo, "alice") == 3600 + 2700 + 7200 + 900
     by_issue = {e["issue"]: e for e in repo.ok("entries", "--json", "--from", "2025-11-01", "--to",
                                                 "2025-11-30", env=NOW).json["entries"]}
@@ -136,7 +141,7 @@ def test_reimporting_a_running_interval_while_it_runs(repo, tmp_path):
 
 def test_reimport_after_a_time_zone_change_adds_nothing(repo):
     path = os.path.join(FIXTURES, "watson-frames.json")
-    repo.ok("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
+    repo.ok("import", "watson", path, "--default-issue", "OPS-1", "--allow-overlap", env=NOW)
     repo.ok("init", "--timezone", "Pacific/Kiritimati")          # UTC+14: other local days
     r = repo.ok("import", "watson", path, "--default-issue", "OPS-1", env=NOW)
     assert "imported 0 entries for alice (4 already there)" in r.out

@@ -204,13 +204,15 @@ def test_identity_from_git_config(bare_repo):
     assert r.rc == 0, r
     assert "jane.doe" in r.out
     git(bare_repo.root, "config", "flowforge.user", "jd")
-    assert bare_repo.ok("status", "--json", user=None).rc == 0
+    assert bare_repo.ok("status", "--json", user=None).rc == 0   # read-only: creates nothing
+    assert not os.path.exists(os.path.join(bare_repo.root, ".flowforge/user/jd"))
+    bare_repo.ok("log", "1", "1h", user=None)
     assert os.path.isdir(os.path.join(bare_repo.root, ".flowforge/user/jd"))
     git(bare_repo.root, "config", "flowforge.user", "../evil")
     r = bare_repo("status", user=None)
     assert r.rc == 64 and "not valid" in r.err
-    r = bare_repo("status", "--user", "bob")
-    assert r.rc == 0
+    r = bare_repo("status", "--user", "bob")       # a name this clone does not know
+    assert r.rc == 64 and "known users: jane.doe, jd" in r.err
 
 
 def test_heals_a_stop_interrupted_between_append_and_clear(repo):
@@ -243,4 +245,4 @@ def test_every_amendment_kind_reads_back_cleanly(repo):
     assert "warning" not in r.err
     assert repo.ok("quarantine", "list", "--json").json["items"] == []
     got = {e["issue"]: (ff.entry_seconds(e), e["day"]) for e in entries(repo)}
-    assert got == {"3": (7200, "2026-11-19"), "4": (5400, "2026-11-20")}
+    assert got == {"3": (7200, "2026-11-18"), "4": (5400, "2026-11-20")}   # day: where its time is
