@@ -1336,6 +1336,23 @@ def load_config(path):
     return config
 
 
+def unmatched_rates(billing, users, projects, pairs):
+    """[(table, key, closest name or None)] of rates in `billing` that match no
+    tracked time: a mistyped name silently bills at the default rate."""
+    found = []
+    for table, names in (("user_rates", users), ("project_rates", projects),
+                         ("user_project_rates", pairs)):
+        for key in sorted(billing.get(table, {})):
+            if key not in names:
+                found.append((table, key, closest(key, names)))
+    return found
+
+
+def rate_warning(table, key, guess, where):
+    return "billing.%s has a rate for %r, but %s has no time for it%s" % (
+        table, key, where, " (did you mean %r?)" % guess if guess else "")
+
+
 def validate_config(config, path):
     def bad(what):
         raise FlowForgeError("%s: %s" % (path, what), EXIT_CONFIG)
@@ -6278,7 +6295,28 @@ def doctor_findings(repo, notes=None):
                          "keep the repository on a local disk"))
     if Quarantine(repo).list():
         findings.append(("files are quarantined", "see `flowforge quarantine list`"))
+    _check_rates(repo, findings, notes)
     return findings
+
+
+def _check_rates(repo, findings, notes):
+    """Rates for names with no time in the ledger: a near miss of a tracked
+    name is a problem (a typo bills at the default rate), another a note."""
+    view = LedgerView(repo, own_store_keys(repo))
+    if view.problems:
+        return  # `reconcile` and every report name those
+    users, projects, pairs = set(), set(), set()
+    for doc in view.shards():
+        users.add(doc["user"])
+        for _, _, project, _ in doc["rows"]:
+            projects.add(project)
+            pairs.add("%s/%s" % (doc["user"], project))
+    for table, key, guess in unmatched_rates(repo.config["billing"], users, projects, pairs):
+        text = rate_warning(table, key, guess, "the ledger")
+        if guess:
+            findings.append((text, "rename it in .flowforge/config.json"))
+        else:
+            notes.append(text)
 
 
 # ############################################################################
@@ -7785,6 +7823,22 @@ def load_team_shards(repo, first=None, last=None, about=None):
                      and (months[1] is None or d["month"] <= months[1])]
 
 
+def aggregate_own(repo):
+    """Before a report on a developer's own clone: aggregate this clone's stores
+    (incrementally; usually nothing to do), so that time tracked since the last
+    commit is in it.  A store that cannot be aggregated now is named, and the
+    report goes on without that store's newest time."""
+    pending = []
+    for user in local_users(repo):
+        try:
+            aggregate_store(repo, user, False, 2.0)
+        except FlowForgeError as e:
+            pending.append(user)
+            warn("the newest time of %s may be missing from this report: it could not be "
+                 "aggregated (%s); run `flowforge aggregate`" % (user, e))
+    return pending
+
+
 def data_age_line(about):
     """"ledger: 12 stores, fetched 2 h ago" for the foot of a report (stderr)."""
     if about.get("fetched_at") is None:
@@ -8051,6 +8105,10 @@ def build_bill(repo, first, last, by_issue):
         line = lines.setdefault(key, [0, 0])
         line[0] += seconds
         line[1] += round_seconds(seconds, increment, mode) if scope == "day" else 0
+    for table, key, guess in unmatched_rates(billing, {k[1] for k in lines},
+                                             {k[0] for k in lines},
+                                             {"%s/%s" % (k[1], k[0]) for k in lines}):
+        warn(rate_warning(table, key, guess, "this bill"))
     cent = Decimal("0.01")
     out, total_amount, total_seconds, total_billable = [], Decimal(0), 0, 0
     for key in sorted(lines):
@@ -8268,6 +8326,27 @@ def cmd_init(ctx, args):
     lines.append("next: `git add .flowforge && git commit`, then `flowforge start ISSUE`")
     return ctx.emit("init", {"root": root, "created": created,
                              "user": store.user if store else None}, lines)
+
+
+@command("completion", "Print a shell completion script for bash, zsh or fish.",
+         "flowforge completion bash > ~/.local/share/bash-completion/completions/flowforge",
+         arg("shell", choices=("bash", "zsh", "fish"), nargs="?", help="the shell"),
+         arg("--words", choices=("issues", "entries"), help="print your recent issues or entry "
+             "ids, one per line (what the scripts complete)"),
+         area="setup")
+def cmd_completion(ctx, args):
+    if args.words:
+        try:
+            words = completion_words(ctx, args.words)
+        except FlowForgeError:
+            words = []   # completing outside a work tree, say: offer nothing, say nothing
+        sys.stdout.write("".join(w + "\n" for w in words))
+        return EXIT_OK
+    if not args.shell:
+        raise FlowForgeError("give a shell: bash, zsh or fish", EXIT_USAGE)
+    sys.stdout.write({"bash": bash_completion, "zsh": zsh_completion,
+                      "fish": fish_completion}[args.shell]())
+    return EXIT_OK
 
 
 @command("version", "Print FlowForge's version.", "flowforge version", area="setup")
@@ -8668,6 +8747,7 @@ def _today_local():
 def cmd_report(ctx, args):
     dims = _dims(args.by)
     first, last = resolve_range(args.period, args.first, args.last, _today_local())
+    aggregate_own(ctx.repo)
     report = build_report(ctx.repo, dims, first, last)
     info(data_age_line(report["ledger"]))
     if UI.json or args.format == "json":
@@ -8693,6 +8773,7 @@ def cmd_bill(ctx, args):
         first, last = resolve_range("all", args.first, args.last, None)
     else:
         first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
+    aggregate_own(ctx.repo)
     bill = build_bill(ctx.repo, first, last, args.by_issue)
     info(data_age_line(bill["ledger"]))
     if UI.json or args.format == "json":
@@ -9302,6 +9383,177 @@ def command_reference():
                 out.append("| argument | meaning |\n| --- | --- |\n" + "\n".join(rows) + "\n")
             out.append("Example: `%s`\n" % spec.example)
     return "\n".join(out)
+
+
+# -- shell completion ----------------------------------------------------------
+#
+# The scripts are generated from the registry, like the README's reference:
+# every command, its options and the values they take.  Issue references and
+# entry ids come at completion time from `flowforge completion --words`.
+
+_GLOBAL_OPTIONS = (("-C", "dirs"), ("--user", ""), ("--json", None), ("-q", None),
+                   ("--quiet", None), ("-v", None), ("--verbose", None),
+                   ("--color", "always auto never"), ("-h", None), ("--help", None))
+_DAY_WORDS = "today yesterday mon tue wed thu fri sat sun"
+
+
+def _completion_kind(flags, kwargs):
+    """What a value of this argument is, for completion: a word list, `issues`,
+    `entries`, `files`, `dirs`, or "" (anything); None for a flag with no value."""
+    if kwargs.get("action") == "store_true":
+        return None
+    if "choices" in kwargs:
+        return " ".join(kwargs["choices"])
+    metavar, text = kwargs.get("metavar", ""), kwargs.get("help", "")
+    if metavar == "ISSUE":
+        return "@issues"
+    if metavar == "ID" and "entry id" in text:
+        return "@entries"
+    if metavar in ("FILE", "PATH"):
+        return "@files"
+    if metavar == "D":
+        return _DAY_WORDS
+    if metavar == "TIME":
+        return "now"
+    return ""
+
+
+def completion_specs():
+    """[(command, summary, [(flag, kind)], [positional kinds])] from the registry."""
+    specs = []
+    for spec in COMMANDS:
+        options, positionals = list(_GLOBAL_OPTIONS), []
+        for flags, kwargs in spec.arguments:
+            kind = _completion_kind(flags, kwargs)
+            if flags[0].startswith("-"):
+                options += [(flag, kind) for flag in flags]
+            else:
+                positionals.append(kind)
+        specs.append((spec.name, spec.summary, options, positionals))
+    return specs
+
+
+def _bash_words(kind):
+    if kind == "@files":
+        return 'COMPREPLY=($(compgen -f -- "$cur"))'
+    if kind == "dirs":
+        return 'COMPREPLY=($(compgen -d -- "$cur"))'
+    if kind in ("@issues", "@entries"):
+        return ('COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${ctx[@]}" completion --words %s '
+                '2>/dev/null)" -- "$cur"))' % kind[1:])
+    return 'COMPREPLY=($(compgen -W "%s" -- "$cur"))' % kind
+
+
+def bash_completion():
+    specs = completion_specs()
+    out = ["# flowforge completion for bash (generated by `flowforge completion bash`)",
+           "_flowforge() {",
+           '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
+           '    local cmd="" i ctx=() npos=0',
+           "    for ((i = 1; i < COMP_CWORD; i++)); do",
+           '        case "${COMP_WORDS[i]}" in',
+           '            -C|--user) ctx+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}"); ((i++)) ;;',
+           "            --color) ((i++)) ;;",
+           "            -*) ;;",
+           '            *) cmd="${COMP_WORDS[i]}"; break ;;',
+           "        esac",
+           "    done",
+           '    if [[ -z "$cmd" ]]; then',
+           '        case "$prev" in -C) %s; return ;; --user) return ;; --color) %s; return ;; esac'
+           % (_bash_words("dirs"), _bash_words("always auto never")),
+           '        if [[ "$cur" == -* ]]; then',
+           "            %s" % _bash_words(" ".join(f for f, _ in _GLOBAL_OPTIONS)),
+           "        else",
+           "            %s" % _bash_words(" ".join(name for name, _, _, _ in specs)),
+           "        fi",
+           "        return",
+           "    fi",
+           '    case "$cmd" in']
+    for name, _, options, positionals in specs:
+        values = [(f, k) for f, k in options if k is not None]
+        value_flags = "|".join(f for f, _ in values)
+        out.append("    %s)" % name)
+        out.append('        case "$prev" in')
+        for flag, kind in values:
+            out.append("            %s) %s; return ;;" % (flag, _bash_words(kind) if kind else
+                                                            "COMPREPLY=()"))
+        out.append("        esac")
+        out.append('        if [[ "$cur" == -* ]]; then %s; return; fi'
+                   % _bash_words(" ".join(f for f, _ in options)))
+        if positionals:
+            # which positional is this: count the words after the command, skipping option values
+            out.append("        for ((i = i + 1; i < COMP_CWORD; i++)); do")
+            out.append('            case "${COMP_WORDS[i]}" in %s) ((i++)) ;; -*) ;; *) ((npos++)) ;; '
+                       'esac' % (value_flags or "--"))
+            out.append("        done")
+            out.append('        case "$npos" in')
+            for n, kind in enumerate(positionals):
+                if kind:
+                    out.append("            %d) %s ;;" % (n, _bash_words(kind)))
+            out.append("        esac")
+        out.append("        ;;")
+    out += ["    esac", "}", "complete -F _flowforge flowforge", ""]
+    return "\n".join(out)
+
+
+def zsh_completion():
+    """zsh runs the bash function through bashcompinit (part of zsh)."""
+    return ("# flowforge completion for zsh (generated by `flowforge completion zsh`)\n"
+            "autoload -U +X compinit && compinit\n"
+            "autoload -U +X bashcompinit && bashcompinit\n" + bash_completion())
+
+
+def fish_completion():
+    def quote(text):
+        return "'%s'" % text.replace("\\", "\\\\").replace("'", "\\'")
+
+    def values(kind):
+        if kind in ("@issues", "@entries"):
+            return "-a %s" % quote("(flowforge completion --words %s 2>/dev/null)" % kind[1:])
+        if kind == "@files":
+            return "-F"
+        if kind == "dirs":
+            return "-a %s" % quote("(__fish_complete_directories)")
+        return "-a %s" % quote(kind) if kind else ""
+    specs = completion_specs()
+    out = ["# flowforge completion for fish (generated by `flowforge completion fish`)",
+           "complete -c flowforge -f"]
+    for name, summary, _, _ in specs:
+        out.append("complete -c flowforge -n __fish_use_subcommand -a %s -d %s"
+                   % (name, quote(summary)))
+    for name, _, options, positionals in specs:
+        cond = "-n %s" % quote("__fish_seen_subcommand_from %s" % name)
+        for flag, kind in options[len(_GLOBAL_OPTIONS):]:
+            switch = "-l %s" % flag[2:] if flag.startswith("--") else "-s %s" % flag[1:]
+            extra = "" if kind is None else ("-r " + values(kind)).strip()
+            out.append(("complete -c flowforge %s %s %s" % (cond, switch, extra)).rstrip())
+        if positionals and positionals[0]:
+            out.append("complete -c flowforge %s %s" % (cond, values(positionals[0])))
+    for flag, kind in _GLOBAL_OPTIONS:
+        switch = "-l %s" % flag[2:] if flag.startswith("--") else "-s %s" % flag[1:]
+        out.append(("complete -c flowforge %s %s" % (switch, "" if kind is None else
+                                                     ("-r " + values(kind)).strip())).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def completion_words(ctx, what):
+    """Recent issue references (the running timer's first) or entry ids of the
+    user, newest first: what the completion scripts offer at run time."""
+    store = ctx.store()
+    if not store.exists():
+        return []
+    today = local_date(ctx.now, store.tz)
+    found = Timers(store, ctx.now).entries(shift_day(today, -30), today)
+    found.sort(key=lambda e: (e["day"], entry_start(e) or 0), reverse=True)
+    if what == "entries":
+        return [e["id"] for e in found]
+    with store.lock():
+        timer = store.load_timer()
+    words = [timer["issue"]] if timer else []
+    for e in found:
+        if e["issue"] not in words:
+            words.append(e["issue"])
+    return words
 
 
 def _configure_ui(args):
