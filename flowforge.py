@@ -1658,6 +1658,8 @@ def read_metrics(repo):
 # .flowforge/user/<name>/ holds one developer's detailed data for this clone:
 #   config.json              store id (random, made once) and time zone
 #   time/current.json        the running or paused timer, replaced atomically
+#   time/far.json            ids of entries edited to hold time beyond REACH_DAYS
+#                            of their day file, so that views still find them
 #   time/daily/<day>.jsonl   append-only checksummed records, fsynced:
 #       {"op":"entry", "id", "issue", "project", "note", "segments":[[start,end],...]}
 #       {"op":"entry", ..., "date", "seconds"}            (logged without clock times)
@@ -1879,7 +1881,8 @@ class Mirror:
         def do():
             wanted = self.store.days() if days is None else days
             files = [os.path.join("time", "daily", day + ".jsonl") for day in wanted]
-            files += ["config.json", os.path.join("time", "current.json"), "audit.jsonl"]
+            files += ["config.json", os.path.join("time", "current.json"),
+                      os.path.join("time", "far.json"), "audit.jsonl"]
             touched = set()
             for rel in files:
                 source = os.path.join(self.store.dir, rel)
@@ -1947,6 +1950,7 @@ class PrivateStore:
         self.time_dir = os.path.join(self.dir, "time")
         self.daily = os.path.join(self.time_dir, "daily")
         self.timer_path = os.path.join(self.time_dir, "current.json")
+        self.far_path = os.path.join(self.time_dir, "far.json")
         self._settings = None
         self._tz = None
         self._clock = None
@@ -1972,8 +1976,7 @@ class PrivateStore:
 
     def _create(self, timezone):
         if not self.exists():
-            self._refuse_to_hide_a_mirror()
-            self._refuse_to_orphan_days()
+            self.refuse_if_data_elsewhere()
         for path in (self.daily, os.path.join(self.time_dir, "archive")):
             makedirs_private(path)
         os.chmod(self.dir, 0o700)
@@ -1990,6 +1993,12 @@ class PrivateStore:
             self._settings = self._tz = self._clock = None
             self.mirror.put("config.json", canonical_bytes(settings))
         return False
+
+    def refuse_if_data_elsewhere(self):
+        """For a store that does not exist: its data may still be somewhere, and
+        neither a new store nor "nothing recorded" may hide it."""
+        self._refuse_to_hide_a_mirror()
+        self._refuse_to_orphan_days()
 
     def _refuse_to_orphan_days(self):
         """Day files without the settings that name their store: a new store id
@@ -2205,11 +2214,43 @@ class PrivateStore:
             days = [shift_day(low, n) for n in range(_day_count(low, high))]
         else:
             days = [d for d in self.days() if low <= d <= high]
+        far = self.far_entries()
+        days += sorted({day for day in far.values() if not low <= day <= high})
         found = {}
         for day in days:
             for entry_id, entry in self.entries_of_day(day).items():
-                found[entry_id] = (day, entry)
+                if low <= day <= high or entry_id in far:
+                    found[entry_id] = (day, entry)
         return found
+
+    def far_entries(self):
+        """{entry id: day file} of entries that may hold time beyond REACH_DAYS
+        of their day file (an edit moved them).  A listed id that no longer
+        reaches far is harmless: views look at the entry's real time."""
+        try:
+            doc = json.loads(read_bytes(self.far_path))
+            far = doc["entries"] if isinstance(doc, dict) else None
+            if isinstance(far, dict) and all(isinstance(v, str) and _DATE.fullmatch(v)
+                                             for v in far.values()):
+                return far
+            raise ValueError("not a map of entry ids to days")
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, RecursionError, FlowForgeError) as e:
+            warn("%s is damaged (%s): views may miss an entry moved far from its day; run "
+                 "`flowforge aggregate --full` to see the totals" % (self.repo.rel(self.far_path), e))
+            return {}
+
+    def note_far(self, entry_id, day_iso):
+        """Record that entry `entry_id` (in `day_iso`'s file) reaches far; written
+        before the edit that moves it, so a crash leaves at most a harmless note."""
+        far = self.far_entries()
+        if far.get(entry_id) == day_iso:
+            return
+        far[entry_id] = day_iso
+        data = canonical_bytes({"schema": 1, "entries": far})
+        atomic_write(self.far_path, data, 0o600)
+        self.mirror.put(os.path.join("time", "far.json"), data)
 
     def find_entry(self, entry_id):
         day = day_of_entry_id(entry_id)
@@ -2318,19 +2359,16 @@ class Timers:
 
     # -- admission ----------------------------------------------------------
 
-    def admit(self, entry, file_day, allow_overlap=False, timer=None):
+    def admit(self, entry, allow_overlap=False, timer=None):
         """Check a new or changed entry against this user's other time; the
-        caller holds the store lock and writes `entry` to `file_day`'s file.
+        caller holds the store lock and writes `entry` to the day file its id
+        names (an edit that moves it further than REACH_DAYS notes it in
+        far.json).
         `timer`: the running or paused timer, which counts as timed work too.
         With `allow_overlap` an overlapping entry is marked, not refused."""
         clock = self.store.clock
         parts = entry_parts(entry, clock.split)
         days = sorted({day for day, _ in parts})
-        if days[0] < shift_day(file_day, -REACH_DAYS) or days[-1] > shift_day(file_day, REACH_DAYS):
-            raise FlowForgeError(
-                "%s was recorded on %s and can hold time from %s to %s only: delete it and "
-                "record the time again" % (entry["id"], file_day, shift_day(file_day, -REACH_DAYS),
-                                           shift_day(file_day, REACH_DAYS)), EXIT_USAGE)
         near = self.store.entries_near(days[0], days[-1])
         near.pop(entry["id"], None)
         if entry.get("segments"):
@@ -2458,7 +2496,7 @@ class Timers:
             entry = {"op": "entry", "id": timer["id"], "issue": timer["issue"],
                      "project": timer.get("project", ""), "note": timer.get("note", ""),
                      "segments": segments, "src": "timer"}
-            self.admit(entry, timer["day"], allow_overlap or timer.get("allow_overlap", False))
+            self.admit(entry, allow_overlap or timer.get("allow_overlap", False))
             self.store.append(timer["day"], [entry])  # the commit point
             messages.append("stopped %s after %s%s" % (timer["issue"], format_duration(seconds),
                                                       " (overlap allowed)" if entry.get("overlap")
@@ -2500,10 +2538,10 @@ class Timers:
                    "note": note, "segments": [], "running_since": at}
             if allow_overlap:
                 new["allow_overlap"] = True
-            # The new timer's time so far must be free before anything is written
-            # (the old timer's entry is admitted as it is recorded).
-            self.admit({"id": new["id"], "segments": [[at, max(at + 1, self.now)]]}, day,
-                       allow_overlap)
+            # Its first second must be free (the whole interval is admitted on stop,
+            # when its end is known: a timer started in the past may stop before
+            # the next entry); the old timer's entry is admitted as it is recorded.
+            self.admit({"id": new["id"], "segments": [[at, at + 1]]}, allow_overlap)
             if timer is not None:
                 stopped = self._finish(timer, at, messages)
             timer = new
@@ -2681,7 +2719,7 @@ class Timers:
             if key and self.store.has_record(day, entry_id):
                 return {"entry": public_entry(entry), "changed": False}, [
                     "already logged (key %r): %s" % (key, entry_id)]
-            self.admit(entry, day, allow_overlap, self.store.load_timer())
+            self.admit(entry, allow_overlap, self.store.load_timer())
             self.store.append(day, [entry])
         when = self.span(entry["segments"]) if start is not None else day
         return {"entry": public_entry(entry), "changed": True}, ["logged %s to %s on %s (%s)%s" % (
@@ -2708,10 +2746,12 @@ class Timers:
             if entry_seconds(new) > MAX_ENTRY_SECONDS:
                 raise FlowForgeError("an entry cannot be longer than 24h", EXIT_USAGE)
             if any(new.get(k) != entry.get(k) for k in ("segments", "date", "seconds")):
-                admitted = self.admit(dict(new, id=entry_id), day, allow_overlap,
-                                      self.store.load_timer())
+                admitted = self.admit(dict(new, id=entry_id), allow_overlap, self.store.load_timer())
                 if "overlap" in admitted:
                     new["overlap"] = admitted["overlap"]
+                days = [d for d, _ in entry_parts(new, self.store.clock.split)]
+                if min(days) < shift_day(day, -REACH_DAYS) or max(days) > shift_day(day, REACH_DAYS):
+                    self.store.note_far(entry_id, day)
             changed = {k: v for k, v in new.items() if entry.get(k) != v}
             if not changed:
                 return {"entry": public_entry(entry, id=entry_id), "changed": False}, [
@@ -4077,14 +4117,17 @@ class Aggregator:
     def contributions(self, day, records):
         return day_contributions(records, self.store.clock, self.granularity)
 
-    def run(self, full=False, lock_timeout=10.0):
-        """Aggregate; returns {"written": [ledger names], "months", "full", "audit": seq, "tip"}."""
+    def run(self, full=False, lock_timeout=10.0, routine=False):
+        """Aggregate; returns {"written": [ledger names], "months", "full", "audit": seq, "tip"}.
+        `routine` (before a report): only the incremental work of an unchanged
+        ledger; a store ref that moved under the cache (restored, rewritten,
+        tampered with) is left to an explicit `aggregate`, which says so."""
         store = self.store
         with self.repo.lock("aggregate." + store.user, lock_timeout,
                             "aggregation for %s" % store.user):
             ledger = StoreLedger(self.repo, store.user, store.store_id)
             try:
-                return self._run(ledger, full, lock_timeout)
+                return self._run(ledger, full, lock_timeout, routine)
             finally:
                 ledger.close()
 
@@ -4100,7 +4143,7 @@ class Aggregator:
             return 0
         return seq if type(seq) is int and seq > 0 else 0
 
-    def _run(self, ledger, full, lock_timeout):
+    def _run(self, ledger, full, lock_timeout, routine=False):
         store = self.store
         known = self.known_team_seq()
         if ledger.tip(known) is None:
@@ -4118,6 +4161,9 @@ class Aggregator:
         if tip:
             self._heal_private_chain(ledger, known)
         state = None if full else self._load_state(tip)
+        if state is None and tip and routine:
+            raise FlowForgeError("its ledger ref is not the one this clone last wrote (restored, "
+                                 "rewritten or damaged?)")
         full = state is None
         old_files = state["files"] if state else {}
         with store.lock(lock_timeout):
@@ -4276,9 +4322,9 @@ class Aggregator:
         return record, tip
 
 
-def aggregate_store(repo, user, full=False, lock_timeout=10.0):
+def aggregate_store(repo, user, full=False, lock_timeout=10.0, routine=False):
     store = PrivateStore(repo, user)
-    return Aggregator(store, repo.config["granularity"]).run(full, lock_timeout)
+    return Aggregator(store, repo.config["granularity"]).run(full, lock_timeout, routine)
 
 
 def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
@@ -7831,7 +7877,7 @@ def aggregate_own(repo):
     pending = []
     for user in local_users(repo):
         try:
-            aggregate_store(repo, user, False, 2.0)
+            aggregate_store(repo, user, False, 2.0, routine=True)
         except FlowForgeError as e:
             pending.append(user)
             warn("the newest time of %s may be missing from this report: it could not be "
@@ -8256,6 +8302,7 @@ class Context:
         command must not create a store for a typo."""
         if store.exists():
             return store
+        store.refuse_if_data_elsewhere()
         if self.args.user is not None:
             known = known_users(self.repo)
             if store.user not in known:
@@ -8729,6 +8776,10 @@ def _dims(text):
     return dims
 
 
+NO_AGGREGATE = arg("--no-aggregate", action="store_true", help="only what the ledger holds: do "
+                   "not aggregate this clone's own stores first")
+
+
 def _today_local():
     return local_date(now(), load_timezone(system_timezone_name()))
 
@@ -8742,12 +8793,13 @@ def _today_local():
          arg("--by", default="user,issue", metavar="DIMS",
              help="comma-separated: %s (default user,issue)" % ",".join(REPORT_DIMENSIONS)),
          arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
-             help="output format (default table)"),
+             help="output format (default table)"), NO_AGGREGATE,
          area="team")
 def cmd_report(ctx, args):
     dims = _dims(args.by)
     first, last = resolve_range(args.period, args.first, args.last, _today_local())
-    aggregate_own(ctx.repo)
+    if not args.no_aggregate:
+        aggregate_own(ctx.repo)
     report = build_report(ctx.repo, dims, first, last)
     info(data_age_line(report["ledger"]))
     if UI.json or args.format == "json":
@@ -8764,7 +8816,7 @@ def cmd_report(ctx, args):
          arg("--to", dest="last", metavar="D", help="last day instead of --month"),
          arg("--by-issue", action="store_true", help="one line per issue, not per project"),
          arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
-             help="output format (default table)"),
+             help="output format (default table)"), NO_AGGREGATE,
          area="team")
 def cmd_bill(ctx, args):
     if args.month and (args.first or args.last):
@@ -8773,7 +8825,8 @@ def cmd_bill(ctx, args):
         first, last = resolve_range("all", args.first, args.last, None)
     else:
         first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
-    aggregate_own(ctx.repo)
+    if not args.no_aggregate:
+        aggregate_own(ctx.repo)
     bill = build_bill(ctx.repo, first, last, args.by_issue)
     info(data_age_line(bill["ledger"]))
     if UI.json or args.format == "json":

@@ -182,8 +182,13 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     # an interval across it
     r = dev("log", "3", "--start", "8:30", "--end", "9:15", env=NOW)
     assert r.rc == 65 and first in r.err and "09:00-10:00" in r.err
-    # a timer from 7:00 until now would run through it: refused (`log --start --end` fits)
-    r = dev("start", "4", "--at", "7:00", env=NOW)
+    # a timer from 7:00 may start (it may stop before 9:00), but it cannot stop after 9:00
+    dev.ok("start", "8", "--at", "7:00", env=NOW)
+    r = dev("stop", env=NOW)
+    assert r.rc == 65 and first in r.err and "07:00-19:00" in r.err
+    dev.ok("stop", "--at", "8:30", env=NOW)
+    early = entries(dev, "--issue", "8")["entries"][0]["id"]
+    r = dev("edit", early, "--end", "9:30", env=NOW)     # an edit that moves it onto another
     assert r.rc == 65 and first in r.err
     # a timer that runs into an entry logged while it was paused: refused on stop, and the
     # timer stays, so nothing is lost
@@ -198,7 +203,6 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     dev.ok("edit", logged, "--start", "10:45", "--end", "11:00", env=NOW)  # touching is fine
     dev.ok("stop", "--at", "11:30", env=NOW)
     second = entries(dev, "--issue", "4")["entries"][0]["id"]
-    # an edit that moves an entry onto another
     r = dev("edit", second, "--start", "9:30", env=NOW)
     assert r.rc == 65 and first in r.err
     # an interval inside the running timer
@@ -206,7 +210,7 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     r = dev("log", "7", "--start", "12:10", "--end", "12:20", env=NOW)
     assert r.rc == 65 and "the running timer for 5" in r.err
     dev.ok("stop", "--at", "12:30", env=NOW)
-    assert private_total(dev.root) == total + 2700 + 900 + 1800
+    assert private_total(dev.root) == total + 5400 + 2700 + 900 + 1800
     # an import that overlaps what is recorded: refused whole, nothing written
     frames = tmp_path / "frames"
     frames.write_text(json.dumps([
@@ -219,6 +223,21 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     r = dev.ok("import", "watson", str(frames), "--skip-conflicts", env=NOW)
     assert "imported 1 entry for alice" in r.out and "not imported for alice" in r.out
     assert private_total(dev.root) == before + 3600
+
+
+def test_an_entry_moved_weeks_away_is_found_on_its_new_day(dev):
+    entry = dev.ok("log", "1", "1h", "--date", "2026-10-10", "--json", env=NOW).json["entry"]
+    dev.ok("edit", entry["id"], "--date", "2026-11-18", env=NOW)
+    assert [e["id"] for e in entries(dev, "--date", "2026-11-18")["entries"]] == [entry["id"]]
+    assert entries(dev, "--date", "2026-10-10")["entries"] == []
+    dev.ok("log", "2", "23h", "--date", "2026-11-18", env=NOW)       # the moved hour still counts
+    assert dev("log", "3", "1s", "--date", "2026-11-18", env=NOW).rc == 65
+    timed = dev.ok("log", "4", "--start", "2026-10-01 09:00", "--end", "2026-10-01 10:00",
+                   "--json", env=NOW).json["entry"]
+    dev.ok("edit", timed["id"], "--start", "2026-11-19 09:00", "--end", "2026-11-19 10:00", env=NOW)
+    r = dev("log", "5", "--start", "2026-11-19 09:30", "--end", "2026-11-19 09:45", env=NOW)
+    assert r.rc == 65 and timed["id"] in r.err
+    assert entries(dev, "--date", "2026-11-19")["total_seconds"] == 3600
 
 
 def test_allow_overlap_records_parallel_work_marked(dev):

@@ -1,4 +1,5 @@
 """health, metrics and doctor."""
+import contextlib
 import os
 import re
 import signal
@@ -136,11 +137,16 @@ def test_the_sqlite_wal_reset_bug_is_a_note_unless_the_queue_is_damaged(repo, mo
     r = call(repo.root, "doctor")
     assert r.rc == 0 and "all good" in r.out and "note: " in r.out and "WAL-reset" in r.out, r
     db = os.path.join(repo.root, ".flowforge/state/queue.db")
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(db)) as conn:   # everything into the main file
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert os.path.getsize(db) > 4096 + 1000
     for suffix in ("-wal", "-shm"):
         if os.path.exists(db + suffix):
             os.unlink(db + suffix)
-    with open(db, "r+b") as f:          # damage a page in the middle of the database
-        f.seek(4096 + 100)
-        f.write(b"\xff" * 900)
+    size = os.path.getsize(db)
+    with open(db, "r+b") as f:          # damage every page but the header's
+        f.seek(4096)
+        f.write(b"\xff" * (size - 4096))
     r = call(repo.root, "doctor")
     assert r.rc == 1 and "integrity" in r.out, r
