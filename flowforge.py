@@ -284,7 +284,8 @@ class DayClock:
 # README's reference and the error message, so the three cannot disagree.
 TIME_FORMS = (
     ("now", "this instant"),
-    ("9:30, 09:30:15, 9am, 9:30pm, noon", "that time today (on --date's day for `log`)"),
+    ("9:30, 09:30:15, 9am, 9:30pm, noon", "that time today (with `log --date D`: on D; "
+     "with `edit`: on the entry's day)"),
     ("yesterday 17:00, mon 9:00", "that time on that day (mon..sun: the most recent, "
      "today included)"),
     ("2026-11-22 09:30, 2026-11-22T09:30", "that local date and time"),
@@ -4161,7 +4162,7 @@ class Aggregator:
         if tip:
             self._heal_private_chain(ledger, known)
         state = None if full else self._load_state(tip)
-        if state is None and tip and routine:
+        if state is None and tip and routine and os.path.exists(self.state_path):
             raise FlowForgeError("its ledger ref is not the one this clone last wrote (restored, "
                                  "rewritten or damaged?)")
         full = state is None
@@ -7872,17 +7873,16 @@ def load_team_shards(repo, first=None, last=None, about=None):
 def aggregate_own(repo):
     """Before a report on a developer's own clone: aggregate this clone's stores
     (incrementally; usually nothing to do), so that time tracked since the last
-    commit is in it.  A store that cannot be aggregated now is named, and the
-    report goes on without that store's newest time."""
-    pending = []
+    commit is in it.  Returns a line for each store that could not be; the
+    report goes on without that store's newest time, and says so."""
+    notes = []
     for user in local_users(repo):
         try:
             aggregate_store(repo, user, False, 2.0, routine=True)
-        except FlowForgeError as e:
-            pending.append(user)
-            warn("the newest time of %s may be missing from this report: it could not be "
-                 "aggregated (%s); run `flowforge aggregate`" % (user, e))
-    return pending
+        except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
+            notes.append("the newest time of %s may be missing from this report: it could not "
+                         "be aggregated (%s); run `flowforge aggregate`" % (user, one_line(e)))
+    return notes
 
 
 def data_age_line(about):
@@ -8798,9 +8798,10 @@ def _today_local():
 def cmd_report(ctx, args):
     dims = _dims(args.by)
     first, last = resolve_range(args.period, args.first, args.last, _today_local())
-    if not args.no_aggregate:
-        aggregate_own(ctx.repo)
+    pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
     report = build_report(ctx.repo, dims, first, last)
+    for line in pending:   # after the report: a report that fails says one thing only
+        warn(line)
     info(data_age_line(report["ledger"]))
     if UI.json or args.format == "json":
         sys.stdout.write(json.dumps(report, sort_keys=True, indent=1) + "\n")
@@ -8825,9 +8826,10 @@ def cmd_bill(ctx, args):
         first, last = resolve_range("all", args.first, args.last, None)
     else:
         first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
-    if not args.no_aggregate:
-        aggregate_own(ctx.repo)
+    pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
     bill = build_bill(ctx.repo, first, last, args.by_issue)
+    for line in pending:
+        warn(line)
     info(data_age_line(bill["ledger"]))
     if UI.json or args.format == "json":
         sys.stdout.write(json.dumps(bill, sort_keys=True, indent=1) + "\n")
@@ -9607,6 +9609,17 @@ def completion_words(ctx, what):
         if e["issue"] not in words:
             words.append(e["issue"])
     return words
+
+
+def time_forms_reference():
+    """The README's table of time and day forms, from TIME_FORMS and DAY_FORMS."""
+    rows = ["| you type | it means |", "| --- | --- |"]
+    rows += ["| %s | %s |" % (", ".join("`%s`" % f.strip() for f in forms.split(",")), meaning)
+             for forms, meaning in TIME_FORMS]
+    rows += ["", "| a day (`--date`, `--from`, `--to` of `entries`) | it means |", "| --- | --- |"]
+    rows += ["| %s | %s |" % (", ".join("`%s`" % f.strip() for f in forms.split(",")),
+                              meaning or "that day") for forms, meaning in DAY_FORMS]
+    return "\n".join(rows) + "\n"
 
 
 def _configure_ui(args):

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Regenerate (--write) or check (--check, the default) the command reference in
-README.md, between the reference markers, from flowforge.py's command registry."""
+"""Regenerate (--write) or check (--check, the default) the generated parts of
+README.md, each between its markers: the command reference (from flowforge.py's
+command registry) and the table of time and day forms (from TIME_FORMS and
+DAY_FORMS, the lists that FlowForge's own error messages name)."""
 import os
 import sys
 
@@ -8,14 +10,17 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 import flowforge  # noqa: E402
 
-START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 README = os.path.join(HERE, "README.md")
+BLOCKS = (("reference", flowforge.command_reference), ("time-forms", flowforge.time_forms_reference))
 
 
 def expected(text):
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + START + "\n" + flowforge.command_reference() + END + tail
+    for name, render in BLOCKS:
+        start, end = "<!-- %s:start -->" % name, "<!-- %s:end -->" % name
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + start + "\n" + render() + end + tail
+    return text
 
 
 def main():
