@@ -308,6 +308,8 @@ def test_time_past_midnight_is_the_same_in_every_view(dev):
         report = dev.ok("report", "--json", "--by", "user,day", "--from", day, "--to", day,
                         env=NOW).json      # no aggregate first: report takes its own newest time
         assert report["total_seconds"] == expected, day
+        bill = dev.ok("bill", "--json", "--from", day, "--to", day, env=NOW).json
+        assert bill["total_seconds"] == expected, day
     status = dev.ok("status", "--json", env=late).json
     assert status["today"] == "2026-11-20" and status["today_seconds"] == per_view["2026-11-20"]
     text = dev.ok("entries", "--date", "2026-11-20", env=NOW).out
