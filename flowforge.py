@@ -372,7 +372,7 @@ def parse_day(text, tz, now_ts, what="date"):
         return today - timedelta(days=int(m.group(1)))
     if _DATE.fullmatch(word):
         try:
-            return date.fromisoformat(word)
+            return plausible_day(date.fromisoformat(word), text, what)
         except ValueError:
             pass
     raise FlowForgeError("%s %r is not valid: use %s" % (what, text, _forms(DAY_FORMS)),
@@ -450,9 +450,24 @@ def _plausible(ts, raw):
 
 
 def shift_day(day_iso, days):
-    """The ISO date `days` after (or before, if negative) `day_iso`."""
+    """The ISO date `days` after (or before, if negative) `day_iso`; clamped
+    to the calendar's ends rather than overflowing."""
     from datetime import date, timedelta
-    return (date.fromisoformat(day_iso) + timedelta(days=days)).isoformat()
+    try:
+        return (date.fromisoformat(day_iso) + timedelta(days=days)).isoformat()
+    except OverflowError:
+        return (date.max if days > 0 else date.min).isoformat()
+
+
+_YEARS = ("1970", "2999")   # the dates FlowForge takes, as EPOCH_LIMITS the times
+
+
+def plausible_day(day, text, what):
+    """`day` (a datetime.date), if its year lies within _YEARS."""
+    if not _YEARS[0] <= "%04d" % day.year <= _YEARS[1]:
+        raise FlowForgeError("%s %r is out of range (%s to %s)" % (what, text, _YEARS[0],
+                                                                  _YEARS[1]), EXIT_USAGE)
+    return day
 
 
 def _day_count(first_day, last_day):
@@ -466,7 +481,7 @@ def parse_date(text, what="date"):
     from datetime import date
     if _DATE.fullmatch(text or ""):
         try:
-            return date.fromisoformat(text)
+            return plausible_day(date.fromisoformat(text), text, what)
         except ValueError:
             pass
     raise FlowForgeError("%s %r is not valid: use YYYY-MM-DD" % (what, text), EXIT_USAGE)
@@ -533,6 +548,13 @@ def closest(word, choices):
     from difflib import get_close_matches
     found = get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return found[0] if found else None
+
+
+def exact_duration(seconds):
+    """format_duration, to the second (`24h00m01s`), for figures that are compared."""
+    text = format_duration(seconds)
+    return text + "%02ds" % (abs(int(seconds)) % 60) if abs(int(seconds)) >= 3600 and seconds % 60 \
+        else text
 
 
 def format_hours(seconds):
@@ -2360,13 +2382,14 @@ class Timers:
 
     # -- admission ----------------------------------------------------------
 
-    def admit(self, entry, allow_overlap=False, timer=None):
+    def admit(self, entry, allow_overlap=False, timer=None, what=None):
         """Check a new or changed entry against this user's other time; the
         caller holds the store lock and writes `entry` to the day file its id
         names (an edit that moves it further than REACH_DAYS notes it in
         far.json).
         `timer`: the running or paused timer, which counts as timed work too.
-        With `allow_overlap` an overlapping entry is marked, not refused."""
+        With `allow_overlap` an overlapping entry is marked, not refused.
+        `what`: the entry in words for the message (default: its span)."""
         clock = self.store.clock
         parts = entry_parts(entry, clock.split)
         days = sorted({day for day, _ in parts})
@@ -2379,8 +2402,8 @@ class Timers:
                        else "`flowforge stop --at TIME`")
                 raise FlowForgeError(
                     "%s overlaps %s: change the times, fix that one (%s), or give --allow-overlap "
-                    "if you really worked on both at once" % (self.span(entry["segments"]), clash,
-                                                              fix), EXIT_DATA)
+                    "if you really worked on both at once" % (what or self.span(entry["segments"]),
+                                                              clash, fix), EXIT_DATA)
             if clash or entry.get("overlap"):
                 entry["overlap"] = bool(clash)
         recorded = {}
@@ -2396,17 +2419,18 @@ class Timers:
                 raise FlowForgeError(
                     "%s would hold %s of recorded time, more than the %s it has (%s recorded, "
                     "this adds %s): see `flowforge entries --date %s`"
-                    % (day, format_duration(recorded.get(day, 0) + adding[day]),
-                       format_duration(length), format_duration(recorded.get(day, 0)),
-                       format_duration(adding[day]), day), EXIT_DATA)
+                    % (day, exact_duration(recorded.get(day, 0) + adding[day]),
+                       exact_duration(length), exact_duration(recorded.get(day, 0)),
+                       exact_duration(adding[day]), day), EXIT_DATA)
         return entry
 
-    def admit_batch(self, records, allow_overlap=False):
+    def admit_batch(self, records, allow_overlap=False, timer=None):
         """`admit` for many new entries at once (an import), in one pass over
         their days: ([admitted records], [(record, why not)]).  Entries are
         taken in time order; one that overlaps an earlier one, or a recorded
         entry, is refused (marked instead with `allow_overlap`), as is one that
-        would fill a day beyond its hours.  The caller holds the store lock."""
+        would fill a day beyond its hours; `timer`, the running or paused one,
+        counts as timed work too.  The caller holds the store lock."""
         from bisect import bisect_left
         if not records:
             return [], []
@@ -2420,6 +2444,9 @@ class Timers:
                 recorded[day] = recorded.get(day, 0) + seconds
             for start, end in other.get("segments") or ():
                 timed.append((start, end, other_id, other))
+        if timer is not None:
+            for start, end in self._timer_spans(timer):
+                timed.append((start, end, None, timer))
         timed.sort(key=lambda t: t[0])
         best = None
         for start, end, other_id, other in timed:   # reach[i]: the latest end among timed[:i + 1]
@@ -2434,10 +2461,16 @@ class Timers:
             for start, end in record.get("segments") or ():
                 i = bisect_left(starts, end) - 1   # recorded segments starting before this ends
                 if i >= 0 and reach[i][0] > start:
-                    clash = self._overlap(record, {reach[i][1]: (None, reach[i][2])}, None)[0] or \
-                        "entry %s" % reach[i][1]
+                    if reach[i][1] is None:
+                        clash = self._overlap(record, {}, timer)[0] or "the timer"
+                    else:
+                        clash = self._overlap(record, {reach[i][1]: (None, reach[i][2])}, None)[0] \
+                            or "entry %s" % reach[i][1]
                 elif latest is not None and latest[0] > start:
                     clash = "%s in the same import" % self.span(latest[1]["segments"])
+            if entry_seconds(record) > MAX_ENTRY_SECONDS:
+                refused.append((record, "%s is longer than 24h" % self.describe(record)))
+                continue
             if clash and not allow_overlap:
                 refused.append((record, "%s overlaps %s" % (self.span(record["segments"]), clash)))
                 continue
@@ -2445,8 +2478,8 @@ class Timers:
                     if recorded.get(day, 0) + seconds > self.store.clock.day_length(day)]
             if full:
                 refused.append((record, "%s would fill %s beyond its %s" % (
-                    self.span(record["segments"]) if record.get("segments") else record["date"],
-                    full[0], format_duration(self.store.clock.day_length(full[0])))))
+                    self.describe(record), full[0],
+                    format_duration(self.store.clock.day_length(full[0])))))
                 continue
             if clash:
                 record["overlap"] = True
@@ -2457,6 +2490,19 @@ class Timers:
             admitted.append(record)
         return admitted, refused
 
+    def _timer_spans(self, timer):
+        """The timer's time so far as segments (a running one: up to now)."""
+        spans = [list(s) for s in timer["segments"] if s[1] > s[0]]
+        if timer.get("running_since") is not None:
+            spans.append([timer["running_since"], max(self.now, timer["running_since"] + 1)])
+        return spans
+
+    def describe(self, entry):
+        """An entry's time in words: its span, or its date and duration."""
+        if entry.get("segments"):
+            return self.span(entry["segments"])
+        return "%s on %s" % (format_duration(entry["seconds"]), entry["date"])
+
     def _overlap(self, entry, near, timer):
         """(description, entry id) of the first timed entry -- or (description,
         None) of the timer -- that `entry` overlaps; (None, None) if none."""
@@ -2466,9 +2512,7 @@ class Timers:
                 return ("entry %s (%s, %s)" % (other_id, other["issue"],
                                                self.span(other["segments"])), other_id)
         if timer is not None and timer["id"] != entry["id"]:
-            spans = list(timer["segments"])
-            if timer.get("running_since") is not None:
-                spans.append([timer["running_since"], max(self.now, timer["running_since"] + 1)])
+            spans = self._timer_spans(timer)
             if segments_overlap(segments, spans):
                 state = "running" if timer.get("running_since") is not None else "paused"
                 return "the %s timer for %s (since %s)" % (
@@ -2542,7 +2586,8 @@ class Timers:
             # Its first second must be free (the whole interval is admitted on stop,
             # when its end is known: a timer started in the past may stop before
             # the next entry); the old timer's entry is admitted as it is recorded.
-            self.admit({"id": new["id"], "segments": [[at, at + 1]]}, allow_overlap)
+            self.admit({"id": new["id"], "segments": [[at, at + 1]]}, allow_overlap,
+                       what="a timer from %s" % self.show(at)[:16])
             if timer is not None:
                 stopped = self._finish(timer, at, messages)
             timer = new
@@ -2614,6 +2659,10 @@ class Timers:
             if at < since:
                 raise FlowForgeError("pause time %s is before the timer's start %s"
                                      % (self.show(at), self.show(since)), EXIT_USAGE)
+            if at > since:  # what it ran until now must be free (as on stop)
+                self.admit({"id": timer["id"], "segments": timer["segments"] + [[since, at]]},
+                           timer.get("allow_overlap", False), what="the timer for %s until %s"
+                           % (timer["issue"], self.show(at)[:16]))
             # An empty segment (pausing in the second it started) keeps the
             # paused timer valid; stopping drops it.
             timer["segments"].append([since, at])
@@ -2638,6 +2687,9 @@ class Timers:
         if at < last:
             raise FlowForgeError("resume time %s is before the pause at %s"
                                  % (self.show(at), self.show(last)), EXIT_USAGE)
+        self.admit({"id": timer["id"], "segments": [[at, at + 1]]},
+                   timer.get("allow_overlap", False),
+                   what="resuming %s at %s" % (timer["issue"], self.show(at)[:16]))
         stopped = None
         if local_date(at, self.store.tz) != timer["day"]:
             # A new day, a new entry: an entry stays near the day file that holds it.
@@ -2696,17 +2748,22 @@ class Timers:
             raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
         return timer
 
-    def log(self, issue, seconds, day, project, note, key, allow_overlap=False, start=None):
-        """Record time without a timer: `seconds` on `day`, or with `start`
-        the interval [start, start + seconds) (Timewarrior's `track`)."""
+    def check_log(self, seconds, day, start, tz):
+        """What `log` refuses before anything is written (or a store created)."""
         if seconds > MAX_ENTRY_SECONDS:
             raise FlowForgeError("duration %s is longer than 24h; log each day separately"
                                  % format_duration(seconds), EXIT_USAGE)
         if start is not None:
             self.check_time(start + seconds, "end time")
-            day = local_date(start, self.store.tz)
-        elif day > local_date(self.now, self.store.tz):
+        elif day > local_date(self.now, tz):
             raise FlowForgeError("date %s is in the future" % day, EXIT_USAGE)
+
+    def log(self, issue, seconds, day, project, note, key, allow_overlap=False, start=None):
+        """Record time without a timer: `seconds` on `day`, or with `start`
+        the interval [start, start + seconds) (Timewarrior's `track`)."""
+        self.check_log(seconds, day, start, self.store.tz)
+        if start is not None:
+            day = local_date(start, self.store.tz)
         entry_id = new_entry_id(day, key)
         entry = {"op": "entry", "id": entry_id, "issue": issue, "project": project,
                  "note": note, "src": "log"}
@@ -2734,6 +2791,10 @@ class Timers:
             day, entry = self.store.find_entry(entry_id)
             new = dict(entry)
             new.update({k: v for k, v in changes.items() if k in ("issue", "project", "note")})
+            if "segments" in entry and "date" in changes:
+                raise FlowForgeError("%s has clock times: move it with --start and --end (a time "
+                                     "of day there is on the entry's day; give another day with "
+                                     "it: --start 'yesterday 9:00')" % entry_id, EXIT_USAGE)
             if "segments" in entry and any(k in changes for k in ("start", "end", "seconds")):
                 new["segments"] = self._moved_segments(entry["segments"], changes)
             elif "segments" not in entry:
@@ -7655,44 +7716,52 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False, overlaps=
     summary = {"source": batch.source, "users": {}, "timers": [], "review": list(batch.review),
                "unknown_fields": sorted(batch.unknown_fields), "skipped": []}
     users = sorted(set(batch.entries) | {t[0] for t in batch.timers})
+    stores = {user: PrivateStore(repo, user) for user in users}
     plans = {}
-    for user in users:   # first every user's check, so that a refusal writes nothing
-        store = PrivateStore(repo, user)
-        if not store.exists():
-            store._tz = load_timezone(system_timezone_name())  # the zone create() will give it
-        new = []
-        with store.lock():
+    from contextlib import ExitStack
+    with ExitStack() as held:
+        # Every user's store lock (in name order, as no other command takes two), so
+        # that nothing recorded between the check and the write can slip past it;
+        # every check first, so that a refusal writes nothing.
+        for user in users:
+            held.enter_context(stores[user].lock())
+        for user in users:
+            store = stores[user]
+            if not store.exists():
+                store._tz = load_timezone(system_timezone_name())  # the zone create() gives it
+            new = []
             for day, records in _by_file_day(batch.entries.get(user, [])):
                 seen = {r["id"] for r in store.read_day(day)}
                 new += [r for r in records if r["id"] not in seen]
-            admitted, refused = Timers(store, now()).admit_batch(new, overlaps == "allow")
-        if refused and overlaps != "skip":
-            shown = "; ".join(why for _, why in refused[:3])
-            raise FlowForgeError(
-                "%d entr%s for %s would overlap or overfill a day: %s%s; nothing was imported "
-                "(--allow-overlap imports overlapping ones marked as such, --skip-conflicts "
-                "imports the rest)" % (len(refused), "y" if len(refused) == 1 else "ies", user,
-                                       shown, " ..." if len(refused) > 3 else ""), EXIT_DATA)
-        summary["skipped"] += ["not imported for %s: %s" % (user, why) for _, why in refused]
-        plans[user] = (store, admitted, len(batch.entries.get(user, [])) - len(new))
-    for user in users:
-        store, admitted, already = plans[user]
-        counts = {"added": len(admitted), "already": already,
-                  "overlapping": sum(1 for r in admitted if r.get("overlap"))}
-        if not dry_run and not store.exists() and (admitted or user == importing_user):
-            store._tz = None
-            store.create()
-        if store.exists() and admitted and not dry_run:
-            with store.lock():
+            timer = store.load_timer() if store.exists() else None
+            admitted, refused = Timers(store, now()).admit_batch(new, overlaps == "allow", timer)
+            if refused and overlaps != "skip":
+                shown = "; ".join(why for _, why in refused[:3])
+                raise FlowForgeError(
+                    "%d entr%s for %s would overlap, run over 24h or overfill a day: %s%s; "
+                    "nothing was imported (--allow-overlap imports overlapping ones marked as "
+                    "such, --skip-conflicts imports the rest)"
+                    % (len(refused), "y" if len(refused) == 1 else "ies", user, shown,
+                       " ..." if len(refused) > 3 else ""), EXIT_DATA)
+            summary["skipped"] += ["not imported for %s: %s" % (user, why) for _, why in refused]
+            plans[user] = (admitted, len(batch.entries.get(user, [])) - len(new))
+        for user in users:
+            store = stores[user]
+            admitted, already = plans[user]
+            if not dry_run and not store.exists() and (admitted or user == importing_user):
+                store._settings = store._tz = None
+                store._create(None)   # under the lock held above
+            if store.exists() and admitted and not dry_run:
                 written = []
                 for day, records in _by_file_day(admitted):
-                    seen = {r["id"] for r in store.read_day(day)}
-                    records = [r for r in records if r["id"] not in seen]
-                    if records:
-                        store.append(day, records, bulk=True)
-                        written.append(day)
-                if written:
-                    store.finish_bulk(written)
+                    store.append(day, records, bulk=True)
+                    written.append(day)
+                store.finish_bulk(written)
+    for user in users:
+        store = stores[user]
+        admitted, already = plans[user]
+        counts = {"added": len(admitted), "already": already,
+                  "overlapping": sum(1 for r in admitted if r.get("overlap"))}
         for timer_user, issue, project, note, start, timer_id in batch.timers:
             if timer_user != user:
                 continue
@@ -8540,6 +8609,7 @@ def cmd_log(ctx, args):
         start = end - seconds
     if start is None:
         day = (day or parse_day("today", zone, ctx.now)).isoformat()
+    timers.check_log(seconds, day, start, zone)
     ctx.ready_store(timers.store)
     return ctx.emit("log", *timers.log(issue, seconds, day, project, note, args.key,
                                        args.allow_overlap, start))
@@ -8780,8 +8850,15 @@ NO_AGGREGATE = arg("--no-aggregate", action="store_true", help="only what the le
                    "not aggregate this clone's own stores first")
 
 
-def _today_local():
-    return local_date(now(), load_timezone(system_timezone_name()))
+def _today_local(ctx):
+    """Today for `report --period` and `bill`: in the zone of the user's store
+    here (the one status and entries use), else the machine's."""
+    try:
+        store = ctx.store()
+        zone = store.tz if store.exists() else None
+    except FlowForgeError:  # no identity here (a CI clone, say)
+        zone = None
+    return local_date(ctx.now, zone or load_timezone(system_timezone_name()))
 
 
 @command("report", "Team time from the ledger: every store ref this clone has fetched.",
@@ -8797,7 +8874,7 @@ def _today_local():
          area="team")
 def cmd_report(ctx, args):
     dims = _dims(args.by)
-    first, last = resolve_range(args.period, args.first, args.last, _today_local())
+    first, last = resolve_range(args.period, args.first, args.last, _today_local(ctx))
     pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
     report = build_report(ctx.repo, dims, first, last)
     for line in pending:   # after the report: a report that fails says one thing only
@@ -8825,7 +8902,7 @@ def cmd_bill(ctx, args):
     if args.first or args.last:
         first, last = resolve_range("all", args.first, args.last, None)
     else:
-        first, last = month_bounds(parse_month(args.month) if args.month else _today_local()[:7])
+        first, last = month_bounds(parse_month(args.month) if args.month else _today_local(ctx)[:7])
     pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
     bill = build_bill(ctx.repo, first, last, args.by_issue)
     for line in pending:
@@ -9490,9 +9567,9 @@ def completion_specs():
 
 def _bash_words(kind):
     if kind == "@files":
-        return 'COMPREPLY=($(compgen -f -- "$cur"))'
+        return 'compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur")'
     if kind == "dirs":
-        return 'COMPREPLY=($(compgen -d -- "$cur"))'
+        return 'compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -d -- "$cur")'
     if kind in ("@issues", "@entries"):
         return ('COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${ctx[@]}" completion --words %s '
                 '2>/dev/null)" -- "$cur"))' % kind[1:])
@@ -9503,14 +9580,25 @@ def bash_completion():
     specs = completion_specs()
     out = ["# flowforge completion for bash (generated by `flowforge completion bash`)",
            "_flowforge() {",
-           '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
-           '    local cmd="" i ctx=() npos=0',
-           "    for ((i = 1; i < COMP_CWORD; i++)); do",
-           '        case "${COMP_WORDS[i]}" in',
-           '            -C|--user) ctx+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}"); ((i++)) ;;',
+           "    # bash splits 13:00 into 13 : 00 (COMP_WORDBREAKS); join them back",
+           '    local words=() cword=0 i w',
+           '    for ((i = 0; i < ${#COMP_WORDS[@]}; i++)); do',
+           '        w="${COMP_WORDS[i]}"',
+           '        if ((${#words[@]} > 1)) && [[ "$w" == ":" || "${words[${#words[@]}-1]}" == *: ]]; then',
+           '            words[${#words[@]}-1]+="$w"',
+           "        else",
+           '            words+=("$w")',
+           "        fi",
+           '        ((i == COMP_CWORD)) && cword=$((${#words[@]} - 1))',
+           "    done",
+           '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${words[cword-1]}"',
+           '    local cmd="" ctx=() npos=0',
+           "    for ((i = 1; i < cword; i++)); do",
+           '        case "${words[i]}" in',
+           '            -C|--user) ctx+=("${words[i]}" "${words[i+1]}"); ((i++)) ;;',
            "            --color) ((i++)) ;;",
            "            -*) ;;",
-           '            *) cmd="${COMP_WORDS[i]}"; break ;;',
+           '            *) cmd="${words[i]}"; break ;;',
            "        esac",
            "    done",
            '    if [[ -z "$cmd" ]]; then',
@@ -9537,8 +9625,8 @@ def bash_completion():
                    % _bash_words(" ".join(f for f, _ in options)))
         if positionals:
             # which positional is this: count the words after the command, skipping option values
-            out.append("        for ((i = i + 1; i < COMP_CWORD; i++)); do")
-            out.append('            case "${COMP_WORDS[i]}" in %s) ((i++)) ;; -*) ;; *) ((npos++)) ;; '
+            out.append("        for ((i = i + 1; i < cword; i++)); do")
+            out.append('            case "${words[i]}" in %s) ((i++)) ;; -*) ;; *) ((npos++)) ;; '
                        'esac' % (value_flags or "--"))
             out.append("        done")
             out.append('        case "$npos" in')
@@ -9552,9 +9640,11 @@ def bash_completion():
 
 
 def zsh_completion():
-    """zsh runs the bash function through bashcompinit (part of zsh)."""
-    return ("# flowforge completion for zsh (generated by `flowforge completion zsh`)\n"
-            "autoload -U +X compinit && compinit\n"
+    """zsh runs the bash function through bashcompinit (part of zsh); source it
+    from ~/.zshrc."""
+    return ("# flowforge completion for zsh (generated by `flowforge completion zsh`);\n"
+            "# in ~/.zshrc: source <(flowforge completion zsh)\n"
+            "(( $+functions[compdef] )) || { autoload -U +X compinit && compinit }\n"
             "autoload -U +X bashcompinit && bashcompinit\n" + bash_completion())
 
 
@@ -9647,8 +9737,10 @@ def _join_relative_times(argv):
         else:
             out.append(token)
     if _command_name(out) == "log":
-        for token in out:
-            if re.match(r"^-\d", token):
+        takes_value = ("-C", "--user", "--color", "--start", "--end", "--date", "--project",
+                       "--note", "--key")
+        for before, token in zip([None] + out, out):
+            if re.match(r"^-\d", token) and before not in takes_value:
                 raise FlowForgeError(
                     "duration %r is not valid: a duration is positive (for time in the past give "
                     "--date yesterday, or --start/--end; to take time off an entry, `flowforge "
@@ -9678,7 +9770,13 @@ def main(argv=None):
             guess = closest(name, [spec.name for spec in COMMANDS])
             raise FlowForgeError("unknown command %r%s (`flowforge --help` lists them)" % (
                 name, ": did you mean %s?" % guess if guess else ""), EXIT_USAGE)
-        args = build_parser(name if known else None).parse_args(argv)
+        parser = build_parser(name if known else None)
+        args, extra = parser.parse_known_args(argv)
+        if extra and name == "log" and args.duration is None and len(extra) == 1 \
+                and not extra[0].startswith("-"):
+            args.duration = extra[0]   # `log 123 --date yesterday 2h`: after the options
+        elif extra:
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
         _configure_ui(args)
         if not getattr(args, "handler", None):
             raise FlowForgeError("no command given (`flowforge --help` lists them)", EXIT_USAGE)

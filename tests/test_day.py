@@ -190,17 +190,7 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     early = entries(dev, "--issue", "8")["entries"][0]["id"]
     r = dev("edit", early, "--end", "9:30", env=NOW)     # an edit that moves it onto another
     assert r.rc == 65 and first in r.err
-    # a timer that runs into an entry logged while it was paused: refused on stop, and the
-    # timer stays, so nothing is lost
     dev.ok("start", "4", "--at", "10:30", env=NOW)
-    dev.ok("pause", "--at", "10:45", env=NOW)
-    logged = dev.ok("log", "6", "--start", "10:50", "--end", "11:10", "--json",
-                    env=NOW).json["entry"]["id"]
-    dev.ok("resume", "--at", "11:00", env=NOW)
-    r = dev("stop", "--at", "11:30", env=NOW)
-    assert r.rc == 65 and logged in r.err
-    assert dev.ok("status", "--json", env=NOW).json["timer"]["issue"] == "4"
-    dev.ok("edit", logged, "--start", "10:45", "--end", "11:00", env=NOW)  # touching is fine
     dev.ok("stop", "--at", "11:30", env=NOW)
     second = entries(dev, "--issue", "4")["entries"][0]["id"]
     r = dev("edit", second, "--start", "9:30", env=NOW)
@@ -210,7 +200,7 @@ def test_overlaps_are_refused_for_every_source(dev, tmp_path):
     r = dev("log", "7", "--start", "12:10", "--end", "12:20", env=NOW)
     assert r.rc == 65 and "the running timer for 5" in r.err
     dev.ok("stop", "--at", "12:30", env=NOW)
-    assert private_total(dev.root) == total + 5400 + 2700 + 900 + 1800
+    assert private_total(dev.root) == total + 5400 + 3600 + 1800
     # an import that overlaps what is recorded: refused whole, nothing written
     frames = tmp_path / "frames"
     frames.write_text(json.dumps([
@@ -450,3 +440,78 @@ def test_zsh_completion_loads(dev, on_path):
                           cwd=dev.root, env=dict(on_path, HOME=dev.home), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "_flowforge flowforge" in proc.stdout, proc
+
+
+# -- what a review found ----------------------------------------------------------------
+
+def test_dates_out_of_range_are_one_line_and_create_nothing(repo):
+    for args in (["log", "1", "1h", "--date", "0001-01-01"], ["entries", "--date", "9999-12-31"],
+                 ["entries", "--from", "0001-01-01"], ["log", "1", "25h"],
+                 ["log", "1", "1h", "--date", "2026-12-01"]):
+        r = repo("--user", "fresh", *args, env=NOW)
+        assert r.rc == 64 and r.err.count("\n") == 1 and "Traceback" not in r.err, (args, r)
+    assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/fresh"))
+
+
+def test_pause_and_resume_are_admitted_too(dev):
+    dev.ok("log", "1", "--start", "9:00", "--end", "10:00", env=NOW)
+    other = dev.ok("log", "2", "--start", "11:00", "--end", "12:00", "--json",
+                   env=NOW).json["entry"]["id"]
+    dev.ok("start", "3", "--at", "10:30", env=NOW)
+    r = dev("pause", "--at", "11:30", env=NOW)          # 11:00-11:30 is recorded already
+    assert r.rc == 65 and other in r.err
+    dev.ok("pause", "--at", "11:00", env=NOW)
+    r = dev("resume", "--at", "11:15", env=NOW)         # inside the 11:00-12:00 entry
+    assert r.rc == 65 and other in r.err
+    dev.ok("resume", "--at", "12:00", env=NOW)
+    dev.ok("stop", "--at", "12:30", env=NOW)
+    assert private_total(dev.root) == 3600 * 2 + 1800 + 1800
+
+
+def test_an_import_is_checked_against_the_running_timer_and_24_hours(dev, tmp_path):
+    dev.ok("start", "9", "--at", "12:30", env=NOW)
+    frames = tmp_path / "frames"
+    frames.write_text(json.dumps([[berlin("2026-11-20 13:00"), berlin("2026-11-20 14:00"), "acme",
+                                   "f1", ["#8"], 0]]))
+    r = dev("import", "watson", str(frames), env=NOW)
+    assert r.rc == 65 and "the running timer for 9" in r.err
+    frames.write_text(json.dumps([[berlin("2026-11-10 08:00"), berlin("2026-11-11 14:00"), "acme",
+                                   "f2", ["#8"], 0]]))
+    r = dev("import", "watson", str(frames), env=NOW)
+    assert r.rc == 65 and "longer than 24h" in r.err
+    assert private_total(dev.root) == 0
+
+
+def test_log_arguments_in_any_order_and_notes_that_look_negative(dev):
+    assert dev.ok("log", "9", "--date", "yesterday", "2h", "--json",
+                  env=NOW).json["entry"]["seconds"] == 7200
+    entry = dev.ok("log", "9", "1h", "--note", "-2 bugs fixed", "--json", env=NOW).json["entry"]
+    assert entry["note"] == "-2 bugs fixed"
+    r = dev("log", "9", "1h", "extra", env=NOW)
+    assert r.rc == 64 and "unrecognized arguments: extra" in r.err
+
+
+def test_edit_date_of_a_timed_entry_is_refused(dev):
+    timed = dev.ok("log", "1", "--start", "9:00", "--end", "10:00", "--json", env=NOW).json["entry"]
+    r = dev("edit", timed["id"], "--date", "yesterday", env=NOW)
+    assert r.rc == 64 and "--start and --end" in r.err
+
+
+def test_report_periods_are_in_the_store_zone_not_the_machines(dev):
+    # 23:30 UTC is 00:30 on the 21st in Berlin: "today" is the 21st for status and report
+    late = {"FLOWFORGE_NOW": "2026-11-20T23:30:00Z"}
+    dev.ok("log", "1", "1h", env=late)
+    dev.ok("log", "2", "--start", "yesterday 22:00", "--end", "yesterday 23:00", env=late)
+    assert dev.ok("status", "--json", env=late).json["today"] == "2026-11-21"
+    report = dev.ok("report", "--json", "--period", "day", env=late).json
+    assert report["from"] == "2026-11-21" and report["total_seconds"] == 3600
+
+
+def test_bash_completion_keeps_file_names_and_times_whole(dev, on_path):
+    dev.ok("log", "123", "1h", env=NOW)
+    with open(os.path.join(dev.root, "my frames.json"), "w") as f:
+        f.write("[]")
+    assert complete_bash(dev, on_path, ["flowforge", "import", "watson", "my"]) == ["my frames.json"]
+    # bash splits 13:00 into three words; the entry id after it is still offered
+    ids = complete_bash(dev, on_path, ["flowforge", "continue", "--at", "13", ":", "00", ""])
+    assert len(ids) == 1 and ids[0].startswith("20261120-")
