@@ -5291,21 +5291,26 @@ class Http:
 
     clock = staticmethod(time.monotonic)   # tests replace these to avoid sleeping
     sleep = staticmethod(time.sleep)
+    # The time of the last request to each server, for every client of this
+    # process: a provider's "n requests a second" holds across queue jobs, each
+    # of which makes its own client.
+    _last_request = {}
 
     def __init__(self, base_url, headers, timeout=15.0, min_interval=0.0):
         self.base_url = base_url.rstrip("/")
         self.headers = headers
         self.timeout = timeout
         self.min_interval = min_interval
-        self._last = None
         self.requests = 0
 
     def _throttle(self):
-        if self.min_interval and self._last is not None:
-            wait = self._last + self.min_interval - self.clock()
+        last = self._last_request.get(self.base_url)
+        if self.min_interval and last is not None:
+            # never more than one interval: a clock that went back is no reason to stall
+            wait = min(last + self.min_interval - self.clock(), self.min_interval)
             if wait > 0:
                 self.sleep(wait)
-        self._last = self.clock()
+        self._last_request[self.base_url] = self.clock()
 
     def request(self, method, path, body=None, headers=None):
         import urllib.error

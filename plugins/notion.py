@@ -21,7 +21,8 @@ What it writes: on the page whose key property equals the issue reference
 (`123`, `owner/repo#123`, `ABC-12`), the team's total in hours (a number,
 two decimals) and the last day with tracked time (a date).  Nothing else; no
 request when neither changed since this machine's last update; a page that
-does not exist is left alone.  At most three requests a second.
+does not exist is left alone (the lookup follows has_more / next_cursor).
+At most three requests a second, across all jobs of the process.
 """
 import os
 import re
@@ -34,6 +35,7 @@ NAME = "notion"
 NOTION_VERSION = "2026-03-11"
 DATA_SOURCES_SINCE = "2025-09-03"
 PUBLIC_API = "https://api.notion.com/v1"
+MAX_QUERY_PAGES = 50          # result pages followed for one lookup (has_more / next_cursor)
 URL_ENV = ("FLOWFORGE_NOTION_API_URL", "NOTION_API_URL")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)   # Notion's ids are UUIDs: never a path
 
@@ -129,14 +131,21 @@ def find_page(api, config, state, issue, token):
         path = "/data_sources/%s/query" % source
     else:
         path = "/databases/%s/query" % database   # versions before data sources
-    reply = check(api.request("POST", path, {"filter": key_filter, "page_size": 1}),
-                  "looking up %s" % issue)
-    doc = reply.json()
-    results = (doc.get("results") if isinstance(doc, dict) else None) or []
-    if not isinstance(results, list) or not results:
-        return None
-    first = results[0] if isinstance(results[0], dict) else {}
-    return notion_id(first.get("id"), "the page id Notion returned", token)
+    query = {"filter": key_filter, "page_size": 100}
+    for _ in range(MAX_QUERY_PAGES):
+        # Notion may answer with fewer results than page_size, even none, and
+        # has_more: the page can be on a later cursor.
+        doc = check(api.request("POST", path, query), "looking up %s" % issue).json()
+        results = (doc.get("results") if isinstance(doc, dict) else None) or []
+        if isinstance(results, list) and results:
+            first = results[0] if isinstance(results[0], dict) else {}
+            return notion_id(first.get("id"), "the page id Notion returned", token)
+        cursor = doc.get("next_cursor") if isinstance(doc, dict) else None
+        if not (doc.get("has_more") is True and isinstance(cursor, str) and cursor):
+            return None
+        query = dict(query, start_cursor=cursor)
+    raise flowforge.RetryLater("Notion kept paging through %d result pages for %s"
+                               % (MAX_QUERY_PAGES, issue))
 
 
 def sync(repo, issue, config, http, state):

@@ -169,6 +169,8 @@ class FakeNotion(FakeServer):
         self.pages = {}         # id -> {"properties": {...}}
         self.updates = []       # (page id, properties)
         self.request_count = 0
+        self.chunks = []        # result counts of the first queries (then page_size)
+        self.query_calls = 0
 
     def add_page(self, key, page_id=None, key_property="FF Key"):
         page_id = page_id or "page-%d" % (len(self.pages) + 1)
@@ -209,8 +211,17 @@ class FakeNotion(FakeServer):
             results = [p for p in self.pages.values()
                        if any(t.get("plain_text") == wanted
                               for t in (p["properties"].get(prop) or {}).get("rich_text", []))]
-            return 200, {}, {"object": "list", "results": results[:body.get("page_size", 100)],
-                             "next_cursor": None, "has_more": False, "type": "page_or_data_source"}
+            # Notion may return fewer results than page_size, even none, with has_more:
+            # `chunks` (a list of sizes) makes the fake do that, page after page.
+            offset = int(body.get("start_cursor") or 0)
+            call = self.query_calls
+            self.query_calls += 1
+            size = self.chunks[call] if call < len(self.chunks) else body.get("page_size", 100)
+            end = offset + size
+            more = end < len(results) or call + 1 < len(self.chunks)
+            return 200, {}, {"object": "list", "results": results[offset:end],
+                             "next_cursor": str(end) if more else None, "has_more": more,
+                             "type": "page_or_data_source"}
         m = re.fullmatch(r"/v1/pages/([^/]+)", url)
         if m and method == "PATCH":
             page = self.pages.get(m.group(1))

@@ -170,9 +170,52 @@ def test_at_most_three_requests_a_second(repo, notion, monkeypatch):
         clock[0] += seconds
     monkeypatch.setattr(ff.Http, "clock", staticmethod(lambda: clock[0]))
     monkeypatch.setattr(ff.Http, "sleep", staticmethod(sleep))
+    monkeypatch.setattr(ff.Http, "_last_request", {})
     outcome, _ = run_in_process(repo, notion, monkeypatch)
     assert outcome == "done" and notion.count() == 3
     assert len(sleeps) == 2 and all(abs(s - 1 / 3) < 1e-9 for s in sleeps)   # spaced 1/3 s
+
+
+def test_a_page_on_a_later_cursor_is_found(repo, notion):
+    """Notion may answer a query with fewer results than page_size -- even none --
+    and has_more: the lookup follows next_cursor until the page comes."""
+    page = notion.add_page("5")
+    notion.chunks = [0, 0, 0]              # three empty pages with has_more first
+    enable(repo, notion)
+    track(repo, "5", 60, notion)
+    assert run_queue(repo, notion) == ["done"]
+    assert [u[0] for u in notion.updates] == [page]
+    queries = [r[3] for r in notion.requests if r[0] == "POST"]
+    assert len(queries) == 4 and "start_cursor" not in queries[0]
+    assert all(q["start_cursor"] == "0" for q in queries[1:])
+
+
+def test_three_requests_a_second_hold_across_jobs(repo, notion, monkeypatch):
+    for issue in ("5", "6"):
+        notion.add_page(issue)
+    enable(repo, notion)
+    track(repo, "5", 60, notion)
+    track(repo, "6", 60, notion)
+    clock, stamps = [100.0], []
+
+    def sleep(seconds):
+        clock[0] += seconds
+    monkeypatch.setattr(ff.Http, "clock", staticmethod(lambda: clock[0]))
+    monkeypatch.setattr(ff.Http, "sleep", staticmethod(sleep))
+    monkeypatch.setattr(ff.Http, "_last_request", {})
+    original = ff.Http._throttle
+
+    def throttle(self):
+        original(self)
+        stamps.append(clock[0])
+    monkeypatch.setattr(ff.Http, "_throttle", throttle)
+    monkeypatch.setenv("NOTION_TOKEN", notion.token)
+    monkeypatch.setenv("FLOWFORGE_NOTION_API_URL", notion.url + "/v1")
+    queue = ff.RetryQueue(os.path.join(repo.root, ".flowforge/state/queue.db"), clock=Clock())
+    for _ in range(2):                     # two jobs, one after the other, in one process
+        assert ff.run_job(ff.Repo(repo.root), queue, queue.claim("test")) == "done"
+    assert len(stamps) == 5                # GET, query, PATCH; then query, PATCH (cached source)
+    assert all(b - a >= 1 / 3 - 1e-9 for a, b in zip(stamps, stamps[1:])), stamps
 
 
 def test_legacy_versions_query_the_database(repo, notion):
