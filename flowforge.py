@@ -94,7 +94,7 @@ EXIT_CONFIG = 78       # bad configuration
 MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
 # An entry's time lies on local days at most this far from the day file that
 # holds it (the day in its id), so that "the time on day D" reads a few files.
-REACH_DAYS = 7
+REACH_DAYS = 2   # timers, logs and imports stay within it by construction
 # What a shard read from a teammate's commit may hold, before it is believed:
 # a row of more than a year of seconds, or a name longer than any issue
 # reference, is garbage or an attack, not time to bill.
@@ -229,6 +229,7 @@ class DayClock:
     def __init__(self, tz):
         self.tz = tz
         self._starts = {}
+        self._lengths = {}
         self._span = (0, 0, "")
 
     def day_start(self, day):
@@ -258,9 +259,13 @@ class DayClock:
 
     def day_length(self, day_iso):
         """Seconds in local date `day_iso`: 86400, or 82800 / 90000 on DST days."""
-        from datetime import date, timedelta
-        day = date.fromisoformat(day_iso)
-        return self.day_start(day + timedelta(days=1)) - self.day_start(day)
+        length = self._lengths.get(day_iso)
+        if length is None:
+            from datetime import date, timedelta
+            day = date.fromisoformat(day_iso)
+            length = self._lengths[day_iso] = (self.day_start(day + timedelta(days=1))
+                                               - self.day_start(day))
+        return length
 
     def day_of(self, ts):
         """The local date (ISO string) of epoch second `ts`; cheap for nearby times."""
@@ -2434,7 +2439,8 @@ class Timers:
         from bisect import bisect_left
         if not records:
             return [], []
-        split = self.store.clock.split
+        clock = self.store.clock
+        split, day_length = clock.split, clock.day_length
         parts = {id(r): entry_parts(r, split) for r in records}
         days = sorted({day for p in parts.values() for day, _ in p})
         recorded, starts, reach = {}, [], []
@@ -2475,7 +2481,7 @@ class Timers:
                 refused.append((record, "%s overlaps %s" % (self.span(record["segments"]), clash)))
                 continue
             full = [day for day, seconds in parts[id(record)]
-                    if recorded.get(day, 0) + seconds > self.store.clock.day_length(day)]
+                    if recorded.get(day, 0) + seconds > day_length(day)]
             if full:
                 refused.append((record, "%s would fill %s beyond its %s" % (
                     self.describe(record), full[0],
@@ -7418,6 +7424,7 @@ class ImportBatch:
     def __init__(self, source, path, tz):
         self.source, self.path = source, path
         self.clock = DayClock(tz)
+        self.utc_days = DayClock(_utc())
         self.entries = {}     # user -> [entry record]
         self.timers = []      # (user, issue, project, note, start, entry id)
         self.review = []      # human-readable lines: not billed, or worth a look
@@ -7440,7 +7447,7 @@ class ImportBatch:
         time zone: the UTC day of its start and the source's own key.  A running
         interval gets the id its closed form will have, so stopping the restored
         timer and importing the closed interval later count it once."""
-        return new_entry_id(local_date(start, _utc()), "%s:%s" % (self.source, key), 12)
+        return new_entry_id(self.utc_days.day_of(start), "%s:%s" % (self.source, key), 12)
 
     def add_timer(self, user, key, issue, project, note, start):
         self.timers.append((user, issue, project, note, start, self.entry_id(key, start)))
@@ -7944,19 +7951,19 @@ def load_team_shards(repo, first=None, last=None, about=None):
                      and (months[1] is None or d["month"] <= months[1])]
 
 
-def aggregate_own(repo):
-    """Before a report on a developer's own clone: aggregate this clone's stores
-    (incrementally; usually nothing to do), so that time tracked since the last
-    commit is in it.  Returns a line for each store that could not be; the
-    report goes on without that store's newest time, and says so."""
-    notes = []
-    for user in local_users(repo):
-        try:
-            aggregate_store(repo, user, False, 2.0, routine=True)
-        except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
-            notes.append("the newest time of %s may be missing from this report: it could not "
-                         "be aggregated (%s); run `flowforge aggregate`" % (user, one_line(e)))
-    return notes
+def aggregate_own(repo, user):
+    """Before a report on a developer's own clone: aggregate the user's store
+    here (incrementally; usually nothing to do), so that time tracked since the
+    last commit is in it.  Returns a line if it could not be; the report goes
+    on without that newest time, and says so."""
+    if user not in local_users(repo):
+        return []
+    try:
+        aggregate_store(repo, user, False, 2.0, routine=True)
+    except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
+        return ["the newest time of %s may be missing from this report: it could not be "
+                "aggregated (%s); run `flowforge aggregate`" % (user, one_line(e))]
+    return []
 
 
 def data_age_line(about):
@@ -8855,6 +8862,14 @@ NO_AGGREGATE = arg("--no-aggregate", action="store_true", help="only what the le
                    "not aggregate this clone's own stores first")
 
 
+def _own_user(ctx):
+    """Who runs the report, if this clone can tell (a CI clone may have no identity)."""
+    try:
+        return ctx.user
+    except FlowForgeError:
+        return None
+
+
 def _today_local(ctx):
     """Today for `report --period` and `bill`: in the zone of the user's store
     here (the one status and entries use), else the machine's."""
@@ -8880,7 +8895,7 @@ def _today_local(ctx):
 def cmd_report(ctx, args):
     dims = _dims(args.by)
     first, last = resolve_range(args.period, args.first, args.last, _today_local(ctx))
-    pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
+    pending = [] if args.no_aggregate else aggregate_own(ctx.repo, _own_user(ctx))
     report = build_report(ctx.repo, dims, first, last)
     for line in pending:   # after the report: a report that fails says one thing only
         warn(line)
@@ -8908,7 +8923,7 @@ def cmd_bill(ctx, args):
         first, last = resolve_range("all", args.first, args.last, None)
     else:
         first, last = month_bounds(parse_month(args.month) if args.month else _today_local(ctx)[:7])
-    pending = [] if args.no_aggregate else aggregate_own(ctx.repo)
+    pending = [] if args.no_aggregate else aggregate_own(ctx.repo, _own_user(ctx))
     bill = build_bill(ctx.repo, first, last, args.by_issue)
     for line in pending:
         warn(line)
