@@ -5290,7 +5290,8 @@ class HttpResponse:
 
 
 class Http:
-    """A small JSON-over-HTTPS client for plugins: a timeout on every request,
+    """A small JSON-over-HTTPS client for plugins: one deadline for each whole
+    exchange (`timeout`: connect, headers, body, redirects),
     a client-side throttle, redirects followed only to the same host (so a token
     never travels elsewhere), and network failures as RetryLater.  Errors never
     carry request headers, so tokens stay out of logs and the queue."""
@@ -5319,7 +5320,6 @@ class Http:
         self._last_request[self.base_url] = self.clock()
 
     def request(self, method, path, body=None, headers=None):
-        import urllib.error
         import urllib.parse
         import urllib.request
         origin = urllib.parse.urlsplit(self.base_url)[:2]
@@ -5328,6 +5328,7 @@ class Http:
             raise PermanentFailure("refusing to send the credentials to another host: %s"
                                    % urllib.parse.urlsplit(url).netloc)
         data = canonical_json(body).encode("utf-8") if body is not None else None
+        deadline = time.monotonic() + self.timeout   # real time (tests replace self.clock)
         for _ in range(4):
             all_headers = dict(self.headers, **(headers or {}))
             if data is not None:
@@ -5335,15 +5336,8 @@ class Http:
             request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
             self._throttle()
             self.requests += 1
-            try:
-                with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
-                    return HttpResponse(response.status, _lower(response.headers), response.read())
-            except urllib.error.HTTPError as e:
-                reply = HttpResponse(e.code, _lower(e.headers), e.read())
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                reason = getattr(e, "reason", e)
-                raise RetryLater("%s %s: %s" % (method, urllib.parse.urlsplit(url).netloc,
-                                                one_line(reason)))
+            reply = self._exchange(request, deadline, "%s %s" % (
+                method, urllib.parse.urlsplit(url).netloc))
             if reply.status in (301, 302, 307, 308) and reply.headers.get("location"):
                 url = urllib.parse.urljoin(url, reply.headers["location"])
                 if urllib.parse.urlsplit(url)[:2] != origin:
@@ -5353,29 +5347,86 @@ class Http:
             return reply
         raise PermanentFailure("too many redirects for %s %s" % (method, path))
 
+    def _exchange(self, request, deadline, what):
+        """One request and its whole answer -- connect, headers, body -- within
+        `deadline` (monotonic): a per-read socket timeout alone lets a server
+        that trickles a byte at a time hold a job for ever (and past its lease).
+        A watchdog shuts the connection down when the time is up."""
+        import http.client
+        import threading
+        import urllib.error
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RetryLater("%s: no complete answer within %g s" % (what, self.timeout))
+        exchange = _Exchange()
+        watchdog = threading.Timer(remaining, exchange.abort)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            try:
+                with exchange.opener().open(request, timeout=remaining) as response:
+                    reply = HttpResponse(response.status, _lower(response.headers), response.read())
+            except urllib.error.HTTPError as e:
+                reply = HttpResponse(e.code, _lower(e.headers), e.read())
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+            if exchange.expired:
+                raise RetryLater("%s: no complete answer within %g s" % (what, self.timeout))
+            raise RetryLater("%s: %s" % (what, one_line(getattr(e, "reason", e))))
+        finally:
+            watchdog.cancel()
+        if exchange.expired:  # what arrived before the shutdown may look whole: it is not
+            raise RetryLater("%s: no complete answer within %g s" % (what, self.timeout))
+        return reply
+
 
 def _lower(headers):
     return {k.lower(): v for k, v in headers.items()} if headers else {}
 
 
-class _NoRedirects:
-    """An opener that hands 3xx back to Http.request instead of following it."""
+class _Exchange:
+    """The connections of one request (through proxies too), so that its
+    watchdog can end it; and an opener that hands 3xx back to Http.request
+    instead of following it."""
 
     def __init__(self):
-        self._opener = None
+        self.connections = []
+        self.expired = False
 
-    def open(self, request, timeout):
-        if self._opener is None:
-            import urllib.request
+    def abort(self):
+        import socket
+        self.expired = True
+        for connection in self.connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
-            class Refuse(urllib.request.HTTPRedirectHandler):
-                def redirect_request(self, *args, **kwargs):
-                    return None
-            self._opener = urllib.request.build_opener(Refuse)
-        return self._opener.open(request, timeout=timeout)
+    def opener(self):
+        import http.client
+        import urllib.request
 
+        def tracked(cls):
+            def make(*args, **kwargs):
+                connection = cls(*args, **kwargs)
+                self.connections.append(connection)
+                return connection
+            return make
 
-_NO_REDIRECTS = _NoRedirects()
+        class Plain(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(tracked(http.client.HTTPConnection), req)
+
+        class Secure(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(tracked(http.client.HTTPSConnection), req,
+                                    context=self._context)
+
+        class Refuse(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+        return urllib.request.build_opener(Plain, Secure, Refuse)
 
 
 # -- where a provider's token may go -------------------------------------------

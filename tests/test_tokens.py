@@ -171,7 +171,7 @@ class NoNetwork:
         def refuse(*args, **kwargs):
             self.calls.append(args)
             raise AssertionError("connected")
-        monkeypatch.setattr(ff._NO_REDIRECTS, "open", refuse)
+        monkeypatch.setattr(ff._Exchange, "opener", lambda self: type("Refuse", (), {"open": refuse})())
         monkeypatch.setattr(socket, "create_connection", refuse)
         monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
