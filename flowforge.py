@@ -5574,16 +5574,22 @@ def sync_job(repo, payload, job, queue):
     raise PermanentFailure("plugin %s is not installed or not enabled" % name)
 
 
-def plugins_report(repo, check=False):
-    """[{name, path, api, hooks, enabled, status, problem}] for `plugins list|check`."""
+def plugins_report(repo, check=False, online=False):
+    """[{name, path, api, hooks, enabled, status, problem, notes}] for `plugins
+    list|check`.  A health hook returns None (fine), a problem, or {"problem":
+    ..., "notes": [what it checked]}; with `online` it may make one read-only
+    request through the `http` it is given."""
     rows = []
     for plugin in discover_plugins(repo):
         config = plugin_config(repo, plugin.name)
-        problem = plugin.error
+        problem, notes = plugin.error, []
         if check and not problem and config is not None and "health" in plugin.hooks:
             try:
-                problem = plugin.call("health", repo=repo, config=config)
-                problem = str(problem) if problem else None
+                answer = plugin.call("health", repo=repo, config=config, online=online, http=Http)
+                if isinstance(answer, dict):
+                    notes = [str(n) for n in answer.get("notes") or []]
+                    answer = answer.get("problem")
+                problem = str(answer) if answer else None
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:
@@ -5593,10 +5599,11 @@ def plugins_report(repo, check=False):
                      "hooks": sorted(plugin.hooks), "enabled": config is not None,
                      "status": "error" if problem else ("enabled" if config is not None
                                                         else "disabled"),
-                     "problem": problem})
+                     "problem": problem, "notes": notes})
     for name in sorted(set(repo.config.get("plugins") or {}) - {r["name"] for r in rows}):
         rows.append({"name": name, "path": None, "api": None, "hooks": [], "enabled": True,
-                     "status": "error", "problem": "enabled in config.json but not found"})
+                     "status": "error", "problem": "enabled in config.json but not found",
+                     "notes": []})
     return rows
 
 
@@ -9451,12 +9458,17 @@ def cmd_erase(ctx, args):
 @command("plugins", "List the plugins found, or check the enabled ones (exit 1 on a problem).",
          "flowforge plugins check",
          arg("action", choices=("list", "check"), help="list: what was found; check: also run "
-             "each enabled plugin's health hook"),
+             "each enabled plugin's health hook (token, base URL, settings)"),
+         arg("--online", action="store_true", help="check: also make one read-only request "
+             "to each enabled provider"),
          area="plugins")
 def cmd_plugins(ctx, args):
-    rows = plugins_report(ctx.repo, check=args.action == "check")
-    lines = ["%-10s %-9s %s%s" % (r["name"], r["status"], r["path"] or "-",
-                                 ("\n           %s" % r["problem"]) if r["problem"] else "")
+    if args.online and args.action != "check":
+        raise FlowForgeError("--online goes with `plugins check`", EXIT_USAGE)
+    rows = plugins_report(ctx.repo, check=args.action == "check", online=args.online)
+    lines = ["%-10s %-9s %s%s%s" % (r["name"], r["status"], r["path"] or "-",
+                                   "".join("\n           %s" % n for n in r["notes"]),
+                                   ("\n           %s" % r["problem"]) if r["problem"] else "")
              for r in rows] or ["no plugins found (see plugins/README.md)"]
     ctx.emit("plugins", {"plugins": rows}, lines)
     bad = [r for r in rows if r["problem"] and (r["enabled"] or args.action == "list")]

@@ -129,11 +129,23 @@ def on_aggregate(repo, issues, config):
             flowforge.enqueue_sync(repo, NAME, issue)
 
 
-def health(repo, config):
-    if not (os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")):
+def client(config, http, base, token):
+    return ScrubbedErrors(http(base, {"Accept": "application/vnd.github+json",
+                                      "Authorization": "Bearer " + token,
+                                      "X-GitHub-Api-Version": API_VERSION,
+                                      "User-Agent": "flowforge/%s" % flowforge.VERSION},
+                               timeout=float(config.get("timeout", 15))), token)
+
+
+def health(repo, config, online=False, http=None):
+    """`plugins check`: the token, the base URL, the repository; with `online`
+    one read-only request (GET /repos/{owner}/{repo})."""
+    variable = "GITHUB_TOKEN" if os.environ.get("GITHUB_TOKEN") else "GH_TOKEN"
+    token = os.environ.get(variable)
+    if not token:
         return "no GITHUB_TOKEN or GH_TOKEN in this environment"
     try:
-        api_base(config)
+        base = api_base(config)
     except flowforge.PermanentFailure as e:
         return str(e)
     value, where = default_repository(repo, config)
@@ -141,7 +153,16 @@ def health(repo, config):
         return "%s is not a GitHub owner/repo name" % where
     if value is None:
         return "no repository: set plugins.github.repository in config.json"
-    return None
+    notes = ["token from %s" % variable, "API %s allowed" % shown_url(base),
+             "repository %s (from %s)" % (value, where)]
+    if online:
+        try:
+            check(client(config, http, base, token).request("GET", "/repos/%s" % value),
+                  "reading %s" % value)
+        except (flowforge.RetryLater, flowforge.PermanentFailure) as e:
+            return {"problem": scrub(e, token), "notes": notes}
+        notes.append("online: GET /repos/%s answered" % value)
+    return {"problem": None, "notes": notes}
 
 
 def render_body(key, totals, config):
@@ -239,11 +260,7 @@ def update(repo, issue, config, http, state, target, base, token):
     known = comments.get(key) or {}
     if known.get("sha") == digest and (known.get("labelled") or not config.get("label")):
         return "unchanged"                              # no request at all
-    api = ScrubbedErrors(http(base, {"Accept": "application/vnd.github+json",
-                                     "Authorization": "Bearer " + token,
-                                     "X-GitHub-Api-Version": API_VERSION,
-                                     "User-Agent": "flowforge/%s" % flowforge.VERSION},
-                              timeout=float(config.get("timeout", 15))), token)
+    api = client(config, http, base, token)
     comment_id = known.get("id")
     if comment_id and known.get("sha") != digest:
         reply = api.request("PATCH", "/repos/%s/issues/comments/%d" % (repository, comment_id),

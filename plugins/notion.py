@@ -74,19 +74,38 @@ def on_aggregate(repo, issues, config):
         flowforge.enqueue_sync(repo, NAME, issue)
 
 
-def health(repo, config):
-    if not os.environ.get("NOTION_TOKEN"):
+def health(repo, config, online=False, http=None):
+    """`plugins check`: the token, the base URL, the ids; with `online` one
+    read-only request (GET /databases/{id})."""
+    token = os.environ.get("NOTION_TOKEN")
+    if not token:
         return "no NOTION_TOKEN in this environment"
     if not config.get("database_id"):
         return "set plugins.notion.database_id in config.json"
     try:
-        api_base(config)
-        notion_id(config["database_id"], "plugins.notion.database_id")
+        base = api_base(config)
+        database = notion_id(config["database_id"], "plugins.notion.database_id")
         if config.get("data_source_id"):
             notion_id(config["data_source_id"], "plugins.notion.data_source_id")
     except flowforge.PermanentFailure as e:
         return str(e)
-    return None
+    notes = ["token from NOTION_TOKEN", "API %s allowed" % shown_url(base)]
+    if online:
+        try:
+            check(client(config, http, base, token).request("GET", "/databases/%s" % database),
+                  "reading the database")
+        except (flowforge.RetryLater, flowforge.PermanentFailure) as e:
+            return {"problem": scrub(e, token), "notes": notes}
+        notes.append("online: GET /databases/%s answered" % database)
+    return {"problem": None, "notes": notes}
+
+
+def client(config, http, base, token):
+    return ScrubbedErrors(http(base, {"Authorization": "Bearer " + token,
+                                      "Notion-Version": config.get("notion_version", NOTION_VERSION),
+                                      "User-Agent": "flowforge/%s" % flowforge.VERSION},
+                               timeout=float(config.get("timeout", 15)), min_interval=1.0 / 3),
+                          token)
 
 
 def check(reply, what):
@@ -176,11 +195,7 @@ def update(repo, issue, config, http, state, base, token):
     known = pages.get(issue) or {}
     if known.get("hours") == wanted["hours"] and known.get("day") == wanted["day"]:
         return "unchanged"                    # no request at all
-    api = ScrubbedErrors(http(base, {"Authorization": "Bearer " + token,
-                                     "Notion-Version": config.get("notion_version", NOTION_VERSION),
-                                     "User-Agent": "flowforge/%s" % flowforge.VERSION},
-                              timeout=float(config.get("timeout", 15)), min_interval=1.0 / 3),
-                         token)
+    api = client(config, http, base, token)
     properties = {config.get("hours_property", "Hours"): {"number": wanted["hours"]}}
     if wanted["day"]:
         properties[config.get("date_property", "Last tracked")] = {"date": {"start": wanted["day"]}}

@@ -120,6 +120,9 @@ class FakeGitHub(FakeServer):
             return self.error(415, "Unsupported media type")
         url = urllib.parse.urlsplit(path)
         query = dict(urllib.parse.parse_qsl(url.query))
+        m = re.fullmatch(r"/repos/([^/]+)/([^/]+)", url.path)
+        if m and method == "GET":
+            return 200, {}, {"id": 1, "full_name": "%s/%s" % m.groups(), "private": True}
         m = re.fullmatch(r"/repos/([^/]+/[^/]+)/issues/(\d+)/comments", url.path)
         if m and method == "GET":
             repo, number = m.group(1), int(m.group(2))

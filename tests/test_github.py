@@ -291,3 +291,19 @@ def test_the_token_never_reaches_disk_logs_queue_or_output(repo, tmp_path):
     for dirpath, _, files in os.walk(os.path.join(repo.home)):
         for name in files:
             assert marker.encode() not in open(os.path.join(dirpath, name), "rb").read(), name
+
+
+def test_plugins_check_says_what_it_checked_and_online_makes_one_read(repo, github):
+    enable(repo, github)
+    r = repo.ok("plugins", "check", "--json", env=env(github))
+    [row] = [p for p in r.json["plugins"] if p["name"] == "github"]
+    assert row["problem"] is None and "token from GITHUB_TOKEN" in row["notes"]
+    assert any("allowed" in n and github.url in n for n in row["notes"])
+    assert github.count() == 0                                  # offline: no request
+    r = repo.ok("plugins", "check", "--online", env=env(github))
+    assert "online: GET /repos/acme/app answered" in r.out
+    assert [(q[0], q[1]) for q in github.requests] == [("GET", "/repos/acme/app")]
+    r = repo("plugins", "check", "--online", env=dict(env(github), GITHUB_TOKEN="ghp_wrong"))
+    assert r.rc == 1 and "GitHub 401" in r.out and "Bad credentials" in r.out
+    assert "ghp_wrong" not in r.out + r.err
+    assert repo("plugins", "list", "--online").rc == 64

@@ -246,3 +246,12 @@ def test_notion_token_never_leaks(repo):
     for dirpath, _, files in os.walk(os.path.join(repo.root, ".flowforge")):
         for name in files:
             assert marker.encode() not in open(os.path.join(dirpath, name), "rb").read(), name
+
+
+def test_plugins_check_online_reads_the_database(repo, notion):
+    enable(repo, notion)
+    r = repo.ok("plugins", "check", "--online", env=env(notion))
+    assert "token from NOTION_TOKEN" in r.out and "online: GET /databases/db1 answered" in r.out
+    assert [(q[0], q[1]) for q in notion.requests] == [("GET", "/v1/databases/db1")]
+    r = repo("plugins", "check", "--online", env=dict(env(notion), NOTION_TOKEN="ntn_wrong"))
+    assert r.rc == 1 and "API token is invalid" in r.out and "ntn_wrong" not in r.out + r.err
