@@ -5554,6 +5554,24 @@ class ScrubbedErrors:
         return reply
 
 
+def without_secret(secret, work):
+    """work()'s result; what it raises comes back with `secret` scrubbed from its
+    text: RetryLater and PermanentFailure keep their kind (and wait), any other
+    exception that shows the secret becomes a RuntimeError of the cleaned text.
+    For a provider's sync, whose errors end up in the queue and on screens."""
+    try:
+        return work()
+    except RetryLater as e:
+        raise RetryLater(scrub_secret(e, secret), after=e.after) from None
+    except PermanentFailure as e:
+        raise PermanentFailure(scrub_secret(e, secret)) from None
+    except Exception as e:
+        if scrub_secret(repr(e), secret) != repr(e) or scrub_secret(e, secret) != str(e):
+            text = scrub_secret("%s: %s" % (type(e).__name__, e), secret)  # scrubbed, then cut
+            raise RuntimeError(" ".join(text.split())[:1000]) from None
+        raise
+
+
 @job_kind("sync")
 def sync_job(repo, payload, job, queue):
     """One provider update for one issue, by the plugin named in the payload."""

@@ -237,17 +237,9 @@ def sync(repo, issue, config, http, state):
         raise flowforge.PermanentFailure("no GITHUB_TOKEN or GH_TOKEN in the environment of the "
                                          "process that runs the queue")
     base = api_base(config)                             # before any request, or none at all
-    try:
-        return update(repo, issue, config, http, state, target, base, token)
-    except flowforge.RetryLater as e:                   # GitHub's words, minus the token
-        raise flowforge.RetryLater(scrub(e, token), after=e.after) from None
-    except flowforge.PermanentFailure as e:
-        raise flowforge.PermanentFailure(scrub(e, token)) from None
-    except Exception as e:
-        if scrub(repr(e), token) != repr(e) or scrub(e, token) != str(e):
-            text = scrub("%s: %s" % (type(e).__name__, e), token)   # scrubbed, then cut
-            raise RuntimeError(" ".join(text.split())[:1000]) from None
-        raise
+    # GitHub's words, minus the token
+    return flowforge.without_secret(token, lambda: update(repo, issue, config, http, state,
+                                                          target, base, token))
 
 
 def update(repo, issue, config, http, state, target, base, token):

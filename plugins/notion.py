@@ -175,17 +175,9 @@ def sync(repo, issue, config, http, state):
     if not config.get("database_id"):
         raise flowforge.PermanentFailure("set plugins.notion.database_id in config.json")
     base = api_base(config)                   # before any request, or none at all
-    try:
-        return update(repo, issue, config, http, state, base, token)
-    except flowforge.RetryLater as e:         # Notion's words, minus the token
-        raise flowforge.RetryLater(scrub(e, token), after=e.after) from None
-    except flowforge.PermanentFailure as e:
-        raise flowforge.PermanentFailure(scrub(e, token)) from None
-    except Exception as e:
-        if scrub(repr(e), token) != repr(e) or scrub(e, token) != str(e):
-            text = scrub("%s: %s" % (type(e).__name__, e), token)   # scrubbed, then cut
-            raise RuntimeError(" ".join(text.split())[:1000]) from None
-        raise
+    # Notion's words, minus the token
+    return flowforge.without_secret(token, lambda: update(repo, issue, config, http, state,
+                                                          base, token))
 
 
 def update(repo, issue, config, http, state, base, token):
