@@ -78,7 +78,9 @@ def test_a_nested_ref_name_is_no_copy_of_anyones_store(tmp_path, pycache):
     assert r.rc == 0 and r.json["total_seconds"] == 3600, r
 
 
-def test_a_repair_made_in_a_managers_clone_never_hides_the_owners_newer_time(tmp_path, pycache):
+def damaged_store_in_a_managers_clone(tmp_path, pycache):
+    """bob's 2 h, then a damaged commit of his store ref, pushed; the manager's
+    fresh clone has fetched it.  Returns (bob, manager)."""
     origin = make_origin(tmp_path, pycache)
     bob = Clone(tmp_path, origin, "bob", "bob", pycache)
     bob.log("1", "2h", "2026-11-16")
@@ -87,10 +89,15 @@ def test_a_repair_made_in_a_managers_clone_never_hides_the_owners_newer_time(tmp
     key = bob.store_key()
     shard = bob.git("show", "refs/flowforge/stores/%s:summaries/2026-11.json" % key).stdout
     rewrite_ledger(bob.root, {"summaries/2026-11.json": shard.replace('"rows"', '"rows" ', 1)
-                              .encode()}, user="bob")          # a damaged commit, pushed
+                              .encode()}, user="bob")
     bob.ok("push")
     manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
     manager.ok("fetch")
+    return bob, manager
+
+
+def test_a_repair_made_in_a_managers_clone_never_hides_the_owners_newer_time(tmp_path, pycache):
+    bob, manager = damaged_store_in_a_managers_clone(tmp_path, pycache)
     assert manager("report", "--json", "--by", "user").rc == 65
     manager.ok("recover", "reconstruct")
     manager.ok("recover", "deploy")                       # a local repair, in the manager's clone
@@ -164,18 +171,7 @@ def test_aggregating_in_a_fresh_clone_before_fetching_never_forks_the_store(tmp_
 
 
 def test_rolling_back_a_deploy_that_created_a_store_ref_deletes_it(tmp_path, pycache):
-    origin = make_origin(tmp_path, pycache)
-    bob = Clone(tmp_path, origin, "bob", "bob", pycache)
-    bob.log("1", "2h", "2026-11-16")
-    bob.commit("b.txt", "work")
-    bob.git("push", "-q", "origin", "main")
-    key = bob.store_key()
-    shard = bob.git("show", "refs/flowforge/stores/%s:summaries/2026-11.json" % key).stdout
-    rewrite_ledger(bob.root, {"summaries/2026-11.json": shard.replace('"rows"', '"rows" ', 1)
-                              .encode()}, user="bob")
-    bob.ok("push")
-    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
-    manager.ok("fetch")
+    _, manager = damaged_store_in_a_managers_clone(tmp_path, pycache)
     manager.ok("recover", "reconstruct")
     manager.ok("recover", "deploy")
     assert manager.git("for-each-ref", "refs/flowforge/stores/").stdout.strip()
