@@ -112,8 +112,14 @@ class FakeJira(FakeServer):
             body = {"errorMessages": ["You are not authenticated. Authentication required to "
                                       "perform this operation."], "errors": {}}
         if self.echo_auth:                # a hostile or broken server echoing the credentials
-            body["seen"] = headers.get("Authorization")
-            body["token"] = self.token
+            seen = headers.get("Authorization") or ""
+            body["seen"] = seen
+            if seen.startswith("Basic "):
+                try:
+                    seen = base64.b64decode(seen[6:]).decode("utf-8", "replace")
+                except ValueError:
+                    pass
+            body["message"] += " (credentials: %s)" % seen
         return 401, {"WWW-Authenticate": "Basic realm=\"protected-area\""}, body
 
     def shown(self, worklog, expand):
