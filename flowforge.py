@@ -1418,6 +1418,25 @@ def validate_config(config, path):
         bad("billing.round_mode must be up, nearest or down")
     if billing.get("round_scope") not in ("line", "day"):
         bad("billing.round_scope must be line or day")
+    invoice = billing.get("invoice", {})
+    if not isinstance(invoice, dict):
+        bad("billing.invoice must be an object")
+    for who in ("issuer", "client"):
+        party = invoice.get(who, {})
+        if not isinstance(party, dict) or not all(
+                isinstance(party.get(k, ""), str) for k in ("name", "email", "tax_id")) or not (
+                isinstance(party.get("address", []), list)
+                and all(isinstance(a, str) for a in party.get("address", []))):
+            bad("billing.invoice.%s must be {\"name\", \"address\": [lines], \"email\", "
+                "\"tax_id\"} (strings)" % who)
+    for key in ("number", "notes"):
+        if not isinstance(invoice.get(key, ""), str):
+            bad("billing.invoice.%s must be a string" % key)
+    if invoice.get("paper", "A4") not in ("A4", "letter"):
+        bad("billing.invoice.paper must be A4 or letter")
+    due = invoice.get("due_days", 0)
+    if not isinstance(due, int) or isinstance(due, bool) or not 0 <= due <= 365:
+        bad("billing.invoice.due_days must be a whole number of days from 0 to 365")
     hook = config.get("hook")
     if not isinstance(hook, dict):
         bad("hook must be an object")
@@ -3243,6 +3262,10 @@ STORES_REF = "refs/flowforge/stores/"
 INCOMING_REF = "refs/flowforge/incoming/"
 REMOTES_REF = "refs/flowforge/remotes/"
 QUARANTINE_REF = "refs/flowforge/quarantine/"
+# A closed (or reopened) month: refs/flowforge/periods/<YYYY-MM> here,
+# <ledger.prefix>periods/<YYYY-MM> on the remote (so the fetch refspec brings
+# it to incoming/<remote>/periods/ with the store refs, never mistaken for one).
+PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
 LEDGER_CACHE_SCHEMA = 1
@@ -3631,6 +3654,7 @@ class LedgerView:
         self.warnings = accept_incoming(repo, self.refs)
         self.problems = []  # what makes the ledger unreadable: a report refuses to add up
         self.stores = {}   # key -> (ref, commit, tree)
+        self.first_month = {}   # key -> the first month it holds time in (after shards())
         copies = {}
         for ref, (oid, kind, tree) in sorted(self.refs.items()):
             if ref.startswith(STORES_REF):
@@ -3790,9 +3814,11 @@ class LedgerView:
                 yield seen[oid]
             seen = {oid: seen[oid] for _, _, oid in part}   # keep only what may repeat next
 
-    @staticmethod
-    def _pick(key, shards, months):
-        """The documents of the months within (first month, last month)."""
+    def _pick(self, key, shards, months):
+        """The documents of the months within (first month, last month); notes
+        the store's first month (its readable label in reports)."""
+        if shards:
+            self.first_month[key] = min(shards)
         first, last = months or (None, None)
         return [doc for month, doc in shards.items()
                 if (first is None or month >= first) and (last is None or month <= last)]
@@ -3966,6 +3992,7 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
     With `restore`, the owned refs replace a copy that was rewritten on the
     remote (a lease on the rewritten value the last fetch saw)."""
     refs = list_ledger_refs(repo)
+    periods = push_periods(repo, remote, refs, timeout) if not restore else []
     prefix = remote_prefix(repo)
     todo, leases = [], []
     for ref, (oid, _, _) in sorted(refs.items()):
@@ -3986,7 +4013,8 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
             elif (tracking is None or tracking[0] != oid) or (seen and seen[0] != oid):
                 todo.append((key, oid, tracking[0] if tracking else ""))
     if not todo:
-        return {"remote": remote, "pushed": [], "up_to_date": True}
+        return {"remote": remote, "pushed": ["periods/" + m for m in periods],
+                "up_to_date": not periods}
     specs = ["%s%s%s:%s%s" % ("+" if restore else "", STORES_REF, key, prefix, key)
              for key, _, _ in todo]
     rc, out, err = run_git(["push", "--no-verify", "--porcelain"] + leases + [remote] + specs,
@@ -4033,7 +4061,38 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
             remote, reason if hint != reason else "exit %d" % rc, hint), EXIT_UNAVAILABLE)
         error.permanent = bool(refused) and "non-fast-forward" in reason
         raise error
-    return {"remote": remote, "pushed": done, "up_to_date": False}
+    return {"remote": remote, "pushed": done + ["periods/" + m for m in periods],
+            "up_to_date": False}
+
+
+def push_periods(repo, remote, refs, timeout=None):
+    """Push the period records (closes, reopens) made here that the remote has
+    not seen, fast-forward only; returns the months pushed.  A refusal means
+    another close or reopen of that month came first: fetch, then decide."""
+    prefix = remote_prefix(repo)
+    todo = []
+    for ref, (oid, _, _) in sorted(refs.items()):
+        month = ref[len(PERIODS_REF):] if ref.startswith(PERIODS_REF) else None
+        if month and _MONTH.fullmatch(month):
+            seen = refs.get("%s%s/periods/%s" % (INCOMING_REF, remote, month))
+            if seen is None or (seen[0] != oid and is_ancestor(repo, seen[0], oid)):
+                todo.append((month, oid))
+    if not todo:
+        return []
+    rc, _, err = run_git(["push", "--no-verify", "--porcelain", remote]
+                         + ["%s%s:%speriods/%s" % (PERIODS_REF, m, prefix, m) for m, _ in todo],
+                         repo.root, check=False, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
+    if rc:
+        raise FlowForgeError("cannot push the closed periods %s to %s (%s): if another close or "
+                             "reopen came first, run `flowforge fetch` and look again"
+                             % (", ".join(m for m, _ in todo), remote, git_error_line(err, rc)),
+                             EXIT_UNAVAILABLE)
+    try:
+        update_refs(repo, [("%s%s/periods/%s" % (INCOMING_REF, remote, m), oid, None)
+                           for m, oid in todo], "flowforge: pushed periods to %s" % remote)
+    except FlowForgeError:
+        pass  # only the record of what the remote has
+    return [m for m, _ in todo]
 
 
 def add_fetch_refspec(repo, remote):
@@ -7976,7 +8035,7 @@ def erase_user(repo, user):
 # report with exit 65 and its name: a billing figure is never computed from a
 # damaged file, and never from a partial set.
 
-REPORT_DIMENSIONS = ("user", "issue", "project", "day", "week", "month", "store")
+REPORT_DIMENSIONS = ("user", "issue", "project", "day", "week", "month", "store", "repo")
 _GRANULARITY_RANK = {"day": 0, "week": 1, "month": 2}
 
 
@@ -8022,7 +8081,9 @@ def load_team_shards(repo, first=None, last=None, about=None):
                                  "too)")
     if about is not None:
         about.update(stores=len(view.stores), fetched_at=fetched,
-                     legacy_stores=len({(d["user"], d["store"]) for d in legacy}))
+                     legacy_stores=len({(d["user"], d["store"]) for d in legacy}),
+                     first_month=dict(view.first_month),
+                     tips={k: v[1] for k, v in view.stores.items()})
     return shards + [d for d in legacy if (months[0] is None or d["month"] >= months[0])
                      and (months[1] is None or d["month"] <= months[1])]
 
@@ -8072,28 +8133,113 @@ def period_bounds(period, granularity, month):
     return first, last
 
 
-def resolve_range(period, first, last, today):
-    """(first day, last day) of a report, inclusive; None for unbounded."""
+PERIOD_NAMES = ("today", "yesterday", "this-week", "last-week", "this-month", "last-month", "all")
+_PERIOD_ALIASES = {"day": "today", "week": "this-week", "month": "this-month"}  # 0.1's words
+_WEEK = re.compile(r"(\d{4})-W(\d{2})")
+
+
+def shift_month(month, months):
+    index = int(month[:4]) * 12 + int(month[5:7]) - 1 + months
+    return "%04d-%02d" % (index // 12, index % 12 + 1)
+
+
+def period_range(text, today):
+    """(first day, last day) of a named period, inclusive; (None, None) for all.
+    `today` is the local day (YYYY-MM-DD) that relative names count from."""
     from datetime import date, timedelta
-    if first or last:
-        return (parse_date(first, "--from").isoformat() if first else None,
-                parse_date(last, "--to").isoformat() if last else None)
+    name = _PERIOD_ALIASES.get(text, text)
     day = date.fromisoformat(today)
-    if period == "day":
-        return today, today
-    if period == "week":
-        monday = day - timedelta(days=day.weekday())
+    if name == "all":
+        return None, None
+    if name in ("today", "yesterday"):
+        one = (day - timedelta(days=int(name == "yesterday"))).isoformat()
+        return one, one
+    if name in ("this-week", "last-week"):
+        monday = day - timedelta(days=day.weekday() + (7 if name == "last-week" else 0))
         return monday.isoformat(), (monday + timedelta(days=6)).isoformat()
-    if period == "month":
-        return month_bounds(today[:7])
-    return None, None
+    if name in ("this-month", "last-month"):
+        return month_bounds(today[:7] if name == "this-month" else shift_month(today[:7], -1))
+    if _MONTH.fullmatch(name or ""):
+        return month_bounds(parse_month(name))
+    m = _WEEK.fullmatch(name or "")
+    if m:
+        try:
+            monday = date.fromisocalendar(int(m.group(1)), int(m.group(2)), 1)
+            plausible_day(monday, text, "--period")
+        except ValueError:
+            monday = None
+        if monday:
+            return monday.isoformat(), (monday + timedelta(days=6)).isoformat()
+    raise FlowForgeError("--period %r is not valid: use %s, YYYY-MM or YYYY-Www (ISO week, "
+                         "such as 2026-W48)" % (text, ", ".join(PERIOD_NAMES)), EXIT_USAGE)
 
 
-_CELL_FIELDS = ("user", "store", "month", "day", "week", "issue", "project")
+def resolve_range(period, first, last, tz, now_ts):
+    """(first day, last day) of a report, inclusive, None for unbounded: a
+    period's, or --from/--to (day forms, local to `tz`).  An empty range (first
+    after last) is a usage error, not a report with no time."""
+    if period and (first or last):
+        raise FlowForgeError("use --period or --from/--to, not both", EXIT_USAGE)
+    if not (first or last):
+        return period_range(period or "all", local_date(now_ts, tz))
+    first = parse_day(first, tz, now_ts, "--from").isoformat() if first else None
+    last = parse_day(last, tz, now_ts, "--to").isoformat() if last else None
+    if first and last and first > last:
+        raise FlowForgeError("--from %s is after --to %s: nothing can lie between them"
+                             % (first, last), EXIT_USAGE)
+    return first, last
 
 
-def team_cells(shards, dims, first, last):
-    """{key tuple over dims: seconds} of shard rows within [first, last]."""
+class Selection:
+    """What a report or bill covers: a range of days, and the users, projects
+    and issues that match the given patterns (`*` globs; none given: all)."""
+
+    def __init__(self, first=None, last=None, users=(), projects=(), issues=()):
+        self.first, self.last = first, last
+        self.patterns = {"users": list(users or ()), "projects": list(projects or ()),
+                         "issues": list(issues or ())}
+        self._users, self._projects, self._issues = (
+            self._matcher(p) for p in (users, projects, issues))
+
+    @staticmethod
+    def _matcher(patterns):
+        """A cached test of one value against the patterns (None: everything)."""
+        if not patterns:
+            return None
+        import fnmatch
+        regex = re.compile("|".join("(?:%s)" % fnmatch.translate(p) for p in patterns))
+        seen = {}
+
+        def test(value):
+            hit = seen.get(value)
+            if hit is None:
+                hit = seen[value] = regex.match(value) is not None
+            return hit
+        return test
+
+    @property
+    def filtered(self):
+        return any(self.patterns.values())
+
+    def wants_user(self, user):
+        return self._users is None or self._users(user)
+
+    def wants_row(self, issue, project):
+        return ((self._issues is None or self._issues(issue))
+                and (self._projects is None or self._projects(project)))
+
+    def describe(self):
+        """"user alice, b*; project web" for titles, or ""."""
+        words = {"users": "user", "projects": "project", "issues": "issue"}
+        return "; ".join("%s %s" % (words[k], ", ".join(v)) for k, v in self.patterns.items() if v)
+
+
+_CELL_FIELDS = ("repo", "user", "store", "month", "day", "week", "issue", "project")
+
+
+def team_cells(shards, dims, first, last, selection=None):
+    """{key tuple over dims: seconds} of shard rows within [first, last] that
+    `selection` (if any) wants."""
     from operator import itemgetter
     finest = min((_GRANULARITY_RANK[d] for d in dims if d in _GRANULARITY_RANK), default=3)
     pick = itemgetter(*[_CELL_FIELDS.index(d) for d in dims])
@@ -8101,14 +8247,20 @@ def team_cells(shards, dims, first, last):
     need_week = "week" in dims
     weeks = {}
     cells = {}
+    wants_row = selection.wants_row if selection is not None and selection.filtered else None
     for doc in shards:
         granularity, user, store_id, month = (doc["granularity"], doc["user"], doc["store"],
                                               doc["month"])
+        if selection is not None and not selection.wants_user(user):
+            continue
+        source = doc.get("repo")
         if _GRANULARITY_RANK[granularity] > finest:
             raise FlowForgeError("shards of %s are kept per %s: --by %s is finer than that"
                                  % (user, granularity,
                                     [d for d in dims if d in _GRANULARITY_RANK][0]))
         for period, issue, project, seconds in doc["rows"]:
+            if wants_row is not None and not wants_row(issue, project):
+                continue
             if first or last:
                 p_first, p_last = period_bounds(period, granularity, month)
                 if (first and p_last < first) or (last and p_first > last):
@@ -8129,7 +8281,7 @@ def team_cells(shards, dims, first, last):
                         week = weeks[day] = period_of(day, "week")
             else:
                 day, week = None, (period if granularity == "week" else None)
-            key = pick((user, store_id, month, day, week, issue, project))
+            key = pick((source, user, store_id, month, day, week, issue, project))
             if single:
                 key = (key,)
             cells[key] = cells.get(key, 0) + seconds
@@ -8147,6 +8299,28 @@ def issue_totals(repo, issue):
                 day = period_bounds(period, doc["granularity"], doc["month"])[1]
                 last_day = max(last_day or day, day)
     return {"total": sum(by_user.values()), "by_user": by_user, "last_day": last_day}
+
+
+def own_issue_days(repo, issue):
+    """{user: {"timezone", "granularity", "days": {first day of period: seconds}}}
+    of one issue, for the stores this clone writes: a developer's own time as
+    the ledger holds it, which providers that write per-developer worklogs
+    (Jira, GitLab) put in the tracker.  Users without time on it are absent."""
+    own = own_store_keys(repo)
+    out = {}
+    for doc in load_team_shards(repo):
+        if store_key(doc["user"], doc["store"]) not in own:
+            continue
+        mine = None
+        for period, row_issue, _, seconds in doc["rows"]:
+            if row_issue == issue:
+                if mine is None:
+                    mine = out.setdefault(doc["user"], {
+                        "timezone": PrivateStore(repo, doc["user"]).tz_name,
+                        "granularity": doc["granularity"], "days": {}})
+                day = period_bounds(period, doc["granularity"], doc["month"])[0]
+                mine["days"][day] = mine["days"].get(day, 0) + seconds
+    return out
 
 
 def decimal_hours(seconds):
@@ -8235,37 +8409,183 @@ def render(fmt, headers, rows, total_row=None, title=None):
 _NUMERIC_HEADERS = ("time", "hours", "billable", "rate", "amount", "seconds")
 
 
-def build_report(repo, dims, first, last):
-    about = {}
-    cells = team_cells(load_team_shards(repo, first, last, about), dims, first, last)
-    keys = sorted(cells)
-    rows = [dict(zip(dims, key), seconds=cells[key], hours=decimal_hours(cells[key]))
-            for key in keys]
+# -- what a report reads: one repository or several ---------------------------
+
+def read_portfolio(path):
+    """The clones a portfolio file lists: one path per line (relative to the
+    file), blank lines and `#` comments ignored."""
+    try:
+        text = read_bytes(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError, FlowForgeError) as e:
+        raise FlowForgeError("cannot read the portfolio %s: %s" % (path, one_line(e)), EXIT_USAGE)
+    base = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.join(base, os.path.expanduser(line.strip())) for line in text.splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    if not paths:
+        raise FlowForgeError("the portfolio %s lists no repository (one clone path per line)"
+                             % path, EXIT_USAGE)
+    return paths
+
+
+def open_sources(paths):
+    """[(label, Repo)] for the repositories a report or bill reads.  Every
+    repository that is missing, not set up or has never fetched its ledger is
+    named, all at once (exit 69): a total that silently left one out would be
+    a wrong invoice."""
+    found, problems = [], []
+    for path in paths:
+        try:
+            repo = Repo.find(path).require()
+            repo._config = load_config(repo.config_path)
+            if never_fetched(repo) and not list_ledger_refs(repo):
+                raise FlowForgeError("has never fetched its ledger: run `flowforge -C %s fetch`"
+                                     % path)
+            if any(r.root == repo.root for _, r in found):
+                raise FlowForgeError("is named twice")
+            found.append((None, repo))
+        except FlowForgeError as e:
+            problems.append("%s %s" % (path, str(e).replace("%s " % path, "", 1)
+                                       if str(e).startswith(path) else "(%s)" % e))
+    if problems:
+        raise FlowForgeError("cannot read %d of %d repositories: %s" % (
+            len(problems), len(paths), "; ".join(problems)), EXIT_UNAVAILABLE)
+    names = [os.path.basename(r.root) for _, r in found]
+    return [(name if names.count(name) == 1 else "%s/%s" % (
+        os.path.basename(os.path.dirname(r.root)), name), r) for name, (_, r) in zip(names, found)]
+
+
+def store_labels(first_months):
+    """{store id: readable label} from {store key: first month with time}:
+    "alice, since 2026-03" -- the user and when the store began, never the
+    machine; two stores of one user that began together get their ids."""
+    seen, labels = {}, {}
+    for key, month in first_months.items():
+        user, store_id = parse_store_key(key)
+        seen.setdefault((user, month), []).append(store_id)
+    for (user, month), ids in seen.items():
+        for store_id in ids:
+            labels[store_id] = "%s, since %s%s" % (user, month,
+                                                  " (%s)" % store_id[:6] if len(ids) > 1 else "")
+    return labels
+
+
+def load_sources(sources, first, last):
+    """(shards of every source, each with its "repo" label; {label: about})."""
+    shards, about = [], {}
+    for label, repo in sources:
+        seen = {}
+        for doc in load_team_shards(repo, first, last, seen):
+            doc["repo"] = label
+            shards.append(doc)
+        about[label] = seen
+    return shards, about
+
+
+def ledger_about(about):
+    """What a report says of its data: one repository's figures as before,
+    with several, each repository's too."""
+    merged = {"stores": 0, "legacy_stores": 0, "fetched_at": None}
+    for seen in about.values():
+        merged["stores"] += seen.get("stores", 0)
+        merged["legacy_stores"] += seen.get("legacy_stores", 0)
+        if seen.get("fetched_at") is not None:
+            merged["fetched_at"] = min(merged["fetched_at"] or seen["fetched_at"],
+                                       seen["fetched_at"])
+    if len(about) > 1:
+        merged["repos"] = {label: {k: v for k, v in seen.items() if k not in ("first_month", "tips")}
+                           for label, seen in about.items()}
+    return merged
+
+
+def _finest_period(shards):
+    coarsest = max((_GRANULARITY_RANK[s["granularity"]] for s in shards), default=0)
+    return ("day", "week", "month")[coarsest]
+
+
+def build_report(sources, dims, selection, views=False):
+    """The report document; with `views`, also the figures the HTML page draws
+    (per period and user, per issue, per project), from the same shards."""
+    first, last = selection.first, selection.last
+    shards, about = load_sources(sources, first, last)
+    cells = team_cells(shards, dims, first, last, selection)
+    labels = {}
+    if "store" in dims:
+        for seen in about.values():
+            labels.update(store_labels(seen.get("first_month", {})))
+        owners = {doc["store"]: doc["user"] for doc in shards}
+    rows = []
+    for key in sorted(cells):
+        row = dict(zip(dims, key), seconds=cells[key], hours=decimal_hours(cells[key]))
+        if "store" in dims:
+            row["store_label"] = labels.get(row["store"], row["store"])
+            row.setdefault("user", owners.get(row["store"], ""))
+        rows.append(row)
     total = sum(cells.values())
-    return {"schema": "flowforge.report/1", "from": first, "to": last, "by": list(dims),
-            "rows": rows, "total_seconds": total, "total_hours": decimal_hours(total),
-            "ledger": about}
+    report = {"schema": "flowforge.report/1", "from": first, "to": last, "by": list(dims),
+              "filters": selection.patterns, "rows": rows, "total_seconds": total,
+              "total_hours": decimal_hours(total), "ledger": ledger_about(about),
+              "repos": [label for label, _ in sources]}
+    if views:
+        period = _finest_period(shards)
+        report["views"] = {
+            "period": period,
+            "by_period_user": sorted([p, u, s] for (p, u), s in team_cells(
+                shards, [period, "user"], first, last, selection).items()),
+            "by_issue": sorted([i, s] for (i,), s in team_cells(
+                shards, ["issue"], first, last, selection).items()),
+            "by_project": sorted([p, s] for (p,), s in team_cells(
+                shards, ["project"], first, last, selection).items())}
+    return report
 
 
 def range_text(first, last):
     """A report's days in words, for titles."""
     if first and last:
+        if first[:7] == last[:7] and (first, last) == month_bounds(first[:7]):
+            return first[:7]
         return "%s to %s" % (first, last)
     return "since %s" % first if first else "up to %s" % last if last else "all time"
 
 
-def render_report(report, fmt):
+def report_columns(report):
+    """(headers, rows) of a report's table: `store` shows the user and the
+    store's label; the figures are integer seconds and decimal hours."""
     dims = report["by"]
-    headers = list(dims) + ["time", "hours"]
-    rows = [[r[d] for d in dims] + [format_hours(r["seconds"]), r["hours"]]
-            for r in report["rows"]]
-    total = ["total"] + [""] * (len(dims) - 1) + [format_hours(report["total_seconds"]),
-                                                  report["total_hours"]]
+    headers = []
+    for d in dims:
+        headers += (["user"] if "user" not in dims else []) + ["store", "store_id"] \
+            if d == "store" else [d]
+    rows = []
+    for r in report["rows"]:
+        cells = []
+        for d in dims:
+            cells += (([r["user"]] if "user" not in dims else []) + [r["store_label"], r["store"]]
+                      if d == "store" else [r[d]])
+        rows.append(cells)
+    return headers, rows
+
+
+def render_report(report, fmt):
+    """A report as table / md / csv (the page is render_page's)."""
+    headers, rows = report_columns(report)
     span = range_text(report["from"], report["to"])
+    if fmt == "csv":   # for accountants: exact seconds, decimal hours, stable columns
+        return render(fmt, headers + ["seconds", "hours"],
+                      [row + [str(r["seconds"]), r["hours"]] for row, r in zip(rows, report["rows"])])
     if fmt == "table" and not rows:
-        return "no tracked time in %s\n" % span
-    return render(fmt, headers, rows, total if fmt != "csv" or rows else None,
-                  "Tracked time, %s" % span if fmt in ("table", "md", "html") else None)
+        return "no tracked time in %s%s\n" % (span, _filter_words(report))
+    total = ["total"] + [""] * (len(headers) - 1) + [format_hours(report["total_seconds"]),
+                                                     report["total_hours"]]
+    return render(fmt, headers + ["time", "hours"],
+                  [row + [format_hours(r["seconds"]), r["hours"]]
+                   for row, r in zip(rows, report["rows"])], total,
+                  "Tracked time, %s%s" % (span, _filter_words(report)))
+
+
+def _filter_words(doc):
+    words = Selection(**{k: v for k, v in doc.get("filters", {}).items()}).describe() \
+        if doc.get("filters") else ""
+    return " (%s)" % words if words else ""
 
 
 def round_seconds(seconds, increment, mode):
@@ -8287,71 +8607,896 @@ def rate_for(billing, user, project):
     return billing["default_rate"]
 
 
-def build_bill(repo, first, last, by_issue):
-    """Billing lines with exact decimal money.  Rounding (billing.round_minutes,
-    round_mode) applies to each bill line, or with round_scope "day" to each
-    user x project x issue x period cell before the line sums them."""
+def money(value):
+    """A Decimal rounded to the cent, half up."""
     from decimal import Decimal, ROUND_HALF_UP
-    billing = repo.config["billing"]
+    return Decimal(value).quantize(Decimal("0.01"), ROUND_HALF_UP)
+
+
+def bill_lines(shards, billing, first, last, selection, by_issue, warn_rates=True):
+    """{(project, user[, issue]): line} of one repository's shards, priced
+    with its billing rules.  Rounding (billing.round_minutes, round_mode)
+    applies to each line, or with round_scope "day" to each user x project x
+    issue x period cell before the line sums them."""
+    from decimal import Decimal
     increment = billing["round_minutes"] * 60
     mode, scope = billing["round_mode"], billing["round_scope"]
-    dims = ["project", "user"] + (["issue"] if by_issue else [])
-    finest = ["project", "user", "issue", "month", "week", "day"]
-    about = {}
-    shards = load_team_shards(repo, first, last, about)
-    coarsest = max((_GRANULARITY_RANK[s["granularity"]] for s in shards), default=0)
-    period_dim = ("day", "week", "month")[coarsest]
-    cells = team_cells(shards, finest[:3] + [period_dim], first, last)
-    lines = {}
+    cells = team_cells(shards, ["project", "user", "issue", _finest_period(shards)], first, last,
+                       selection)
+    sums = {}
     for (project, user, issue, _), seconds in cells.items():
-        key = (project, user, issue) if by_issue else (project, user)
-        line = lines.setdefault(key, [0, 0])
+        line = sums.setdefault((project, user, issue) if by_issue else (project, user), [0, 0])
         line[0] += seconds
         line[1] += round_seconds(seconds, increment, mode) if scope == "day" else 0
-    for table, key, guess in unmatched_rates(billing, {k[1] for k in lines},
-                                             {k[0] for k in lines},
-                                             {"%s/%s" % (k[1], k[0]) for k in lines}):
-        warn(rate_warning(table, key, guess, "this bill"))
-    cent = Decimal("0.01")
-    out, total_amount, total_seconds, total_billable = [], Decimal(0), 0, 0
-    for key in sorted(lines):
-        seconds, billable = lines[key]
+    if warn_rates:
+        for table, key, guess in unmatched_rates(billing, {k[1] for k in sums},
+                                                 {k[0] for k in sums},
+                                                 {"%s/%s" % (k[1], k[0]) for k in sums}):
+            warn(rate_warning(table, key, guess, "this bill"))
+    lines = {}
+    for key, (seconds, billable) in sums.items():
         if scope == "line":
             billable = round_seconds(seconds, increment, mode)
         rate = Decimal(str(rate_for(billing, key[1], key[0])))
-        amount = (Decimal(billable) * rate / Decimal(3600)).quantize(cent, ROUND_HALF_UP)
-        out.append(dict(zip(dims, key), seconds=seconds, billable_seconds=billable,
-                        hours=decimal_hours(seconds), billable_hours=decimal_hours(billable),
-                        rate=str(rate.quantize(cent)), amount=str(amount)))
-        total_amount += amount
-        total_seconds += seconds
-        total_billable += billable
-    return {"schema": "flowforge.bill/1", "from": first, "to": last,
-            "currency": billing["currency"], "by": dims,
-            "rounding": {"minutes": billing["round_minutes"], "mode": mode, "scope": scope},
-            "lines": out, "total_seconds": total_seconds, "total_billable_seconds": total_billable,
-            "total_amount": str(total_amount.quantize(cent)), "ledger": about}
+        lines[key] = {"seconds": seconds, "billable_seconds": billable,
+                      "rate": str(money(rate)), "amount": str(money(billable * rate / 3600))}
+    return lines
+
+
+def line_docs(lines, dims, prefix=()):
+    """Bill lines as documents (hours beside the exact seconds), sorted."""
+    out = []
+    for key in sorted(lines):
+        line = lines[key]
+        out.append(dict(zip(dims, prefix + key), seconds=line["seconds"],
+                        billable_seconds=line["billable_seconds"],
+                        hours=decimal_hours(line["seconds"]),
+                        billable_hours=decimal_hours(line["billable_seconds"]),
+                        rate=line["rate"], amount=line["amount"]))
+    return out
+
+
+def sum_lines(lines):
+    """(seconds, billable seconds, amount as a Decimal) of line documents."""
+    from decimal import Decimal
+    return (sum(line["seconds"] for line in lines),
+            sum(line["billable_seconds"] for line in lines),
+            sum((Decimal(line["amount"]) for line in lines), Decimal(0)))
+
+
+# -- closed periods: an invoiced month's figures never change silently --------
+#
+# `flowforge close 2026-11` commits the month's bill (per line, per store, and
+# the ledger tips it came from) to refs/flowforge/periods/2026-11, authored by
+# the closer's git identity; `reopen` commits on top of it.  Time recorded
+# later into a closed month stays recorded (TIME = MONEY); bills show it as
+# "adjustments after close": on the closed month's own bill, and billed on the
+# next open month's, whose close then records what it carried, so that each
+# adjustment is billed exactly once.
+
+PERIOD_SCHEMA = 1
+MAX_PERIOD_BYTES = 8 << 20
+_AMOUNT = re.compile(r"-?\d{1,15}\.\d{2}")
+
+
+def _valid_lines(lines):
+    """Line documents as a close records them (from a teammate's commit: checked)."""
+    def number(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(lines, list) and all(
+        isinstance(line, dict) and number(line.get("seconds")) and number(line.get("billable_seconds"))
+        and isinstance(line.get("project"), str) and isinstance(line.get("user"), str)
+        and isinstance(line.get("issue", ""), str)
+        and all(isinstance(line.get(k), str) and _AMOUNT.fullmatch(line[k]) for k in ("rate", "amount"))
+        for line in lines)
+
+
+def _valid_period(doc, month):
+    if not (isinstance(doc, dict) and doc.get("kind") == "flowforge-period"
+            and doc.get("month") == month and doc.get("state") in ("closed", "open")
+            and isinstance(doc.get("by"), str) and isinstance(doc.get("at"), int)):
+        return False
+    if doc["state"] == "open":
+        return True
+    carried = doc.get("carried")
+    return (_valid_lines(doc.get("lines")) and _valid_lines(doc.get("lines_by_issue"))
+            and isinstance(carried, dict) and all(
+                _MONTH.fullmatch(m) and isinstance(c, dict) and _valid_lines(c.get("lines"))
+                and _valid_lines(c.get("lines_by_issue")) for m, c in carried.items()))
+
+
+def period_records(repo, refs=None):
+    """({month: newest record (a close or a reopen)}, warnings), from the
+    records made here and those fetched: the copy that extends the others
+    wins; of two that diverged (two people closed one month in two clones),
+    the one made here, with a warning."""
+    refs = list_ledger_refs(repo) if refs is None else refs
+    copies = {}
+    for ref, (oid, kind, _) in refs.items():
+        if ref.startswith(PERIODS_REF):
+            month, local = ref[len(PERIODS_REF):], True
+        elif ref.startswith(INCOMING_REF) and "/periods/" in ref:
+            remote, _, month = ref[len(INCOMING_REF):].partition("/periods/")
+            if "/" in remote:
+                continue
+            local = False
+        else:
+            continue
+        if kind == "commit" and _MONTH.fullmatch(month):
+            copies.setdefault(month, []).append((local, ref, oid))
+    chosen, warnings = {}, []
+    for month, found in sorted(copies.items()):
+        found.sort(key=lambda c: not c[0])   # the record made here first
+        best = found[0]
+        for candidate in found[1:]:
+            if candidate[2] == best[2] or is_ancestor(repo, candidate[2], best[2]):
+                continue
+            if is_ancestor(repo, best[2], candidate[2]):
+                best = candidate
+            else:
+                warnings.append("%s and %s are two different closes of %s: reading %s; reopen "
+                                "and close it again to settle it" % (best[1], candidate[1], month,
+                                                                     best[1]))
+        chosen[month] = best
+    records = {}
+    if chosen:
+        with GitObjects(repo.root) as objects:
+            blobs = objects.get(["%s:close.json" % c[2] for c in chosen.values()], MAX_PERIOD_BYTES)
+        for (month, (_, ref, oid)), found in zip(chosen.items(), blobs):
+            try:
+                doc = json.loads(found[1]) if found and found[0] == "blob" else None
+            except (ValueError, RecursionError):
+                doc = None
+            if not _valid_period(doc, month):
+                warnings.append("ignoring %s: not a FlowForge period record" % ref)
+                continue
+            doc["commit"] = oid
+            records[month] = doc
+    return records, warnings
+
+
+def closed_months(repo):
+    """{month: {"closed_by", "closed_at", "commit"}} of the months closed now."""
+    return {m: {"closed_by": r["by"], "closed_at": r["at"], "commit": r["commit"]}
+            for m, r in period_records(repo)[0].items() if r["state"] == "closed"}
+
+
+def next_open_month(month, records):
+    """The first month after `month` that is not closed: its bill carries
+    the adjustments made to `month` after its close."""
+    while True:
+        month = shift_month(month, 1)
+        if records.get(month, {}).get("state") != "closed":
+            return month
+
+
+def _line_key(line, dims):
+    return tuple(line.get(d, "") for d in dims)
+
+
+def select_lines(docs, selection):
+    """The line documents a filtered bill shows."""
+    if selection is None or not selection.filtered:
+        return list(docs)
+    return [d for d in docs if selection.wants_user(d["user"])
+            and selection.wants_row(d.get("issue", "*"), d["project"])]
+
+
+def adjustment_lines(now, closed_docs, dims, carried=()):
+    """{key: line} of what changed since a close: the figures now, less those
+    closed, less what later bills already carried.  A line that existed at
+    the close keeps its closed rate: a rate changed since then is not billed
+    backwards."""
+    from decimal import Decimal
+    closed = {_line_key(d, dims): d for d in closed_docs}
+    out = {}
+    for key in set(now) | set(closed):
+        new, old = now.get(key), closed.get(key)
+        billable = new["billable_seconds"] if new else 0
+        if old:
+            rate = old["rate"]
+            amount = money(Decimal(billable) * Decimal(rate) / 3600) - Decimal(old["amount"])
+        else:
+            rate, amount = new["rate"], Decimal(new["amount"])
+        seconds = (new["seconds"] if new else 0) - (old["seconds"] if old else 0)
+        billable -= old["billable_seconds"] if old else 0
+        for docs in carried:
+            for d in docs:
+                if _line_key(d, dims) == key:
+                    seconds -= d["seconds"]
+                    billable -= d["billable_seconds"]
+                    amount -= Decimal(d["amount"])
+        if seconds or billable or amount:
+            out[key] = {"seconds": seconds, "billable_seconds": billable, "rate": rate,
+                        "amount": str(money(amount))}
+    return out
+
+
+def month_lines(repo, month, by_issue, selection=None, shards=None):
+    """{key: line} of one repository's month as billed now."""
+    first, last = month_bounds(month)
+    if shards is None:
+        shards = load_team_shards(repo, first, last)
+    return bill_lines(shards, repo.config["billing"], first, last, selection, by_issue,
+                      warn_rates=False)
+
+
+def pending_adjustments(repo, month, records, by_issue, selection=None):
+    """[(closed month, {key: line})] that the bill of open `month` carries:
+    for each closed month whose next open month this is, what changed since
+    its close and no later close carried yet."""
+    dims = ["project", "user"] + (["issue"] if by_issue else [])
+    variant = "lines_by_issue" if by_issue else "lines"
+    out = []
+    for closed in sorted(m for m, r in records.items() if r["state"] == "closed" and m < month):
+        if next_open_month(closed, records) != month:
+            continue
+        between = [records[k]["carried"].get(closed, {}).get(variant, [])
+                   for k in sorted(records) if closed < k < month
+                   and records[k]["state"] == "closed"]
+        lines = adjustment_lines(month_lines(repo, closed, by_issue, selection),
+                                 select_lines(records[closed][variant], selection), dims,
+                                 [select_lines(c, selection) for c in between])
+        if lines:
+            out.append((closed, lines))
+    return out
+
+
+def build_bill(sources, selection, by_issue, month=None, invoice=True):
+    """The bill of `selection` across `sources`.  For a whole `month`: a closed
+    month bills its closed lines, with what changed since as adjustments
+    (billed on the next open month); an open month bills its lines and the
+    adjustments it carries."""
+    first, last = selection.first, selection.last
+    several = len(sources) > 1
+    key_dims = ["project", "user"] + (["issue"] if by_issue else [])
+    dims = (["repo"] if several else []) + key_dims
+    variant = "lines_by_issue" if by_issue else "lines"
+    currencies = {repo.config["billing"]["currency"] for _, repo in sources}
+    if len(currencies) > 1:
+        raise FlowForgeError("these repositories bill in different currencies (%s): bill them "
+                             "separately" % ", ".join("%s %s" % (label, repo.config["billing"][
+                                 "currency"]) for label, repo in sources), EXIT_CONFIG)
+    lines, adjustments, closes, about = [], [], [], {}
+    for label, repo in sources:
+        shards, seen = load_sources([(label, repo)], first, last)
+        about.update(seen)
+        prefix = (label,) if several else ()
+        records, warnings = period_records(repo) if month or first else ({}, [])
+        for line in warnings:
+            warn(line)
+        now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue)
+        record = records.get(month) if month else None
+        if record and record["state"] == "closed":
+            closed = select_lines(record[variant], selection)
+            lines += [dict(d, repo=label) if several else dict(d) for d in closed]
+            later = [records[k]["carried"].get(month, {}).get(variant, [])
+                     for k in sorted(records) if k > month and records[k]["state"] == "closed"]
+            change = adjustment_lines(now_lines, closed, key_dims)
+            if change:
+                billed_on = next_open_month(month, records)
+                adjustments.append(_adjustment_group(month, record, change, dims, prefix,
+                                                     billed_here=False, billed_on=billed_on,
+                                                     carried=[select_lines(c, selection)
+                                                              for c in later]))
+            closes.append({"repo": label, "month": month, "by": record["by"], "at": record["at"],
+                           "commit": record["commit"]})
+            continue
+        lines += line_docs(now_lines, dims, prefix)
+        if month:
+            for closed, change in pending_adjustments(repo, month, records, by_issue, selection):
+                adjustments.append(_adjustment_group(closed, records[closed], change, dims, prefix,
+                                                     billed_here=True, billed_on=month))
+        elif first or last:
+            touched = [m for m, r in records.items() if r["state"] == "closed"
+                       and (not first or m >= first[:7]) and (not last or m <= last[:7])]
+            if touched:
+                warn("%s covers closed month(s) %s: these are today's figures, not the invoiced "
+                     "ones; `flowforge bill --month %s` shows the invoice and its adjustments"
+                     % (range_text(first, last), ", ".join(sorted(touched)), sorted(touched)[0]))
+    lines.sort(key=lambda d: _line_key(d, dims))
+    seconds, billable, amount = sum_lines(lines)
+    billed = sum((sum_lines(g["lines"])[2] for g in adjustments if g["billed_here"]), money(0))
+    billing = sources[0][1].config["billing"]
+    rounding = [repo.config["billing"] for _, repo in sources]
+    bill = {"schema": "flowforge.bill/1", "from": first, "to": last, "month": month,
+            "currency": currencies.pop(), "by": dims,
+            "rounding": {"minutes": billing["round_minutes"], "mode": billing["round_mode"],
+                         "scope": billing["round_scope"]},
+            "filters": selection.patterns, "lines": lines, "total_seconds": seconds,
+            "total_billable_seconds": billable, "lines_amount": str(money(amount)),
+            "adjustments": adjustments, "adjustments_amount": str(money(billed)),
+            "total_amount": str(money(amount + billed)), "closed": closes,
+            "ledger": ledger_about(about), "repos": [label for label, _ in sources]}
+    if any(r["round_minutes"] != billing["round_minutes"] or r["round_mode"] != billing[
+            "round_mode"] or r["round_scope"] != billing["round_scope"] for r in rounding):
+        bill["rounding"]["per_repo"] = {label: {"minutes": r["round_minutes"], "mode": r[
+            "round_mode"], "scope": r["round_scope"]} for (label, _), r in zip(sources, rounding)}
+    if invoice:
+        bill["invoice"] = billing.get("invoice", {})
+    return bill
+
+
+def _adjustment_group(month, record, change, dims, prefix, billed_here, billed_on, carried=()):
+    """One closed month's adjustments on a bill."""
+    docs = line_docs(change, dims, prefix)
+    seconds, billable, amount = sum_lines(docs)
+    carried_amount = sum((sum_lines(c)[2] for c in carried), money(0))
+    return {"month": month, "closed_by": record["by"], "closed_at": record["at"],
+            "lines": docs, "seconds": seconds, "billable_seconds": billable,
+            "amount": str(money(amount)), "billed_here": billed_here, "billed_on": billed_on,
+            "already_billed": str(money(carried_amount))}
+
+
+def rounding_text(rounding):
+    if rounding.get("per_repo"):
+        return "rounding per repository (%s)" % "; ".join(
+            "%s: %s" % (label, rounding_text(r)) for label, r in sorted(rounding["per_repo"].items()))
+    if not rounding["minutes"]:
+        return "exact seconds, no rounding"
+    return "rounded %s to %d min per %s" % (rounding["mode"], rounding["minutes"],
+                                            "line" if rounding["scope"] == "line"
+                                            else "user, issue and day")
+
+
+def bill_title(bill):
+    span = range_text(bill["from"], bill["to"])
+    words = ["Bill %s" % span]
+    if bill.get("period") == "last-month":
+        words.append("(the last complete month)")
+    if bill["closed"]:
+        words.append("(closed %s by %s)" % (utc_text(bill["closed"][0]["at"])[:10],
+                                            bill["closed"][0]["by"]))
+    return "%s, %s, %s%s" % (" ".join(words), bill["currency"], rounding_text(bill["rounding"]),
+                             _filter_words(bill))
+
+
+BILL_CSV_COLUMNS = ("kind", "month", "seconds", "hours", "billable_seconds", "billable_hours",
+                    "rate", "amount", "currency")
+
+
+def bill_csv_rows(bill):
+    """(headers, rows) of the accountants' export: one row per line and per
+    adjustment line, exact seconds and decimal hours, the currency on each."""
+    dims = bill["by"]
+    month = bill.get("month") or ""
+    rows = []
+    for kind, adjusted, docs in ([("line", month, bill["lines"])]
+                                 + [("adjustment", g["month"], g["lines"])
+                                    for g in bill["adjustments"]]):
+        for d in docs:
+            rows.append([d.get(k, "") for k in dims] + [
+                kind, adjusted, str(d["seconds"]), d["hours"] if d["seconds"] >= 0
+                else "-" + decimal_hours(-d["seconds"]), str(d["billable_seconds"]),
+                signed_hours(d["billable_seconds"]), d["rate"], d["amount"], bill["currency"]])
+    return list(dims) + list(BILL_CSV_COLUMNS), rows
+
+
+def signed_hours(seconds):
+    return decimal_hours(seconds) if seconds >= 0 else "-" + decimal_hours(-seconds)
 
 
 def render_bill(bill, fmt):
+    """A bill as table / md / csv (the invoice page is render_page's)."""
     dims = bill["by"]
+    if fmt == "csv":
+        headers, rows = bill_csv_rows(bill)
+        return render(fmt, headers, rows)
+    if fmt == "table" and not bill["lines"] and not bill["adjustments"]:
+        return "nothing to bill in %s%s\n" % (range_text(bill["from"], bill["to"]),
+                                              _filter_words(bill))
     headers = list(dims) + ["hours", "billable", "rate", "amount"]
-    rows = [[line[d] for d in dims] + [line["hours"], line["billable_hours"], line["rate"],
-                                       line["amount"]]
-            for line in bill["lines"]]
-    total = (["total"] + [""] * (len(dims) - 1)
-             + [decimal_hours(bill["total_seconds"]), decimal_hours(bill["total_billable_seconds"]),
-                "", "%s %s" % (bill["total_amount"], bill["currency"]) if fmt != "csv"
-                else bill["total_amount"]])
+
+    def rows_of(docs):
+        return [[d[k] for k in dims] + [signed_hours(d["seconds"]),
+                                        signed_hours(d["billable_seconds"]), d["rate"], d["amount"]]
+                for d in docs]
+    blank = [""] * (len(dims) - 1)
+    total = (["total"] + blank + [decimal_hours(bill["total_seconds"]),
+                                  decimal_hours(bill["total_billable_seconds"]), "",
+                                  "%s %s" % (bill["total_amount"], bill["currency"])])
+    if not bill["adjustments"]:
+        return render(fmt, headers, rows_of(bill["lines"]), total, bill_title(bill))
+    out = [render(fmt, headers, rows_of(bill["lines"]),
+                  ["lines"] + blank + [decimal_hours(bill["total_seconds"]),
+                                       decimal_hours(bill["total_billable_seconds"]), "",
+                                       bill["lines_amount"]], bill_title(bill))]
+    for group in bill["adjustments"]:
+        title = "Adjustments after close of %s (closed %s by %s): %s" % (
+            group["month"], utc_text(group["closed_at"])[:10], group["closed_by"],
+            "billed on this bill" if group["billed_here"] else
+            "billed on the bill of %s, not in this total%s" % (
+                group["billed_on"], "; %s %s already billed on later bills" % (
+                    group["already_billed"], bill["currency"])
+                if group["already_billed"] != "0.00" else ""))
+        out.append(render(fmt, headers, rows_of(group["lines"]),
+                          ["adjustments"] + blank + [signed_hours(group["seconds"]),
+                                                     signed_hours(group["billable_seconds"]), "",
+                                                     group["amount"]], title))
+    out.append("Total %s %s\n" % (bill["total_amount"], bill["currency"]) if fmt == "table"
+               else "**Total %s %s**\n" % (bill["total_amount"], bill["currency"]))
+    return "\n".join(out)
+
+
+def git_identity(repo):
+    """"Name <e-mail>" of git's user here, which closes and reopens are signed by."""
+    name, email = git_config_get(repo.root, "user.name"), git_config_get(repo.root, "user.email")
+    if not name or not email:
+        raise FlowForgeError("a close is signed by who made it: set `git config user.name` and "
+                             "`git config user.email` first", EXIT_CONFIG)
+    return name, email
+
+
+def commit_period(repo, month, doc, parent, identity, message):
+    """Commit one period record on top of `parent`; returns the commit id."""
+    blob = write_blobs(repo, [canonical_bytes(doc)])[0]
+    _, tree, _ = run_git(["mktree"], repo.root, input=("100644 blob %s\tclose.json\n" % blob).encode())
+    env = {"GIT_AUTHOR_NAME": identity[0], "GIT_AUTHOR_EMAIL": identity[1],
+           "GIT_COMMITTER_NAME": identity[0], "GIT_COMMITTER_EMAIL": identity[1]}
+    sign = ["-S"] if git_config_get(repo.root, "commit.gpgsign") == "true" else []
+    _, commit, _ = run_git(["commit-tree", tree.strip()] + (["-p", parent] if parent else [])
+                           + sign + ["-m", message], repo.root, env=env)
+    local = list_ledger_refs(repo).get(PERIODS_REF + month)
+    update_refs(repo, [(PERIODS_REF + month, commit.strip(), local[0] if local else "")], message)
+    return commit.strip()
+
+
+def close_month(repo, month, reason=None):
+    """Close `month`: commit its bill (lines, per store figures and ledger tips,
+    the adjustments of earlier months it carries) as the record that later
+    bills compare with.  Returns the record."""
+    identity = git_identity(repo)
+    records, warnings = period_records(repo)
+    for line in warnings:
+        warn(line)
+    current = records.get(month)
+    if current and current["state"] == "closed":
+        raise FlowForgeError("%s is already closed (by %s on %s); `flowforge reopen %s` first"
+                             % (month, current["by"], utc_text(current["at"])[:10], month),
+                             EXIT_USAGE)
+    first, last = month_bounds(month)
+    about = {}
+    shards = load_team_shards(repo, first, last, about)
+    billing = repo.config["billing"]
+    doc = {"schema": PERIOD_SCHEMA, "kind": "flowforge-period", "month": month, "state": "closed",
+           "at": now(), "by": "%s <%s>" % identity, "reason": reason or "",
+           "currency": billing["currency"], "rounding": {
+               "minutes": billing["round_minutes"], "mode": billing["round_mode"],
+               "scope": billing["round_scope"]}, "carried": {}}
+    for variant, by_issue in (("lines", False), ("lines_by_issue", True)):
+        dims = ["project", "user"] + (["issue"] if by_issue else [])
+        doc[variant] = line_docs(month_lines(repo, month, by_issue, shards=shards), dims)
+        for closed, change in pending_adjustments(repo, month, records, by_issue):
+            doc["carried"].setdefault(closed, {"lines": [], "lines_by_issue": []})[variant] = \
+                line_docs(change, dims)
+    per_store = team_cells(shards, ["user", "store"], first, last)
+    doc["stores"] = {store_key(u, s): {"user": u, "store": s, "seconds": seconds,
+                                       "tip": about.get("tips", {}).get(store_key(u, s))}
+                     for (u, s), seconds in sorted(per_store.items())}
+    seconds, billable, amount = sum_lines(doc["lines"])
+    carried = sum((sum_lines(c["lines"])[2] for c in doc["carried"].values()), money(0))
+    doc.update(total_seconds=seconds, total_billable_seconds=billable,
+               lines_amount=str(money(amount)), total_amount=str(money(amount + carried)))
+    doc["commit"] = commit_period(repo, month, doc, current["commit"] if current else None,
+                                  identity, "flowforge: close %s (%s %s, %s h)" % (
+                                      month, doc["total_amount"], doc["currency"],
+                                      decimal_hours(seconds)))
+    log_event(repo, "close", month=month, by=doc["by"], amount=doc["total_amount"])
+    return doc
+
+
+def reopen_month(repo, month, reason=None):
+    identity = git_identity(repo)
+    records, _ = period_records(repo)
+    current = records.get(month)
+    if not current or current["state"] != "closed":
+        raise FlowForgeError("%s is not closed" % month, EXIT_USAGE)
+    doc = {"schema": PERIOD_SCHEMA, "kind": "flowforge-period", "month": month, "state": "open",
+           "at": now(), "by": "%s <%s>" % identity, "reason": reason or ""}
+    doc["commit"] = commit_period(repo, month, doc, current["commit"], identity,
+                                  "flowforge: reopen %s%s" % (month, ": " + reason if reason else ""))
+    log_event(repo, "reopen", month=month, by=doc["by"])
+    return doc
+
+
+def closed_adjustments(repo):
+    """[{month, seconds, amount}] of every closed month whose figures changed
+    since its close (for `reconcile --ci`)."""
+    records, _ = period_records(repo)
+    out = []
+    for month, record in sorted(records.items()):
+        if record["state"] == "closed":
+            change = adjustment_lines(month_lines(repo, month, False), record["lines"],
+                                      ["project", "user"])
+            if change:
+                seconds, _, amount = sum_lines(line_docs(change, ["project", "user"]))
+                out.append({"month": month, "seconds": seconds, "amount": str(money(amount)),
+                            "currency": record["currency"], "closed_by": record["by"],
+                            "billed_on": next_open_month(month, records)})
+    return out
+
+
+# -- the report page: one self-contained HTML document --------------------------
+#
+# No script, no font, no image that is not inline: the page is read in mail
+# clients, archived with invoices and printed.  Every figure is drawn from the
+# same document that --format json prints, and each carries its exact seconds
+# (and cents) in data- attributes, so nothing is lost to rounding.
+
+PAGE_CSS = """
+:root{--ink:#1d2330;--soft:#5b6475;--line:#e3e6ec;--paper:#fff;--wash:#f5f6f9;--accent:#2f5bea}
+*{box-sizing:border-box}
+body{margin:0;background:var(--wash);color:var(--ink);
+ font:14px/1.45 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans","DejaVu Sans",sans-serif}
+.page{max-width:1080px;margin:24px auto;background:var(--paper);padding:32px 40px;border-radius:10px;
+ box-shadow:0 1px 3px rgba(20,30,60,.08),0 8px 24px rgba(20,30,60,.06)}
+header{display:flex;justify-content:space-between;align-items:flex-start;gap:24px;
+ border-bottom:2px solid var(--ink);padding-bottom:16px;margin-bottom:24px}
+h1{font-size:26px;margin:0 0 4px;letter-spacing:-.01em}
+h2{font-size:15px;text-transform:uppercase;letter-spacing:.06em;color:var(--soft);margin:28px 0 10px}
+.sub{color:var(--soft)}
+.meta{text-align:right;color:var(--soft);font-size:13px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:12px}
+.card{background:var(--wash);border-radius:8px;padding:12px 14px}
+.card b{display:block;font-size:22px;font-variant-numeric:tabular-nums}
+.card span{color:var(--soft);font-size:12px;text-transform:uppercase;letter-spacing:.05em}
+.two{display:grid;grid-template-columns:1fr 1fr;gap:28px}
+.bars{list-style:none;margin:0;padding:0}
+.bars li{display:grid;grid-template-columns:minmax(90px,34%) 1fr 64px;gap:8px;align-items:center;
+ padding:3px 0}
+.bars .name{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bars .track{background:var(--wash);border-radius:3px;height:12px}
+.bars .fill{background:var(--accent);height:12px;border-radius:3px;min-width:1px}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+svg{display:block;width:100%;height:auto}
+.legend{display:flex;flex-wrap:wrap;gap:4px 16px;margin-top:6px;font-size:12px;color:var(--soft)}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}
+.months{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:18px}
+.month table{border-collapse:collapse;width:100%;table-layout:fixed}
+.month caption{text-align:left;font-weight:600;padding-bottom:4px}
+.month th{font-size:11px;color:var(--soft);font-weight:500;padding:2px}
+.month td{height:34px;border:2px solid var(--paper);border-radius:4px;font-size:11px;
+ vertical-align:top;padding:2px 4px;background:var(--wash)}
+.month td small{display:block;text-align:right;font-variant-numeric:tabular-nums;color:var(--ink)}
+.month td.out{background:transparent}
+table.exact{border-collapse:collapse;width:100%}
+table.exact th,table.exact td{padding:6px 8px;border-bottom:1px solid var(--line);text-align:left}
+table.exact th{font-size:12px;color:var(--soft);font-weight:600;text-transform:uppercase;
+ letter-spacing:.04em}
+table.exact td.num,table.exact th.num{text-align:right}
+table.exact tfoot td{font-weight:700;border-top:2px solid var(--ink);border-bottom:none}
+.parties{display:grid;grid-template-columns:1fr 1fr;gap:28px;margin-bottom:8px}
+.party{white-space:pre-line}
+.party b{display:block;font-size:15px}
+.totals{margin-left:auto;width:min(360px,100%);margin-top:14px}
+.totals div{display:flex;justify-content:space-between;padding:4px 0}
+.totals .grand{font-size:18px;font-weight:700;border-top:2px solid var(--ink);padding-top:8px}
+.note{color:var(--soft);font-size:12px}
+.empty{color:var(--soft);font-style:italic}
+footer{margin-top:32px;padding-top:12px;border-top:1px solid var(--line);color:var(--soft);
+ font-size:12px}
+@media (max-width:720px){.two,.parties{grid-template-columns:1fr}.page{padding:20px}}
+@page{size:PAPER;margin:16mm 14mm}
+@media print{body{background:#fff;font-size:11pt}.page{box-shadow:none;margin:0;max-width:none;
+ padding:0;border-radius:0}.screen{display:none}h2{break-after:avoid}tr,li,.month{break-inside:avoid}
+ .card{border:1px solid var(--line)}}
+"""
+PALETTE = ("#2f5bea", "#e8773a", "#2aa876", "#c2417a", "#8b5cf6", "#d4a514", "#17a2b8", "#6b7280",
+           "#b45309", "#0f766e")
+
+
+def _esc(value):
+    from html import escape
+    return escape(printable(value), quote=True)
+
+
+def _chart_buckets(rows, period, first, last):
+    """(bucket names, {(bucket, user): seconds}, unit) for the stacked chart:
+    every day of the range (weeks past 120 days, months past 3 years)."""
+    from datetime import date, timedelta
+    days = sorted({r[0] for r in rows}) if period == "day" else []
+    if period != "day" or not days:
+        names = sorted({r[0] for r in rows})
+        return names, {(p, u): s for p, u, s in rows}, period
+    start, end = date.fromisoformat(first or days[0]), date.fromisoformat(last or days[-1])
+    span = (end - start).days + 1
+    unit = "day" if span <= 120 else "week" if span <= 1100 else "month"
+
+    def bucket(day):
+        return day if unit == "day" else period_of(day, unit)
+    names, seen = [], set()
+    for n in range(span):
+        name = bucket((start + timedelta(days=n)).isoformat())
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    cells = {}
+    for day, user, seconds in rows:
+        key = (bucket(day), user)
+        cells[key] = cells.get(key, 0) + seconds
+    return names, cells, unit
+
+
+def _stacked_svg(names, cells, users, colors, unit):
+    """Hours per period stacked by user, as inline SVG (a <title> per bar)."""
+    width, height, left, bottom, top = 1000, 260, 44, 26, 10
+    totals = [sum(cells.get((n, u), 0) for u in users) for n in names]
+    peak = max(totals + [1])
+    step = next(s for s in (1, 2, 4, 8, 10, 20, 40, 50, 100, 200, 500, 1000, 2000, 5000, 10 ** 9)
+                if peak / 3600 / s <= 6)
+    top_hours = max(step, -(-peak // (step * 3600)) * step)
+    scale = (height - bottom - top) / (top_hours * 3600)
+    slot = (width - left) / max(1, len(names))
+    bar = max(1.0, slot * 0.72)
+    out = ['<svg viewBox="0 0 %d %d" role="img" aria-label="hours per %s stacked by user">'
+           % (width, height, unit)]
+    for h in range(0, top_hours + 1, step):
+        y = height - bottom - h * 3600 * scale
+        out.append('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#e3e6ec"/>'
+                   '<text x="%d" y="%.1f" font-size="11" fill="#5b6475" text-anchor="end">%d h</text>'
+                   % (left, width, y, y, left - 6, y + 4, h))
+    every = max(1, -(-len(names) // 16))
+    for i, name in enumerate(names):
+        x = left + i * slot + (slot - bar) / 2
+        y = height - bottom
+        for user in users:
+            seconds = cells.get((name, user), 0)
+            if not seconds:
+                continue
+            h = seconds * scale
+            y -= h
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s" '
+                       'data-period="%s" data-user="%s" data-seconds="%d"><title>%s %s: %s h'
+                       '</title></rect>' % (x, y, bar, h, colors[user], _esc(name), _esc(user),
+                                            seconds, _esc(user), _esc(name),
+                                            decimal_hours(seconds)))
+        if i % every == 0:
+            label = name[5:] if unit == "day" else name
+            out.append('<text x="%.1f" y="%d" font-size="11" fill="#5b6475" text-anchor="middle">'
+                       '%s</text>' % (x + bar / 2, height - 8, _esc(label)))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _bar_list(rows, kind):
+    """Horizontal bars of (name, seconds), largest first."""
+    if not rows:
+        return '<p class="empty">no time</p>'
+    rows = sorted(rows, key=lambda r: (-r[1], r[0]))
+    peak = rows[0][1] or 1
+    items = ['<li data-%s="%s" data-seconds="%d"><span class="name" title="%s">%s</span>'
+             '<span class="track"><span class="fill" style="display:block;width:%.1f%%"></span>'
+             '</span><span class="num">%s h</span></li>'
+             % (kind, _esc(name), seconds, _esc(name), _esc(name or "(none)"),
+                100.0 * seconds / peak, decimal_hours(seconds)) for name, seconds in rows]
+    return '<ul class="bars" data-list="%s">%s</ul>' % (kind, "".join(items))
+
+
+def _calendar(per_day, first, last, limit=12):
+    """Month grids of the range (the last `limit` months of a longer one)."""
+    from calendar import Calendar
+    days = sorted(per_day)
+    if not days and not (first and last):
+        return '<p class="empty">no time</p>'
+    start, end = (first or days[0])[:7], (last or days[-1])[:7]
+    months = []
+    month = start
+    while month <= end:
+        months.append(month)
+        month = shift_month(month, 1)
+    note = ""
+    if len(months) > limit:
+        note = '<p class="note">the last %d of %d months</p>' % (limit, len(months))
+        months = months[-limit:]
+    peak = max(per_day.values() or [1])
+    out = []
+    for month in months:
+        year, mon = int(month[:4]), int(month[5:])
+        rows = []
+        for week in Calendar().monthdatescalendar(year, mon):
+            cells = []
+            for day in week:
+                iso = day.isoformat()
+                if day.month != mon:
+                    cells.append('<td class="out"></td>')
+                    continue
+                seconds = per_day.get(iso, 0)
+                shade = "" if not seconds else \
+                    ' style="background:rgba(47,91,234,%.2f)"' % (0.12 + 0.6 * seconds / peak)
+                cells.append('<td data-day="%s" data-seconds="%d"%s>%d%s</td>' % (
+                    iso, seconds, shade, day.day,
+                    "<small>%s</small>" % decimal_hours(seconds) if seconds else ""))
+            rows.append("<tr>%s</tr>" % "".join(cells))
+        out.append('<div class="month"><table><caption>%s</caption><thead><tr>%s</tr></thead>'
+                   '<tbody>%s</tbody></table></div>' % (
+                       month, "".join("<th>%s</th>" % d for d in "MTWTFSS"), "".join(rows)))
+    return note + '<div class="months">%s</div>' % "".join(out)
+
+
+def _overview(report):
+    """Summary cards, the stacked chart, issues and projects, the calendar."""
+    views = report["views"]
+    rows = views["by_period_user"]
+    users = sorted({r[1] for r in rows})
+    colors = {u: PALETTE[i % len(PALETTE)] for i, u in enumerate(users)}
+    names, cells, unit = _chart_buckets(rows, views["period"], report["from"], report["to"])
+    per_day = {}
+    if views["period"] == "day":
+        for day, _, seconds in rows:
+            per_day[day] = per_day.get(day, 0) + seconds
+    total = report["total_seconds"]
+    days = len(per_day)
+    cards = [("total", '<b data-seconds="%d">%s h</b>' % (total, decimal_hours(total))),
+             ("people", "<b>%d</b>" % len(users)), ("issues", "<b>%d</b>" % len(views["by_issue"])),
+             ("projects", "<b>%d</b>" % len(views["by_project"]))]
+    if days:
+        cards.append(("days with time", "<b>%d</b>" % days))
+        cards.append(("per day with time", "<b>%s h</b>" % decimal_hours(total // days)))
+    out = ['<section class="summary"><div class="cards">%s</div></section>' % "".join(
+        '<div class="card">%s<span>%s</span></div>' % (value, name) for name, value in cards)]
+    out.append("<section><h2>Hours per %s, by person</h2>" % unit)
+    out.append(_stacked_svg(names, cells, users, colors, unit) if names else
+               '<p class="empty">no time in this period</p>')
+    out.append('<div class="legend">%s</div></section>' % "".join(
+        '<span><i style="background:%s"></i>%s</span>' % (colors[u], _esc(u)) for u in users))
+    out.append('<section class="two"><div><h2>By issue</h2>%s</div><div><h2>By project</h2>%s'
+               '</div></section>' % (_bar_list(views["by_issue"], "issue"),
+                                     _bar_list(views["by_project"], "project")))
+    if views["period"] == "day":
+        out.append("<section><h2>Calendar</h2>%s</section>" % _calendar(
+            per_day, report["from"], report["to"]))
+    return "".join(out)
+
+
+def _exact_table(headers, rows, numeric, foot=None):
+    """The table beneath: every figure with its exact value in data- attributes.
+    `rows` are [(cells, {attribute: value})]."""
+    head = "".join('<th%s>%s</th>' % (' class="num"' if h in numeric else "", _esc(h))
+                   for h in headers)
+    body = []
+    for cells, data in rows:
+        attrs = "".join(' data-%s="%s"' % (k, _esc(v)) for k, v in data.items())
+        body.append("<tr%s>%s</tr>" % (attrs, "".join(
+            '<td%s>%s</td>' % (' class="num"' if h in numeric else "", _esc(c))
+            for h, c in zip(headers, cells))))
+    tfoot = ""
+    if foot:
+        cells, data = foot
+        attrs = "".join(' data-%s="%s"' % (k, _esc(v)) for k, v in data.items())
+        tfoot = "<tfoot><tr%s>%s</tr></tfoot>" % (attrs, "".join(
+            '<td%s>%s</td>' % (' class="num"' if h in numeric else "", _esc(c))
+            for h, c in zip(headers, cells)))
+    return '<table class="exact"><thead><tr>%s</tr></thead><tbody>%s</tbody>%s</table>' % (
+        head, "".join(body) or '<tr><td colspan="%d" class="empty">no time</td></tr>'
+        % len(headers), tfoot)
+
+
+def _document(title, body, paper="A4"):
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<meta name="generator" content="FlowForge %s"><title>%s</title><style>%s</style>'
+            '</head><body><main class="page">%s<footer>Made by FlowForge %s on %s. Hours are '
+            'shown to 0.01 h, rounded half up; the exact seconds are in each figure\'s data- '
+            'attributes.</footer></main></body></html>\n' % (
+                VERSION, _esc(title), PAGE_CSS.replace("PAPER", paper), body, VERSION,
+                utc_text(now())[:16].replace("T", " ") + " UTC"))
+
+
+def _about_line(doc):
+    about = doc["ledger"]
+    where = ", ".join(doc.get("repos") or [])
+    return "%s · %d store(s)%s" % (where, about.get("stores", 0), (
+        ", fetched %s" % utc_text(about["fetched_at"])[:16].replace("T", " ") + " UTC")
+        if about.get("fetched_at") else ", this clone's own stores only")
+
+
+def render_report_page(report):
+    span = range_text(report["from"], report["to"])
+    headers, cells = report_columns(report)
+    rows = [(c + [format_hours(r["seconds"]), r["hours"]], {"seconds": r["seconds"]})
+            for c, r in zip(cells, report["rows"])]
+    foot = (["total"] + [""] * (len(headers) - 1) + [format_hours(report["total_seconds"]),
+                                                     report["total_hours"]],
+            {"seconds": report["total_seconds"], "total": "1"})
+    title = "Tracked time, %s" % span
+    body = ('<header><div><h1>%s</h1><div class="sub">%s</div></div><div class="meta">%s</div>'
+            '</header>' % (_esc(title), _esc(_filter_words(report).strip(" ()") or
+                                                "everyone, every project and issue"),
+                           _esc(_about_line(report))))
+    body += _overview(report)
+    body += "<section><h2>The exact figures (by %s)</h2>%s</section>" % (
+        _esc(", ".join(report["by"])), _exact_table(headers + ["time", "hours"], rows,
+                                                    ("time", "hours"), foot))
+    return _document(title, body)
+
+
+def _party(who, label):
+    """An issuer or client block from billing.invoice."""
+    if not who:
+        return '<div class="party"><span class="note">%s</span><b>—</b><span class="note">set ' \
+               'billing.invoice.%s in config.json</span></div>' % (label, label.lower())
+    lines = [who.get("name", "")] + list(who.get("address", []))
+    lines += [who[k] for k in ("email", "tax_id") if who.get(k)]
+    return '<div class="party"><span class="note">%s</span><b>%s</b>%s</div>' % (
+        label, _esc(lines[0]), _esc("\n".join(lines[1:])))
+
+
+def render_bill_page(bill, report=None):
+    invoice = bill.get("invoice") or {}
+    month = bill.get("month") or (bill["from"] or "")[:7]
+    number = invoice.get("number", "{month}").replace("{month}", month or "")
     span = range_text(bill["from"], bill["to"])
-    rounding = bill["rounding"]
-    title = "Bill %s, %s%s" % (span, bill["currency"],
-                               ", rounded %s to %d min per %s" % (rounding["mode"], rounding["minutes"],
-                                                                  rounding["scope"])
-                               if rounding["minutes"] else "")
-    if fmt == "table" and not rows:
-        return "nothing to bill in %s\n" % span
-    return render(fmt, headers, rows, total, title if fmt in ("table", "md", "html") else None)
+    cur = bill["currency"]
+    dims = bill["by"]
+    numeric = ("hours", "billable", "rate", "amount")
+    headers = list(dims) + ["hours", "billable", "rate", "amount"]
+
+    def rows_of(docs):
+        return [([d[k] for k in dims] + [signed_hours(d["seconds"]),
+                                         signed_hours(d["billable_seconds"]), d["rate"],
+                                         d["amount"]],
+                 {"seconds": d["seconds"], "billable-seconds": d["billable_seconds"],
+                  "amount": d["amount"]}) for d in docs]
+    title = "Invoice %s" % number if number else "Bill %s" % span
+    closed = bill["closed"][0] if bill["closed"] else None
+    meta = ["<div>Period <b>%s</b></div>" % _esc(span),
+            "<div>Currency <b>%s</b></div>" % _esc(cur),
+            "<div>%s</div>" % _esc(rounding_text(bill["rounding"]).capitalize())]
+    if closed:
+        meta.append("<div>Closed %s by %s</div>" % (_esc(utc_text(closed["at"])[:10]),
+                                                   _esc(closed["by"])))
+    if invoice.get("due_days"):
+        meta.append("<div>Payable within %d days</div>" % invoice["due_days"])
+    body = ['<header><div><h1>%s</h1><div class="sub">%s%s</div></div><div class="meta">%s</div>'
+            '</header>' % (_esc(title), _esc("Time billed, %s" % span),
+                           _esc(" (the last complete month)" if bill.get("period") == "last-month"
+                                else "") + _esc(_filter_words(bill)), "".join(meta))]
+    body.append('<section class="parties">%s%s</section>' % (
+        _party(invoice.get("issuer"), "From"), _party(invoice.get("client"), "Bill to")))
+    body.append('<section><h2>Lines</h2>%s</section>' % _exact_table(
+        headers, rows_of(bill["lines"]), numeric,
+        (["subtotal"] + [""] * (len(dims) - 1) + [decimal_hours(bill["total_seconds"]),
+                                                  decimal_hours(bill["total_billable_seconds"]),
+                                                  "", bill["lines_amount"]],
+         {"seconds": bill["total_seconds"], "billable-seconds": bill["total_billable_seconds"],
+          "amount": bill["lines_amount"], "total": "lines"})))
+    for group in bill["adjustments"]:
+        how = ("billed on this invoice" if group["billed_here"]
+               else "not in this total: billed on the invoice of %s" % group["billed_on"])
+        body.append('<section data-adjustments="%s" data-billed-here="%s"><h2>Adjustments after '
+                    'close of %s</h2><p class="note">Time recorded into %s after it was closed '
+                    '(%s by %s): %s.</p>%s</section>' % (
+                        _esc(group["month"]), "1" if group["billed_here"] else "0",
+                        _esc(group["month"]), _esc(group["month"]),
+                        _esc(utc_text(group["closed_at"])[:10]), _esc(group["closed_by"]), _esc(how),
+                        _exact_table(headers, rows_of(group["lines"]), numeric,
+                                     (["adjustments"] + [""] * (len(dims) - 1) + [
+                                         signed_hours(group["seconds"]),
+                                         signed_hours(group["billable_seconds"]), "",
+                                         group["amount"]],
+                                      {"seconds": group["seconds"], "amount": group["amount"],
+                                       "total": "adjustments"}))))
+    totals = ['<div><span>Lines</span><span class="num">%s %s</span></div>' % (
+        _esc(bill["lines_amount"]), _esc(cur))]
+    if bill["adjustments_amount"] != "0.00":
+        totals.append('<div><span>Adjustments</span><span class="num">%s %s</span></div>' % (
+            _esc(bill["adjustments_amount"]), _esc(cur)))
+    totals.append('<div class="grand"><span>Total</span><span class="num" data-amount="%s" '
+                  'data-total="invoice">%s %s</span></div>' % (
+                      _esc(bill["total_amount"]), _esc(bill["total_amount"]), _esc(cur)))
+    body.append('<section class="totals">%s</section>' % "".join(totals))
+    if invoice.get("notes"):
+        body.append('<p class="note party">%s</p>' % _esc(invoice["notes"]))
+    if report is not None:
+        body.append('<div class="screen"><h2>Where the time went</h2>%s</div>' % _overview(report))
+    return _document(title, "".join(body), invoice.get("paper", "A4"))
+
+
+def render_page(doc, report=None):
+    """--format html: the report page, or the invoice page of a bill."""
+    if doc["schema"].startswith("flowforge.bill"):
+        return render_bill_page(doc, report)
+    return render_report_page(doc)
 
 
 # ############################################################################
@@ -8370,6 +9515,9 @@ class Command:
     def __init__(self, name, func, summary, example, arguments, area):
         self.name, self.func, self.summary = name, func, summary
         self.example, self.arguments, self.area = example, arguments, area
+        # a command that defines -C or --user itself (several repositories, a
+        # filter) gets the common options without those
+        self.filters = any("-C" in flags or "--user" in flags for flags, _ in arguments)
 
 
 def command(name, summary, example, *arguments, area="timers"):
@@ -8561,6 +9709,39 @@ def cmd_version(ctx, args):
 
 # -- timers ------------------------------------------------------------------
 
+def warn_if_closed(repo, days, today):
+    """Time just recorded on `days` of a closed month: said at once.  Only a
+    day before this month can be in one (a month is closed after it ends),
+    so the timer commands of today never look."""
+    months = sorted({d[:7] for d in days if d and d[:7] < today[:7]})
+    if not months:
+        return
+    closed = closed_months(repo)
+    for month in months:
+        if month in closed:
+            warn("%s is closed (by %s on %s): this time is recorded, and bills show it as an "
+                 "adjustment after close (`flowforge bill --month %s`)"
+                 % (month, closed[month]["closed_by"], utc_text(closed[month]["closed_at"])[:10],
+                    month))
+
+
+def entry_days(entry, tz):
+    """The local days an entry's time lies on (its logged day, or where its
+    intervals start and end)."""
+    if not entry:
+        return []
+    if entry.get("date"):
+        return [entry["date"]]
+    return [local_date(ts, tz) for seg in entry.get("segments", []) for ts in (seg[0], seg[1] - 1)]
+
+
+def _recorded(ctx, store, result, *days):
+    """A command's result, after saying so if its time went into a closed month."""
+    warn_if_closed(ctx.repo, list(days) + entry_days(result[0].get("entry"), store.tz),
+                   local_date(ctx.now, store.tz))
+    return result
+
+
 def _timers(ctx):
     return Timers(ctx.store(), ctx.now)
 
@@ -8615,7 +9796,7 @@ def _timer_at(ctx, args, action, *extra):
     at = timers.check_time(ctx.time(args.at, timers.store), action + " time")
     if ctx.existing_store(timers.store) is None:
         raise FlowForgeError("no timer is running (start one with `flowforge start ISSUE`)")
-    return ctx.emit(action, *getattr(timers, action)(at, *extra))
+    return ctx.emit(action, *_recorded(ctx, timers.store, getattr(timers, action)(at, *extra)))
 
 
 @command("stop", "Stop the timer and record the entry.", "flowforge stop --at 17:30", AT,
@@ -8699,8 +9880,8 @@ def cmd_log(ctx, args):
         day = (day or parse_day("today", zone, ctx.now)).isoformat()
     timers.check_log(seconds, day, start, zone)
     ctx.ready_store(timers.store)
-    return ctx.emit("log", *timers.log(issue, seconds, day, project, note, args.key,
-                                       args.allow_overlap, start))
+    return ctx.emit("log", *_recorded(ctx, timers.store, timers.log(
+        issue, seconds, day, project, note, args.key, args.allow_overlap, start)))
 
 
 @command("entries", "List your entries with time in a range of days (default: the last 7).",
@@ -8792,7 +9973,8 @@ def cmd_edit(ctx, args):
                              "--end, --duration or --date", EXIT_USAGE)
     if ctx.existing_store(store) is None:
         raise FlowForgeError("no entry %s (no private store yet)" % args.id)
-    return ctx.emit("edit", *Timers(store, ctx.now).edit(args.id, changes, args.allow_overlap))
+    return ctx.emit("edit", *_recorded(ctx, store, Timers(store, ctx.now).edit(
+        args.id, changes, args.allow_overlap), entry_day.isoformat()))
 
 
 @command("delete", "Delete an entry (recorded as an amendment).",
@@ -8803,7 +9985,7 @@ def cmd_delete(ctx, args):
     store = ctx.store()
     if ctx.existing_store(store) is None:
         raise FlowForgeError("no entry %s (no private store yet)" % args.id)
-    return ctx.emit("delete", *Timers(store, ctx.now).delete(args.id))
+    return ctx.emit("delete", *_recorded(ctx, store, Timers(store, ctx.now).delete(args.id)))
 
 
 # -- team --------------------------------------------------------------------
@@ -8957,58 +10139,195 @@ def _today_local(ctx):
     return local_date(ctx.now, zone or load_timezone(system_timezone_name()))
 
 
+def _report_arguments(what):
+    return (arg("--period", metavar="P", help="today, yesterday, this-week, last-week, this-month, "
+                "last-month, YYYY-MM, YYYY-Www or all%s" % (
+                    " (default: all)" if what == "report" else " (default: last-month)")),
+            arg("--from", dest="first", metavar="D", help="first day: YYYY-MM-DD, today, "
+                "yesterday, mon..sun or -3d"),
+            arg("--to", dest="last", metavar="D", help="last day (same forms as --from)"),
+            arg("--user", dest="users", action="append", metavar="NAME", help="only these users "
+                "(repeatable; * globs)"),
+            arg("--project", dest="projects", action="append", metavar="NAME",
+                help="only these projects (repeatable; * globs)"),
+            arg("--issue", dest="issues", action="append", metavar="ISSUE",
+                help="only these issues (repeatable; * globs)"),
+            arg("-C", dest="repos", action="append", metavar="REPO", help="the repository (several "
+                "-C: all of them, with a repo dimension)"),
+            arg("--portfolio", metavar="FILE", help="the repositories listed in FILE, one clone "
+                "path per line"),
+            arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
+                help="output format (default table; html: a complete page)"),
+            arg("--output", metavar="FILE", help="write FILE (atomically) instead of printing"),
+            arg("--open", action="store_true", help="open the page in the default browser "
+                "(html; with no --output, a file under .flowforge/state/pages/)"),
+            NO_AGGREGATE)
+
+
+def _sources(ctx, args):
+    """[(label, Repo)] of -C REPO (several) and --portfolio; one repository by default."""
+    paths = list(args.repos or []) + (read_portfolio(args.portfolio) if args.portfolio else [])
+    if not paths:
+        return [(os.path.basename(ctx.repo.root), ctx.repo)]
+    sources = open_sources(paths)
+    ctx.args.C = sources[0][1].root     # whose store zone says what "today" is
+    ctx._repo = sources[0][1]
+    return sources
+
+
+def _selection(ctx, args, default_period):
+    try:
+        store = ctx.store()
+        zone = store.tz if store.exists() else None
+    except FlowForgeError:  # no identity here (a CI clone, say)
+        zone = None
+    first, last = resolve_range(args.period or (None if args.first or args.last else default_period),
+                                args.first, args.last,
+                                zone or load_timezone(system_timezone_name()), ctx.now)
+    return Selection(first, last, args.users, args.projects, args.issues)
+
+
+def _aggregate_sources(ctx, sources, args):
+    """Aggregate the reporting user's own stores in each repository first."""
+    if args.no_aggregate:
+        return []
+    user = _own_user(ctx)
+    return [line for _, repo in sources for line in aggregate_own(repo, user)]
+
+
+def _deliver(ctx, args, doc, text, name):
+    """Write a report or bill: --output, --open (html), or stdout."""
+    path = args.output
+    if args.open and not path:
+        if args.format != "html":
+            raise FlowForgeError("--open shows a page: use it with --format html", EXIT_USAGE)
+        pages = os.path.join(ctx.repo.state, "pages")
+        makedirs_private(pages)
+        path = os.path.join(pages, "%s-%s.html" % (name, (doc["from"] or "start") + "_"
+                                                   + (doc["to"] or "now")))
+    ctx.write_output(text, path, 0o644)
+    if path:
+        info("wrote %s" % path)
+    if args.open:
+        import webbrowser
+        if not webbrowser.open("file://" + os.path.abspath(path)):
+            warn("no browser to open here: the page is %s" % path)
+
+
 @command("report", "Team time from the ledger: every store ref this clone has fetched.",
-         "flowforge report --period month --by user,issue --format md",
-         arg("--period", choices=("day", "week", "month", "all"), default="all",
-             help="this day / week / month, or everything (default)"),
-         arg("--from", dest="first", metavar="D", help="first day, YYYY-MM-DD"),
-         arg("--to", dest="last", metavar="D", help="last day, YYYY-MM-DD"),
+         "flowforge report --period last-month --by user,issue --format html --output nov.html",
          arg("--by", default="user,issue", metavar="DIMS",
              help="comma-separated: %s (default user,issue)" % ",".join(REPORT_DIMENSIONS)),
-         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
-             help="output format (default table)"), NO_AGGREGATE,
-         area="team")
+         *_report_arguments("report"), area="team")
 def cmd_report(ctx, args):
     dims = _dims(args.by)
-    first, last = resolve_range(args.period, args.first, args.last, _today_local(ctx))
-    pending = [] if args.no_aggregate else aggregate_own(ctx.repo, _own_user(ctx))
-    report = build_report(ctx.repo, dims, first, last)
+    sources = _sources(ctx, args)
+    selection = _selection(ctx, args, "all")
+    pending = _aggregate_sources(ctx, sources, args)
+    report = build_report(sources, dims, selection, views=args.format == "html")
+    report["period"] = args.period
     for line in pending:   # after the report: a report that fails says one thing only
         warn(line)
     info(data_age_line(report["ledger"]))
     if UI.json or args.format == "json":
-        sys.stdout.write(json.dumps(report, sort_keys=True, indent=1) + "\n")
+        text = json.dumps(report, sort_keys=True, indent=1) + "\n"
+    elif args.format == "html":
+        text = render_page(report)
     else:
-        sys.stdout.write(render_report(report, args.format))
+        text = render_report(report, args.format)
+    _deliver(ctx, args, report, text, "report")
     return EXIT_OK
 
 
-@command("bill", "Billing lines with rates and rounding from config.json.",
-         "flowforge bill --month 2026-11 --format csv",
-         arg("--month", metavar="M", help="YYYY-MM (default: this month)"),
-         arg("--from", dest="first", metavar="D", help="first day instead of --month"),
-         arg("--to", dest="last", metavar="D", help="last day instead of --month"),
+@command("bill", "Billing lines; a closed month as invoiced, with adjustments after close.",
+         "flowforge bill --month 2026-11 --format html --output invoice-2026-11.html",
+         arg("--month", metavar="M", help="YYYY-MM (default: the last complete month)"),
          arg("--by-issue", action="store_true", help="one line per issue, not per project"),
-         arg("--format", choices=("table", "json", "csv", "md", "html"), default="table",
-             help="output format (default table)"), NO_AGGREGATE,
-         area="team")
+         *_report_arguments("bill"), area="team")
 def cmd_bill(ctx, args):
-    if args.month and (args.first or args.last):
-        raise FlowForgeError("use --month or --from/--to, not both", EXIT_USAGE)
-    if args.first or args.last:
-        first, last = resolve_range("all", args.first, args.last, None)
-    else:
-        first, last = month_bounds(parse_month(args.month) if args.month else _today_local(ctx)[:7])
-    pending = [] if args.no_aggregate else aggregate_own(ctx.repo, _own_user(ctx))
-    bill = build_bill(ctx.repo, first, last, args.by_issue)
+    if args.month and (args.first or args.last or args.period):
+        raise FlowForgeError("use --month, --period or --from/--to, one of them", EXIT_USAGE)
+    sources = _sources(ctx, args)
+    selection = _selection(ctx, args, "last-month" if not args.month else None) \
+        if not args.month else Selection(*month_bounds(parse_month(args.month)), args.users,
+                                         args.projects, args.issues)
+    first, last = selection.first, selection.last
+    whole = first and last and first[:7] == last[:7] and (first, last) == month_bounds(first[:7])
+    pending = _aggregate_sources(ctx, sources, args)
+    bill = build_bill(sources, selection, args.by_issue, month=first[:7] if whole else None)
+    bill["period"] = args.period or ("last-month" if not (args.month or args.first or args.last)
+                                     else None)
     for line in pending:
         warn(line)
     info(data_age_line(bill["ledger"]))
     if UI.json or args.format == "json":
-        sys.stdout.write(json.dumps(bill, sort_keys=True, indent=1) + "\n")
+        text = json.dumps(bill, sort_keys=True, indent=1) + "\n"
+    elif args.format == "html":
+        text = render_page(bill, build_report(sources, ["user", "issue"], selection, views=True))
     else:
-        sys.stdout.write(render_bill(bill, args.format))
+        text = render_bill(bill, args.format)
+    _deliver(ctx, args, bill, text, "bill")
     return EXIT_OK
+
+
+def _month_to_close(ctx, text):
+    month = parse_month(text)
+    if month >= _today_local(ctx)[:7]:
+        raise FlowForgeError("%s has not ended yet: a month is closed after its last day"
+                             % month, EXIT_USAGE)
+    return month
+
+
+@command("close", "Close a billed month: record its figures, signed by your git identity.",
+         "flowforge close 2026-11",
+         arg("month", metavar="MONTH", help="YYYY-MM, a month that has ended"),
+         arg("--reason", metavar="TEXT", help="a note kept with the record"),
+         arg("--no-push", action="store_true", help="record here only; `flowforge push` "
+             "publishes it later"),
+         NO_AGGREGATE, area="team")
+def cmd_close(ctx, args):
+    repo = ctx.repo
+    month = _month_to_close(ctx, args.month)
+    for line in [] if args.no_aggregate else aggregate_own(repo, _own_user(ctx)):
+        warn(line)
+    record = close_month(repo, month, args.reason)
+    lines = ["closed %s: %s %s, %s h over %d store(s), signed by %s (%s)" % (
+        month, record["total_amount"], record["currency"], decimal_hours(record["total_seconds"]),
+        len(record["stores"]), record["by"], record["commit"][:12])]
+    lines += _publish_period(repo, args.no_push)
+    return ctx.emit("close", {"record": record}, lines)
+
+
+@command("reopen", "Reopen a closed month (recorded; its next close records it again).",
+         "flowforge reopen 2026-11 --reason 'late timesheet from bob'",
+         arg("month", metavar="MONTH", help="YYYY-MM"),
+         arg("--reason", metavar="TEXT", help="why, kept with the record"),
+         arg("--no-push", action="store_true", help="record here only"), area="team")
+def cmd_reopen(ctx, args):
+    repo = ctx.repo
+    record = reopen_month(repo, parse_month(args.month), args.reason)
+    lines = ["reopened %s, signed by %s (%s)" % (record["month"], record["by"],
+                                                record["commit"][:12])]
+    lines += _publish_period(repo, args.no_push)
+    return ctx.emit("reopen", {"record": record}, lines)
+
+
+def _publish_period(repo, no_push):
+    """Push a close or reopen at once; if that fails, the queue retries it."""
+    _, remotes, _ = run_git(["remote"], repo.root)
+    if no_push or not remotes.split():
+        return ["not pushed: `flowforge push` publishes it"]
+    remote = default_remote(repo)
+    try:
+        ledger_push(repo, remote, own_store_keys(repo), timeout=PUSH_TIMEOUT)
+        return ["pushed to %s" % remote]
+    except FlowForgeError as e:
+        queue = open_queue(repo)
+        try:
+            enqueue_push(queue, remote)
+        finally:
+            queue.close()
+        return ["not pushed yet (%s); queued for the daemon" % one_line(e)]
 
 
 # -- layers ------------------------------------------------------------------
@@ -9436,6 +10755,9 @@ def cmd_import(ctx, args):
                      % ", ".join(summary["unknown_fields"]))
     if not args.dry_run and any(c["added"] for c in summary["users"].values()):
         lines.append("next: `flowforge aggregate --all` (or commit: the hook aggregates yours)")
+        warn_if_closed(ctx.repo, sorted({r.get("date") or batch.clock.day_of(r["segments"][0][0])
+                                         for records in batch.entries.values() for r in records}),
+                       local_date(ctx.now, batch.clock.tz))
     return ctx.emit("import", summary, lines)
 
 
@@ -9519,16 +10841,19 @@ def cmd_quarantine(ctx, args):
 
 # -- parsing and main ------------------------------------------------------------
 
-def _add_common(parser, suppress):
+def _add_common(parser, suppress, skip=()):
     import argparse
 
     def default(value):
         # In sub-parsers SUPPRESS leaves the main parser's value alone, so that
         # `flowforge --json report` and `flowforge report --json` both work.
         return {"default": argparse.SUPPRESS if suppress else value}
-    parser.add_argument("-C", metavar="REPO", help="run as if started in REPO", **default(None))
-    parser.add_argument("--user", metavar="NAME", help="act as this user (default: git config)",
-                        **default(None))
+    if "-C" not in skip:
+        parser.add_argument("-C", metavar="REPO", help="run as if started in REPO",
+                            **default(None))
+    if "--user" not in skip:
+        parser.add_argument("--user", metavar="NAME", help="act as this user (default: git "
+                            "config)", **default(None))
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout",
                         **default(False))
     parser.add_argument("-q", "--quiet", action="store_true", help="fewer messages",
@@ -9565,6 +10890,9 @@ def build_parser(only=None):
 
     common = Parser(add_help=False)
     _add_common(common, suppress=True)
+    # report and bill take -C and --user several times (repositories, a filter)
+    common_filters = Parser(add_help=False)
+    _add_common(common_filters, suppress=True, skip=("-C", "--user"))
     parser = Parser(prog="flowforge", formatter_class=formatter,
                     description="FlowForge: git-centric time tracking (TIME = MONEY).",
                     epilog="Run `flowforge COMMAND --help` for a command's options and an example.")
@@ -9574,7 +10902,8 @@ def build_parser(only=None):
         if only and spec.name != only:
             continue
         p = sub.add_parser(spec.name, help=spec.summary, description=spec.summary,
-                           epilog="example:\n  " + spec.example, parents=[common],
+                           epilog="example:\n  " + spec.example,
+                           parents=[common_filters if spec.filters else common],
                            formatter_class=formatter)
         for flags, kwargs in spec.arguments:
             p.add_argument(*flags, **kwargs)

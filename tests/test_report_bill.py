@@ -59,10 +59,11 @@ def test_report_formats(team):
     md = team.ok("report", "--by", "user", "--format", "md").out
     assert "| user | time | hours |" in md
     html = team.ok("report", "--by", "user", "--format", "html").out
-    assert html.count("<tr>") == 4 and "<table>" in html
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert html.count('<tr data-seconds="') == 3          # alice, bob, carol
     rows = list(csv.reader(io.StringIO(team.ok("report", "--by", "user", "--format", "csv").out)))
-    assert rows[0] == ["user", "time", "hours"]
-    assert rows[1] == ["alice", "1:30", "1.50"]
+    assert rows[0] == ["user", "seconds", "hours"]            # exact seconds, decimal hours
+    assert rows[1] == ["alice", "5400", "1.50"]
 
 
 def test_report_on_empty_repo_and_bad_arguments(repo):
@@ -134,7 +135,9 @@ def test_bill_formats_and_ranges(team):
     assert "total" in out and "USD" in out
     csv_rows = list(csv.reader(io.StringIO(team.ok("bill", "--month", "2026-11", "--format",
                                                    "csv").out)))
-    assert csv_rows[0] == ["project", "user", "hours", "billable", "rate", "amount"]
+    assert csv_rows[0] == ["project", "user", "kind", "month", "seconds", "hours",
+                           "billable_seconds", "billable_hours", "rate", "amount", "currency"]
+    assert {row[2] for row in csv_rows[1:]} == {"line"} and {row[10] for row in csv_rows[1:]} == {"USD"}
     by_issue = team.ok("bill", "--from", "2026-10-01", "--to", "2026-11-30", "--by-issue",
                        "--json").json
     assert sum(line["seconds"] for line in by_issue["lines"]) == 14520
