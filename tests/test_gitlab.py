@@ -235,6 +235,21 @@ def test_a_lost_response_is_not_written_twice(repo, gitlab, monkeypatch):
     assert [c[0] for c in gitlab.calls()[before:]] == ["query"]   # found it: nothing written
     assert gitlab.count_field("timelogCreate") == 1
     assert by_day(gitlab)["2026-11-19"][0] == 3600
+    # a rewrite whose answer is lost, then the ledger goes back to what was synced
+    # before: GitLab holds the lost rewrite, so the next sync must look, not trust
+    entry = repo.ok("log", "12", "15m", "--date", "2026-11-19", env=env(gitlab)).out
+    aggregate(repo, gitlab)
+    gitlab.slow["timelogCreate"] = 1.5
+    clock.t += 10
+    assert run_in_process(repo, gitlab, monkeypatch, clock)[0] == "queued"
+    assert by_day(gitlab)["2026-11-19"][0] == 4500
+    gitlab.slow.clear()
+    repo.ok("delete", entry.rsplit("(", 1)[1].split(")")[0], env=env(gitlab))
+    aggregate(repo, gitlab)
+    clock.t += 3600
+    assert run_in_process(repo, gitlab, monkeypatch, clock)[0] == "done"
+    assert by_day(gitlab)["2026-11-19"][0] == 3600
+    assert len(gitlab.timelogs("acme/app", 12)) == 1
 
 
 @pytest.mark.parametrize("case", ["throttled", "remaining-zero", "reset-only", "no-headers"])
@@ -376,3 +391,40 @@ def test_durations_days_and_references_as_gitlab_reads_them():
                                         "(input: $d0) { errors }\n}")
     assert (kind, declared, fields) == ("mutation", {"d0": "TimelogDeleteInput!"},
                                         [("d0", "timelogDelete", {"input": "d0"})])
+
+
+def test_days_of_a_closed_month_are_not_rewritten_but_reported(repo, gitlab):
+    enable(repo)
+    log(repo, gitlab, "12", "1h", "2026-10-15")
+    aggregate(repo, gitlab)
+    run_queue(repo, gitlab)
+    [october] = gitlab.timelogs("acme/app", 12)
+    repo.ok("close", "2026-10", env=env(gitlab))
+    log(repo, gitlab, "12", "30m", "2026-10-15")            # recorded after the close
+    log(repo, gitlab, "12", "45m", "2026-11-19")
+    aggregate(repo, gitlab)
+    before = len(gitlab.calls())
+    r = repo.ok("queue", "run", "--json", env=env(gitlab))
+    assert [j["outcome"] for j in r.json["ran"]] == ["done"]
+    assert "alice on 2026-10-15: the ledger has 1h30m, GitLab 1h00m; 2026-10 is closed" in r.err
+    assert [c[1] for c in gitlab.calls()[before:]] == [["currentUser", "project"], ["timelogCreate"]]
+    assert october in gitlab.timelogs("acme/app", 12)        # untouched
+    assert by_day(gitlab)["2026-11-19"][0] == 2700
+    events = [json.loads(line) for line in open(os.path.join(
+        repo.root, ".flowforge/state/logs/flowforge.jsonl"))]
+    assert [(e["day"], e["ledger_seconds"], e["gitlab_seconds"]) for e in events
+            if e["event"] == "gitlab-closed-month"] == [("2026-10-15", 5400, 3600)]
+    r = repo.ok("plugins", "check", env=env(gitlab))
+    assert "1 day(s) in closed months differ from the ledger" in r.out
+    # nothing changed since: no request, no second report
+    before = len(gitlab.requests)
+    enqueue(repo)
+    r = repo.ok("queue", "run", env=env(gitlab))
+    assert len(gitlab.requests) == before and "closed" not in r.err
+    # reopened: the day is brought up to date, in one request
+    repo.ok("reopen", "2026-10", env=env(gitlab))
+    enqueue(repo)
+    run_queue(repo, gitlab)
+    assert [c[1] for c in gitlab.calls()[-2:]] == [["currentUser", "project"],
+                                                   ["timelogDelete", "timelogCreate"]]
+    assert by_day(gitlab)["2026-10-15"][0] == 5400
