@@ -27,7 +27,9 @@ timelogs (cursor pages), and for each day whose timelog differs sends one
 mutation request that deletes the old timelog(s) and creates the new one;
 days that agree cost nothing, and when nothing changed since this machine's
 last sync no request is made at all.  Days in a month a manager has closed
-are never rewritten: a difference there is reported instead.  REST's
+are never rewritten: a difference there is reported instead (the job is
+dead-lettered once, after the open days are written; the log has it as
+`gitlab-held`; `plugins check` lists it while the month is closed).  REST's
 add_spent_time cannot set the day nor remove one entry, hence GraphQL.
 """
 import hashlib
@@ -438,7 +440,7 @@ def update(repo, issue, config, http, state, target, base, token):
         author = (node.get("user") or {}).get("username")
         if m and made and m.group(1) in stores and m.group(3) == tag and author == username:
             ours.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(made)
-    synced, held, now_ts, written = {}, {}, flowforge.now(), 0
+    synced, held, now_ts, written, news = {}, {}, flowforge.now(), 0, []
     for key in sorted(stores):
         user, tz, granularity, days = stores[key]
         synced[key], have = {}, ours.get(key, {})
@@ -449,7 +451,8 @@ def update(repo, issue, config, http, state, target, base, token):
                 if remote != want:
                     held.setdefault(key, {})[day] = [remote, want]
                     if ((entry.get("held") or {}).get(key) or {}).get(day) != [remote, want]:
-                        report_held(repo, ref, user, day, remote, want, closed[day[:7]])
+                        news.append(report_held(repo, ref, user, day, remote, want,
+                                                closed[day[:7]]))
                 if remote:
                     synced[key][day] = remote
                 continue
@@ -468,19 +471,23 @@ def update(repo, issue, config, http, state, target, base, token):
             if want:
                 synced[key][day] = want
     entry.update(issue_id=issue_id, user=username, synced=synced, held=held, clean=True)
+    if news:    # the open days are written; the job is dead-lettered once to say so
+        raise flowforge.PermanentFailure("%s: not rewritten, in closed months: %s" % (
+            ref, "; ".join(news)))
     return "updated %d day(s)" % written if written else "unchanged"
 
 
 def report_held(repo, ref, user, day, remote, want, closing):
-    """A closed month's day that differs: said once (stderr and the log); the
-    state keeps it, and `plugins check` counts it."""
+    """A closed month's day that differs, the first time it is seen: logged
+    (event gitlab-held) and said in the dead letter; the state keeps it, and
+    `plugins check` lists it while the month stays closed."""
     by = closing.get("closed_by") if isinstance(closing, dict) else None
-    flowforge.warn("gitlab: %s on %s: the ledger has %s, GitLab %s; %s is closed%s, so GitLab "
-                   "keeps its timelog" % (user, day, flowforge.format_duration(want),
-                                          flowforge.format_duration(remote), day[:7],
-                                          " (by %s)" % by if by else ""))
-    flowforge.log_event(repo, "gitlab-closed-month", issue=ref, user=user, day=day,
+    flowforge.log_event(repo, "gitlab-held", issue=ref, user=user, day=day,
                         ledger_seconds=want, gitlab_seconds=remote)
+    return "%s on %s has %s in the ledger, %s in GitLab (%s closed%s; `flowforge reopen %s` " \
+        "lets it through)" % (user, day, flowforge.format_duration(want),
+                              flowforge.format_duration(remote), day[:7],
+                              " by %s" % by if by else "", day[:7])
 
 
 # -- plugins check -----------------------------------------------------------------
@@ -503,11 +510,7 @@ def health(repo, config, online=False, http=None):
     notes = ["token from GITLAB_TOKEN", "GitLab %s allowed" % shown_url(base),
              "project %s" % project if project else
              "no plugins.gitlab.project: only group/project#12 references are synced"]
-    held = sum(len(days) for entry in (load_state(repo).get("issues") or {}).values()
-               for days in (entry.get("held") or {}).values())
-    if held:
-        notes.append("%d day(s) in closed months differ from the ledger (see the log, "
-                     "event gitlab-closed-month)" % held)
+    notes += held_notes(repo)
     if online:
         try:
             gql = GraphQL(client(config, http, base, token))
@@ -529,5 +532,16 @@ def health(repo, config, online=False, http=None):
     return {"problem": None, "notes": notes}
 
 
-def load_state(repo):
-    return flowforge.plugin_state(repo, NAME)[0]()
+def held_notes(repo, limit=10):
+    """One line per day of a month still closed whose timelog differs from the ledger."""
+    closed, lines = closed_months(repo), []
+    for name, entry in sorted((flowforge.plugin_state(repo, NAME)[0]().get("issues") or {}).items()):
+        for key, days in sorted((entry.get("held") or {}).items()):
+            for day, (remote, want) in sorted(days.items()):
+                if day[:7] in closed:
+                    lines.append("held: %s, %s on %s: ledger %s, GitLab %s (%s is closed)" % (
+                        name.split(" ")[1], key.rpartition("--")[0], day,
+                        flowforge.format_duration(want), flowforge.format_duration(remote),
+                        day[:7]))
+    return lines[:limit] + (["... and %d more held days" % (len(lines) - limit)]
+                            if len(lines) > limit else [])

@@ -405,22 +405,25 @@ def test_days_of_a_closed_month_are_not_rewritten_but_reported(repo, gitlab):
     aggregate(repo, gitlab)
     before = len(gitlab.calls())
     r = repo.ok("queue", "run", "--json", env=env(gitlab))
-    assert [j["outcome"] for j in r.json["ran"]] == ["done"]
-    assert "alice on 2026-10-15: the ledger has 1h30m, GitLab 1h00m; 2026-10 is closed" in r.err
+    assert [j["outcome"] for j in r.json["ran"]] == ["dead"]             # said once, loudly
+    assert max(jobs(repo), key=lambda j: j["id"])["last_error"] == (
+        "acme/app#12: not rewritten, in closed months: alice on 2026-10-15 has 1h30m in the "
+        "ledger, 1h00m in GitLab (2026-10 closed by Test <test@example.com>; `flowforge reopen "
+        "2026-10` lets it through)")
     assert [c[1] for c in gitlab.calls()[before:]] == [["currentUser", "project"], ["timelogCreate"]]
     assert october in gitlab.timelogs("acme/app", 12)        # untouched
-    assert by_day(gitlab)["2026-11-19"][0] == 2700
+    assert by_day(gitlab)["2026-11-19"][0] == 2700            # the open day is written
     events = [json.loads(line) for line in open(os.path.join(
         repo.root, ".flowforge/state/logs/flowforge.jsonl"))]
     assert [(e["day"], e["ledger_seconds"], e["gitlab_seconds"]) for e in events
-            if e["event"] == "gitlab-closed-month"] == [("2026-10-15", 5400, 3600)]
+            if e["event"] == "gitlab-held"] == [("2026-10-15", 5400, 3600)]
     r = repo.ok("plugins", "check", env=env(gitlab))
-    assert "1 day(s) in closed months differ from the ledger" in r.out
+    assert "held: acme/app#12, alice on 2026-10-15: ledger 1h30m, GitLab 1h00m (2026-10 is closed)" in r.out
     # nothing changed since: no request, no second report
     before = len(gitlab.requests)
     enqueue(repo)
-    r = repo.ok("queue", "run", env=env(gitlab))
-    assert len(gitlab.requests) == before and "closed" not in r.err
+    assert run_queue(repo, gitlab) == ["done"]
+    assert len(gitlab.requests) == before
     # reopened: the day is brought up to date, in one request
     repo.ok("reopen", "2026-10", env=env(gitlab))
     enqueue(repo)
@@ -428,3 +431,4 @@ def test_days_of_a_closed_month_are_not_rewritten_but_reported(repo, gitlab):
     assert [c[1] for c in gitlab.calls()[-2:]] == [["currentUser", "project"],
                                                    ["timelogDelete", "timelogCreate"]]
     assert by_day(gitlab)["2026-10-15"][0] == 5400
+    assert "held:" not in repo.ok("plugins", "check", env=env(gitlab)).out
