@@ -11,7 +11,7 @@ RUN_PYTEST = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); els
 	    $(VENV)/bin/python -m pip install --quiet pytest==$(PYTEST_VERSION); \
 	  py=$(VENV)/bin/python; fi; $$py -m pytest
 
-.PHONY: test soak demo bench lint install readme
+.PHONY: test soak demo bench lint install readme pages
 
 test:
 	@$(RUN_PYTEST) -q tests
@@ -40,3 +40,7 @@ install:
 
 readme:
 	$(PYTHON) tools/readme_reference.py --write
+
+# The README's screenshots (docs/*.png) and the printed invoice, in headless Chromium.
+pages:
+	$(PYTHON) tools/pages.py

@@ -9020,7 +9020,10 @@ def render_bill(bill, fmt):
 
 def git_identity(repo):
     """"Name <e-mail>" of git's user here, which closes and reopens are signed by."""
-    name, email = git_config_get(repo.root, "user.name"), git_config_get(repo.root, "user.email")
+    rc, out, _ = run_git(["var", "GIT_COMMITTER_IDENT"], repo.root, check=False,
+                         env={"GIT_CONFIG_PARAMETERS": "'user.useconfigonly=true'"})
+    m = re.fullmatch(r"(.+?) <([^<>]+)> \d+ [+-]\d{4}", out.strip()) if rc == 0 else None
+    name, email = m.groups() if m else (None, None)
     if not name or not email:
         raise FlowForgeError("a close is signed by who made it: set `git config user.name` and "
                              "`git config user.email` first", EXIT_CONFIG)
@@ -9136,7 +9139,7 @@ h1{font-size:26px;margin:0 0 4px;letter-spacing:-.01em}
 h2{font-size:15px;text-transform:uppercase;letter-spacing:.06em;color:var(--soft);margin:28px 0 10px}
 .sub{color:var(--soft)}
 .meta{text-align:right;color:var(--soft);font-size:13px}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px}
 .card{background:var(--wash);border-radius:8px;padding:12px 14px}
 .card b{display:block;font-size:22px;font-variant-numeric:tabular-nums}
 .card span{color:var(--soft);font-size:12px;text-transform:uppercase;letter-spacing:.05em}
@@ -9151,11 +9154,11 @@ h2{font-size:15px;text-transform:uppercase;letter-spacing:.06em;color:var(--soft
 svg{display:block;width:100%;height:auto}
 .legend{display:flex;flex-wrap:wrap;gap:4px 16px;margin-top:6px;font-size:12px;color:var(--soft)}
 .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}
-.months{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:18px}
+.months{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:18px}
 .month table{border-collapse:collapse;width:100%;table-layout:fixed}
 .month caption{text-align:left;font-weight:600;padding-bottom:4px}
 .month th{font-size:11px;color:var(--soft);font-weight:500;padding:2px}
-.month td{height:34px;border:2px solid var(--paper);border-radius:4px;font-size:11px;
+.month td{height:42px;border:2px solid var(--paper);border-radius:4px;font-size:11px;
  vertical-align:top;padding:2px 4px;background:var(--wash)}
 .month td small{display:block;text-align:right;font-variant-numeric:tabular-nums;color:var(--ink)}
 .month td.out{background:transparent}
@@ -9166,7 +9169,7 @@ table.exact th{font-size:12px;color:var(--soft);font-weight:600;text-transform:u
 table.exact td.num,table.exact th.num{text-align:right}
 table.exact tfoot td{font-weight:700;border-top:2px solid var(--ink);border-bottom:none}
 .parties{display:grid;grid-template-columns:1fr 1fr;gap:28px;margin-bottom:8px}
-.party{white-space:pre-line}
+.party{line-height:1.5}
 .party b{display:block;font-size:15px}
 .totals{margin-left:auto;width:min(360px,100%);margin-top:14px}
 .totals div{display:flex;justify-content:space-between;padding:4px 0}
@@ -9410,6 +9413,13 @@ def render_report_page(report):
     return _document(title, body)
 
 
+def grouped(amount):
+    """"25575.00" as "25,575.00" for reading (the exact text stays in data-)."""
+    sign, digits = ("-", amount[1:]) if amount.startswith("-") else ("", amount)
+    whole, _, cents = digits.partition(".")
+    return sign + "{:,}".format(int(whole)) + ("." + cents if cents else "")
+
+
 def _party(who, label):
     """An issuer or client block from billing.invoice."""
     if not who:
@@ -9418,7 +9428,7 @@ def _party(who, label):
     lines = [who.get("name", "")] + list(who.get("address", []))
     lines += [who[k] for k in ("email", "tax_id") if who.get(k)]
     return '<div class="party"><span class="note">%s</span><b>%s</b>%s</div>' % (
-        label, _esc(lines[0]), _esc("\n".join(lines[1:])))
+        label, _esc(lines[0]), "<br>".join(_esc(line) for line in lines[1:]))
 
 
 def render_bill_page(bill, report=None):
@@ -9433,8 +9443,8 @@ def render_bill_page(bill, report=None):
 
     def rows_of(docs):
         return [([d[k] for k in dims] + [signed_hours(d["seconds"]),
-                                         signed_hours(d["billable_seconds"]), d["rate"],
-                                         d["amount"]],
+                                         signed_hours(d["billable_seconds"]), grouped(d["rate"]),
+                                         grouped(d["amount"])],
                  {"seconds": d["seconds"], "billable-seconds": d["billable_seconds"],
                   "amount": d["amount"]}) for d in docs]
     title = "Invoice %s" % number if number else "Bill %s" % span
@@ -9445,8 +9455,12 @@ def render_bill_page(bill, report=None):
     if closed:
         meta.append("<div>Closed %s by %s</div>" % (_esc(utc_text(closed["at"])[:10]),
                                                    _esc(closed["by"])))
+    from datetime import date, timedelta
+    issued = date.fromisoformat(utc_text(now())[:10])
+    meta.insert(0, "<div>Date <b>%s</b></div>" % issued.isoformat())
     if invoice.get("due_days"):
-        meta.append("<div>Payable within %d days</div>" % invoice["due_days"])
+        meta.append("<div>Due <b>%s</b> (%d days)</div>" % (
+            (issued + timedelta(days=invoice["due_days"])).isoformat(), invoice["due_days"]))
     body = ['<header><div><h1>%s</h1><div class="sub">%s%s</div></div><div class="meta">%s</div>'
             '</header>' % (_esc(title), _esc("Time billed, %s" % span),
                            _esc(" (the last complete month)" if bill.get("period") == "last-month"
@@ -9457,7 +9471,7 @@ def render_bill_page(bill, report=None):
         headers, rows_of(bill["lines"]), numeric,
         (["subtotal"] + [""] * (len(dims) - 1) + [decimal_hours(bill["total_seconds"]),
                                                   decimal_hours(bill["total_billable_seconds"]),
-                                                  "", bill["lines_amount"]],
+                                                  "", grouped(bill["lines_amount"])],
          {"seconds": bill["total_seconds"], "billable-seconds": bill["total_billable_seconds"],
           "amount": bill["lines_amount"], "total": "lines"})))
     for group in bill["adjustments"]:
@@ -9473,17 +9487,17 @@ def render_bill_page(bill, report=None):
                                      (["adjustments"] + [""] * (len(dims) - 1) + [
                                          signed_hours(group["seconds"]),
                                          signed_hours(group["billable_seconds"]), "",
-                                         group["amount"]],
+                                         grouped(group["amount"])],
                                       {"seconds": group["seconds"], "amount": group["amount"],
                                        "total": "adjustments"}))))
     totals = ['<div><span>Lines</span><span class="num">%s %s</span></div>' % (
-        _esc(bill["lines_amount"]), _esc(cur))]
+        grouped(bill["lines_amount"]), _esc(cur))]
     if bill["adjustments_amount"] != "0.00":
-        totals.append('<div><span>Adjustments</span><span class="num">%s %s</span></div>' % (
-            _esc(bill["adjustments_amount"]), _esc(cur)))
+        totals.append('<div><span>Adjustments after close</span><span class="num">%s %s</span>'
+                      '</div>' % (grouped(bill["adjustments_amount"]), _esc(cur)))
     totals.append('<div class="grand"><span>Total</span><span class="num" data-amount="%s" '
                   'data-total="invoice">%s %s</span></div>' % (
-                      _esc(bill["total_amount"]), _esc(bill["total_amount"]), _esc(cur)))
+                      _esc(bill["total_amount"]), grouped(bill["total_amount"]), _esc(cur)))
     body.append('<section class="totals">%s</section>' % "".join(totals))
     if invoice.get("notes"):
         body.append('<p class="note party">%s</p>' % _esc(invoice["notes"]))
@@ -10603,6 +10617,13 @@ def cmd_reconcile(ctx, args):
     result = verify_ledger(repo, history_since=now() - int(args.lookback_hours * 3600))
     missing = missing_aggregation(repo, args.lookback_hours, result["view"])
     report = ci_report_markdown(repo, result, missing, args.lookback_hours)
+    adjusted = closed_adjustments(repo) if not result["findings"] else []
+    if adjusted:
+        report += "\n## Adjustments to closed months\n\n| month | closed by | time | amount | " \
+                  "billed on |\n| --- | --- | ---: | ---: | --- |\n" + "".join(
+                      "| %s | %s | %s h | %s %s | %s |\n" % (
+                          a["month"], a["closed_by"], signed_hours(a["seconds"]), a["amount"],
+                          a["currency"], a["billed_on"]) for a in adjusted)
     if args.report:
         atomic_write(os.path.abspath(args.report), report.encode("utf-8"), 0o644)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -10613,7 +10634,7 @@ def cmd_reconcile(ctx, args):
     if UI.json:
         ctx.emit("reconcile", {"findings": result["findings"], "missing": missing,
                                "notes": result["notes"], "shards": result["shards"],
-                               "stores": result["stores"]}, [])
+                               "stores": result["stores"], "closed_adjustments": adjusted}, [])
     else:
         sys.stdout.write(report)
     return EXIT_FAIL if problems else EXIT_OK
