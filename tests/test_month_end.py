@@ -406,3 +406,19 @@ def test_a_missing_or_unfetched_repository_is_named_never_skipped(tmp_path, pyca
     set_billing(shop.root, currency="EUR")
     r = shop("bill", "-C", shop.root, "-C", app.root, env=DEC)
     assert r.rc == 78 and "different currencies" in r.err
+
+
+@pytest.mark.skipif(not shutil.which("gpg"), reason="gpg is not installed: signed closes untested")
+def test_a_close_is_gpg_signed_where_git_signs_commits(month, tmp_path):
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    env = dict(os.environ, GNUPGHOME=str(gnupg))
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                    "Test <test@example.com>", "ed25519", "sign", "never"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    git(month.root, "config", "commit.gpgsign", "true")
+    git(month.root, "config", "user.signingkey", "test@example.com")
+    month.ok("close", "2026-11", env=dict(DEC, GNUPGHOME=str(gnupg)))
+    proc = subprocess.run(["git", "verify-commit", "refs/flowforge/periods/2026-11"],
+                          cwd=month.root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Good signature" in proc.stderr, proc.stderr
