@@ -3268,7 +3268,7 @@ QUARANTINE_REF = "refs/flowforge/quarantine/"
 PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
-LEDGER_CACHE_SCHEMA = 1
+LEDGER_CACHE_SCHEMA = 2   # 2: a header line, then one line per month
 LEDGER_AUTHOR = "FlowForge ledger"
 _STORE_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
 _SHARD_NAME = re.compile(r"(\d{4}-\d{2})\.json")
@@ -3611,18 +3611,39 @@ def _ledger_cache_path(repo, key):
     return os.path.join(repo.state, "cache", "ledger", key + ".rec")
 
 
-def _read_ledger_cache(repo, key):
-    """The cached, verified shards of one store ({"tree", "shards"}), or None.
-    A cache line carries a crc32 like a private record: a damaged or edited
-    cache is ignored and rebuilt from git, never trusted."""
+def _read_ledger_cache(repo, key, months=None):
+    """The cached, verified shards of one store ({"tree", "months": {month:
+    blob}, "shards"}), or None; with `months` (first, last), only the shards of
+    those months are decoded -- a report of one month reads one line per store.
+    Each line carries a crc32 like a private record: a damaged or edited cache
+    is ignored and rebuilt from git, never trusted."""
     try:
-        data = read_bytes(_ledger_cache_path(repo, key))
-        record = decode_record(data.rstrip(b"\n"))
+        lines = read_bytes(_ledger_cache_path(repo, key)).split(b"\n")
+        record = decode_record(lines[0])
     except (OSError, ValueError, FlowForgeError):
         return None
+    listed = record.get("months")
     if record.get("schema") != LEDGER_CACHE_SCHEMA or record.get("key") != key \
-            or not isinstance(record.get("shards"), dict):
+            or not isinstance(listed, dict):
         return None
+    first, last = months or (None, None)
+    shards = {}
+    for line in lines[1:]:
+        month = line[:7].decode("ascii", "replace")
+        if not line or (first and month < first) or (last and month > last):
+            continue
+        try:
+            item = decode_record(line[8:])
+        except ValueError:
+            return None
+        if item.get("month") != month or not isinstance(item.get("doc"), dict) \
+                or month not in listed:
+            return None
+        shards[month] = item["doc"]
+    wanted = [m for m in listed if (not first or m >= first) and (not last or m <= last)]
+    if len(wanted) != len(shards):
+        return None
+    record["shards"] = shards
     return record
 
 
@@ -3720,13 +3741,13 @@ class LedgerView:
         try:
             stale = {}
             for key, (_, _, tree) in sorted(self.stores.items()):
-                cached = _read_ledger_cache(self.repo, key)
+                cached = _read_ledger_cache(self.repo, key, months)
                 if cached is not None and cached.get("tree") == tree:
-                    shards = cached["shards"]
-                else:
-                    stale[key] = cached
-                    continue
-                docs.extend(self._pick(key, shards, months))
+                    if cached["months"]:
+                        self.first_month[key] = min(cached["months"])
+                    docs.extend(self._pick(key, cached["shards"], months))
+                else:   # every month of it, to reuse what did not change
+                    stale[key] = cached and _read_ledger_cache(self.repo, key)
             if stale:
                 keys = sorted(stale)
                 roots = objects.get([self.stores[k][2] for k in keys], MAX_TREE_BYTES)
@@ -3817,7 +3838,7 @@ class LedgerView:
     def _pick(self, key, shards, months):
         """The documents of the months within (first month, last month); notes
         the store's first month (its readable label in reports)."""
-        if shards:
+        if shards and key not in self.first_month:
             self.first_month[key] = min(shards)
         first, last = months or (None, None)
         return [doc for month, doc in shards.items()
@@ -3825,11 +3846,13 @@ class LedgerView:
 
     def _save_cache(self, key, shards):
         record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
-                  "shards": shards}
+                  "months": {m: doc.get("blob") for m, doc in shards.items()}}
+        data = encode_record(record) + b"".join(
+            month.encode("ascii") + b" " + encode_record({"month": month, "doc": shards[month]})
+            for month in sorted(shards))
         try:
             makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
-            atomic_write(_ledger_cache_path(self.repo, key), encode_record(record), 0o600,
-                         sync_dir=False)
+            atomic_write(_ledger_cache_path(self.repo, key), data, 0o600, sync_dir=False)
         except (OSError, FlowForgeError) as e:
             debug("cannot cache the ledger of %s: %s" % (key, e))  # a cache: reading goes on
 
@@ -4379,11 +4402,23 @@ class Aggregator:
                              healed=record.get("action"))
         self.store.mirror.sync([])
 
-    def render_month(self, month, parsed):
-        cells = {}
+    @staticmethod
+    def month_cells(parsed):
+        """{month: {cell: seconds}} of parsed days, in one pass over them (not
+        one pass per month: a million entries over years are read once)."""
+        by_month = {}
         for contributions in parsed.values():
-            for key, seconds in contributions.get(month, {}).items():
-                cells[key] = cells.get(key, 0) + seconds
+            for month, cells in contributions.items():
+                into = by_month.get(month)
+                if into is None:
+                    by_month[month] = dict(cells)
+                    continue
+                for key, seconds in cells.items():
+                    into[key] = into.get(key, 0) + seconds
+        return by_month
+
+    def render_month(self, month, by_month):
+        cells = by_month.get(month, {})
         return render_shard(self.store.user, self.store.store_id, month, self.granularity,
                             self.store.tz_name, cells), bool(cells)
 
@@ -4401,8 +4436,9 @@ class Aggregator:
         for contributions in parsed.values():
             months.update(contributions)
         out = {}
+        by_month = self.month_cells(parsed)
         for month in sorted(months):
-            data, has_cells = self.render_month(month, parsed)
+            data, has_cells = self.render_month(month, by_month)
             if has_cells or month in existing:
                 out[month] = data
         return out
@@ -4413,8 +4449,9 @@ class Aggregator:
         names = {shard_name(m): m for m in sorted(months)}
         old = ledger.read(sorted(names))
         files, totals, issues = {}, {}, set()
+        by_month = self.month_cells(parsed)
         for name, month in sorted(names.items()):
-            data, has_cells = self.render_month(month, parsed)
+            data, has_cells = self.render_month(month, by_month)
             if old[name] == data or (old[name] is None and not has_cells):
                 continue  # unchanged, or a month that never had time
             for raw in (old[name], data):

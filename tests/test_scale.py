@@ -1,0 +1,80 @@
+"""Costs that follow the work asked: a report of one month decodes one month
+per store, the shard cache survives damage, aggregation groups in one pass."""
+import glob
+import os
+
+import flowforge as ff
+
+from conftest import call
+
+NOW = {"FLOWFORGE_NOW": "2026-12-01T09:00:00Z"}
+
+
+def history(repo, users=("alice", "bob", "carol")):
+    """Three people with time in eleven months of 2026."""
+    days = ["2026-%02d-1%d" % (m, m % 10) for m in range(1, 12)]
+    for n, user in enumerate(users):
+        for day in days:
+            repo.ok("log", str(n + 1), "%dm" % (30 + n), "--date", day, user=user, env=NOW)
+    repo.ok("aggregate", "--all", env=NOW)
+    return days
+
+
+def caches(root):
+    return sorted(glob.glob(os.path.join(root, ".flowforge/state/cache/ledger/*.rec")))
+
+
+def test_a_warm_report_of_one_month_decodes_one_month_per_store(repo, monkeypatch):
+    history(repo)
+    everything = repo.ok("report", "--json", "--by", "user,month", env=NOW).json   # warms the cache
+    assert len(caches(repo.root)) == 3
+    decoded = []
+    real = ff.decode_record
+    monkeypatch.setattr(ff, "decode_record", lambda line: decoded.append(line[:40]) or real(line))
+    r = call(repo.root, "report", "--json", "--by", "user", "--period", "2026-11",
+             "--no-aggregate", env=NOW)
+    assert r.rc == 0, r
+    cache_lines = [d for d in decoded if b'"doc"' in d or b'"months"' in d or b"schema" in d]
+    assert len(cache_lines) <= 3 * 2, decoded          # a header and one month, per store
+    month = {(x["user"], x["month"]): x["seconds"] for x in everything["rows"]}
+    assert {x["user"]: x["seconds"] for x in r.json["rows"]} == {
+        u: month[(u, "2026-11")] for u in ("alice", "bob", "carol")}
+
+
+def test_a_damaged_or_stale_shard_cache_is_rebuilt_never_trusted(repo):
+    history(repo)
+    expected = repo.ok("report", "--json", "--by", "user,month", env=NOW).json
+    path = caches(repo.root)[0]
+    lines = open(path, "rb").read().split(b"\n")
+    november = [n for n, line in enumerate(lines) if line.startswith(b"2026-11 ")][0]
+    lines[november] = lines[november].replace(b'"seconds"', b'"sec0nds"', 1)   # crc now wrong
+    open(path, "wb").write(b"\n".join(lines))
+    r = repo.ok("report", "--json", "--by", "user,month", "--period", "2026-11", env=NOW)
+    assert r.json["rows"] == [x for x in expected["rows"] if x["month"] == "2026-11"]
+    assert b"sec0nds" not in open(path, "rb").read()          # rebuilt from git
+    open(path, "wb").write(b"garbage\n")
+    assert repo.ok("report", "--json", "--by", "user,month", env=NOW).json == expected
+    # a cache of another ledger tree (a fetch moved the ref): read again from git
+    repo.ok("log", "9", "1h", "--date", "2026-11-12", user="alice", env=NOW)
+    repo.ok("aggregate", "--all", env=NOW)
+    after = repo.ok("report", "--json", "--by", "user", env=NOW).json
+    assert after["total_seconds"] == expected["total_seconds"] + 3600
+
+
+def test_full_aggregation_groups_every_entry_once(repo, monkeypatch):
+    """render_month reads the grouped cells; the day contributions are walked once."""
+    history(repo, users=("alice",))
+    store = ff.PrivateStore(ff.Repo(repo.root), "alice")
+    aggregator = ff.Aggregator(store, "day")
+    walked = []
+    real = ff.Aggregator.month_cells
+    monkeypatch.setattr(ff.Aggregator, "month_cells",
+                        staticmethod(lambda parsed: walked.append(len(parsed)) or real(parsed)))
+    shards = aggregator.compute_all()
+    assert len(shards) == 11 and walked == [11]
+    ledger = ff.StoreLedger(ff.Repo(repo.root), "alice", store.store_id)
+    try:
+        stored = ledger.read([ff.shard_name(m) for m in shards])
+    finally:
+        ledger.close()
+    assert all(stored[ff.shard_name(m)] == data for m, data in shards.items())
