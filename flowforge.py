@@ -4237,6 +4237,16 @@ def migrate_store(repo, key, entry):
 # day file that contributes to it; the shards that changed, with one audit
 # record for them, become one ledger commit.
 
+def _periods(contributions):
+    """The periods (days, weeks or months) that one day file's time lies in."""
+    return sorted({key[0] for cells in contributions.values() for key in cells})
+
+
+def months_as_unknown(months):
+    """Periods of a day file recorded without them: "*<month>", every period."""
+    return ["*" + m for m in months]
+
+
 class Aggregator:
     """Turns one private store into its shards in the ledger, incrementally or
     in full, and records each change in the store's audit chains."""
@@ -4335,22 +4345,38 @@ class Aggregator:
                     parsed[day] = self.contributions(day, records)
             changed = list(parsed)
             removed = [d for d in old_files if d not in stats]
-            months = set()
+            months, periods = set(), set()
             for day in changed + removed:
-                months.update(old_files.get(day, [0, 0, []])[2])
+                old = old_files.get(day, [0, 0, []])
+                months.update(old[2])
+                periods.update(old[3] if len(old) > 3 else months_as_unknown(old[2]))
             for day in changed:
                 months.update(parsed[day])
+                periods.update(_periods(parsed[day]))
             if full:  # also months whose entries are all gone now
                 months.update(ledger.months())
+            # The cells of the periods that changed are recomputed from the day
+            # files that contribute to them; the rest of each month comes from
+            # its shard as it is.  So one changed day re-reads a few day files,
+            # not its whole month.  (A day file recorded before periods were
+            # kept counts as contributing to every period of its months.)
+            base = None if full else self._shard_cells(ledger, months, periods)
+            if base is None:
+                periods = None
+            for day in stats:  # unchanged days that feed a recomputed period
+                if day not in parsed:
+                    old = old_files[day]
+                    if (periods.intersection(old[3]) if periods is not None and len(old) > 3
+                            else months.intersection(old[2])):
+                        parsed[day] = self.contributions(day, store.read_day(day))
             new_files = {}
             for day in stats:
-                contributes = sorted(parsed[day]) if day in parsed else old_files[day][2]
-                new_files[day] = stats[day] + [contributes]
-            for day in stats:  # unchanged days that share a month with a changed one
-                if day not in parsed and months.intersection(new_files[day][2]):
-                    parsed[day] = self.contributions(day, store.read_day(day))
+                if day in parsed:
+                    new_files[day] = stats[day] + [sorted(parsed[day]), _periods(parsed[day])]
+                else:
+                    new_files[day] = stats[day] + old_files[day][2:]
             store.mirror.sync(None if full else changed)
-        files, totals, issues = self._changed_shards(ledger, months, parsed)
+        files, totals, issues = self._changed_shards(ledger, months, parsed, base, periods)
         record = None
         if files:
             record, tip = self._commit(ledger, files, totals,
@@ -4417,6 +4443,25 @@ class Aggregator:
                     into[key] = into.get(key, 0) + seconds
         return by_month
 
+    def _shard_cells(self, ledger, months, periods):
+        """{month: cells of its shard outside `periods`}, from the ledger as it
+        is; None when a shard does not read back (then months are recomputed
+        whole, from every day file that has time in them)."""
+        if any(p.startswith("*") for p in periods):
+            return None
+        base = {}
+        for name, raw in ledger.read([shard_name(m) for m in sorted(months)]).items():
+            cells = base[name[len("summaries/"):-len(".json")]] = {}
+            if raw is None:
+                continue
+            try:
+                for period, issue, project, seconds in json.loads(raw)["rows"]:
+                    if period not in periods:
+                        cells[(period, issue, project)] = seconds
+            except (TypeError, ValueError, KeyError, RecursionError):
+                return None
+        return base
+
     def render_month(self, month, by_month):
         cells = by_month.get(month, {})
         return render_shard(self.store.user, self.store.store_id, month, self.granularity,
@@ -4443,13 +4488,22 @@ class Aggregator:
                 out[month] = data
         return out
 
-    def _changed_shards(self, ledger, months, parsed):
+    def _changed_shards(self, ledger, months, parsed, base=None, periods=None):
         """({ledger name: new shard bytes}, {month: total seconds}, issues of the
-        changed shards before and after) for the months whose shard changed."""
+        changed shards before and after) for the months whose shard changed.
+        With `base`, a month is its cells outside `periods` plus what the
+        parsed day files give to `periods`."""
         names = {shard_name(m): m for m in sorted(months)}
         old = ledger.read(sorted(names))
         files, totals, issues = {}, {}, set()
         by_month = self.month_cells(parsed)
+        if base is not None:
+            for month in months:
+                cells = dict(base.get(month, {}))
+                for key, seconds in by_month.get(month, {}).items():
+                    if key[0] in periods:
+                        cells[key] = cells.get(key, 0) + seconds
+                by_month[month] = cells
         for name, month in sorted(names.items()):
             data, has_cells = self.render_month(month, by_month)
             if old[name] == data or (old[name] is None and not has_cells):

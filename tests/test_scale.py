@@ -1,7 +1,11 @@
 """Costs that follow the work asked: a report of one month decodes one month
 per store, the shard cache survives damage, aggregation groups in one pass."""
 import glob
+import json
 import os
+import random
+
+import pytest
 
 import flowforge as ff
 
@@ -78,3 +82,41 @@ def test_full_aggregation_groups_every_entry_once(repo, monkeypatch):
     finally:
         ledger.close()
     assert all(stored[ff.shard_name(m)] == data for m, data in shards.items())
+
+
+@pytest.mark.parametrize("granularity", ["day", "week"])
+def test_incremental_aggregation_of_changed_periods_equals_a_full_rebuild(repo, granularity):
+    """After every change, the incremental shards (a changed day's periods
+    recomputed, the rest of the month kept) equal those of a full rebuild:
+    entries across midnight and month ends, moves between days, deletions."""
+    path = os.path.join(repo.root, ".flowforge/config.json")
+    config = json.load(open(path))
+    config["granularity"] = granularity
+    json.dump(config, open(path, "w"))
+    rng = random.Random(granularity)
+    ids = []
+    for step in range(24):
+        day = "2026-%02d-%02d" % (rng.choice([10, 11]), rng.choice([1, 2, 15, 28, 29, 30, 31][:6]))
+        action = rng.choice(["log", "night", "move", "delete"] if ids else ["log"])
+        if action == "log":
+            ids.append(repo.ok("log", str(rng.randint(1, 4)), "%dm" % rng.randint(1, 90), "--date",
+                               day, "--json", "--allow-overlap", env=NOW).json["entry"]["id"])
+        elif action == "night":        # across midnight: two days, maybe two months
+            ids.append(repo.ok("log", str(rng.randint(1, 4)), "--start", day + " 23:%02d"
+                               % rng.randint(0, 50), "--end", "%s 00:%02d" % (
+                                   ff.shift_day(day, 1), rng.randint(1, 50)), "--json",
+                               "--allow-overlap", env=NOW).json["entry"]["id"])
+        elif action == "move":
+            repo("edit", rng.choice(ids), "--issue", str(rng.randint(1, 4)), env=NOW)
+        else:
+            repo.ok("delete", ids.pop(rng.randrange(len(ids))), env=NOW)
+        repo.ok("aggregate", env=NOW)
+        incremental = ff.Aggregator(ff.PrivateStore(ff.Repo(repo.root), "alice"),
+                                    granularity).compute_all()
+        ledger = ff.StoreLedger(ff.Repo(repo.root), "alice",
+                                ff.PrivateStore(ff.Repo(repo.root), "alice").store_id)
+        try:
+            stored = ledger.read([ff.shard_name(m) for m in incremental])
+        finally:
+            ledger.close()
+        assert {m: stored[ff.shard_name(m)] for m in incremental} == incremental, step
