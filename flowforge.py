@@ -8528,7 +8528,7 @@ def open_sources(paths):
         try:
             repo = Repo.find(path).require()
             repo._config = load_config(repo.config_path)
-            if never_fetched(repo) and not list_ledger_refs(repo):
+            if never_fetched(repo):   # its own stores at most: a partial total
                 raise FlowForgeError("has never fetched its ledger: run `flowforge -C %s fetch`"
                                      % path)
             if any(r.root == repo.root for _, r in found):
@@ -8953,7 +8953,7 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
         shards, seen = load_sources([(label, repo)], first, last)
         about.update(seen)
         prefix = (label,) if several else ()
-        records, warnings = period_records(repo) if month or first else ({}, [])
+        records, warnings = period_records(repo) if month or first or last else ({}, [])
         for line in warnings:
             warn(line)
         now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue)
@@ -10353,9 +10353,11 @@ def cmd_bill(ctx, args):
     if args.month and (args.first or args.last or args.period):
         raise FlowForgeError("use --month, --period or --from/--to, one of them", EXIT_USAGE)
     sources = _sources(ctx, args)
-    selection = _selection(ctx, args, "last-month" if not args.month else None) \
-        if not args.month else Selection(*month_bounds(parse_month(args.month)), args.users,
-                                         args.projects, args.issues)
+    if args.month:
+        selection = Selection(*month_bounds(parse_month(args.month)), args.users, args.projects,
+                              args.issues)
+    else:
+        selection = _selection(ctx, args, "last-month")
     first, last = selection.first, selection.last
     whole = first and last and first[:7] == last[:7] and (first, last) == month_bounds(first[:7])
     pending = _aggregate_sources(ctx, sources, args)
