@@ -11,7 +11,7 @@ RUN_PYTEST = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); els
 	    $(VENV)/bin/python -m pip install --quiet pytest==$(PYTEST_VERSION); \
 	  py=$(VENV)/bin/python; fi; $$py -m pytest
 
-.PHONY: test soak demo bench lint install readme pages
+.PHONY: test soak demo bench bench-full bench-peers lint install readme pages
 
 test:
 	@$(RUN_PYTEST) -q tests
@@ -24,8 +24,19 @@ soak:
 demo:
 	@$(PYTHON) tools/demo.py
 
+# The performance targets: a table of medians beside targets; exit 1 when a row is MISSED
+# or FAILED.  bench: the quick shapes (minutes); bench-full adds 15 years, 500 users x 24
+# months and 1M entries.  BENCH_RUNS=N changes the rounds per row.
 bench:
 	@$(PYTHON) tools/bench.py
+
+bench-full:
+	@$(PYTHON) tools/bench.py --full
+
+# FlowForge, Watson (installed into .venv if missing) and Timewarrior (`timew` on PATH,
+# skipped with a reason otherwise) on identical data; prints the ratios.
+bench-peers:
+	@$(PYTHON) tools/bench_peers.py
 
 # ruff and vermin (3.9 compatibility) come from .venv; FlowForge never needs them.
 lint:
