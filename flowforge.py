@@ -493,7 +493,8 @@ def parse_date(text, what="date"):
 
 
 def parse_month(text):
-    if _MONTH.fullmatch(text or "") and 1 <= int(text[5:7]) <= 12:
+    if _MONTH.fullmatch(text or "") and 1 <= int(text[5:7]) <= 12 and \
+            1970 <= int(text[:4]) <= 2999:
         return text
     raise FlowForgeError("month %r is not valid: use YYYY-MM" % text, EXIT_USAGE)
 
@@ -1418,6 +1419,11 @@ def validate_config(config, path):
         bad("billing.round_mode must be up, nearest or down")
     if billing.get("round_scope") not in ("line", "day"):
         bad("billing.round_scope must be line or day")
+    closers = billing.get("closers", [])
+    if not isinstance(closers, list) or not all(isinstance(c, str) and "@" in c for c in closers):
+        bad("billing.closers must be a list of e-mail addresses (who may close a month)")
+    if not isinstance(billing.get("signed_closes", False), bool):
+        bad("billing.signed_closes must be true or false")
     invoice = billing.get("invoice", {})
     if not isinstance(invoice, dict):
         bad("billing.invoice must be an object")
@@ -1429,9 +1435,12 @@ def validate_config(config, path):
                 and all(isinstance(a, str) for a in party.get("address", []))):
             bad("billing.invoice.%s must be {\"name\", \"address\": [lines], \"email\", "
                 "\"tax_id\"} (strings)" % who)
-    for key in ("number", "notes"):
+    for key in ("number", "notes", "tax_label"):
         if not isinstance(invoice.get(key, ""), str):
             bad("billing.invoice.%s must be a string" % key)
+    if "tax_rate" in invoice and not (isinstance(invoice["tax_rate"], str)
+                                      and _RATE.fullmatch(invoice["tax_rate"])):
+        bad("billing.invoice.tax_rate must be a percentage as a decimal string, such as \"19\"")
     if invoice.get("paper", "A4") not in ("A4", "letter"):
         bad("billing.invoice.paper must be A4 or letter")
     due = invoice.get("due_days", 0)
@@ -3996,8 +4005,11 @@ def ledger_fetch(repo, remote, accept_rewritten=False):
         refs = list_ledger_refs(repo)
     warnings = accept_incoming(repo, refs)
     mine = [r for r in refs if r.startswith(INCOMING_REF + remote + "/")]
+    periods = [r for r in mine if r.startswith(INCOMING_REF + remote + "/periods/")]
+    mine = [r for r in mine if r not in periods]
     changed = [r for r in mine if before.get(r, (None,))[0] != refs[r][0]]
-    return {"remote": remote, "stores": len(mine), "changed": len(changed), "warnings": warnings}
+    return {"remote": remote, "stores": len(mine), "changed": len(changed),
+            "periods": len(periods), "warnings": warnings}
 
 
 PUSH_TIMEOUT = 20.0   # seconds the pre-push hook gives the ledger's own push
@@ -6069,6 +6081,11 @@ def hook_pre_push(args):
         _, out, _ = run_git(["remote"], repo.root)
         if remote not in out.split():
             return None  # a push to a URL: no remote to keep the ledger's copy for
+        for user in local_users(repo):   # time tracked since the last commit travels too
+            try:
+                aggregate_store(repo, user, False, 1.0, routine=True)
+            except (FlowForgeError, OSError) as e:
+                log_event(repo, "pre-push-aggregate-failed", user=user, error=one_line(e))
         result = ledger_push(repo, remote, own_store_keys(repo), timeout=PUSH_TIMEOUT)
         if queue_exists(repo):
             queue = open_queue(repo, busy_timeout=2.0)
@@ -6912,7 +6929,8 @@ def ci_report_markdown(repo, result, missing, lookback_hours):
               "audit": "Broken audit chains",
               "shard-audit": "Shards that do not match their audit chain",
               "audit-history": "Audit chains rewritten after they were committed",
-              "legacy": "Stores still on the branch (FlowForge 0.1 layout)"}
+              "legacy": "Stores still on the branch (FlowForge 0.1 layout)",
+              "period": "Closed months that cannot be trusted"}
     for kind, title in titles.items():
         rows = [f for f in findings if f["kind"] == kind]
         if rows:
@@ -8169,7 +8187,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
         if never_fetched(repo):
             raise FlowForgeError("this clone has never fetched the team ledger: run `flowforge "
                                  "fetch` (after `flowforge install hooks`, `git fetch` brings it "
-                                 "too)")
+                                 "too)", EXIT_UNAVAILABLE)
     if about is not None:
         about.update(stores=len(view.stores), fetched_at=fetched,
                      legacy_stores=len({(d["user"], d["store"]) for d in legacy}),
@@ -8287,10 +8305,21 @@ class Selection:
 
     def __init__(self, first=None, last=None, users=(), projects=(), issues=()):
         self.first, self.last = first, last
+        issues = [self._issue(p) for p in issues or ()]
         self.patterns = {"users": list(users or ()), "projects": list(projects or ()),
-                         "issues": list(issues or ())}
+                         "issues": issues}
         self._users, self._projects, self._issues = (
             self._matcher(p) for p in (users, projects, issues))
+
+    @staticmethod
+    def _issue(pattern):
+        """`#123` is issue 123, as everywhere else; globs are taken as given."""
+        if any(c in pattern for c in "*?["):
+            return pattern
+        try:
+            return parse_issue(pattern)
+        except FlowForgeError:
+            return pattern
 
     @staticmethod
     def _matcher(patterns):
@@ -8348,7 +8377,7 @@ def team_cells(shards, dims, first, last, selection=None):
         if _GRANULARITY_RANK[granularity] > finest:
             raise FlowForgeError("shards of %s are kept per %s: --by %s is finer than that"
                                  % (user, granularity,
-                                    [d for d in dims if d in _GRANULARITY_RANK][0]))
+                                    [d for d in dims if d in _GRANULARITY_RANK][0]), EXIT_USAGE)
         for period, issue, project, seconds in doc["rows"]:
             if wants_row is not None and not wants_row(issue, project):
                 continue
@@ -8424,9 +8453,12 @@ def csv_safe(value):
     """Neutralise spreadsheet formulas: a cell starting with = + - @ (or tab, CR)
     is prefixed with a quote, so a project name cannot run code in Excel."""
     text = str(value)
-    if text and text[0] in "=+-@\t\r":
+    if text and text[0] in "=+-@\t\r" and not _CSV_NUMBER.fullmatch(text):
         return "'" + text
     return text
+
+
+_CSV_NUMBER = re.compile(r"-\d+(?:\.\d+)?")   # a negative figure (an adjustment), not a formula
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -8508,10 +8540,15 @@ def read_portfolio(path):
     try:
         text = read_bytes(path).decode("utf-8")
     except (OSError, UnicodeDecodeError, FlowForgeError) as e:
-        raise FlowForgeError("cannot read the portfolio %s: %s" % (path, one_line(e)), EXIT_USAGE)
+        why = os.strerror(e.errno).lower() if getattr(e, "errno", None) else "not UTF-8 text" \
+            if isinstance(e, UnicodeDecodeError) else one_line(e)
+        raise FlowForgeError("cannot read the portfolio %s: %s" % (path, why), EXIT_USAGE)
     base = os.path.dirname(os.path.abspath(path))
-    paths = [os.path.join(base, os.path.expanduser(line.strip())) for line in text.splitlines()
-             if line.strip() and not line.strip().startswith("#")]
+    paths = []
+    for line in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()     # comments, also after a path
+        if line:
+            paths.append(os.path.join(base, os.path.expanduser(line)))
     if not paths:
         raise FlowForgeError("the portfolio %s lists no repository (one clone path per line)"
                              % path, EXIT_USAGE)
@@ -8532,9 +8569,11 @@ def open_sources(paths):
                 raise FlowForgeError("has never fetched its ledger: run `flowforge -C %s fetch`"
                                      % path)
             if any(r.root == repo.root for _, r in found):
-                raise FlowForgeError("is named twice")
+                raise FlowForgeError("%s is named twice (as %s)" % (path, repo.root), EXIT_USAGE)
             found.append((None, repo))
         except FlowForgeError as e:
+            if e.exit_code == EXIT_USAGE and "named twice" in str(e):
+                raise
             problems.append("%s %s" % (path, str(e).replace("%s " % path, "", 1)
                                        if str(e).startswith(path) else "(%s)" % e))
     if problems:
@@ -8719,19 +8758,25 @@ def bill_lines(shards, billing, first, last, selection, by_issue, warn_rates=Tru
         line = sums.setdefault((project, user, issue) if by_issue else (project, user), [0, 0])
         line[0] += seconds
         line[1] += round_seconds(seconds, increment, mode) if scope == "day" else 0
-    if warn_rates:
+    if warn_rates:   # a rate whose name is close to a billed one: a typo billing the default
         for table, key, guess in unmatched_rates(billing, {k[1] for k in sums},
                                                  {k[0] for k in sums},
                                                  {"%s/%s" % (k[1], k[0]) for k in sums}):
-            warn(rate_warning(table, key, guess, "this bill"))
+            if guess:
+                warn(rate_warning(table, key, guess, "this bill"))
     lines = {}
     for key, (seconds, billable) in sums.items():
         if scope == "line":
             billable = round_seconds(seconds, increment, mode)
         rate = Decimal(str(rate_for(billing, key[1], key[0])))
         lines[key] = {"seconds": seconds, "billable_seconds": billable,
-                      "rate": str(money(rate)), "amount": str(money(billable * rate / 3600))}
+                      "rate": rate_text(rate), "amount": str(money(billable * rate / 3600))}
     return lines
+
+
+def rate_text(rate):
+    """A rate as it is applied: cents, or every decimal it has (95.555)."""
+    return str(money(rate)) if money(rate) == rate else str(rate.normalize())
 
 
 def line_docs(lines, dims, prefix=()):
@@ -8768,6 +8813,7 @@ def sum_lines(lines):
 PERIOD_SCHEMA = 1
 MAX_PERIOD_BYTES = 8 << 20
 _AMOUNT = re.compile(r"-?\d{1,15}\.\d{2}")
+_RATE_TEXT = re.compile(r"\d{1,15}(?:\.\d{1,4})?")
 
 
 def _valid_lines(lines):
@@ -8778,7 +8824,8 @@ def _valid_lines(lines):
         isinstance(line, dict) and number(line.get("seconds")) and number(line.get("billable_seconds"))
         and isinstance(line.get("project"), str) and isinstance(line.get("user"), str)
         and isinstance(line.get("issue", ""), str)
-        and all(isinstance(line.get(k), str) and _AMOUNT.fullmatch(line[k]) for k in ("rate", "amount"))
+        and isinstance(line.get("rate"), str) and _RATE_TEXT.fullmatch(line["rate"])
+        and isinstance(line.get("amount"), str) and _AMOUNT.fullmatch(line["amount"])
         for line in lines)
 
 
@@ -8831,19 +8878,80 @@ def period_records(repo, refs=None):
         chosen[month] = best
     records = {}
     if chosen:
-        with GitObjects(repo.root) as objects:
-            blobs = objects.get(["%s:close.json" % c[2] for c in chosen.values()], MAX_PERIOD_BYTES)
-        for (month, (_, ref, oid)), found in zip(chosen.items(), blobs):
-            try:
-                doc = json.loads(found[1]) if found and found[0] == "blob" else None
-            except (ValueError, RecursionError):
-                doc = None
-            if not _valid_period(doc, month):
-                warnings.append("ignoring %s: not a FlowForge period record" % ref)
-                continue
-            doc["commit"] = oid
-            records[month] = doc
+        objects = GitObjects(repo.root)
+        authors = _period_authors(repo, [c[2] for c in chosen.values()])   # one git log for all
+        try:
+            for month, (_, ref, oid) in chosen.items():
+                doc, problem = _period_record(repo, objects, month, oid, authors)
+                if problem:   # the newest believable record under it, if any
+                    warnings.append("ignoring %s (%s): %s" % (ref, oid[:12], problem))
+                    _, older, _ = run_git(["rev-list", "--first-parent", "--max-count=50", oid],
+                                          repo.root, check=False)
+                    for parent in older.split()[1:]:
+                        doc, again = _period_record(repo, objects, month, parent)
+                        if not again:
+                            break
+                    else:
+                        doc = None
+                if doc:
+                    records[month] = doc
+        finally:
+            objects.close()
     return records, warnings
+
+
+def _period_record(repo, objects, month, oid, authors=None):
+    """(record, None) of one period commit, or (None, why it is not believed)."""
+    [found] = objects.get(["%s:close.json" % oid], MAX_PERIOD_BYTES)
+    try:
+        doc = json.loads(found[1]) if found and found[0] == "blob" else None
+    except (ValueError, RecursionError):
+        doc = None
+    if not _valid_period(doc, month):
+        return None, "not a FlowForge period record"
+    if not authors or oid not in authors:
+        authors = _period_authors(repo, [oid])
+    ident, email, signature = authors.get(oid, ("", "", "N"))
+    problem = _period_refusal(doc, month, ident, email, signature, repo.config["billing"])
+    if problem:
+        return None, problem
+    doc["commit"], doc["signature"] = oid, signature
+    return doc, None
+
+
+def _period_authors(repo, commits):
+    """{commit: ("Name <e-mail>", e-mail, git's signature check %G?)}."""
+    rc, out, _ = run_git(["log", "--no-walk=unsorted", "--format=%H%x00%an <%ae>%x00%ae%x00%G?"]
+                         + commits, repo.root, check=False)
+    found = {}
+    for line in out.splitlines() if rc == 0 else []:
+        parts = line.split("\0")
+        if len(parts) == 4:
+            found[parts[0]] = tuple(parts[1:])
+    return found
+
+
+def _period_refusal(doc, month, ident, email, signature, billing):
+    """Why a period record is not to be believed, or None.  Anyone who can push
+    can write one: its author must be the commit's, a close must come after the
+    month ended, and billing.closers / signed_closes narrow who may close."""
+    if doc["by"] != ident:
+        return "it says it was made by %s, but its commit is by %s" % (doc["by"], ident or "?")
+    if doc["state"] == "closed" and doc["at"] < local_instant_utc(
+            shift_month(month, 1) + "-01") - 14 * 3600:     # the month's end anywhere on earth
+        return "a close of %s dated before the month ended" % month
+    closers = billing.get("closers") or []
+    if closers and email.lower() not in {c.lower() for c in closers}:
+        return "%s is not in billing.closers" % email
+    if billing.get("signed_closes") and signature not in ("G", "U"):
+        return "its commit has no good signature (billing.signed_closes; git says %r)" % signature
+    return None
+
+
+def local_instant_utc(day):
+    """The UTC timestamp of 00:00 UTC on `day` (YYYY-MM-DD)."""
+    from calendar import timegm
+    return timegm((int(day[:4]), int(day[5:7]), int(day[8:10]), 0, 0, 0))
 
 
 def closed_months(repo):
@@ -8903,13 +9011,31 @@ def adjustment_lines(now, closed_docs, dims, carried=()):
     return out
 
 
-def month_lines(repo, month, by_issue, selection=None, shards=None):
-    """{key: line} of one repository's month as billed now."""
+def closed_billing(billing, record):
+    """The billing rules a closed month was billed with: its rounding (rates
+    are in its lines), whatever config.json says today."""
+    rounding = record.get("rounding") if record else None
+    if not isinstance(rounding, dict):
+        return billing
+    return dict(billing, round_minutes=rounding.get("minutes", billing["round_minutes"]),
+                round_mode=rounding.get("mode", billing["round_mode"]),
+                round_scope=rounding.get("scope", billing["round_scope"]))
+
+
+def month_lines(repo, month, by_issue, selection=None, shards=None, record=None):
+    """{key: line} of one repository's month as billed now (with the rounding
+    of its close, if it has one)."""
     first, last = month_bounds(month)
     if shards is None:
         shards = load_team_shards(repo, first, last)
-    return bill_lines(shards, repo.config["billing"], first, last, selection, by_issue,
-                      warn_rates=False)
+    return bill_lines(shards, closed_billing(repo.config["billing"], record), first, last,
+                      selection, by_issue, warn_rates=False)
+
+
+def carried_later(records, month, variant, selection=None):
+    """The adjustments of `month` that later closes already billed."""
+    return [select_lines(records[k]["carried"].get(month, {}).get(variant, []), selection)
+            for k in sorted(records) if k > month and records[k]["state"] == "closed"]
 
 
 def pending_adjustments(repo, month, records, by_issue, selection=None):
@@ -8925,7 +9051,8 @@ def pending_adjustments(repo, month, records, by_issue, selection=None):
         between = [records[k]["carried"].get(closed, {}).get(variant, [])
                    for k in sorted(records) if closed < k < month
                    and records[k]["state"] == "closed"]
-        lines = adjustment_lines(month_lines(repo, closed, by_issue, selection),
+        lines = adjustment_lines(month_lines(repo, closed, by_issue, selection,
+                                             record=records[closed]),
                                  select_lines(records[closed][variant], selection), dims,
                                  [select_lines(c, selection) for c in between])
         if lines:
@@ -8956,23 +9083,37 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
         records, warnings = period_records(repo) if month or first or last else ({}, [])
         for line in warnings:
             warn(line)
-        now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue)
         record = records.get(month) if month else None
         if record and record["state"] == "closed":
+            now_lines = bill_lines(shards, closed_billing(repo.config["billing"], record), first,
+                                   last, selection, by_issue, warn_rates=False)
             closed = select_lines(record[variant], selection)
             lines += [dict(d, repo=label) if several else dict(d) for d in closed]
-            later = [records[k]["carried"].get(month, {}).get(variant, [])
-                     for k in sorted(records) if k > month and records[k]["state"] == "closed"]
-            change = adjustment_lines(now_lines, closed, key_dims)
-            if change:
-                billed_on = next_open_month(month, records)
-                adjustments.append(_adjustment_group(month, record, change, dims, prefix,
-                                                     billed_here=False, billed_on=billed_on,
-                                                     carried=[select_lines(c, selection)
-                                                              for c in later]))
+            # what this invoice carried from earlier closed months, as it was closed
+            for earlier, carried in sorted(record["carried"].items()):
+                docs = select_lines(carried[variant], selection)
+                if docs:
+                    adjustments.append(_adjustment_group(
+                        earlier, records.get(earlier) or record,
+                        {_line_key(d, key_dims): d for d in docs}, dims, prefix,
+                        billed_here=True, billed_on=month))
+            later = carried_later(records, month, variant, selection)
+            pending = adjustment_lines(now_lines, closed, key_dims, later)
+            already = sum((sum_lines(c)[2] for c in later), money(0))
+            if pending or already:
+                adjustments.append(_adjustment_group(
+                    month, record, pending, dims, prefix, billed_here=False,
+                    billed_on=next_open_month(month, records), already_billed=already))
+            missing = sorted(set(record.get("stores", {})) - set(seen[label].get("tips", {})))
+            if missing:
+                warn("%s was closed with store(s) %s that the ledger here no longer has (deleted "
+                     "on the remote, or not fetched): their time shows as a credit; run `flowforge "
+                     "fetch` and `flowforge recover assess`" % (month, ", ".join(missing)))
             closes.append({"repo": label, "month": month, "by": record["by"], "at": record["at"],
-                           "commit": record["commit"]})
+                           "commit": record["commit"], "rounding": record.get("rounding"),
+                           "invoice": record.get("invoice")})
             continue
+        now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue)
         lines += line_docs(now_lines, dims, prefix)
         if month:
             for closed, change in pending_adjustments(repo, month, records, by_issue, selection):
@@ -9003,20 +9144,33 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
             "round_mode"] or r["round_scope"] != billing["round_scope"] for r in rounding):
         bill["rounding"]["per_repo"] = {label: {"minutes": r["round_minutes"], "mode": r[
             "round_mode"], "scope": r["round_scope"]} for (label, _), r in zip(sources, rounding)}
+    if len(closes) == len(sources) and closes and closes[0].get("rounding"):
+        bill["rounding"] = dict(closes[0]["rounding"])    # as closed, not as configured now
     if invoice:
-        bill["invoice"] = billing.get("invoice", {})
+        frozen = closes[0].get("invoice") if closes else None
+        bill["invoice"] = frozen if isinstance(frozen, dict) else billing.get("invoice", {})
+        bill["issued"] = closes[0]["at"] if closes else None
+        rate = bill["invoice"].get("tax_rate")
+        if isinstance(rate, str) and _RATE.fullmatch(rate):   # percent, on the total
+            from decimal import Decimal
+            tax = money(Decimal(bill["total_amount"]) * Decimal(rate) / 100)
+            bill["tax"] = {"label": bill["invoice"].get("tax_label", "VAT"), "rate": rate,
+                           "amount": str(tax), "total": str(money(Decimal(bill["total_amount"])
+                                                                   + tax))}
     return bill
 
 
-def _adjustment_group(month, record, change, dims, prefix, billed_here, billed_on, carried=()):
-    """One closed month's adjustments on a bill."""
+def _adjustment_group(month, record, change, dims, prefix, billed_here, billed_on,
+                      already_billed=None):
+    """One closed month's adjustments on a bill: `change` {key: line} not yet
+    billed (billed here, or on `billed_on`); `already_billed` what later
+    closes carried of it."""
     docs = line_docs(change, dims, prefix)
     seconds, billable, amount = sum_lines(docs)
-    carried_amount = sum((sum_lines(c)[2] for c in carried), money(0))
     return {"month": month, "closed_by": record["by"], "closed_at": record["at"],
             "lines": docs, "seconds": seconds, "billable_seconds": billable,
             "amount": str(money(amount)), "billed_here": billed_here, "billed_on": billed_on,
-            "already_billed": str(money(carried_amount))}
+            "already_billed": str(money(already_billed or 0))}
 
 
 def rounding_text(rounding):
@@ -9035,9 +9189,13 @@ def bill_title(bill):
     words = ["Bill %s" % span]
     if bill.get("period") == "last-month":
         words.append("(the last complete month)")
-    if bill["closed"]:
-        words.append("(closed %s by %s)" % (utc_text(bill["closed"][0]["at"])[:10],
-                                            bill["closed"][0]["by"]))
+    closed = bill["closed"]
+    if closed and len(closed) == len(bill["repos"]) == 1:
+        words.append("(closed %s by %s)" % (utc_text(closed[0]["at"])[:10], closed[0]["by"]))
+    elif closed:
+        shut = [c["repo"] for c in closed]
+        words.append("(closed in %s; open in %s)" % (", ".join(shut), ", ".join(
+            r for r in bill["repos"] if r not in shut) or "none"))
     return "%s, %s, %s%s" % (" ".join(words), bill["currency"], rounding_text(bill["rounding"]),
                              _filter_words(bill))
 
@@ -9156,7 +9314,8 @@ def close_month(repo, month, reason=None):
            "at": now(), "by": "%s <%s>" % identity, "reason": reason or "",
            "currency": billing["currency"], "rounding": {
                "minutes": billing["round_minutes"], "mode": billing["round_mode"],
-               "scope": billing["round_scope"]}, "carried": {}}
+               "scope": billing["round_scope"]}, "carried": {},
+           "invoice": billing.get("invoice", {})}
     for variant, by_issue in (("lines", False), ("lines_by_issue", True)):
         dims = ["project", "user"] + (["issue"] if by_issue else [])
         doc[variant] = line_docs(month_lines(repo, month, by_issue, shards=shards), dims)
@@ -9193,6 +9352,20 @@ def reopen_month(repo, month, reason=None):
     return doc
 
 
+def close_problems(repo, stores):
+    """Findings about closed months for `reconcile --ci`: records not believed,
+    two closes of one month, stores a close lists that the ledger lacks."""
+    records, warnings = period_records(repo)
+    found = [{"kind": "period", "path": "refs/flowforge/periods/", "detail": w} for w in warnings]
+    for month, record in sorted(records.items()):
+        if record["state"] == "closed":
+            for key in sorted(set(record.get("stores", {})) - set(stores)):
+                found.append({"kind": "period", "path": PERIODS_REF + month, "detail":
+                              "closed with store %s, which the ledger no longer has (deleted on "
+                              "the remote?): its time would show as a credit" % key})
+    return found
+
+
 def closed_adjustments(repo):
     """[{month, seconds, amount}] of every closed month whose figures changed
     since its close (for `reconcile --ci`)."""
@@ -9200,8 +9373,9 @@ def closed_adjustments(repo):
     out = []
     for month, record in sorted(records.items()):
         if record["state"] == "closed":
-            change = adjustment_lines(month_lines(repo, month, False), record["lines"],
-                                      ["project", "user"])
+            change = adjustment_lines(month_lines(repo, month, False, record=record),
+                                      record["lines"], ["project", "user"],
+                                      carried_later(records, month, "lines"))
             if change:
                 seconds, _, amount = sum_lines(line_docs(change, ["project", "user"]))
                 out.append({"month": month, "seconds": seconds, "amount": str(money(amount)),
@@ -9293,6 +9467,9 @@ def _chart_buckets(rows, period, first, last):
         names = sorted({r[0] for r in rows})
         return names, {(p, u): s for p, u, s in rows}, period
     start, end = date.fromisoformat(first or days[0]), date.fromisoformat(last or days[-1])
+    if (end - start).days > 62:   # a long range: drawn where its time is
+        start = max(start, date.fromisoformat(days[0]))
+        end = min(end, date.fromisoformat(days[-1]))
     span = (end - start).days + 1
     unit = "day" if span <= 120 else "week" if span <= 1100 else "month"
 
@@ -9373,6 +9550,8 @@ def _calendar(per_day, first, last, limit=12):
     if not days and not (first and last):
         return '<p class="empty">no time</p>'
     start, end = (first or days[0])[:7], (last or days[-1])[:7]
+    if days and shift_month(start, 3) <= end:   # a long range: its months with time
+        start, end = max(start, days[0][:7]), min(end, days[-1][:7])
     months = []
     month = start
     while month <= end:
@@ -9470,8 +9649,8 @@ def _document(title, body, paper="A4"):
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<meta name="generator" content="FlowForge %s"><title>%s</title><style>%s</style>'
             '</head><body><main class="page">%s<footer>Made by FlowForge %s on %s. Hours are '
-            'shown to 0.01 h, rounded half up; the exact seconds are in each figure\'s data- '
-            'attributes.</footer></main></body></html>\n' % (
+            'shown to 0.01 h, rounded half up<span class="screen">; the exact seconds are in '
+            'each figure\'s data- attributes</span>.</footer></main></body></html>\n' % (
                 VERSION, _esc(title), PAGE_CSS.replace("PAPER", paper), body, VERSION,
                 utc_text(now())[:16].replace("T", " ") + " UTC"))
 
@@ -9525,7 +9704,8 @@ def _party(who, label):
 def render_bill_page(bill, report=None):
     invoice = bill.get("invoice") or {}
     month = bill.get("month") or (bill["from"] or "")[:7]
-    number = invoice.get("number", "{month}").replace("{month}", month or "")
+    number = invoice.get("number", "{month}").replace("{month}", month or "").replace(
+        "{year}", (month or "")[:4])
     span = range_text(bill["from"], bill["to"])
     cur = bill["currency"]
     dims = bill["by"]
@@ -9533,7 +9713,8 @@ def render_bill_page(bill, report=None):
     headers = list(dims) + ["hours", "billable", "rate", "amount"]
 
     def rows_of(docs):
-        return [([d[k] for k in dims] + [signed_hours(d["seconds"]),
+        return [([d[k] if d[k] or k != "project" else "(none)" for k in dims]
+                 + [signed_hours(d["seconds"]),
                                          signed_hours(d["billable_seconds"]), grouped(d["rate"]),
                                          grouped(d["amount"])],
                  {"seconds": d["seconds"], "billable-seconds": d["billable_seconds"],
@@ -9543,11 +9724,11 @@ def render_bill_page(bill, report=None):
     meta = ["<div>Period <b>%s</b></div>" % _esc(span),
             "<div>Currency <b>%s</b></div>" % _esc(cur),
             "<div>%s</div>" % _esc(rounding_text(bill["rounding"]).capitalize())]
-    if closed:
-        meta.append("<div>Closed %s by %s</div>" % (_esc(utc_text(closed["at"])[:10]),
-                                                   _esc(closed["by"])))
+    if closed:   # for the team, not the client: not printed
+        meta.append('<div class="screen">Closed %s by %s</div>' % (
+            _esc(utc_text(closed["at"])[:10]), _esc(closed["by"])))
     from datetime import date, timedelta
-    issued = date.fromisoformat(utc_text(now())[:10])
+    issued = date.fromisoformat(utc_text(bill.get("issued") or now())[:10])
     meta.insert(0, "<div>Date <b>%s</b></div>" % issued.isoformat())
     if invoice.get("due_days"):
         meta.append("<div>Due <b>%s</b> (%d days)</div>" % (
@@ -9556,6 +9737,7 @@ def render_bill_page(bill, report=None):
             '</header>' % (_esc(title), _esc("Time billed, %s" % span),
                            _esc(" (the last complete month)" if bill.get("period") == "last-month"
                                 else "") + _esc(_filter_words(bill)), "".join(meta))]
+    body[0] = body[0].replace("Time billed, ", "Time billed for ", 1)
     body.append('<section class="parties">%s%s</section>' % (
         _party(invoice.get("issuer"), "From"), _party(invoice.get("client"), "Bill to")))
     body.append('<section><h2>Lines</h2>%s</section>' % _exact_table(
@@ -9568,9 +9750,10 @@ def render_bill_page(bill, report=None):
     for group in bill["adjustments"]:
         how = ("billed on this invoice" if group["billed_here"]
                else "not in this total: billed on the invoice of %s" % group["billed_on"])
-        body.append('<section data-adjustments="%s" data-billed-here="%s"><h2>Adjustments after '
+        body.append('<section%s data-adjustments="%s" data-billed-here="%s"><h2>Adjustments after '
                     'close of %s</h2><p class="note">Time recorded into %s after it was closed '
                     '(%s by %s): %s.</p>%s</section>' % (
+                        "" if group["billed_here"] else ' class="screen"',
                         _esc(group["month"]), "1" if group["billed_here"] else "0",
                         _esc(group["month"]), _esc(group["month"]),
                         _esc(utc_text(group["closed_at"])[:10]), _esc(group["closed_by"]), _esc(how),
@@ -9586,14 +9769,26 @@ def render_bill_page(bill, report=None):
     if bill["adjustments_amount"] != "0.00":
         totals.append('<div><span>Adjustments after close</span><span class="num">%s %s</span>'
                       '</div>' % (grouped(bill["adjustments_amount"]), _esc(cur)))
+    tax = bill.get("tax")
+    if tax:
+        totals.append('<div><span>Net</span><span class="num">%s %s</span></div>' % (
+            grouped(bill["total_amount"]), _esc(cur)))
+        totals.append('<div><span>%s %s %%</span><span class="num" data-amount="%s" '
+                      'data-total="tax">%s %s</span></div>' % (
+                          _esc(tax["label"]), _esc(tax["rate"]), _esc(tax["amount"]),
+                          grouped(tax["amount"]), _esc(cur)))
     totals.append('<div class="grand"><span>Total</span><span class="num" data-amount="%s" '
                   'data-total="invoice">%s %s</span></div>' % (
-                      _esc(bill["total_amount"]), grouped(bill["total_amount"]), _esc(cur)))
+                      _esc(tax["total"] if tax else bill["total_amount"]),
+                      grouped(tax["total"] if tax else bill["total_amount"]), _esc(cur)))
     body.append('<section class="totals">%s</section>' % "".join(totals))
     if invoice.get("notes"):
         body.append('<p class="note party">%s</p>' % _esc(invoice["notes"]))
     if report is not None:
-        body.append('<div class="screen"><h2>Where the time went</h2>%s</div>' % _overview(report))
+        body.append('<div class="screen"><h2>Where the time went</h2><p class="note">As tracked '
+                    'now%s; not printed.</p>%s</div>' % (
+                        " (this month is closed: the invoice above keeps its closed figures)"
+                        if closed else "", _overview(report)))
     return _document(title, "".join(body), invoice.get("paper", "A4"))
 
 
@@ -9734,7 +9929,20 @@ class Context:
         """--output FILE: written atomically (a textfile collector or a spreadsheet
         never sees half a file); otherwise stdout."""
         if path:
-            atomic_write(os.path.abspath(path), text.encode("utf-8"), mode)
+            import stat
+            real = os.path.realpath(path)   # a symlink's target, not the link, is written
+            try:
+                kind = os.stat(real).st_mode
+            except FileNotFoundError:
+                kind = None
+            if kind is not None and not stat.S_ISREG(kind):
+                try:   # a FIFO, a terminal, /dev/stdout: written into, never replaced
+                    with open(real, "w", encoding="utf-8") as f:
+                        f.write(text)
+                except OSError as e:
+                    raise StorageError(path, e)
+            else:
+                atomic_write(real, text.encode("utf-8"), mode)
         else:
             sys.stdout.write(text)
 
@@ -10119,8 +10327,10 @@ def cmd_fetch(ctx, args):
     result = ledger_fetch(repo, remote, args.accept_rewritten)
     for line in result["warnings"]:
         warn(line)
-    return ctx.emit("fetch", result, ["fetched %d store ref(s) from %s, %d changed" % (
-        result["stores"], remote, result["changed"])])
+    lines = ["fetched %d store ref(s) from %s, %d changed%s" % (
+        result["stores"], remote, result["changed"], ", %d closed-period record(s)"
+        % result["periods"] if result["periods"] else "")]
+    return ctx.emit("fetch", result, lines + ledger_fetch_setup(repo))
 
 
 @command("push", "Push this clone's store refs (your ledger) to a remote, fast-forward only.",
@@ -10132,6 +10342,9 @@ def cmd_fetch(ctx, args):
          area="team")
 def cmd_push(ctx, args):
     repo = ctx.repo
+    for user in local_users(repo):   # time tracked since the last commit travels too
+        for line in aggregate_own(repo, user):
+            warn(line)
     remote = check_remote(repo, args.remote) if args.remote else default_remote(repo)
     result = ledger_push(repo, remote, own_store_keys(repo), restore=args.restore)
     if queue_exists(repo):
@@ -10292,6 +10505,21 @@ def _selection(ctx, args, default_period):
     return Selection(first, last, args.users, args.projects, args.issues)
 
 
+def _check_users(sources, selection):
+    """A --user without a glob that names nobody in these ledgers: a typo, said
+    so (exit 64) rather than billed as nothing."""
+    plain = [u for u in selection.patterns["users"] if not any(c in u for c in "*?[")]
+    if not plain:
+        return
+    known = sorted({u for _, repo in sources for u in known_users(repo)})
+    for user in plain:
+        if user not in known:
+            guess = closest(user, known)
+            raise FlowForgeError("no user %s in the ledger%s; known users: %s" % (
+                user, " (did you mean %s?)" % guess if guess else "", ", ".join(known) or "none"),
+                EXIT_USAGE)
+
+
 def _aggregate_sources(ctx, sources, args):
     """Aggregate the reporting user's own stores in each repository first."""
     if args.no_aggregate:
@@ -10328,6 +10556,7 @@ def cmd_report(ctx, args):
     dims = _dims(args.by)
     sources = _sources(ctx, args)
     selection = _selection(ctx, args, "all")
+    _check_users(sources, selection)
     pending = _aggregate_sources(ctx, sources, args)
     report = build_report(sources, dims, selection, views=args.format == "html")
     report["period"] = args.period
@@ -10359,7 +10588,10 @@ def cmd_bill(ctx, args):
     else:
         selection = _selection(ctx, args, "last-month")
     first, last = selection.first, selection.last
+    _check_users(sources, selection)
     whole = first and last and first[:7] == last[:7] and (first, last) == month_bounds(first[:7])
+    if last is None or last >= _today_local(ctx):
+        warn("%s has not ended yet: this bill will still change" % range_text(first, last))
     pending = _aggregate_sources(ctx, sources, args)
     bill = build_bill(sources, selection, args.by_issue, month=first[:7] if whole else None)
     bill["period"] = args.period or ("last-month" if not (args.month or args.first or args.last)
@@ -10385,33 +10617,61 @@ def _month_to_close(ctx, text):
     return month
 
 
+ONE_REPO = arg("-C", dest="repos", action="append", metavar="REPO", help="the repository (one: "
+              "each repository closes its own months)")
+
+
+def _one_repo(ctx, args):
+    if len(args.repos or []) > 1:
+        raise FlowForgeError("close and reopen one repository at a time (each keeps its own "
+                             "closes): run it once per -C REPO", EXIT_USAGE)
+    if args.repos:
+        ctx.args.C = args.repos[0]
+    return ctx.repo
+
+
 @command("close", "Close a billed month: record its figures, signed by your git identity.",
          "flowforge close 2026-11",
-         arg("month", metavar="MONTH", help="YYYY-MM, a month that has ended"),
+         arg("month", metavar="MONTH", help="YYYY-MM, a month that has ended"), ONE_REPO,
          arg("--reason", metavar="TEXT", help="a note kept with the record"),
          arg("--no-push", action="store_true", help="record here only; `flowforge push` "
              "publishes it later"),
+         arg("--no-fetch", action="store_true", help="close what this clone has, without "
+             "fetching the team's ledger first"),
          NO_AGGREGATE, area="team")
 def cmd_close(ctx, args):
-    repo = ctx.repo
+    repo = _one_repo(ctx, args)
     month = _month_to_close(ctx, args.month)
+    _, remotes, _ = run_git(["remote"], repo.root)
+    if remotes.split() and not args.no_fetch:
+        # what is closed is what the team has pushed: never a stale copy of it
+        remote = default_remote(repo)
+        try:
+            fetched = ledger_fetch(repo, remote)
+        except FlowForgeError as e:
+            raise FlowForgeError("%s; a close needs the team's latest ledger (`--no-fetch` closes "
+                                 "what this clone has)" % e, EXIT_UNAVAILABLE)
+        for line in fetched["warnings"]:
+            warn(line)
     for line in [] if args.no_aggregate else aggregate_own(repo, _own_user(ctx)):
         warn(line)
     record = close_month(repo, month, args.reason)
-    lines = ["closed %s: %s %s, %s h over %d store(s), signed by %s (%s)" % (
-        month, record["total_amount"], record["currency"], decimal_hours(record["total_seconds"]),
-        len(record["stores"]), record["by"], record["commit"][:12])]
+    lines = ["closed %s in %s: %s %s, %s h over %d store(s), by %s (%s%s)" % (
+        month, os.path.basename(repo.root), record["total_amount"], record["currency"],
+        decimal_hours(record["total_seconds"]), len(record["stores"]), record["by"],
+        record["commit"][:12], ", GPG-signed" if git_config_get(repo.root, "commit.gpgsign")
+        == "true" else "")]
     lines += _publish_period(repo, args.no_push)
     return ctx.emit("close", {"record": record}, lines)
 
 
 @command("reopen", "Reopen a closed month (recorded; its next close records it again).",
          "flowforge reopen 2026-11 --reason 'late timesheet from bob'",
-         arg("month", metavar="MONTH", help="YYYY-MM"),
+         arg("month", metavar="MONTH", help="YYYY-MM"), ONE_REPO,
          arg("--reason", metavar="TEXT", help="why, kept with the record"),
          arg("--no-push", action="store_true", help="record here only"), area="team")
 def cmd_reopen(ctx, args):
-    repo = ctx.repo
+    repo = _one_repo(ctx, args)
     record = reopen_month(repo, parse_month(args.month), args.reason)
     lines = ["reopened %s, signed by %s (%s)" % (record["month"], record["by"],
                                                 record["commit"][:12])]
@@ -10708,15 +10968,18 @@ def cmd_reconcile(ctx, args):
         ctx.emit("reconcile", {"actions": actions, "findings": others}, lines)
         return EXIT_FAIL if others else EXIT_OK
     result = verify_ledger(repo, history_since=now() - int(args.lookback_hours * 3600))
+    result["findings"] += close_problems(repo, result["view"].stores)
     missing = missing_aggregation(repo, args.lookback_hours, result["view"])
     report = ci_report_markdown(repo, result, missing, args.lookback_hours)
     adjusted = closed_adjustments(repo) if not result["findings"] else []
     if adjusted:
-        report += "\n## Adjustments to closed months\n\n| month | closed by | time | amount | " \
-                  "billed on |\n| --- | --- | ---: | ---: | --- |\n" + "".join(
+        report += "\n## Adjustments to closed months\n\nTime recorded into closed months " \
+                  "after their close, not billed yet (the next open month's bill carries " \
+                  "it):\n\n| month | closed by | time | amount | billed on |\n| --- | --- | " \
+                  "---: | ---: | --- |\n" + "".join(
                       "| %s | %s | %s h | %s %s | %s |\n" % (
-                          a["month"], a["closed_by"], signed_hours(a["seconds"]), a["amount"],
-                          a["currency"], a["billed_on"]) for a in adjusted)
+                          a["month"], a["closed_by"].replace("|", "/"), signed_hours(a["seconds"]),
+                          a["amount"], a["currency"], a["billed_on"]) for a in adjusted)
     if args.report:
         atomic_write(os.path.abspath(args.report), report.encode("utf-8"), 0o644)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -422,3 +422,131 @@ def test_a_close_is_gpg_signed_where_git_signs_commits(month, tmp_path):
     proc = subprocess.run(["git", "verify-commit", "refs/flowforge/periods/2026-11"],
                           cwd=month.root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "Good signature" in proc.stderr, proc.stderr
+
+
+# -- what a manager must be able to trust ------------------------------------------------
+
+JAN = {"FLOWFORGE_NOW": "2027-01-05T09:00:00Z"}
+
+
+def late_time(month_repo, minutes=20, day="2026-11-24"):
+    month_repo.ok("log", "WEB-9", "%dm" % minutes, "--date", day, "--project", "web", user="bob",
+                  env=DEC)
+    month_repo.ok("aggregate", "--all", env=DEC)
+
+
+def test_a_closed_invoice_reads_back_exactly_as_closed_with_what_it_carried(month):
+    month.ok("close", "2026-11", env=DEC)
+    late_time(month)
+    december = month.ok("bill", "--json", "--month", "2026-12", env=JAN).json
+    record = month.ok("close", "2026-12", "--json", env=JAN).json["record"]
+    assert record["total_amount"] == december["total_amount"]
+    again = month.ok("bill", "--json", "--month", "2026-12", env=JAN).json
+    assert again["total_amount"] == record["total_amount"]               # carried stays billed
+    assert [(g["month"], g["billed_here"], g["amount"]) for g in again["adjustments"]] == [
+        ("2026-11", True, "25.00")]
+    november = month.ok("bill", "--json", "--month", "2026-11", env=JAN).json
+    assert [(g["lines"], g["already_billed"]) for g in november["adjustments"]] == [([], "25.00")]
+    ci = month("reconcile", "--ci", "--json", env=JAN)
+    assert ci.json["closed_adjustments"] == [] and ci.json["findings"] == []
+
+
+def test_bill_csv_keeps_credits_numeric(month):
+    month.ok("close", "2026-11", env=DEC)
+    entry = month.ok("entries", "--json", "--date", "2026-11-24", user="bob", env=DEC).json
+    month.ok("delete", entry["entries"][0]["id"], user="bob", env=DEC)
+    month.ok("aggregate", "--all", env=DEC)
+    rows = list(csv.DictReader(io.StringIO(month.ok("bill", "--format", "csv", "--month",
+                                                    "2026-12", env=JAN).out)))
+    [credit] = [r for r in rows if r["kind"] == "adjustment"]
+    assert (credit["month"], credit["seconds"], credit["amount"]) == ("2026-11", "-10800", "-300.00")
+
+
+def test_a_closed_invoice_ignores_later_config_edits(month):
+    month.ok("close", "2026-11", env=DEC)
+    invoiced = month.ok("bill", "--json", "--month", "2026-11", env=DEC).json
+    set_billing(month.root, round_minutes=30, default_rate="200.00", invoice={
+        "number": "OTHER-{month}", "client": {"name": "Initech"}})
+    now = month.ok("bill", "--json", "--month", "2026-11", env=DEC).json
+    assert now["lines"] == invoiced["lines"] and now["adjustments"] == []
+    assert now["rounding"]["minutes"] == 15 and now["invoice"]["number"] == "ACME-{month}"
+    page = month.ok("bill", "--format", "html", "--month", "2026-11", env=JAN).out
+    assert "Invoice ACME-2026-11" in page and "Initech" not in page and "2026-12-31" in page
+
+
+def forge_close(root, month, by, at, author=("Mallory", "mallory@example.com"), parent=None):
+    doc = {"schema": 1, "kind": "flowforge-period", "month": month, "state": "closed", "at": at,
+           "by": by, "reason": "", "currency": "EUR", "rounding": {"minutes": 0, "mode": "up",
+                                                                   "scope": "line"},
+           "carried": {}, "lines": [{"project": "web", "user": "bob", "seconds": 359640,
+                                     "billable_seconds": 359640, "rate": "100.00",
+                                     "amount": "9999.00"}], "lines_by_issue": []}
+    env = dict(os.environ, GIT_AUTHOR_NAME=author[0], GIT_AUTHOR_EMAIL=author[1],
+               GIT_COMMITTER_NAME=author[0], GIT_COMMITTER_EMAIL=author[1])
+    blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=root, input=json.dumps(
+        doc).encode(), capture_output=True, check=True, env=env).stdout.decode().strip()
+    tree = subprocess.run(["git", "mktree"], cwd=root, input=("100644 blob %s\tclose.json\n"
+                          % blob).encode(), capture_output=True, check=True).stdout.decode().strip()
+    commit = subprocess.run(["git", "commit-tree", tree] + (["-p", parent] if parent else [])
+                            + ["-m", "close"], cwd=root, capture_output=True, check=True,
+                            env=env).stdout.decode().strip()
+    git(root, "update-ref", "refs/flowforge/incoming/origin/periods/" + month, commit)
+    return commit
+
+
+def test_a_forged_close_is_not_believed(month):
+    dec_1 = 1796115600
+    # "by" the manager, but committed by someone else
+    forge_close(month.root, "2026-11", "Mia Manager <mia@example.com>", dec_1)
+    r = month.ok("bill", "--json", env=DEC)
+    assert r.json["closed"] == [] and "its commit is by Mallory <mallory@example.com>" in r.err
+    # dated before the month ended
+    forge_close(month.root, "2026-11", "Mallory <mallory@example.com>", dec_1 - 10 * 86400)
+    r = month.ok("bill", "--json", env=DEC)
+    assert r.json["closed"] == [] and "before the month ended" in r.err
+    # a real close, then a forgery on top: the close below it holds; closers narrow who may
+    month.ok("close", "2026-11", "--no-push", env=DEC)
+    real = month.ok("bill", "--json", env=DEC).json
+    mine = git(month.root, "rev-parse", "refs/flowforge/periods/2026-11").strip()
+    set_billing(month.root, closers=["test@example.com"])
+    git(month.root, "update-ref", "-d", "refs/flowforge/periods/2026-11")
+    forge_close(month.root, "2026-11", "Mallory <mallory@example.com>", dec_1, parent=mine)
+    r = month.ok("bill", "--json", env=DEC)
+    assert "mallory@example.com is not in billing.closers" in r.err
+    assert r.json["closed"][0]["commit"] == mine and r.json["total_amount"] == real["total_amount"]
+    ci = month("reconcile", "--ci", env=DEC)
+    assert ci.rc == 1 and "Closed months that cannot be trusted" in ci.out
+
+
+def test_a_store_missing_since_the_close_is_named(month):
+    month.ok("close", "2026-11", env=DEC)
+    key = [k for k in git(month.root, "for-each-ref", "--format=%(refname)",
+                          "refs/flowforge/stores/").split() if "/carol--" in k][0]
+    git(month.root, "update-ref", "-d", key)
+    shutil.rmtree(os.path.join(month.root, ".flowforge/user/carol"))
+    r = month.ok("bill", "--month", "2026-11", env=DEC)
+    assert "no longer has" in r.err and key.rsplit("/", 1)[1] in r.err
+    ci = month("reconcile", "--ci", "--json", env=DEC)
+    assert ci.rc == 1 and any("no longer has" in f["detail"] for f in ci.json["findings"])
+
+
+def test_output_follows_links_and_never_replaces_what_is_not_a_file(month, tmp_path):
+    target = tmp_path / "real.html"
+    target.write_text("old")
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+    month.ok("report", "--format", "html", "--output", link, env=DEC)
+    assert link.is_symlink() and target.read_text().startswith("<!DOCTYPE html>")
+    r = month("report", "--format", "csv", "--output", "/dev/full", env=DEC)
+    assert r.rc == 73 and os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+
+
+def test_close_fetches_the_team_first(tmp_path, pycache):
+    origin = make_origin(tmp_path, pycache)
+    manager = Clone(tmp_path, origin, "manager", "mia", pycache)
+    dev = Clone(tmp_path, origin, "dev", "bob", pycache)
+    dev.ok("log", "7", "2h", "--date", "2026-10-20")
+    dev.git("push", "-q", "origin", "main")          # pre-push aggregates what was not committed
+    r = manager.ff.ok("close", "2026-10", "--json", user="mia", env=NOV)
+    assert r.json["record"]["total_seconds"] == 7200
+    assert {v["user"] for v in r.json["record"]["stores"].values()} == {"bob"}

@@ -87,7 +87,8 @@ def test_csv_cells_are_neutralised(repo):
     out = repo.ok("bill", "--month", "2026-11", "--format", "csv", "--by-issue").out
     for row in list(csv.reader(io.StringIO(out)))[1:]:
         assert not any(c[:1] in ("=", "+", "-", "@") for c in row), row
-    assert ff.csv_safe("@SUM(A1)") == "'@SUM(A1)" and ff.csv_safe("-1") == "'-1"
+    assert ff.csv_safe("@SUM(A1)") == "'@SUM(A1)" and ff.csv_safe("-1+A1") == "'-1+A1"
+    assert ff.csv_safe("-3600") == "-3600" and ff.csv_safe("-95.00") == "-95.00"   # figures
     assert ff.csv_safe("alice") == "alice"
 
 
