@@ -11253,22 +11253,34 @@ def _command_name(argv):
     return None
 
 
+def _english(message):
+    return message
+
+
+def _english_plural(singular, plural, n):
+    return singular if n == 1 else plural
+
+
 def build_parser(only=None):
     """The argparse parser; with `only`, just that command's sub-parser is built,
     because building all of them costs the hot commands ~10 ms per run."""
     import argparse
+    # FlowForge speaks English: argparse's gettext would stat dozens of locale
+    # paths for each message it formats, on every run of every command.
+    argparse._ = _english
+    argparse.ngettext = _english_plural
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             raise FlowForgeError("%s (see `%s --help`)" % (message, self.prog), EXIT_USAGE)
 
-    def formatter(prog):
+    def formatter(prog):   # a fixed width: no shutil import to ask the terminal
         return argparse.RawDescriptionHelpFormatter(prog, width=88, max_help_position=30)
 
-    common = Parser(add_help=False)
+    common = Parser(add_help=False, formatter_class=formatter)
     _add_common(common, suppress=True)
     # report and bill take -C and --user several times (repositories, a filter)
-    common_filters = Parser(add_help=False)
+    common_filters = Parser(add_help=False, formatter_class=formatter)
     _add_common(common_filters, suppress=True, skip=("-C", "--user"))
     parser = Parser(prog="flowforge", formatter_class=formatter,
                     description="FlowForge: git-centric time tracking (TIME = MONEY).",
