@@ -8743,7 +8743,7 @@ def money(value):
     return Decimal(value).quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
-def bill_lines(shards, billing, first, last, selection, by_issue, warn_rates=True):
+def bill_lines(shards, billing, first, last, selection, by_issue, warn_rates=True, known=None):
     """{(project, user[, issue]): line} of one repository's shards, priced
     with its billing rules.  Rounding (billing.round_minutes, round_mode)
     applies to each line, or with round_scope "day" to each user x project x
@@ -8758,11 +8758,11 @@ def bill_lines(shards, billing, first, last, selection, by_issue, warn_rates=Tru
         line = sums.setdefault((project, user, issue) if by_issue else (project, user), [0, 0])
         line[0] += seconds
         line[1] += round_seconds(seconds, increment, mode) if scope == "day" else 0
-    if warn_rates:   # a rate whose name is close to a billed one: a typo billing the default
+    if warn_rates:   # a typo that bills the default: a near name, or a user nobody knows
         for table, key, guess in unmatched_rates(billing, {k[1] for k in sums},
                                                  {k[0] for k in sums},
                                                  {"%s/%s" % (k[1], k[0]) for k in sums}):
-            if guess:
+            if guess or (table == "user_rates" and key not in (known or ())):
                 warn(rate_warning(table, key, guess, "this bill"))
     lines = {}
     for key, (seconds, billable) in sums.items():
@@ -9113,7 +9113,8 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
                            "commit": record["commit"], "rounding": record.get("rounding"),
                            "invoice": record.get("invoice")})
             continue
-        now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue)
+        now_lines = bill_lines(shards, repo.config["billing"], first, last, selection, by_issue,
+                               known=known_users(repo))
         lines += line_docs(now_lines, dims, prefix)
         if month:
             for closed, change in pending_adjustments(repo, month, records, by_issue, selection):
