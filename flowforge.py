@@ -5531,7 +5531,9 @@ class Http:
             except urllib.error.HTTPError as e:
                 reply = HttpResponse(e.code, _lower(e.headers), e.read())
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-            if exchange.expired:
+            import socket
+            # the socket's own timeout (the same deadline) may fire before the watchdog
+            if exchange.expired or isinstance(getattr(e, "reason", e), socket.timeout):
                 raise RetryLater("%s: no complete answer within %g s" % (what, self.timeout))
             raise RetryLater("%s: %s" % (what, one_line(getattr(e, "reason", e))))
         finally:
@@ -10591,10 +10593,11 @@ def cmd_bill(ctx, args):
     first, last = selection.first, selection.last
     _check_users(sources, selection)
     whole = first and last and first[:7] == last[:7] and (first, last) == month_bounds(first[:7])
-    if last is None or last >= _today_local(ctx):
-        warn("%s has not ended yet: this bill will still change" % range_text(first, last))
     pending = _aggregate_sources(ctx, sources, args)
     bill = build_bill(sources, selection, args.by_issue, month=first[:7] if whole else None)
+    if last is None or last >= _today_local(ctx):   # after the bill: a failure says one thing
+        pending.append("%s has not ended yet: this bill will still change"
+                       % range_text(first, last))
     bill["period"] = args.period or ("last-month" if not (args.month or args.first or args.last)
                                      else None)
     for line in pending:
