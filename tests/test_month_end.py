@@ -418,10 +418,15 @@ def test_a_close_is_gpg_signed_where_git_signs_commits(month, tmp_path):
                    capture_output=True, timeout=120)
     git(month.root, "config", "commit.gpgsign", "true")
     git(month.root, "config", "user.signingkey", "test@example.com")
-    month.ok("close", "2026-11", env=dict(DEC, GNUPGHOME=str(gnupg)))
-    proc = subprocess.run(["git", "verify-commit", "refs/flowforge/periods/2026-11"],
-                          cwd=month.root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0 and "Good signature" in proc.stderr, proc.stderr
+    try:
+        month.ok("close", "2026-11", env=dict(DEC, GNUPGHOME=str(gnupg)))
+        proc = subprocess.run(["git", "verify-commit", "refs/flowforge/periods/2026-11"],
+                              cwd=month.root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and "Good signature" in proc.stderr, proc.stderr
+        assert month.ok("bill", "--json", "--month", "2026-11", env=dict(DEC, GNUPGHOME=str(
+            gnupg))).json["closed"]
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, capture_output=True)
 
 
 # -- what a manager must be able to trust ------------------------------------------------
