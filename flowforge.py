@@ -4027,7 +4027,7 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
     With `restore`, the owned refs replace a copy that was rewritten on the
     remote (a lease on the rewritten value the last fetch saw)."""
     refs = list_ledger_refs(repo)
-    periods = push_periods(repo, remote, refs, timeout) if not restore else []
+    periods = push_periods(repo, remote, refs, timeout, restore)
     prefix = remote_prefix(repo)
     todo, leases = [], []
     for ref, (oid, _, _) in sorted(refs.items()):
@@ -4100,22 +4100,36 @@ def ledger_push(repo, remote, owned, timeout=None, restore=False):
             "up_to_date": False}
 
 
-def push_periods(repo, remote, refs, timeout=None):
+def push_periods(repo, remote, refs, timeout=None, restore=False):
     """Push the period records (closes, reopens) made here that the remote has
     not seen, fast-forward only; returns the months pushed.  A refusal means
     another close or reopen of that month came first: fetch, then decide."""
     prefix = remote_prefix(repo)
-    todo = []
+    todo, diverged, leases = [], [], []
     for ref, (oid, _, _) in sorted(refs.items()):
         month = ref[len(PERIODS_REF):] if ref.startswith(PERIODS_REF) else None
         if month and _MONTH.fullmatch(month):
             seen = refs.get("%s%s/periods/%s" % (INCOMING_REF, remote, month))
             if seen is None or (seen[0] != oid and is_ancestor(repo, seen[0], oid)):
                 todo.append((month, oid))
+            elif seen[0] != oid and not is_ancestor(repo, oid, seen[0]):
+                if restore:
+                    todo.append((month, oid))
+                    leases.append("--force-with-lease=%speriods/%s:%s" % (prefix, month, seen[0]))
+                else:
+                    diverged.append(month)
+    if diverged:
+        error = FlowForgeError("the record of %s on %s is not in this clone's history (rewritten "
+                               "or forged there): this clone's close or reopen is not published; "
+                               "`flowforge push --restore` puts it back" % (
+                                   ", ".join(diverged), remote), EXIT_UNAVAILABLE)
+        error.permanent = True
+        raise error
     if not todo:
         return []
-    rc, _, err = run_git(["push", "--no-verify", "--porcelain", remote]
-                         + ["%s%s:%speriods/%s" % (PERIODS_REF, m, prefix, m) for m, _ in todo],
+    rc, _, err = run_git(["push", "--no-verify", "--porcelain"] + leases + [remote]
+                         + ["%s%s%s:%speriods/%s" % ("+" if restore else "", PERIODS_REF, m, prefix,
+                                                     m) for m, _ in todo],
                          repo.root, check=False, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0"})
     if rc:
         raise FlowForgeError("cannot push the closed periods %s to %s (%s): if another close or "
@@ -8451,16 +8465,22 @@ def decimal_hours(seconds):
     return "%d.%02d" % divmod(hundredths, 100)
 
 
+def signed_hours(seconds):
+    """decimal_hours of a figure that may be a credit (an adjustment)."""
+    return decimal_hours(seconds) if seconds >= 0 else "-" + decimal_hours(-seconds)
+
+
 def csv_safe(value):
     """Neutralise spreadsheet formulas: a cell starting with = + - @ (or tab, CR)
     is prefixed with a quote, so a project name cannot run code in Excel."""
     text = str(value)
-    if text and text[0] in "=+-@\t\r" and not _CSV_NUMBER.fullmatch(text):
+    if text and text[0] in "=+-@\t\r":
         return "'" + text
     return text
 
 
-_CSV_NUMBER = re.compile(r"-\d+(?:\.\d+)?")   # a negative figure (an adjustment), not a formula
+_CSV_NUMBER = re.compile(r"-\d+(?:\.\d+)?")   # a credit (an adjustment), not a formula
+_CSV_FIGURES = ("seconds", "hours", "billable_seconds", "billable_hours", "rate", "amount")
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -8485,8 +8505,9 @@ def render(fmt, headers, rows, total_row=None, title=None):
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(headers)
-        for row in rows_all:
-            writer.writerow([csv_safe(c) for c in row])
+        for row in rows_all:   # figures stay numbers; any text is neutralised
+            writer.writerow([c if h in _CSV_FIGURES and _CSV_NUMBER.fullmatch(c) else csv_safe(c)
+                             for h, c in zip(headers, row)])
         return buf.getvalue()
     if fmt == "md":
         def esc(c):
@@ -8570,7 +8591,7 @@ def open_sources(paths):
             if never_fetched(repo):   # its own stores at most: a partial total
                 raise FlowForgeError("has never fetched its ledger: run `flowforge -C %s fetch`"
                                      % path)
-            if any(r.root == repo.root for _, r in found):
+            if any(os.path.realpath(r.root) == os.path.realpath(repo.root) for _, r in found):
                 raise FlowForgeError("%s is named twice (as %s)" % (path, repo.root), EXIT_USAGE)
             found.append((None, repo))
         except FlowForgeError as e:
@@ -8788,8 +8809,8 @@ def line_docs(lines, dims, prefix=()):
         line = lines[key]
         out.append(dict(zip(dims, prefix + key), seconds=line["seconds"],
                         billable_seconds=line["billable_seconds"],
-                        hours=decimal_hours(line["seconds"]),
-                        billable_hours=decimal_hours(line["billable_seconds"]),
+                        hours=signed_hours(line["seconds"]),
+                        billable_hours=signed_hours(line["billable_seconds"]),
                         rate=line["rate"], amount=line["amount"]))
     return out
 
@@ -8885,16 +8906,17 @@ def period_records(repo, refs=None):
         try:
             for month, (_, ref, oid) in chosen.items():
                 doc, problem = _period_record(repo, objects, month, oid, authors)
-                if problem:   # the newest believable record under it, if any
+                if problem:
+                    # The latest believable record in its history: by the time it was
+                    # made, not by its place, since a forged merge could put an older
+                    # reopen or close first.
                     warnings.append("ignoring %s (%s): %s" % (ref, oid[:12], problem))
-                    _, older, _ = run_git(["rev-list", "--first-parent", "--max-count=50", oid],
-                                          repo.root, check=False)
-                    for parent in older.split()[1:]:
-                        doc, again = _period_record(repo, objects, month, parent)
-                        if not again:
-                            break
-                    else:
-                        doc = None
+                    _, older, _ = run_git(["rev-list", "--max-count=200", oid], repo.root,
+                                          check=False)
+                    candidates = [_period_record(repo, objects, month, c)[0]
+                                  for c in older.split()[1:]]
+                    believed = [c for c in candidates if c]
+                    doc = max(believed, key=lambda c: c["at"]) if believed else None
                 if doc:
                     records[month] = doc
         finally:
@@ -8939,6 +8961,8 @@ def _period_refusal(doc, month, ident, email, signature, billing):
     month ended, and billing.closers / signed_closes narrow who may close."""
     if doc["by"] != ident:
         return "it says it was made by %s, but its commit is by %s" % (doc["by"], ident or "?")
+    if doc["at"] > now() + 86400:
+        return "it is dated %s, in the future" % utc_text(doc["at"])[:10]
     if doc["state"] == "closed" and doc["at"] < local_instant_utc(
             shift_month(month, 1) + "-01") - 14 * 3600:     # the month's end anywhere on earth
         return "a close of %s dated before the month ended" % month
@@ -9150,9 +9174,10 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
     if len(closes) == len(sources) and closes and closes[0].get("rounding"):
         bill["rounding"] = dict(closes[0]["rounding"])    # as closed, not as configured now
     if invoice:
-        frozen = closes[0].get("invoice") if closes else None
+        whole = closes and len(closes) == len(sources)   # closed in every repository
+        frozen = closes[0].get("invoice") if whole else None
         bill["invoice"] = frozen if isinstance(frozen, dict) else billing.get("invoice", {})
-        bill["issued"] = closes[0]["at"] if closes else None
+        bill["issued"] = closes[0]["at"] if whole else None
         rate = bill["invoice"].get("tax_rate")
         if isinstance(rate, str) and _RATE.fullmatch(rate):   # percent, on the total
             from decimal import Decimal
@@ -9203,29 +9228,27 @@ def bill_title(bill):
                              _filter_words(bill))
 
 
-BILL_CSV_COLUMNS = ("kind", "month", "seconds", "hours", "billable_seconds", "billable_hours",
-                    "rate", "amount", "currency")
+BILL_CSV_COLUMNS = ("kind", "month", "in_total", "seconds", "hours", "billable_seconds",
+                    "billable_hours", "rate", "amount", "currency")
 
 
 def bill_csv_rows(bill):
     """(headers, rows) of the accountants' export: one row per line and per
-    adjustment line, exact seconds and decimal hours, the currency on each."""
+    adjustment line, exact seconds and decimal hours, the currency on each;
+    `in_total` says whether the row is part of this bill's total (an
+    adjustment of a closed month's own bill is billed on a later one)."""
     dims = bill["by"]
     month = bill.get("month") or ""
     rows = []
-    for kind, adjusted, docs in ([("line", month, bill["lines"])]
-                                 + [("adjustment", g["month"], g["lines"])
-                                    for g in bill["adjustments"]]):
+    for kind, adjusted, billed, docs in ([("line", month, True, bill["lines"])]
+                                         + [("adjustment", g["month"], g["billed_here"], g["lines"])
+                                            for g in bill["adjustments"]]):
         for d in docs:
             rows.append([d.get(k, "") for k in dims] + [
-                kind, adjusted, str(d["seconds"]), d["hours"] if d["seconds"] >= 0
-                else "-" + decimal_hours(-d["seconds"]), str(d["billable_seconds"]),
+                kind, adjusted, "yes" if billed else "no", str(d["seconds"]),
+                signed_hours(d["seconds"]), str(d["billable_seconds"]),
                 signed_hours(d["billable_seconds"]), d["rate"], d["amount"], bill["currency"]])
     return list(dims) + list(BILL_CSV_COLUMNS), rows
-
-
-def signed_hours(seconds):
-    return decimal_hours(seconds) if seconds >= 0 else "-" + decimal_hours(-seconds)
 
 
 def render_bill(bill, fmt):
@@ -9257,10 +9280,14 @@ def render_bill(bill, fmt):
         title = "Adjustments after close of %s (closed %s by %s): %s" % (
             group["month"], utc_text(group["closed_at"])[:10], group["closed_by"],
             "billed on this bill" if group["billed_here"] else
-            "billed on the bill of %s, not in this total%s" % (
-                group["billed_on"], "; %s %s already billed on later bills" % (
-                    group["already_billed"], bill["currency"])
-                if group["already_billed"] != "0.00" else ""))
+            "%s%s" % ("nothing pending" if not group["lines"] else
+                      "billed on the bill of %s, not in this total" % group["billed_on"],
+                      "; %s %s already billed on later bills" % (
+                          group["already_billed"], bill["currency"])
+                      if group["already_billed"] != "0.00" else ""))
+        if not group["lines"]:
+            out.append(title + ("\n" if fmt == "table" else "\n\n"))
+            continue
         out.append(render(fmt, headers, rows_of(group["lines"]),
                           ["adjustments"] + blank + [signed_hours(group["seconds"]),
                                                      signed_hours(group["billable_seconds"]), "",
@@ -9723,15 +9750,22 @@ def render_bill_page(bill, report=None):
                  {"seconds": d["seconds"], "billable-seconds": d["billable_seconds"],
                   "amount": d["amount"]}) for d in docs]
     title = "Invoice %s" % number if number else "Bill %s" % span
-    closed = bill["closed"][0] if bill["closed"] else None
+    # closed as a whole (every repository of the bill), or partly
+    closed = bill["closed"][0] if bill["closed"] and len(bill["closed"]) == len(
+        bill["repos"]) else None
+    partly = bool(bill["closed"]) and closed is None
     meta = ["<div>Period <b>%s</b></div>" % _esc(span),
             "<div>Currency <b>%s</b></div>" % _esc(cur),
             "<div>%s</div>" % _esc(rounding_text(bill["rounding"]).capitalize())]
     if closed:   # for the team, not the client: not printed
         meta.append('<div class="screen">Closed %s by %s</div>' % (
             _esc(utc_text(closed["at"])[:10]), _esc(closed["by"])))
+    elif partly:
+        shut = [c["repo"] for c in bill["closed"]]
+        meta.append('<div class="screen">Closed in %s; open in %s</div>' % (
+            _esc(", ".join(shut)), _esc(", ".join(r for r in bill["repos"] if r not in shut))))
     from datetime import date, timedelta
-    issued = date.fromisoformat(utc_text(bill.get("issued") or now())[:10])
+    issued = date.fromisoformat(utc_text(bill.get("issued") if closed else now())[:10])
     meta.insert(0, "<div>Date <b>%s</b></div>" % issued.isoformat())
     if invoice.get("due_days"):
         meta.append("<div>Due <b>%s</b> (%d days)</div>" % (
@@ -9755,7 +9789,7 @@ def render_bill_page(bill, report=None):
                else "not in this total: billed on the invoice of %s" % group["billed_on"])
         body.append('<section%s data-adjustments="%s" data-billed-here="%s"><h2>Adjustments after '
                     'close of %s</h2><p class="note">Time recorded into %s after it was closed '
-                    '(%s by %s): %s.</p>%s</section>' % (
+                    '<span class="screen">(%s by %s)</span>: %s.</p>%s</section>' % (
                         "" if group["billed_here"] else ' class="screen"',
                         _esc(group["month"]), "1" if group["billed_here"] else "0",
                         _esc(group["month"]), _esc(group["month"]),
@@ -10693,6 +10727,9 @@ def _publish_period(repo, no_push):
         ledger_push(repo, remote, own_store_keys(repo), timeout=PUSH_TIMEOUT)
         return ["pushed to %s" % remote]
     except FlowForgeError as e:
+        if getattr(e, "permanent", False):   # retrying would not help: say what to do
+            warn("not pushed: %s" % one_line(e))
+            return ["recorded here, not pushed"]
         queue = open_queue(repo)
         try:
             enqueue_push(queue, remote)
@@ -10977,13 +11014,16 @@ def cmd_reconcile(ctx, args):
     report = ci_report_markdown(repo, result, missing, args.lookback_hours)
     adjusted = closed_adjustments(repo) if not result["findings"] else []
     if adjusted:
-        report += "\n## Adjustments to closed months\n\nTime recorded into closed months " \
+        result_line = report[report.rindex("**Result:"):]
+        report = report[:report.rindex("**Result:")]
+        report += "## Adjustments to closed months\n\nTime recorded into closed months " \
                   "after their close, not billed yet (the next open month's bill carries " \
                   "it):\n\n| month | closed by | time | amount | billed on |\n| --- | --- | " \
                   "---: | ---: | --- |\n" + "".join(
                       "| %s | %s | %s h | %s %s | %s |\n" % (
                           a["month"], a["closed_by"].replace("|", "/"), signed_hours(a["seconds"]),
-                          a["amount"], a["currency"], a["billed_on"]) for a in adjusted)
+                          a["amount"], a["currency"], a["billed_on"]) for a in adjusted) \
+            + "\n" + result_line
     if args.report:
         atomic_write(os.path.abspath(args.report), report.encode("utf-8"), 0o644)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -11588,6 +11628,11 @@ def main(argv=None):
             # The shims' call, on every commit and push: no argparse (~5 ms to build).
             return cmd_hook(None, _HookArgs(argv[1], argv[2:]))
         name = _command_name(argv)
+        before = argv[:argv.index(name)] if name in argv else argv
+        if before.count("-C") > 1:   # argparse would keep the last one, silently
+            raise FlowForgeError("-C is given %d times before the command: give it once (report "
+                                 "and bill take several -C after the command word)"
+                                 % before.count("-C"), EXIT_USAGE)
         known = any(spec.name == name for spec in COMMANDS)
         if name is not None and not known:
             guess = closest(name, [spec.name for spec in COMMANDS])

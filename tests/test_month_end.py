@@ -111,7 +111,7 @@ def test_csv_exports_have_stable_columns_exact_seconds_and_the_currency(month):
         ("alice", "api"): (3000, "0.83"), ("alice", "web"): (7200, "2.00"),
         ("bob", "web"): (15000, "4.17"), ("carol", "ops"): (2400, "0.67")}
     bill = list(csv.DictReader(io.StringIO(month.ok("bill", "--format", "csv", env=DEC).out)))
-    assert list(bill[0]) == ["project", "user", "kind", "month", "seconds", "hours",
+    assert list(bill[0]) == ["project", "user", "kind", "month", "in_total", "seconds", "hours",
                              "billable_seconds", "billable_hours", "rate", "amount", "currency"]
     carol = [r for r in bill if r["user"] == "carol"][0]
     assert (carol["seconds"], carol["billable_seconds"], carol["rate"], carol["amount"],
@@ -555,3 +555,67 @@ def test_close_fetches_the_team_first(tmp_path, pycache):
     r = manager.ff.ok("close", "2026-10", "--json", user="mia", env=NOV)
     assert r.json["record"]["total_seconds"] == 7200
     assert {v["user"] for v in r.json["record"]["stores"].values()} == {"bob"}
+
+
+def test_a_forged_merge_cannot_bring_back_an_older_reopen(month):
+    set_billing(month.root, closers=["test@example.com"])
+    month.ok("close", "2026-11", "--no-push", env=DEC)
+    month.ok("reopen", "2026-11", "--no-push", env=DEC)
+    reopened = git(month.root, "rev-parse", "refs/flowforge/periods/2026-11").strip()
+    month.ok("close", "2026-11", "--no-push", env=dict(DEC, FLOWFORGE_NOW="2026-12-01T10:00:00Z"))
+    closed = git(month.root, "rev-parse", "refs/flowforge/periods/2026-11").strip()
+    tree = git(month.root, "rev-parse", closed + "^{tree}").strip()
+    env = dict(os.environ, GIT_AUTHOR_NAME="eve", GIT_AUTHOR_EMAIL="eve@example.com",
+               GIT_COMMITTER_NAME="eve", GIT_COMMITTER_EMAIL="eve@example.com")
+    forged = subprocess.run(["git", "commit-tree", tree, "-p", reopened, "-p", closed, "-m", "x"],
+                            cwd=month.root, env=env, capture_output=True, check=True,
+                            text=True).stdout.strip()
+    git(month.root, "update-ref", "-d", "refs/flowforge/periods/2026-11")
+    git(month.root, "update-ref", "refs/flowforge/incoming/origin/periods/2026-11", forged)
+    r = month.ok("bill", "--json", "--month", "2026-11", env=DEC)
+    assert "ignoring" in r.err and r.json["closed"][0]["commit"] == closed
+
+
+def test_a_close_dated_in_the_future_is_not_believed(month):
+    forge_close(month.root, "2026-12", "Mallory <mallory@example.com>", 1798800000)   # 2027-01-01
+    r = month.ok("bill", "--json", "--month", "2026-12", env=DEC)
+    assert r.json["closed"] == [] and "in the future" in r.err
+
+
+def test_one_repository_is_one_repository(month, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(month.root)
+    r = month("bill", "-C", month.root, "-C", link, env=DEC)
+    assert r.rc == 64 and "named twice" in r.err
+    r = month("-C", month.root, "-C", month.root, "close", "2026-11", env=DEC)
+    assert r.rc == 64 and "-C is given 2 times" in r.err
+
+
+def test_credits_have_signed_hours_and_csv_says_what_is_in_the_total(month):
+    month.ok("close", "2026-11", env=DEC)
+    entry = month.ok("entries", "--json", "--date", "2026-11-24", user="bob", env=DEC).json
+    month.ok("delete", entry["entries"][0]["id"], user="bob", env=DEC)
+    month.ok("aggregate", "--all", env=DEC)
+    [group] = month.ok("bill", "--json", "--month", "2026-11", env=DEC).json["adjustments"]
+    assert [(x["seconds"], x["hours"]) for x in group["lines"]] == [(-10800, "-3.00")]
+    rows = list(csv.DictReader(io.StringIO(month.ok("bill", "--format", "csv", "--month",
+                                                    "2026-11", env=DEC).out)))
+    assert {r["kind"]: r["in_total"] for r in rows} == {"line": "yes", "adjustment": "no"}
+    total = month.ok("bill", "--json", "--month", "2026-11", env=DEC).json["total_amount"]
+    assert "%.2f" % sum(float(r["amount"]) for r in rows if r["in_total"] == "yes") == total
+
+
+def test_a_close_that_cannot_reach_the_remote_says_so(month, tmp_path):
+    bare = str(tmp_path / "origin.git")
+    subprocess.run(["git", "init", "-q", "--bare", bare], check=True)
+    git(month.root, "remote", "add", "origin", bare)
+    assert "pushed to origin" in month.ok("close", "2026-11", env=DEC).out
+    # someone rewrites the record on the remote (a forced push of another history)
+    other = forge_close(month.root, "2026-11", "Mallory <mallory@example.com>", 1796115600)
+    git(month.root, "push", "-q", "-f", bare, "%s:refs/flowforge/stores/periods/2026-11" % other)
+    month.ok("reopen", "2026-11", env=DEC)
+    r = month.ok("close", "2026-11", env=dict(DEC, FLOWFORGE_NOW="2026-12-01T11:00:00Z"))
+    assert "not pushed: the record of 2026-11 on origin is not in this clone's history" in r.err
+    month.ok("push", "--restore", env=DEC)
+    mine = git(month.root, "rev-parse", "refs/flowforge/periods/2026-11").strip()
+    assert git(bare, "rev-parse", "refs/flowforge/stores/periods/2026-11").strip() == mine
