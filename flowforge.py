@@ -3277,7 +3277,7 @@ QUARANTINE_REF = "refs/flowforge/quarantine/"
 PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
-LEDGER_CACHE_SCHEMA = 2   # 2: a header line, then one line per month
+LEDGER_CACHE_SCHEMA = 3   # 3: a header line, then a totals line and a rows line per month
 LEDGER_AUTHOR = "FlowForge ledger"
 _STORE_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
 _SHARD_NAME = re.compile(r"(\d{4}-\d{2})\.json")
@@ -3620,7 +3620,7 @@ def _ledger_cache_path(repo, key):
     return os.path.join(repo.state, "cache", "ledger", key + ".rec")
 
 
-def _read_ledger_cache(repo, key, months=None):
+def _read_ledger_cache(repo, key, months=None, rows=True):
     """The cached, verified shards of one store ({"tree", "months": {month:
     blob}, "shards"}), or None; with `months` (first, last), only the shards of
     those months are decoded -- a report of one month reads one line per store.
@@ -3637,12 +3637,13 @@ def _read_ledger_cache(repo, key, months=None):
         return None
     first, last = months or (None, None)
     shards = {}
+    kind = b"R" if rows else b"T"   # a month's rows, or only its totals (by issue, project)
     for line in lines[1:]:
         month = line[:7].decode("ascii", "replace")
-        if not line or (first and month < first) or (last and month > last):
+        if not line or line[8:9] != kind or (first and month < first) or (last and month > last):
             continue
         try:
-            item = decode_record(line[8:])
+            item = decode_record(line[10:])
         except ValueError:
             return None
         if item.get("month") != month or not isinstance(item.get("doc"), dict) \
@@ -3667,8 +3668,12 @@ def _shard_doc(data, key, month, where):
     if (doc["user"], doc["store"], doc["month"]) != (user, store_id, month):
         raise CorruptFile(where, "shard says %s--%s/%s but lives in the ledger of %s as %s"
                           % (doc["user"], doc["store"], doc["month"], key, month))
+    by_project = {}
+    for row in doc["rows"]:
+        by_project[row[2]] = by_project.get(row[2], 0) + row[3]
     return {"user": user, "store": store_id, "month": month,
-            "granularity": doc["granularity"], "rows": doc["rows"]}
+            "granularity": doc["granularity"], "rows": doc["rows"],
+            "by_issue": doc["totals"]["by_issue"], "by_project": by_project}
 
 
 class LedgerView:
@@ -3741,7 +3746,7 @@ class LedgerView:
                     return None
         return best
 
-    def shards(self, months=None):
+    def shards(self, months=None, rows=True):
         """The verified shard documents of every store (with `months`, a
         (first, last) pair of YYYY-MM or None, only those months), read through
         one cat-file process and cached by tree id."""
@@ -3750,7 +3755,7 @@ class LedgerView:
         try:
             stale = {}
             for key, (_, _, tree) in sorted(self.stores.items()):
-                cached = _read_ledger_cache(self.repo, key, months)
+                cached = _read_ledger_cache(self.repo, key, months, rows)
                 if cached is not None and cached.get("tree") == tree:
                     if cached["months"]:
                         self.first_month[key] = min(cached["months"])
@@ -3857,7 +3862,9 @@ class LedgerView:
         record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
                   "months": {m: doc.get("blob") for m, doc in shards.items()}}
         data = encode_record(record) + b"".join(
-            month.encode("ascii") + b" " + encode_record({"month": month, "doc": shards[month]})
+            month.encode("ascii") + b" T " + encode_record({"month": month, "doc": {
+                k: v for k, v in shards[month].items() if k != "rows"}})
+            + month.encode("ascii") + b" R " + encode_record({"month": month, "doc": shards[month]})
             for month in sorted(shards))
         try:
             makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
@@ -8183,7 +8190,7 @@ def load_legacy_shards(repo, skip):
     return shards
 
 
-def load_team_shards(repo, first=None, last=None, about=None):
+def load_team_shards(repo, first=None, last=None, about=None, rows=True):
     """Every store's shards for the months that [first, last] touches: the
     ledger, plus stores that only the in-tree 0.1 layout holds.  `about`
     collects what a report says of its data (stores, when fetched)."""
@@ -8193,7 +8200,7 @@ def load_team_shards(repo, first=None, last=None, about=None):
     for line in view.warnings:
         warn(line)
     months = (first[:7] if first else None, last[:7] if last else None)
-    shards = view.shards(months)
+    shards = view.shards(months, rows)   # rows=False: the docs may hold only their totals
     legacy = load_legacy_shards(repo, set(view.stores)) if os.path.lexists(repo.team) else []
     if legacy:
         warn("this branch still keeps time in %s/ (FlowForge 0.1): run `flowforge migrate`"
@@ -8489,7 +8496,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 def printable(value):
     """A cell as text with control characters (terminal escape sequences among
     them) shown as `?`: issue names and projects come from teammates' commits."""
-    return _CONTROL.sub("?", str(value))
+    text = str(value)
+    return text if text.isprintable() else _CONTROL.sub("?", text)   # the common case: no scan
 
 
 def render(fmt, headers, rows, total_row=None, title=None):
@@ -8622,12 +8630,12 @@ def store_labels(first_months):
     return labels
 
 
-def load_sources(sources, first, last):
+def load_sources(sources, first, last, rows=True):
     """(shards of every source, each with its "repo" label; {label: about})."""
     shards, about = [], {}
     for label, repo in sources:
         seen = {}
-        for doc in load_team_shards(repo, first, last, seen):
+        for doc in load_team_shards(repo, first, last, seen, rows):
             doc["repo"] = label
             shards.append(doc)
         about[label] = seen
@@ -8655,12 +8663,52 @@ def _finest_period(shards):
     return ("day", "week", "month")[coarsest]
 
 
+_TOTALS_DIMS = ({"repo", "user", "store", "month", "issue"}, {"repo", "user", "store", "month",
+                                                              "project"})
+
+
+def totals_suffice(dims, selection):
+    """Whether each shard's verified totals (by issue, by project) give this
+    report: no finer period than a month, whole months, no issue or project
+    filter.  Then the rows -- most of the bytes -- are never decoded."""
+    first, last = selection.first, selection.last
+    return (any(set(dims) <= allowed for allowed in _TOTALS_DIMS)
+            and not selection.patterns["issues"] and not selection.patterns["projects"]
+            and (first is None or first.endswith("-01"))
+            and (last is None or last == month_bounds(last[:7])[1]))
+
+
+def totals_cells(shards, dims, selection):
+    """team_cells from the shards' totals: {key over dims: seconds}."""
+    kind = "issue" if "issue" in dims else "project"
+    table = "by_issue" if kind == "issue" else "by_project"
+    at = dims.index(kind) if kind in dims else None
+    cells = {}
+    for doc in shards:
+        if not selection.wants_user(doc["user"]):
+            continue
+        fields = {"repo": doc.get("repo"), "user": doc["user"], "store": doc["store"],
+                  "month": doc["month"]}
+        if at is None:   # no issue or project column: the shard's total
+            key = tuple(fields[d] for d in dims)
+            cells[key] = cells.get(key, 0) + sum(doc[table].values())
+            continue
+        before = tuple(fields[d] for d in dims[:at])
+        after = tuple(fields[d] for d in dims[at + 1:])
+        for name, seconds in doc[table].items():
+            key = before + (name,) + after
+            cells[key] = cells.get(key, 0) + seconds
+    return {k: v for k, v in cells.items() if v}
+
+
 def build_report(sources, dims, selection, views=False):
     """The report document; with `views`, also the figures the HTML page draws
     (per period and user, per issue, per project), from the same shards."""
     first, last = selection.first, selection.last
-    shards, about = load_sources(sources, first, last)
-    cells = team_cells(shards, dims, first, last, selection)
+    by_totals = not views and totals_suffice(dims, selection)
+    shards, about = load_sources(sources, first, last, rows=not by_totals)
+    cells = totals_cells(shards, dims, selection) if by_totals else \
+        team_cells(shards, dims, first, last, selection)
     labels = {}
     if "store" in dims:
         for seen in about.values():

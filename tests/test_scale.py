@@ -120,3 +120,22 @@ def test_incremental_aggregation_of_changed_periods_equals_a_full_rebuild(repo, 
         finally:
             ledger.close()
         assert {m: stored[ff.shard_name(m)] for m in incremental} == incremental, step
+
+
+def test_a_report_from_shard_totals_equals_one_from_their_rows(repo):
+    """`--by user,issue` over whole months reads each shard's verified totals,
+    not its rows; a finer report (by day) reads the rows: they agree."""
+    history(repo)
+    repo.ok("log", "2", "15m", "--date", "2026-03-13", "--project", "web", user="alice", env=NOW)
+    repo.ok("aggregate", "--all", env=NOW)
+    for args in ([], ["--period", "2026-03"], ["--from", "2026-02-01", "--to", "2026-04-30"]):
+        for by, fine in (("user,issue", "user,issue,day"), ("project,month", "project,month,day")):
+            coarse = repo.ok("report", "--json", "--by", by, *args, env=NOW).json
+            rows = repo.ok("report", "--json", "--by", fine, *args, env=NOW).json
+            dims = by.split(",")
+            summed = {}
+            for r in rows["rows"]:
+                key = tuple(r[d] for d in dims)
+                summed[key] = summed.get(key, 0) + r["seconds"]
+            assert {tuple(r[d] for d in dims): r["seconds"] for r in coarse["rows"]} == summed
+            assert coarse["total_seconds"] == rows["total_seconds"] > 0
