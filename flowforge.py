@@ -4275,11 +4275,6 @@ def _periods(contributions):
     return sorted({key[0] for cells in contributions.values() for key in cells})
 
 
-def months_as_unknown(months):
-    """Periods of a day file recorded without them: "*<month>", every period."""
-    return ["*" + m for m in months]
-
-
 class Aggregator:
     """Turns one private store into its shards in the ledger, incrementally or
     in full, and records each change in the store's audit chains."""
@@ -4380,20 +4375,23 @@ class Aggregator:
             removed = [d for d in old_files if d not in stats]
             months, periods = set(), set()
             for day in changed + removed:
-                old = old_files.get(day, [0, 0, []])
+                old = old_files.get(day, [0, 0, [], []])
                 months.update(old[2])
-                periods.update(old[3] if len(old) > 3 else months_as_unknown(old[2]))
+                if len(old) > 3 and periods is not None:
+                    periods.update(old[3])
+                else:
+                    periods = None   # recorded before periods were kept: whole months
             for day in changed:
                 months.update(parsed[day])
-                periods.update(_periods(parsed[day]))
+                if periods is not None:
+                    periods.update(_periods(parsed[day]))
             if full:  # also months whose entries are all gone now
                 months.update(ledger.months())
             # The cells of the periods that changed are recomputed from the day
             # files that contribute to them; the rest of each month comes from
             # its shard as it is.  So one changed day re-reads a few day files,
-            # not its whole month.  (A day file recorded before periods were
-            # kept counts as contributing to every period of its months.)
-            base = None if full else self._shard_cells(ledger, months, periods)
+            # not its whole month.
+            base = None if full or periods is None else self._shard_cells(ledger, months, periods)
             if base is None:
                 periods = None
             for day in stats:  # unchanged days that feed a recomputed period
@@ -4480,8 +4478,6 @@ class Aggregator:
         """{month: cells of its shard outside `periods`}, from the ledger as it
         is; None when a shard does not read back (then months are recomputed
         whole, from every day file that has time in them)."""
-        if any(p.startswith("*") for p in periods):
-            return None
         base = {}
         for name, raw in ledger.read([shard_name(m) for m in sorted(months)]).items():
             cells = base[name[len("summaries/"):-len(".json")]] = {}
@@ -8501,7 +8497,7 @@ def printable(value):
 
 
 def render(fmt, headers, rows, total_row=None, title=None):
-    """Render a table as table / csv / md / html text."""
+    """Render a table as table / csv / md text (HTML pages are render_page's)."""
     rows = [[printable(c) for c in row] for row in rows]
     if total_row:
         rows_all = rows + [[printable(c) for c in total_row]]
@@ -8526,21 +8522,6 @@ def render(fmt, headers, rows, total_row=None, title=None):
         if total_row:
             lines.append("| " + " | ".join("**%s**" % esc(c) if c else "" for c in total_row) + " |")
         return (("## %s\n\n" % title) if title else "") + "\n".join(lines) + "\n"
-    if fmt == "html":
-        from html import escape
-        out = ["<table>"]
-        if title:
-            out.append("<caption>%s</caption>" % escape(title))
-        out.append("<thead><tr>%s</tr></thead><tbody>" % "".join(
-            "<th>%s</th>" % escape(h) for h in headers))
-        for row in rows:
-            out.append("<tr>%s</tr>" % "".join("<td>%s</td>" % escape(c) for c in row))
-        out.append("</tbody>")
-        if total_row:
-            out.append("<tfoot><tr>%s</tr></tfoot>" % "".join(
-                "<th>%s</th>" % escape(c) for c in total_row))
-        out.append("</table>")
-        return "\n".join(out) + "\n"
     widths = [max([len(h)] + [len(r[i]) for r in rows_all]) for i, h in enumerate(headers)]
     template = "  ".join("%%%s%ds" % ("" if h in _NUMERIC_HEADERS else "-", w)
                          for h, w in zip(headers, widths))
@@ -10531,15 +10512,19 @@ def _own_user(ctx):
         return None
 
 
-def _today_local(ctx):
-    """Today for `report --period` and `bill`: in the zone of the user's store
-    here (the one status and entries use), else the machine's."""
+def _report_zone(ctx):
+    """The zone of `report`'s and `bill`'s days: the user's store here (the one
+    status and entries use), else the machine's."""
     try:
         store = ctx.store()
         zone = store.tz if store.exists() else None
     except FlowForgeError:  # no identity here (a CI clone, say)
         zone = None
-    return local_date(ctx.now, zone or load_timezone(system_timezone_name()))
+    return zone or load_timezone(system_timezone_name())
+
+
+def _today_local(ctx):
+    return local_date(ctx.now, _report_zone(ctx))
 
 
 def _report_arguments(what):
@@ -10579,14 +10564,8 @@ def _sources(ctx, args):
 
 
 def _selection(ctx, args, default_period):
-    try:
-        store = ctx.store()
-        zone = store.tz if store.exists() else None
-    except FlowForgeError:  # no identity here (a CI clone, say)
-        zone = None
     first, last = resolve_range(args.period or (None if args.first or args.last else default_period),
-                                args.first, args.last,
-                                zone or load_timezone(system_timezone_name()), ctx.now)
+                                args.first, args.last, _report_zone(ctx), ctx.now)
     return Selection(first, last, args.users, args.projects, args.issues)
 
 

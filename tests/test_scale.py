@@ -139,3 +139,24 @@ def test_a_report_from_shard_totals_equals_one_from_their_rows(repo):
                 summed[key] = summed.get(key, 0) + r["seconds"]
             assert {tuple(r[d] for d in dims): r["seconds"] for r in coarse["rows"]} == summed
             assert coarse["total_seconds"] == rows["total_seconds"] > 0
+
+
+def test_an_aggregation_state_without_periods_recomputes_whole_months(repo):
+    """A state written before periods were kept (or by an older FlowForge):
+    the changed months are recomputed from all their day files, exactly."""
+    history(repo, users=("alice",))
+    path = os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")
+    state = json.load(open(path))
+    state["files"] = {day: entry[:3] for day, entry in state["files"].items()}
+    open(path, "wb").write(ff.canonical_bytes(state))
+    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    store = ff.PrivateStore(ff.Repo(repo.root), "alice")
+    expected = ff.Aggregator(store, "day").compute_all()
+    ledger = ff.StoreLedger(ff.Repo(repo.root), "alice", store.store_id)
+    try:
+        stored = ledger.read([ff.shard_name(m) for m in expected])
+    finally:
+        ledger.close()
+    assert {m: stored[ff.shard_name(m)] for m in expected} == expected
+    assert len(json.load(open(path))["files"]["2026-11-11"]) == 4   # periods kept from now on
