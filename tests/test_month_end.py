@@ -234,6 +234,7 @@ def test_open_writes_the_page_and_says_where_without_a_browser(month):
     [path] = re.findall(r"wrote (\S+\.html)", r.err)
     assert path.startswith(os.path.join(month.root, ".flowforge/state/pages/"))
     assert open(path).read().startswith("<!DOCTYPE html>")
+    assert "no browser to open here: the page is %s" % path in r.err
     assert month("report", "--open", env=DEC).rc == 64
 
 
