@@ -62,12 +62,30 @@ Sections, in dependency order (each leans only on the ones above it):
 """
 
 import errno
-import json
 import os
-import re
 import sys
 import time
 import zlib
+
+
+class _LazyModule:
+    """A standard module imported when first used.  The timer commands must
+    start near the interpreter's own start-up time, and `re` (with the enum and
+    functools it pulls in) costs them ~8 ms and `json` ~3 ms more; the commands
+    that need them pay on first use, once: the real module then replaces this
+    stand-in in the globals."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+json = _LazyModule("json")
+re = _LazyModule("re")
 
 if __name__ == "__main__":
     # One module identity even when run as a script, so that code doing
@@ -158,6 +176,20 @@ class StorageError(FlowForgeError):
 # 2. Small utilities: clock, time zones, parsing, canonical JSON, checksums, git
 # ############################################################################
 
+class Pattern:
+    """A regular expression compiled on first use (see _LazyModule: the timer
+    commands never import `re`).  After that its methods are plain attributes."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getattr__(self, name):
+        compiled = re.compile(self.source)
+        for method in ("match", "fullmatch", "search", "sub", "finditer", "findall", "split"):
+            setattr(self, method, getattr(compiled, method))
+        return getattr(compiled, name)
+
+
 def now():
     """Current time in integer epoch seconds.
 
@@ -220,26 +252,148 @@ def local_date(ts, tz):
     return datetime.fromtimestamp(ts, tz).date().isoformat()
 
 
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_FIRST = _ALNUM | {"_"}
+_NAME_CHARS = _ALNUM | set("._-")
+_PROJECT_CHARS = _NAME_CHARS | set(" /")
+
+
+def spelled(text, first, rest, longest):
+    """Whether `text` is a character of `first` and then up to longest - 1 of `rest`:
+    the names every command checks, by hand rather than with `re` (see _LazyModule)."""
+    return 0 < len(text) <= longest and text[0] in first and rest.issuperset(text[1:])
+
+
+class Zone:
+    """A time zone by IANA name.  `tzinfo` is its zoneinfo, for datetime arithmetic.
+    What the timer commands ask -- an instant's local date and clock, the local day
+    around an instant, how long that day is -- the C library's localtime answers
+    when it reads the very file zoneinfo reads, without importing datetime and
+    zoneinfo (~6 ms, more than half a timer command's budget).  It answers only for
+    a day that starts at 00:00:00, lasts 86,400 s and has the same UTC offset from
+    the day before to the day after; any other day (a clock change, a skipped
+    midnight) is zoneinfo's, which knows folds.  (No zone in the tz database moves
+    its clocks and back within four days, tests/test_parsing.py checks, so equal
+    offsets that far apart mean none moved in between.)"""
+
+    def __init__(self, name):
+        self.name = name
+        self._tzinfo = None
+        self._libc = None
+        self._spans = {}     # ISO date -> (first second, first second of the next day)
+
+    def __repr__(self):
+        return "Zone(%r)" % self.name
+
+    @property
+    def tzinfo(self):
+        if self._tzinfo is None:
+            self._tzinfo = load_timezone(self.name)
+        return self._tzinfo
+
+    def _walls(self, *stamps):
+        """time.struct_time of each epoch second in this zone by the C library,
+        or None where it might not read what zoneinfo reads."""
+        if self._libc is None:
+            self._libc = self.name == "UTC" or self._same_file()
+        if not self._libc:
+            return None
+        if self.name == "UTC":
+            return [time.gmtime(ts) for ts in stamps]
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = self.name   # restored at once: git and plugins keep the user's TZ
+        try:
+            time.tzset()
+            return [time.localtime(ts) for ts in stamps]
+        finally:
+            if saved is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = saved
+            time.tzset()
+
+    def _same_file(self):
+        """Whether the C library's TZ=name and zoneinfo's ZoneInfo(name) read one
+        file: /usr/share/zoneinfo/<name>, where both look first unless TZDIR or
+        PYTHONTZPATH point elsewhere, and a real zone file (the C library would
+        quietly take anything else for UTC)."""
+        name = self.name
+        if (not hasattr(time, "tzset") or os.environ.get("TZDIR") or os.environ.get("PYTHONTZPATH")
+                or not name or name.startswith(("/", ".", "right/")) or ".." in name
+                or not spelled(name, _NAME_FIRST, _NAME_CHARS | {"/", "+"}, 200)):
+            return False
+        try:
+            with open(os.path.join("/usr/share/zoneinfo", name), "rb") as f:
+                return f.read(4) == b"TZif"
+        except OSError:
+            return False
+
+    def date_of(self, ts):
+        """The local date (ISO string) of epoch second `ts`."""
+        walls = self._walls(ts)
+        if walls:
+            return "%04d-%02d-%02d" % walls[0][:3]
+        from datetime import datetime
+        return datetime.fromtimestamp(ts, self.tzinfo).date().isoformat()
+
+    def clock_text(self, ts):
+        """`2026-11-20 09:30:00`: epoch second `ts` on this zone's clock."""
+        walls = self._walls(ts)
+        if walls:
+            return "%04d-%02d-%02d %02d:%02d:%02d" % walls[0][:6]
+        from datetime import datetime
+        return datetime.fromtimestamp(ts, self.tzinfo).strftime("%Y-%m-%d %H:%M:%S")
+
+    def day_span(self, ts):
+        """(first second, first second of the next day, ISO date) of the local day of `ts`."""
+        walls = self._walls(ts)
+        if walls:
+            wall = walls[0]
+            lo = ts - (wall.tm_hour * 3600 + wall.tm_min * 60 + wall.tm_sec)
+            hi = lo + 86400
+            before, first, last, after, later = self._walls(lo - 86400, lo, hi - 1, hi, hi + 86400)
+            if (first[:6] == wall[:3] + (0, 0, 0) and last[:6] == wall[:3] + (23, 59, 59)
+                    and after[3:6] == (0, 0, 0) and len({w.tm_gmtoff for w in (
+                        before, first, wall, last, after, later)}) == 1):
+                iso = "%04d-%02d-%02d" % wall[:3]
+                self._spans[iso] = (lo, hi)
+                return lo, hi, iso
+        from datetime import datetime, timedelta
+        day = datetime.fromtimestamp(ts, self.tzinfo).date()
+        lo, hi = self._day_start(day), self._day_start(day + timedelta(days=1))
+        if not lo <= ts < hi:  # zone data where local days overlap: keep making progress
+            lo, hi = ts, max(hi, ts + 1)
+        return lo, hi, day.isoformat()
+
+    def day_length(self, day_iso):
+        """Seconds in local date `day_iso`: 86400, or 82800 / 90000 on DST days."""
+        span = self._spans.get(day_iso)
+        if span:
+            return span[1] - span[0]
+        from datetime import date, timedelta
+        day = date.fromisoformat(day_iso)
+        return self._day_start(day + timedelta(days=1)) - self._day_start(day)
+
+    def _day_start(self, day):
+        """Epoch second at which local date `day` (a datetime.date) begins; where
+        midnight does not exist, the day's first instant (fold=0, PEP 495)."""
+        from datetime import datetime
+        return int(datetime(day.year, day.month, day.day, tzinfo=self.tzinfo).timestamp())
+
+
 class DayClock:
-    """Local calendar days of one time zone, for splitting time at local midnight.
+    """Local calendar days of one Zone, for splitting time at local midnight:
+    23- and 25-hour DST days come out right; where midnight does not exist, the
+    day starts at its first instant."""
 
-    Day starts are computed with zoneinfo, so 23- and 25-hour DST days come out
-    right; where midnight does not exist, the day starts at its first instant."""
-
-    def __init__(self, tz):
-        self.tz = tz
-        self._starts = {}
+    def __init__(self, zone):
+        self.zone = zone
         self._lengths = {}
         self._span = (0, 0, "")
 
-    def day_start(self, day):
-        """Epoch second at which local date `day` (a datetime.date) begins."""
-        start = self._starts.get(day)
-        if start is None:
-            from datetime import datetime
-            start = int(datetime(day.year, day.month, day.day, tzinfo=self.tz).timestamp())
-            self._starts[day] = start
-        return start
+    @property
+    def tz(self):
+        return self.zone.tzinfo
 
     def split(self, start, end):
         """[(date ISO string, seconds)] covering [start, end); the parts sum to end - start."""
@@ -261,10 +415,7 @@ class DayClock:
         """Seconds in local date `day_iso`: 86400, or 82800 / 90000 on DST days."""
         length = self._lengths.get(day_iso)
         if length is None:
-            from datetime import date, timedelta
-            day = date.fromisoformat(day_iso)
-            length = self._lengths[day_iso] = (self.day_start(day + timedelta(days=1))
-                                               - self.day_start(day))
+            length = self._lengths[day_iso] = self.zone.day_length(day_iso)
         return length
 
     def day_of(self, ts):
@@ -275,13 +426,7 @@ class DayClock:
         return self._day_span(ts)[2]
 
     def _day_span(self, ts):
-        """(first second, first second of the next day, ISO date) of the local day of `ts`."""
-        from datetime import datetime, timedelta
-        day = datetime.fromtimestamp(ts, self.tz).date()
-        lo, hi = self.day_start(day), self.day_start(day + timedelta(days=1))
-        if not lo <= ts < hi:  # zone data where local days overlap: keep making progress
-            lo, hi = ts, max(hi, ts + 1)
-        self._span = (lo, hi, day.isoformat())
+        self._span = self.zone.day_span(ts)
         return self._span
 
 
@@ -306,15 +451,44 @@ DAY_FORMS = (
 )
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_CLOCK = re.compile(r"^(\d{1,2})(?::(\d{2})(?::(\d{2}))?)?\s*(am|pm)?"
+_CLOCK = Pattern(r"^(\d{1,2})(?::(\d{2})(?::(\d{2}))?)?\s*(am|pm)?"
                     r"\s*(z|[+-]\d{2}:?\d{2})?$")
-_DATE_TIME = re.compile(
+_DATE_TIME = Pattern(
     r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
     r"\s*(Z|z|[+-]\d{2}:?\d{2})?)?$")
-_AGO = re.compile(r"^(?:-(\S+)|(\S+)\s+ago)$")
-_DAYS_AGO = re.compile(r"^-(\d{1,4})d$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_MONTH = re.compile(r"^\d{4}-\d{2}$")
+
+
+def _ago(text):
+    """The DURATION of `-DURATION` or `DURATION ago` (no spaces inside), or None."""
+    if text[:1] == "-" and len(text) > 1 and not _has_space(text):
+        return text[1:]
+    head = text[:-3] if text.endswith("ago") else ""
+    word = head.rstrip()
+    if word and len(word) < len(head) and not _has_space(word):
+        return word
+    return None
+
+
+def _has_space(text):
+    return any(c.isspace() for c in text)
+
+
+def _days_ago(text):
+    """N of `-Nd` (up to 4 digits), or None."""
+    digits = text[1:-1]
+    if text[:1] == "-" and text[-1:] == "d" and 0 < len(digits) <= 4 and digits.isdecimal():
+        return int(digits)
+    return None
+
+
+def is_month(text):
+    """`YYYY-MM` in shape (digits as `re`'s \\d); by hand, as in `spelled`."""
+    return len(text) == 7 and text[4] == "-" and (text[:4] + text[5:]).isdecimal()
+
+
+def is_iso_date(text):
+    """`YYYY-MM-DD` in shape."""
+    return len(text) == 10 and text[7] == "-" and is_month(text[:7]) and text[8:].isdecimal()
 
 
 def _forms(table):
@@ -372,16 +546,32 @@ def parse_day(text, tz, now_ts, what="date"):
         return today - timedelta(days=1)
     if word[:3] in _WEEKDAYS and word in (word[:3], _WEEKDAY_NAMES[_WEEKDAYS.index(word[:3])]):
         return today - timedelta(days=(today.weekday() - _WEEKDAYS.index(word[:3])) % 7)
-    m = _DAYS_AGO.fullmatch(word)
-    if m:
-        return today - timedelta(days=int(m.group(1)))
-    if _DATE.fullmatch(word):
+    days = _days_ago(word)
+    if days is not None:
+        return today - timedelta(days=days)
+    if is_iso_date(word):
         try:
             return plausible_day(date.fromisoformat(word), text, what)
         except ValueError:
             pass
     raise FlowForgeError("%s %r is not valid: use %s" % (what, text, _forms(DAY_FORMS)),
                          EXIT_USAGE)
+
+
+def relative_time(text, now_ts):
+    """Epoch seconds for `now`, `-15m` or `2h ago`, which need no time zone; None
+    for any other form (parse_time's)."""
+    lowered = (text or "").strip().lower()
+    if lowered == "now":
+        return now_ts
+    ago = _ago(lowered)
+    if ago and _days_ago(lowered) is None:
+        try:
+            return _plausible(now_ts - parse_duration(ago), text)
+        except FlowForgeError as e:
+            if e.exit_code != EXIT_USAGE or "out of range" in str(e):
+                raise
+    return None
 
 
 def parse_time(text, tz, now_ts, base_day=None):
@@ -393,15 +583,9 @@ def parse_time(text, tz, now_ts, base_day=None):
     text = (text or "").strip()
     lowered = text.lower()
     try:
-        if lowered == "now":
-            return now_ts
-        m = _AGO.fullmatch(lowered)
-        if m and not _DAYS_AGO.fullmatch(lowered):
-            try:
-                return _plausible(now_ts - parse_duration(m.group(1) or m.group(2)), raw)
-            except FlowForgeError as e:
-                if e.exit_code != EXIT_USAGE or "out of range" in str(e):
-                    raise
+        relative = relative_time(raw, now_ts)
+        if relative is not None:
+            return relative
         m = _DATE_TIME.fullmatch(text)
         if m:
             y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
@@ -454,9 +638,29 @@ def _plausible(ts, raw):
     return ts
 
 
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def epoch_day(day_iso):
+    """Days from 1970-01-01 to the valid ASCII date `day_iso` of years 1970-2999,
+    else None: the timer commands' date arithmetic, without importing datetime."""
+    if not (is_iso_date(day_iso) and day_iso.isascii() and "1970" <= day_iso[:4] <= "2999"):
+        return None
+    year, month, day = int(day_iso[:4]), int(day_iso[5:7]), int(day_iso[8:])
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= month <= 12 or not 1 <= day <= _MONTH_DAYS[month - 1] + (leap and month == 2):
+        return None
+    before = year - 1   # leap days before this year, less the 477 before 1970
+    days = 365 * (year - 1970) + before // 4 - before // 100 + before // 400 - 477
+    return days + sum(_MONTH_DAYS[:month - 1]) + (leap and month > 2) + day - 1
+
+
 def shift_day(day_iso, days):
     """The ISO date `days` after (or before, if negative) `day_iso`; clamped
     to the calendar's ends rather than overflowing."""
+    number = epoch_day(day_iso)
+    if number is not None and 0 <= number + days < 376200:   # within 1970..2999
+        return "%04d-%02d-%02d" % time.gmtime((number + days) * 86400)[:3]
     from datetime import date, timedelta
     try:
         return (date.fromisoformat(day_iso) + timedelta(days=days)).isoformat()
@@ -477,6 +681,9 @@ def plausible_day(day, text, what):
 
 def _day_count(first_day, last_day):
     """Days from `first_day` to `last_day`, both included."""
+    first, last = epoch_day(first_day), epoch_day(last_day)
+    if first is not None and last is not None:
+        return last - first + 1
     from datetime import date
     return (date.fromisoformat(last_day) - date.fromisoformat(first_day)).days + 1
 
@@ -484,7 +691,7 @@ def _day_count(first_day, last_day):
 def parse_date(text, what="date"):
     """A `YYYY-MM-DD` argument as a datetime.date."""
     from datetime import date
-    if _DATE.fullmatch(text or ""):
+    if is_iso_date(text or ""):
         try:
             return plausible_day(date.fromisoformat(text), text, what)
         except ValueError:
@@ -493,14 +700,49 @@ def parse_date(text, what="date"):
 
 
 def parse_month(text):
-    if _MONTH.fullmatch(text or "") and 1 <= int(text[5:7]) <= 12 and \
+    if is_month(text or "") and 1 <= int(text[5:7]) <= 12 and \
             1970 <= int(text[:4]) <= 2999:
         return text
     raise FlowForgeError("month %r is not valid: use YYYY-MM" % text, EXIT_USAGE)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([hms])")
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
+
+
+def _duration_parts(text):
+    """[(number, unit)] of `1h 30m`-style text (numbers `12` or `1.5`, units h m s,
+    spaces anywhere between), or None; scanned by hand, as in `spelled`."""
+    parts, i, end = [], 0, len(text)
+    while True:
+        while i < end and text[i].isspace():
+            i += 1
+        if i == end:
+            return parts
+        j = i
+        while j < end and text[j].isdecimal():
+            j += 1
+        if j == i:
+            return None
+        if j + 1 < end and text[j] == "." and text[j + 1].isdecimal():
+            j += 1
+            while j < end and text[j].isdecimal():
+                j += 1
+        number = text[i:j]
+        while j < end and text[j].isspace():
+            j += 1
+        if j == end or text[j] not in "hms":
+            return None
+        parts.append((number, text[j]))
+        i = j + 1
+
+
+def _clock_duration(text):
+    """Seconds of `1:30` or `1:30:15` (minutes and seconds 00-59), or None."""
+    fields = text.split(":")
+    if not 2 <= len(fields) <= 3 or not fields[0].isdecimal() or not all(
+            len(f) == 2 and f[0] in "012345" and f[1].isdecimal() for f in fields[1:]):
+        return None
+    return int(fields[0]) * 3600 + int(fields[1]) * 60 + int(fields[2] if len(fields) == 3 else 0)
 
 
 def _exact_seconds(number, unit_seconds):
@@ -515,12 +757,9 @@ def parse_duration(text):
     """Positive integer seconds for `90m`, `1h30m`, `1.5h`, `45s`, `1:30` or `1:30:15`."""
     raw = text
     text = (text or "").strip().lower()
-    seconds = None
-    m = re.fullmatch(r"(\d+):([0-5]\d)(?::([0-5]\d))?", text)
-    if m:
-        seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0)
-    elif text and _DURATION_PART.sub("", text).strip() == "":
-        parts = _DURATION_PART.findall(text)
+    seconds = _clock_duration(text)
+    parts = _duration_parts(text) if seconds is None and text else None
+    if parts:
         units = [u for _, u in parts]
         if units == sorted(set(units), key="hms".index):
             seconds = sum(_exact_seconds(n, _UNIT_SECONDS[u]) for n, u in parts)
@@ -569,17 +808,16 @@ def format_hours(seconds):
     return "%d:%02d" % (h, rest // 60)
 
 
-_ISSUE_NUMBER = re.compile(r"^#?([0-9]{1,12})$")
-_ISSUE_REPO = re.compile(r"^([A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100})#([0-9]{1,12})$")
-_ISSUE_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,19})-([0-9]{1,12})$")
+_ISSUE_REPO = Pattern(r"^([A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100})#([0-9]{1,12})$")
+_ISSUE_KEY = Pattern(r"^([A-Za-z][A-Za-z0-9_]{0,19})-([0-9]{1,12})$")
 
 
 def parse_issue(text):
     """Canonical issue reference: `123` (also from `#123`), `owner/repo#123`, `ABC-12`."""
     text = (text or "").strip()
-    m = _ISSUE_NUMBER.fullmatch(text)
-    if m:
-        return str(int(m.group(1)))
+    number = text[1:] if text[:1] == "#" else text
+    if number.isascii() and number.isdigit() and len(number) <= 12:   # the common case, without re
+        return str(int(number))
     m = _ISSUE_REPO.fullmatch(text)
     if m and not m.group(1).startswith((".", "-")) and not any(
             part.strip(".") == "" for part in m.group(1).split("/")):
@@ -592,13 +830,15 @@ def parse_issue(text):
                          % text, EXIT_USAGE)
 
 
-_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,63}$")
+def is_project(text):
+    """1-64 letters, digits, space, . _ / -, starting with a letter or digit."""
+    return spelled(text, _ALNUM, _PROJECT_CHARS, 64) and not text.endswith(" ")
 
 
 def parse_project(text):
     if text is None:
         return ""
-    if _PROJECT.fullmatch(text) and not text.endswith(" "):
+    if is_project(text):
         return text
     raise FlowForgeError("project %r is not valid: 1-64 letters, digits, space, . _ / -, "
                          "starting with a letter or digit" % text, EXIT_USAGE)
@@ -614,21 +854,62 @@ def parse_note(text):
     return text
 
 
-_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
-
-
 def valid_user_name(name):
     """Letters, digits, `.`, `_`, `-`; 1-64 characters; no leading dot (so no `..`)."""
-    return bool(name) and _USER_NAME.fullmatch(name) is not None
+    return spelled(name or "", _NAME_FIRST, _NAME_CHARS, 64)
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_JSON_CODEC = []   # [scanner, canonical encoder], made on first use
+
+
+def _json_codec():
+    """The C scanner and encoder of the json package, set up as json.loads and
+    a canonical json.dumps set them up, without importing json itself (whose
+    Python half imports `re`: ~11 ms of a timer command's start-up).  Where the
+    accelerator is missing (another interpreter), the json package's own."""
+    if not _JSON_CODEC:
+        try:
+            import _json
+
+            class Decoding:   # the attributes json.decoder.JSONDecoder gives its scanner
+                strict = True
+                object_hook = object_pairs_hook = None
+                parse_float, parse_int = float, int
+                parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                                  "NaN": float("nan")}.__getitem__
+
+            def unserializable(obj):
+                raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+            scanner = _json.make_scanner(Decoding())
+            encoder = _json.make_encoder({}, unserializable, _json.encode_basestring, None, ":", ",",
+                                         True, False, True)
+            _JSON_CODEC[:] = [scanner, lambda obj: "".join(encoder(obj, 0))]
+        except (ImportError, AttributeError, TypeError):
+            scanner = json.JSONDecoder().scan_once
+            encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            _JSON_CODEC[:] = [scanner, encoder.encode]
+    return _JSON_CODEC
+
+
+def load_json(data):
+    """json.loads, for text or UTF-8 bytes: ValueError on anything that is not one JSON value."""
+    if isinstance(data, (bytes, bytearray)):
+        if data[:1] in (b"\xef", b"\xfe", b"\xff", b"\x00") or data[1:2] == b"\x00":
+            return json.loads(data)   # a byte-order mark, or UTF-16/32: json's detection
+        data = data.decode("utf-8", "surrogatepass")
+    start = len(data) - len(data.lstrip(" \t\n\r"))
+    try:
+        value, end = _json_codec()[0](data, start)
+    except StopIteration:
+        raise ValueError("not JSON: expecting a value at character %d" % start)
+    if end != len(data) and data[end:].strip(" \t\n\r"):
+        raise ValueError("not JSON: extra data at character %d" % end)
+    return value
 
 
 def canonical_json(obj):
-    """Sorted keys, compact, UTF-8: the same data always gives the same bytes.
-    (One shared encoder: json.dumps with options builds a new one per call.)"""
-    return _CANONICAL.encode(obj)
+    """Sorted keys, compact, UTF-8: the same data always gives the same bytes."""
+    return _json_codec()[1](obj)
 
 
 def canonical_bytes(obj):
@@ -656,7 +937,7 @@ def decode_record(line):
     if crc != zlib.crc32(body):
         raise ValueError("checksum mismatch")
     try:
-        record = json.loads(body)
+        record = load_json(body)
     except ValueError:
         raise ValueError("not JSON")
     if not isinstance(record, dict):
@@ -982,7 +1263,7 @@ def _write_all(fd, data):
         view = view[written:]
 
 
-def atomic_write(path, data, mode=None, sync_dir=True):
+def atomic_write(path, data, mode=None, sync_dir=True, durable=True):
     """Replace `path` with `data` so that readers see the old bytes or the new, never a mix.
 
     Temp file in the same directory (a rename across file systems is a copy),
@@ -991,7 +1272,10 @@ def atomic_write(path, data, mode=None, sync_dir=True):
     itself may not survive power loss).  On any failure the temp file is
     removed and the target is untouched.  `mode` None keeps an existing file's
     mode and gives a new one 0666 minus the umask.  A caller replacing many
-    files in one directory passes sync_dir=False and calls fsync_dir once."""
+    files in one directory passes sync_dir=False and calls fsync_dir once.
+    durable=False skips both fsyncs: for a copy that is compared with its
+    original and rewritten when they differ (the mirror's timer), so that
+    losing it or finding it torn after a crash costs nothing."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, ".%s.tmp-%d-%s" % (name, os.getpid(), os.urandom(4).hex()))
     keep_mode = None
@@ -1010,7 +1294,8 @@ def atomic_write(path, data, mode=None, sync_dir=True):
             if keep_mode is not None:
                 os.fchmod(fd, keep_mode)
             _write_all(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -1022,7 +1307,7 @@ def atomic_write(path, data, mode=None, sync_dir=True):
         if isinstance(e, OSError):
             raise StorageError(path, e)
         raise
-    if sync_dir:
+    if sync_dir and durable:
         try:
             fsync_dir(directory or ".")
         except OSError as e:
@@ -1254,10 +1539,23 @@ DEFAULT_CONFIG = {
     # missing aggregation: people who commit but track no time.
     "reconcile": {"ignore_authors": []},
 }
-_LEDGER_PREFIX = re.compile(r"refs/(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)+")
+def is_ref_namespace(prefix):
+    """`refs/` and then names (as user names, of any length), each ending in `/`."""
+    parts = prefix.split("/")
+    return len(parts) > 2 and parts[0] == "refs" and parts[-1] == "" and all(
+        spelled(part, _NAME_FIRST, _NAME_CHARS, len(part)) for part in parts[1:-1])
 
-_RATE = re.compile(r"^\d{1,9}(\.\d{1,4})?$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+def is_rate(text):
+    """A decimal string such as `120` or `120.50` (up to 9 digits, 4 decimals).
+    By hand, not a regular expression: every command validates the config."""
+    whole, dot, fraction = text.partition(".")
+    return (whole.isdecimal() and len(whole) <= 9
+            and (not dot or fraction.isdecimal() and len(fraction) <= 4))
+
+
+def is_currency(text):
+    """A three-letter code such as EUR."""
+    return len(text) == 3 and text.isascii() and text.isalpha() and text.isupper()
 
 
 class Repo:
@@ -1354,7 +1652,7 @@ def load_config(path):
     except FlowForgeError as e:
         raise FlowForgeError(str(e), EXIT_CONFIG)
     try:
-        config = json.loads(raw)
+        config = load_json(raw)
     except (ValueError, RecursionError) as e:
         raise FlowForgeError("%s is not valid JSON (%s); fix it or restore it from git"
                              % (path, one_line(e)), EXIT_CONFIG)
@@ -1396,13 +1694,13 @@ def validate_config(config, path):
     billing = config.get("billing")
     if not isinstance(billing, dict):
         bad("billing must be an object")
-    if not isinstance(billing.get("currency"), str) or not _CURRENCY.fullmatch(billing["currency"]):
+    if not isinstance(billing.get("currency"), str) or not is_currency(billing["currency"]):
         bad("billing.currency must be a three-letter code such as EUR")
 
     def rate(where, value):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return
-        if not isinstance(value, str) or not _RATE.fullmatch(value):
+        if not isinstance(value, str) or not is_rate(value):
             bad("%s must be a non-negative decimal string such as \"120.00\"" % where)
 
     rate("billing.default_rate", billing.get("default_rate"))
@@ -1439,7 +1737,7 @@ def validate_config(config, path):
         if not isinstance(invoice.get(key, ""), str):
             bad("billing.invoice.%s must be a string" % key)
     if "tax_rate" in invoice and not (isinstance(invoice["tax_rate"], str)
-                                      and _RATE.fullmatch(invoice["tax_rate"])):
+                                      and is_rate(invoice["tax_rate"])):
         bad("billing.invoice.tax_rate must be a percentage as a decimal string, such as \"19\"")
     if invoice.get("paper", "A4") not in ("A4", "letter"):
         bad("billing.invoice.paper must be A4 or letter")
@@ -1466,7 +1764,7 @@ def validate_config(config, path):
             bad("plugins.%s.enabled must be true or false" % name)
     ledger = config.get("ledger")
     prefix = ledger.get("prefix") if isinstance(ledger, dict) else None
-    if (not isinstance(prefix, str) or not _LEDGER_PREFIX.fullmatch(prefix) or ".." in prefix
+    if (not isinstance(prefix, str) or not is_ref_namespace(prefix) or ".." in prefix
             or prefix.count("/") < 3 or prefix.startswith(("refs/flowforge/incoming/",
                                                            "refs/flowforge/remotes/",
                                                            "refs/flowforge/quarantine/",
@@ -1540,7 +1838,7 @@ def init_repo(root):
         atomic_write(gitignore, text.encode("utf-8"))
         created.append(repo.rel(gitignore))
     if not os.path.exists(repo.config_path):
-        config = json.loads(json.dumps(DEFAULT_CONFIG))
+        config = load_json(json.dumps(DEFAULT_CONFIG))
         config["repo_id"] = os.urandom(8).hex()  # names this repository's mirror
         atomic_write(repo.config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n")
                      .encode("utf-8"))
@@ -1560,7 +1858,7 @@ class Quarantine:
 
     def _load(self):
         try:
-            doc = json.loads(read_bytes(self.manifest_path))
+            doc = load_json(read_bytes(self.manifest_path))
             items = doc["items"]
             if not isinstance(items, list):
                 raise ValueError
@@ -1684,7 +1982,7 @@ def record_metrics(repo, **changes):
         path = os.path.join(repo.state, "metrics.json")
         with repo.lock("metrics", 0.5, "the metrics"):
             try:
-                metrics = json.loads(read_bytes(path))
+                metrics = load_json(read_bytes(path))
                 if not isinstance(metrics, dict):
                     metrics = {}
             except (FileNotFoundError, ValueError):
@@ -1701,7 +1999,7 @@ def record_metrics(repo, **changes):
 
 def read_metrics(repo):
     try:
-        metrics = json.loads(read_bytes(os.path.join(repo.state, "metrics.json")))
+        metrics = load_json(read_bytes(os.path.join(repo.state, "metrics.json")))
         return metrics if isinstance(metrics, dict) else {}
     except (OSError, ValueError, FlowForgeError):
         return {}
@@ -1723,8 +2021,13 @@ def read_metrics(repo):
 # An entry id is "<YYYYMMDD>-<8 hex>": the day names the file that holds the
 # entry and all its amendments, so finding an entry reads one small file.
 
-_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
-_ENTRY_ID = re.compile(r"(\d{4})(\d{2})(\d{2})-[0-9a-f]{8,16}")
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_entry_id(text):
+    """`20261122-1a2b3c4d`: the day's digits, `-`, 8-16 hex digits."""
+    return (17 <= len(text) <= 25 and text[8] == "-" and text[:8].isdecimal()
+            and _HEX.issuperset(text[9:]))
 
 
 def entry_seconds(entry):
@@ -1761,7 +2064,7 @@ def _valid_record(record):
     if type(version) is not int or version > RECORD_SCHEMA:
         return False
     entry_id = record.get("id")
-    if type(entry_id) is not str or not _ENTRY_ID.fullmatch(entry_id):
+    if type(entry_id) is not str or not is_entry_id(entry_id):
         return False
     op = record.get("op")
     if op == "entry":
@@ -1790,7 +2093,7 @@ def _valid_entry_fields(fields, complete):
     if seconds is not None and (type(seconds) is not int or seconds <= 0):
         return False
     day = fields.get("date")
-    if day is not None and (type(day) is not str or not _DATE.fullmatch(day)):
+    if day is not None and (type(day) is not str or not is_iso_date(day)):
         return False
     if (type(fields.get("issue", "")) is not str or type(fields.get("project", "")) is not str
             or type(fields.get("note", "")) is not str):
@@ -1850,11 +2153,10 @@ def new_entry_id(day_iso, key=None, digits=8):
 
 
 def day_of_entry_id(entry_id):
-    m = _ENTRY_ID.fullmatch(entry_id or "")
-    if not m:
+    if not is_entry_id(entry_id or ""):
         raise FlowForgeError("entry id %r is not valid (ids look like 20261122-1a2b3c4d; "
                              "see `flowforge entries`)" % entry_id, EXIT_USAGE)
-    return "%s-%s-%s" % m.groups()
+    return "%s-%s-%s" % (entry_id[:4], entry_id[4:6], entry_id[6:8])
 
 
 def data_home():
@@ -1868,7 +2170,7 @@ def mirror_root(repo):
     `git clean -fdx` or a deleted clone cannot take the private data along.
     The repo id is in the committed config, so a fresh clone finds it too."""
     repo_id = str(repo.config.get("repo_id", ""))
-    if not re.fullmatch(r"[0-9a-f]{8,64}", repo_id):
+    if not (8 <= len(repo_id) <= 64 and _HEX.issuperset(repo_id)):
         repo_id = sha256_hex(repo.root.encode("utf-8"))[:16]
     return os.path.join(data_home(), "flowforge", repo_id)
 
@@ -1900,18 +2202,20 @@ class Mirror:
                 pass
             return False
 
-    def _copy(self, rel, data, sync_dir=True):
+    def _copy(self, rel, data, sync_dir=True, durable=True):
         path = os.path.join(self.dir, rel)
         makedirs_private(os.path.dirname(path))
-        atomic_write(path, data, 0o600, sync_dir=sync_dir)
+        atomic_write(path, data, 0o600, sync_dir=sync_dir, durable=durable)
         return os.path.dirname(path)
 
-    def put(self, rel, data):
-        return self._best_effort(rel, lambda: self._copy(rel, data))
+    def put(self, rel, data, durable=True):
+        return self._best_effort(rel, lambda: self._copy(rel, data, durable=durable))
 
     def appended(self, day, data, size_before):
         """Mirror an append to a day file: append the same bytes when the copy is
-        exactly the file's old content, else copy the whole file."""
+        exactly the file's old content, else copy the whole file.  Not synced,
+        like the timer's copy: the day file itself is, and every aggregation
+        copies a day whose copy differs in size (day files only grow)."""
         rel = os.path.join("time", "daily", day + ".jsonl")
 
         def do():
@@ -1921,7 +2225,7 @@ class Mirror:
             except FileNotFoundError:
                 size = -1
             if size == size_before:
-                append_durable(path, data)
+                append_durable(path, data, durable=False)
             else:
                 self._copy(rel, read_bytes(self.store.day_path(day)))
         return self._best_effort(rel, do)
@@ -1987,7 +2291,7 @@ def find_mirrors(repo, user):
         owner, sep, store_id = name.rpartition("--")
         if sep and owner == user and re.fullmatch(r"[0-9a-f]{10}", store_id):
             try:
-                info = json.loads(read_bytes(os.path.join(root, name, "mirror.json")))
+                info = load_json(read_bytes(os.path.join(root, name, "mirror.json")))
             except (OSError, ValueError, FlowForgeError):
                 info = {}
             found.append((store_id, os.path.join(root, name), info))
@@ -2008,7 +2312,7 @@ class PrivateStore:
         self.timer_path = os.path.join(self.time_dir, "current.json")
         self.far_path = os.path.join(self.time_dir, "far.json")
         self._settings = None
-        self._tz = None
+        self._zone = None
         self._clock = None
         self._salvaged = None
 
@@ -2046,7 +2350,7 @@ class PrivateStore:
         if timezone and self.settings()["timezone"] != timezone:
             settings = dict(self.settings(), timezone=timezone)
             atomic_write(self.config_path, canonical_bytes(settings), 0o600)
-            self._settings = self._tz = self._clock = None
+            self._settings = self._zone = self._clock = None
             self.mirror.put("config.json", canonical_bytes(settings))
         return False
 
@@ -2088,9 +2392,9 @@ class PrivateStore:
     def settings(self):
         if self._settings is None:
             try:
-                settings = json.loads(read_bytes(self.config_path))
+                settings = load_json(read_bytes(self.config_path))
                 store_id = str(settings.get("store", "")) if isinstance(settings, dict) else ""
-                if not re.fullmatch(r"[0-9a-f]{10}", store_id):
+                if len(store_id) != 10 or not _HEX.issuperset(store_id):
                     raise ValueError("no valid store id")
                 if settings.get("schema", 0) > USER_SCHEMA:
                     raise ValueError("written by a newer FlowForge")
@@ -2116,15 +2420,19 @@ class PrivateStore:
         return self.settings().get("timezone") or "UTC"
 
     @property
+    def zone(self):
+        if self._zone is None:
+            self._zone = Zone(self.tz_name)
+        return self._zone
+
+    @property
     def tz(self):
-        if self._tz is None:
-            self._tz = load_timezone(self.tz_name)
-        return self._tz
+        return self.zone.tzinfo
 
     @property
     def clock(self):
         if self._clock is None:
-            self._clock = DayClock(self.tz)
+            self._clock = DayClock(self.zone)
         return self._clock
 
     def lock(self, timeout=10.0):
@@ -2142,7 +2450,8 @@ class PrivateStore:
             names = os.listdir(self.daily)
         except FileNotFoundError:
             return []
-        return sorted(m.group(1) for m in map(_DAY_FILE.fullmatch, names) if m)
+        return sorted(name[:10] for name in names
+                      if len(name) == 16 and name.endswith(".jsonl") and is_iso_date(name[:10]))
 
     def read_day(self, day_iso):
         """All records of one day file.  The caller holds the store lock.
@@ -2174,7 +2483,7 @@ class PrivateStore:
                 for line in lines:
                     if line[8:9] != b" " or int(line[:8], 16) != crc32(line[9:]):
                         raise ValueError
-                records = json.loads(b"[" + b",".join([line[9:] for line in lines]) + b"]")
+                records = load_json(b"[" + b",".join([line[9:] for line in lines]) + b"]")
                 if all(_valid_record(r) for r in records):
                     return records
             except ValueError:
@@ -2284,9 +2593,9 @@ class PrivateStore:
         of their day file (an edit moved them).  A listed id that no longer
         reaches far is harmless: views look at the entry's real time."""
         try:
-            doc = json.loads(read_bytes(self.far_path))
+            doc = load_json(read_bytes(self.far_path))
             far = doc["entries"] if isinstance(doc, dict) else None
-            if isinstance(far, dict) and all(isinstance(v, str) and _DATE.fullmatch(v)
+            if isinstance(far, dict) and all(isinstance(v, str) and is_iso_date(v)
                                              for v in far.values()):
                 return far
             raise ValueError("not a map of entry ids to days")
@@ -2340,7 +2649,7 @@ class PrivateStore:
         except FileNotFoundError:
             return None
         try:
-            doc = json.loads(raw)
+            doc = load_json(raw)
             if not isinstance(doc, dict) or doc.get("schema", 0) > TIMER_SCHEMA:
                 raise ValueError("unknown timer format")
             timer = doc.get("timer")
@@ -2352,22 +2661,28 @@ class PrivateStore:
                                  "the running timer is lost: start it again with --at"
                                  % (self.repo.rel(self.timer_path), item), EXIT_DATA)
         if timer is not None and self.has_record(timer["day"], timer["id"]):
-            self.save_timer(None)
+            self.save_timer(None, recorded=True)
             log_event(self.repo, "timer-healed", user=self.user, id=timer["id"])
             debug("timer %s had already been recorded; cleared it" % timer["id"])
             return None
         return timer
 
-    def save_timer(self, timer):
+    def save_timer(self, timer, recorded=False):
+        """Write the timer state (None: no timer).  fsyncs: the file and its
+        directory, so that a started, paused or resumed timer survives a crash;
+        `recorded` (clearing a timer whose entry is in its day file already):
+        the file only -- should the rename be lost, the old timer comes back and
+        load_timer clears it again.  The mirror's copy is not synced: every
+        aggregation compares it with this file and rewrites it if it differs."""
         makedirs_private(self.time_dir)
         data = canonical_bytes({"schema": TIMER_SCHEMA, "timer": timer})
-        atomic_write(self.timer_path, data, 0o600)
-        self.mirror.put(os.path.join("time", "current.json"), data)
+        atomic_write(self.timer_path, data, 0o600, sync_dir=not recorded)
+        self.mirror.put(os.path.join("time", "current.json"), data, durable=False)
 
 
 def _valid_timer(timer):
     return (isinstance(timer, dict) and isinstance(timer.get("id"), str)
-            and _ENTRY_ID.fullmatch(timer["id"]) is not None
+            and is_entry_id(timer["id"])
             and isinstance(timer.get("day"), str) and isinstance(timer.get("issue"), str)
             and isinstance(timer.get("segments"), list)
             and (timer.get("running_since") is None or type(timer["running_since"]) is int)
@@ -2405,8 +2720,7 @@ class Timers:
         return at
 
     def show(self, ts):
-        from datetime import datetime
-        return datetime.fromtimestamp(ts, self.store.tz).strftime("%Y-%m-%d %H:%M:%S")
+        return self.store.zone.clock_text(ts)
 
     def span(self, segments):
         """`2026-11-20 09:00-10:30` (or `... 23:00 to 2026-11-21 01:30`) for messages."""
@@ -2581,7 +2895,7 @@ class Timers:
                                                       " (overlap allowed)" if entry.get("overlap")
                                                       else ""))
             try:
-                self.store.save_timer(None)
+                self.store.save_timer(None, recorded=True)
             except StorageError as e:  # recorded: the next command sees it and clears the timer
                 log_event(self.store.repo, "after-commit-point", command="stop", error=one_line(e))
                 warn("the entry is recorded, but the timer file could not be cleared (%s); the "
@@ -2612,7 +2926,7 @@ class Timers:
                     raise FlowForgeError("start time %s is before the current timer's %s"
                                          % (self.show(at), self.show(timer_last_point(timer))),
                                          EXIT_USAGE)
-            day = local_date(at, self.store.tz)
+            day = self.store.zone.date_of(at)
             new = {"id": new_entry_id(day), "day": day, "issue": issue, "project": project,
                    "note": note, "segments": [], "running_since": at}
             if allow_overlap:
@@ -2648,7 +2962,7 @@ class Timers:
         best = None
         with self.store.lock():
             for day in reversed(self.store.days()):
-                if best and day < shift_day(local_date(best[1]["segments"][-1][1], self.store.tz),
+                if best and day < shift_day(self.store.zone.date_of(best[1]["segments"][-1][1]),
                                             -REACH_DAYS):
                     break
                 for entry_id, entry in self.store.entries_of_day(day).items():
@@ -2725,10 +3039,10 @@ class Timers:
                    timer.get("allow_overlap", False),
                    what="resuming %s at %s" % (timer["issue"], self.show(at)[:16]))
         stopped = None
-        if local_date(at, self.store.tz) != timer["day"]:
+        if self.store.zone.date_of(at) != timer["day"]:
             # A new day, a new entry: an entry stays near the day file that holds it.
             stopped = self._finish(timer, last, messages)
-            day = local_date(at, self.store.tz)
+            day = self.store.zone.date_of(at)
             timer = dict(timer, id=new_entry_id(day), day=day, segments=[])
         timer["running_since"] = at
         self.store.save_timer(timer)
@@ -2745,7 +3059,7 @@ class Timers:
     def status(self):
         with self.store.lock():
             timer = self.store.load_timer()
-            today = local_date(self.now, self.store.tz)
+            today = self.store.zone.date_of(self.now)
             near = self.store.entries_near(today, today)
         split = self.store.clock.split
         today_seconds = sum(seconds for _, entry in near.values()
@@ -2797,7 +3111,7 @@ class Timers:
         the interval [start, start + seconds) (Timewarrior's `track`)."""
         self.check_log(seconds, day, start, self.store.tz)
         if start is not None:
-            day = local_date(start, self.store.tz)
+            day = self.store.zone.date_of(start)
         entry_id = new_entry_id(day, key)
         entry = {"op": "entry", "id": entry_id, "issue": issue, "project": project,
                  "note": note, "src": "log"}
@@ -2837,7 +3151,7 @@ class Timers:
                                          "--duration and --date" % entry_id, EXIT_USAGE)
                 new["seconds"] = changes.get("seconds", entry["seconds"])
                 new["date"] = changes.get("date", entry["date"])
-                if new["date"] > local_date(self.now, self.store.tz):
+                if new["date"] > self.store.zone.date_of(self.now):
                     raise FlowForgeError("date %s is in the future" % new["date"], EXIT_USAGE)
             if entry_seconds(new) > MAX_ENTRY_SECONDS:
                 raise FlowForgeError("an entry cannot be longer than 24h", EXIT_USAGE)
@@ -2958,7 +3272,7 @@ class AuditChain:
         if last is None:
             return 0, AUDIT_GENESIS
         try:
-            record = json.loads(last)
+            record = load_json(last)
             return int(record["seq"]), str(record["hash"])
         except (ValueError, KeyError, TypeError):
             raise CorruptFile(self.path, "the last audit record is damaged; see `flowforge audit "
@@ -2997,7 +3311,7 @@ class AuditChain:
         for line in data.split(b"\n"):
             if line:
                 try:
-                    out.append(json.loads(line))
+                    out.append(load_json(line))
                 except ValueError:
                     out.append(None)
         return out
@@ -3029,7 +3343,7 @@ def verify_chain_bytes(data, path):
     for line in lines:
         problem = None
         try:
-            record = json.loads(line)
+            record = load_json(line)
             if not isinstance(record, dict):
                 raise ValueError
         except (ValueError, RecursionError):
@@ -3149,7 +3463,7 @@ def render_shard(user, store_id, month, granularity, tz_name, cells):
     return blank.replace(b'"sha256":""', b'"sha256":"%s"' % sha256_hex(blank).encode(), 1)
 
 
-_SHARD_SHA = re.compile(rb'"sha256":"([0-9a-f]{64})"')
+_SHARD_SHA = Pattern(rb'"sha256":"([0-9a-f]{64})"')
 
 
 def verify_shard_bytes(raw):
@@ -3162,7 +3476,7 @@ def verify_shard_bytes(raw):
     if sha256_hex(raw[:m.start(1)] + raw[m.end(1):]) != m.group(1).decode():
         raise ValueError("does not match its sha256 (edited by hand?)")
     try:
-        doc = json.loads(raw)
+        doc = load_json(raw)
     except (ValueError, RecursionError):  # RecursionError: nested too deep to be a shard
         raise ValueError("is not valid JSON")
     if not isinstance(doc, dict) or doc.get("kind") != "flowforge-shard":
@@ -3177,7 +3491,7 @@ def check_shard_sums(doc):
     their sums."""
     user, store_id, month = doc.get("user"), doc.get("store"), doc.get("month")
     if (not isinstance(user, str) or not valid_user_name(user) or not isinstance(store_id, str)
-            or not isinstance(month, str) or not _MONTH.fullmatch(month)
+            or not isinstance(month, str) or not is_month(month)
             or doc.get("granularity") not in ("day", "week", "month")):
         raise ValueError("header (user, store, month, granularity) malformed")
     rows = doc.get("rows")
@@ -3236,7 +3550,7 @@ def list_shard_files(repo):
         except NotADirectoryError:
             continue
         for file_name in files:
-            if file_name.endswith(".json") and _MONTH.fullmatch(file_name[:-5]):
+            if file_name.endswith(".json") and is_month(file_name[:-5]):
                 found.append((os.path.join(directory, file_name), user, store_id, file_name[:-5]))
     return found
 
@@ -3279,9 +3593,9 @@ LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
 LEDGER_CACHE_SCHEMA = 3   # 3: a header line, then a totals line and a rows line per month
 LEDGER_AUTHOR = "FlowForge ledger"
-_STORE_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
-_SHARD_NAME = re.compile(r"(\d{4}-\d{2})\.json")
-_CHAIN_NAME = re.compile(r"(\d{4})\.jsonl")
+_STORE_KEY = Pattern(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
+_SHARD_NAME = Pattern(r"(\d{4}-\d{2})\.json")
+_CHAIN_NAME = Pattern(r"(\d{4})\.jsonl")
 # Objects are fsynced before the ref that names them, and the ref itself too
 # (git >= 2.36; older versions ignore the setting and rely on the page cache).
 _GIT_DURABLE = ["-c", "core.fsync=objects,reference", "-c", "core.fsyncMethod=fsync"]
@@ -3582,7 +3896,7 @@ def verify_chain_tail(data, where):
     if not last:
         return 0, AUDIT_GENESIS
     try:
-        record = json.loads(last)
+        record = load_json(last)
         seq, digest = record["seq"], record["hash"]
         if type(seq) is not int or not isinstance(digest, str):
             raise TypeError
@@ -3607,7 +3921,7 @@ def ledger_chain_records(repo, user, store_id):
     for line in data.split(b"\n"):
         if line:
             try:
-                record = json.loads(line)
+                record = load_json(line)
             except (ValueError, RecursionError):
                 record = None
             records.append(record if isinstance(record, dict) else None)
@@ -3951,7 +4265,7 @@ def fetch_state_path(repo):
 
 def record_fetch(repo, remote):
     try:
-        state = json.loads(read_bytes(fetch_state_path(repo)))
+        state = load_json(read_bytes(fetch_state_path(repo)))
         if not isinstance(state, dict):
             state = {}
     except (OSError, ValueError, FlowForgeError):
@@ -3967,7 +4281,7 @@ def last_fetch_time(repo, refs):
     exist: a fetch without the refspec brings none), whichever is newer."""
     times = []
     try:
-        state = json.loads(read_bytes(fetch_state_path(repo)))
+        state = load_json(read_bytes(fetch_state_path(repo)))
         times += [v for v in state.values() if isinstance(v, int)] if isinstance(state, dict) else []
     except (OSError, ValueError, FlowForgeError):
         pass
@@ -4115,7 +4429,7 @@ def push_periods(repo, remote, refs, timeout=None, restore=False):
     todo, diverged, leases = [], [], []
     for ref, (oid, _, _) in sorted(refs.items()):
         month = ref[len(PERIODS_REF):] if ref.startswith(PERIODS_REF) else None
-        if month and _MONTH.fullmatch(month):
+        if month and is_month(month):
             seen = refs.get("%s%s/periods/%s" % (INCOMING_REF, remote, month))
             if seen is None or (seen[0] != oid and is_ancestor(repo, seen[0], oid)):
                 todo.append((month, oid))
@@ -4224,7 +4538,7 @@ def legacy_store_files(repo, key, entry):
                               else "is not in its audit chain")
     years, last_ts = {}, 0
     for line in chain.splitlines(True):
-        ts = json.loads(line)["ts"]
+        ts = load_json(line)["ts"]
         if ts < last_ts:
             raise CorruptFile(where, "records are not in time order")
         last_ts = ts
@@ -4287,7 +4601,7 @@ class Aggregator:
 
     def _load_state(self, tip):
         try:
-            state = json.loads(read_bytes(self.state_path))
+            state = load_json(read_bytes(self.state_path))
         except FileNotFoundError:
             return None
         except (ValueError, RecursionError):
@@ -4326,7 +4640,7 @@ class Aggregator:
         """The last team audit record that this store's private chain records."""
         last, _ = self._private_chain()._tail()
         try:
-            seq = json.loads(last).get("team_seq") if last else 0
+            seq = load_json(last).get("team_seq") if last else 0
         except (ValueError, AttributeError, RecursionError):
             return 0
         return seq if type(seq) is int and seq > 0 else 0
@@ -4450,7 +4764,7 @@ class Aggregator:
         local = self._private_chain()
         for line in chain.splitlines():
             try:
-                record = json.loads(line)
+                record = load_json(line)
             except (ValueError, RecursionError):
                 return
             if isinstance(record, dict) and type(record.get("seq")) is int and record["seq"] > known:
@@ -4484,7 +4798,7 @@ class Aggregator:
             if raw is None:
                 continue
             try:
-                for period, issue, project, seconds in json.loads(raw)["rows"]:
+                for period, issue, project, seconds in load_json(raw)["rows"]:
                     if period not in periods:
                         cells[(period, issue, project)] = seconds
             except (TypeError, ValueError, KeyError, RecursionError):
@@ -4539,11 +4853,11 @@ class Aggregator:
                 continue  # unchanged, or a month that never had time
             for raw in (old[name], data):
                 try:
-                    issues.update(row[1] for row in json.loads(raw)["rows"])
+                    issues.update(row[1] for row in load_json(raw)["rows"])
                 except (TypeError, ValueError, KeyError, IndexError, RecursionError):
                     pass
             files[name] = data
-            totals[month] = json.loads(data)["totals"]["seconds"]
+            totals[month] = load_json(data)["totals"]["seconds"]
         return files, totals, issues
 
     def _commit(self, ledger, files, totals, action):
@@ -4618,7 +4932,7 @@ def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
         _, status = os.waitpid(pid, 0)
         if status != 0 or not data:
             raise FlowForgeError("an aggregation worker failed (exit status %d)" % status)
-        outcomes[n] = json.loads(data)
+        outcomes[n] = load_json(data)
     by_user = {}
     for n, chunk in enumerate(chunks):
         by_user.update(zip(chunk, outcomes[n]))
@@ -4685,7 +4999,7 @@ DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_LEASE = 120.0
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                        "lustre", "gpfs", "fuse.sshfs", "fuse.s3fs", "davfs"}
-_JOB_KIND = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
+_JOB_KIND = Pattern(r"[a-z][a-z0-9_.:-]{0,63}")
 
 
 class RetryLater(Exception):
@@ -4776,7 +5090,7 @@ class Job:
     def __init__(self, row):
         self.id = row["id"]
         self.kind = row["kind"]
-        self.payload = json.loads(row["payload"])
+        self.payload = load_json(row["payload"])
         self.priority = row["priority"]
         self.attempts = row["attempts"]
         self.max_attempts = row["max_attempts"]
@@ -5128,7 +5442,7 @@ class RetryQueue:
         out = []
         for row in rows:
             job = dict(zip(_JOB_COLUMNS, row))
-            job["payload"] = json.loads(job["payload"])
+            job["payload"] = load_json(job["payload"])
             job["priority"] = [k for k, v in PRIORITIES.items() if v == job["priority"]][0]
             out.append(job)
         return out
@@ -5283,7 +5597,7 @@ PLUGIN_HOOKS = {
     "sync": ("repo", "issue", "config", "job", "http", "state"),
     "health": ("repo", "config"),
 }
-_PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_PLUGIN_NAME = Pattern(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class Plugin:
@@ -5441,7 +5755,7 @@ def plugin_state(repo, name):
 
     def load():
         try:
-            data = json.loads(read_bytes(path))
+            data = load_json(read_bytes(path))
             return data if isinstance(data, dict) else {}
         except (FileNotFoundError, ValueError):
             return {}
@@ -5458,7 +5772,7 @@ class HttpResponse:
 
     def json(self):
         try:
-            return json.loads(self.body.decode("utf-8")) if self.body else None
+            return load_json(self.body.decode("utf-8")) if self.body else None
         except ValueError:
             return None
 
@@ -6164,7 +6478,7 @@ def sd_notify(message):
 def daemon_state(repo):
     """(running, info): whether a daemon holds the lock, and its heartbeat file."""
     try:
-        info = json.loads(read_bytes(os.path.join(repo.state, "daemon.json")))
+        info = load_json(read_bytes(os.path.join(repo.state, "daemon.json")))
         if not isinstance(info, dict):
             info = {}
     except (OSError, ValueError, FlowForgeError):
@@ -6810,7 +7124,7 @@ def _store_chain(objects, rev, years):
     return b"".join(item[1] for item in items), None
 
 
-_RESTORE_MESSAGE = re.compile(r"recover: restore ([0-9a-f]{40}(?:[0-9a-f]{24})?) ")
+_RESTORE_MESSAGE = Pattern(r"recover: restore ([0-9a-f]{40}(?:[0-9a-f]{24})?) ")
 
 
 def _chain_history_problems(repo, objects, ref, tip, since, size):
@@ -6894,7 +7208,7 @@ def author_user(repo, email):
     return authors.get(email) or derive_user_name(email)
 
 
-_GIT_LOG_FIELD = re.compile(r"[\x00-\x1f\x7f]")
+_GIT_LOG_FIELD = Pattern(r"[\x00-\x1f\x7f]")
 
 
 def missing_aggregation(repo, lookback_hours, view):
@@ -6975,7 +7289,7 @@ def ci_report_markdown(repo, result, missing, lookback_hours):
     return "\n".join(out) + "\n"
 
 
-_TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+_TEMP_FILE = Pattern(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
 
 
 def orphaned_temp_files(roots, min_age=3600):
@@ -7138,7 +7452,7 @@ def assess(repo, user=None):
                     "any command that reads it quarantines it and keeps its good lines")
         try:
             raw = read_bytes(store.timer_path)
-            doc = json.loads(raw)
+            doc = load_json(raw)
             if not isinstance(doc, dict) or (doc.get("timer") is not None
                                              and not _valid_timer(doc["timer"])):
                 raise ValueError
@@ -7344,7 +7658,7 @@ def mirror_copy_wanted(inside, local, mirrored):
         return all(line in lines for line in good)
     if inside == "config.json":
         try:
-            return not re.fullmatch(r"[0-9a-f]{10}", str(json.loads(local).get("store", "")))
+            return not re.fullmatch(r"[0-9a-f]{10}", str(load_json(local).get("store", "")))
         except (ValueError, AttributeError):
             return True
     return False
@@ -7353,7 +7667,7 @@ def mirror_copy_wanted(inside, local, mirrored):
 def load_plan(repo):
     path = os.path.join(recover_dir(repo), "plan.json")
     try:
-        plan = json.loads(read_bytes(path))
+        plan = load_json(read_bytes(path))
         if not isinstance(plan, dict) or not isinstance(plan.get("items"), list):
             raise ValueError
         return plan
@@ -7400,9 +7714,9 @@ def validate(repo):
             have = ledger.read([shard_name(m) for m in computed])
             for month, data in computed.items():
                 actual = have[shard_name(month)]
-                expected = json.loads(data)["totals"]["seconds"]
+                expected = load_json(data)["totals"]["seconds"]
                 try:
-                    seconds = json.loads(actual)["totals"]["seconds"] if actual else None
+                    seconds = load_json(actual)["totals"]["seconds"] if actual else None
                 except (ValueError, KeyError, TypeError):
                     seconds = None
                 results.append({"path": "%s%s:%s" % (STORES_REF, key, shard_name(month)),
@@ -7432,7 +7746,7 @@ def compliance_audit(repo):
                 chain_result = verify_chain_bytes(chain, ref)
                 for data in ledger.read([shard_name(m) for m in ledger.months()]).values():
                     try:
-                        total += json.loads(data)["totals"]["seconds"]
+                        total += load_json(data)["totals"]["seconds"]
                     except (TypeError, ValueError, KeyError, RecursionError):
                         pass
             except FlowForgeError as e:   # a teammate's unreadable ref: one row says so
@@ -7517,7 +7831,7 @@ def _read_journal(repo, path):
     """The deploy journal, or None after setting a damaged one aside (it is
     written by atomic replace, so damage is from outside FlowForge)."""
     try:
-        journal = json.loads(read_bytes(path))
+        journal = load_json(read_bytes(path))
         if (not isinstance(journal, dict) or journal.get("state") not in ("prepared", "applying")
                 or not isinstance(journal.get("id"), str) or not isinstance(journal.get("items"), list)
                 or not all(isinstance(i, dict) and isinstance(i.get("path"), str)
@@ -7587,7 +7901,7 @@ def deploy(repo, dry_run=False, rollback=False):
         done = sorted(os.listdir(history)) if os.path.isdir(history) else []
         if not done:
             raise FlowForgeError("no deploy to roll back")
-        last = json.loads(read_bytes(os.path.join(history, done[-1])))
+        last = load_json(read_bytes(os.path.join(history, done[-1])))
         for item in last["items"]:
             if item.get("backup"):
                 items.append({"path": item["path"], "source": item["backup"]})
@@ -7684,10 +7998,10 @@ def _prepare_deploy(repo, items, ref_items, deploy_id, staging, rollback):
 class ImportBatch:
     """What an importer found: entries by user, running timers, things to review."""
 
-    def __init__(self, source, path, tz):
+    def __init__(self, source, path, zone):
         self.source, self.path = source, path
-        self.clock = DayClock(tz)
-        self.utc_days = DayClock(_utc())
+        self.clock = DayClock(zone)
+        self.utc_days = DayClock(Zone("UTC"))
         self.entries = {}     # user -> [entry record]
         self.timers = []      # (user, issue, project, note, start, entry id)
         self.review = []      # human-readable lines: not billed, or worth a look
@@ -7743,11 +8057,11 @@ def _v1_time(value, path, where):
         raise _import_error(path, where, "time %r is not ISO-8601" % value)
 
 
-def parse_v1(path, data, mapping, tz):
+def parse_v1(path, data, mapping, zone):
     """The legacy .task-times.json: {issue: {status, current_session, sessions}}."""
-    batch = ImportBatch("v1", path, tz)
+    batch = ImportBatch("v1", path, zone)
     try:
-        doc = json.loads(data)
+        doc = load_json(data)
     except ValueError as e:
         raise _import_error(path, "line %d" % getattr(e, "lineno", 0), "not valid JSON")
     if not isinstance(doc, dict):
@@ -7835,16 +8149,16 @@ def _clean_project(name, path, where):
     if not name:
         return ""
     cleaned = re.sub(r"[^A-Za-z0-9 ._/-]", "-", str(name)).strip(" -")[:64].strip()
-    if not _PROJECT.fullmatch(cleaned or "x!"):
+    if not is_project(cleaned or "x!"):
         raise _import_error(path, where, "project %r cannot be used" % name)
     return cleaned
 
 
-def parse_watson(path, data, user, default_issue, tz):
+def parse_watson(path, data, user, default_issue, zone):
     """Watson's frames file: [[start, stop, project, id, tags, updated_at], ...]."""
-    batch = ImportBatch("watson", path, tz)
+    batch = ImportBatch("watson", path, zone)
     try:
-        frames = json.loads(data)
+        frames = load_json(data)
     except ValueError as e:
         raise _import_error(path, "line %d" % getattr(e, "lineno", 0), "not valid JSON")
     if not isinstance(frames, list):
@@ -7888,7 +8202,7 @@ def parse_watson(path, data, user, default_issue, tz):
     return batch
 
 
-_TIMEW_LINE = re.compile(r"^inc (\d{8}T\d{6}Z)(?: - (\d{8}T\d{6}Z))?(?: # (.*))?$")
+_TIMEW_LINE = Pattern(r"^inc (\d{8}T\d{6}Z)(?: - (\d{8}T\d{6}Z))?(?: # (.*))?$")
 
 
 def _timew_time(text, path, where):
@@ -7927,7 +8241,7 @@ def _timew_words(text):
     return words
 
 
-def parse_timewarrior(path, user, default_issue, project, tz):
+def parse_timewarrior(path, user, default_issue, project, zone):
     """Timewarrior's data/*.data: `inc START - END # tags # "annotation"`; an
     interval without an end is the running one."""
     directory = os.path.join(path, "data") if os.path.isdir(os.path.join(path, "data")) else path
@@ -7938,7 +8252,7 @@ def parse_timewarrior(path, user, default_issue, project, tz):
     if not files:
         raise FlowForgeError("%s has no Timewarrior data files (data/YYYY-MM.data)" % path,
                              EXIT_DATA)
-    batch = ImportBatch("timewarrior", path, tz)
+    batch = ImportBatch("timewarrior", path, zone)
     without_issue = 0
     for name in files:
         text = read_bytes(os.path.join(directory, name)).decode("utf-8", "replace")
@@ -8003,7 +8317,7 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False, overlaps=
         for user in users:
             store = stores[user]
             if not store.exists():
-                store._tz = load_timezone(system_timezone_name())  # the zone create() gives it
+                store._zone = Zone(system_timezone_name())  # the zone create() gives it
             new = []
             for day, records in _by_file_day(batch.entries.get(user, [])):
                 seen = {r["id"] for r in store.read_day(day)}
@@ -8024,7 +8338,7 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False, overlaps=
             store = stores[user]
             admitted, already = plans[user]
             if not dry_run and not store.exists() and (admitted or user == importing_user):
-                store._settings = store._tz = None
+                store._settings = store._zone = store._clock = None
                 store._create(None)   # under the lock held above
             if store.exists() and admitted and not dry_run:
                 written = []
@@ -8263,7 +8577,7 @@ def period_bounds(period, granularity, month):
 
 PERIOD_NAMES = ("today", "yesterday", "this-week", "last-week", "this-month", "last-month", "all")
 _PERIOD_ALIASES = {"day": "today", "week": "this-week", "month": "this-month"}  # 0.1's words
-_WEEK = re.compile(r"(\d{4})-W(\d{2})")
+_WEEK = Pattern(r"(\d{4})-W(\d{2})")
 
 
 def shift_month(month, months):
@@ -8287,7 +8601,7 @@ def period_range(text, today):
         return monday.isoformat(), (monday + timedelta(days=6)).isoformat()
     if name in ("this-month", "last-month"):
         return month_bounds(today[:7] if name == "this-month" else shift_month(today[:7], -1))
-    if _MONTH.fullmatch(name or ""):
+    if is_month(name or ""):
         return month_bounds(parse_month(name))
     m = _WEEK.fullmatch(name or "")
     if m:
@@ -8482,11 +8796,11 @@ def csv_safe(value):
     return text
 
 
-_CSV_NUMBER = re.compile(r"-\d+(?:\.\d+)?")   # a credit (an adjustment), not a formula
+_CSV_NUMBER = Pattern(r"-\d+(?:\.\d+)?")   # a credit (an adjustment), not a formula
 _CSV_FIGURES = ("seconds", "hours", "billable_seconds", "billable_hours", "rate", "amount")
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL = Pattern("[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(value):
@@ -8864,8 +9178,8 @@ def sum_lines(lines):
 
 PERIOD_SCHEMA = 1
 MAX_PERIOD_BYTES = 8 << 20
-_AMOUNT = re.compile(r"-?\d{1,15}\.\d{2}")
-_RATE_TEXT = re.compile(r"\d{1,15}(?:\.\d{1,4})?")
+_AMOUNT = Pattern(r"-?\d{1,15}\.\d{2}")
+_RATE_TEXT = Pattern(r"\d{1,15}(?:\.\d{1,4})?")
 
 
 def _valid_lines(lines):
@@ -8891,7 +9205,7 @@ def _valid_period(doc, month):
     carried = doc.get("carried")
     return (_valid_lines(doc.get("lines")) and _valid_lines(doc.get("lines_by_issue"))
             and isinstance(carried, dict) and all(
-                _MONTH.fullmatch(m) and isinstance(c, dict) and _valid_lines(c.get("lines"))
+                is_month(m) and isinstance(c, dict) and _valid_lines(c.get("lines"))
                 and _valid_lines(c.get("lines_by_issue")) for m, c in carried.items()))
 
 
@@ -8912,7 +9226,7 @@ def period_records(repo, refs=None):
             local = False
         else:
             continue
-        if kind == "commit" and _MONTH.fullmatch(month):
+        if kind == "commit" and is_month(month):
             copies.setdefault(month, []).append((local, ref, oid))
     chosen, warnings = {}, []
     for month, found in sorted(copies.items()):
@@ -8957,7 +9271,7 @@ def _period_record(repo, objects, month, oid, authors=None):
     """(record, None) of one period commit, or (None, why it is not believed)."""
     [found] = objects.get(["%s:close.json" % oid], MAX_PERIOD_BYTES)
     try:
-        doc = json.loads(found[1]) if found and found[0] == "blob" else None
+        doc = load_json(found[1]) if found and found[0] == "blob" else None
     except (ValueError, RecursionError):
         doc = None
     if not _valid_period(doc, month):
@@ -9208,7 +9522,7 @@ def build_bill(sources, selection, by_issue, month=None, invoice=True):
         bill["invoice"] = frozen if isinstance(frozen, dict) else billing.get("invoice", {})
         bill["issued"] = closes[0]["at"] if whole else None
         rate = bill["invoice"].get("tax_rate")
-        if isinstance(rate, str) and _RATE.fullmatch(rate):   # percent, on the total
+        if isinstance(rate, str) and is_rate(rate):   # percent, on the total
             from decimal import Decimal
             tax = money(Decimal(bill["total_amount"]) * Decimal(rate) / 100)
             bill["tax"] = {"label": bill["invoice"].get("tax_label", "VAT"), "rate": rate,
@@ -9965,7 +10279,10 @@ class Context:
         return store.tz if store.exists() else load_timezone(system_timezone_name())
 
     def time(self, text, store):
-        return parse_time(text, self.zone(store), self.now) if text else self.now
+        if not text:
+            return self.now
+        relative = relative_time(text, self.now)   # -15m: no time zone to load
+        return parse_time(text, self.zone(store), self.now) if relative is None else relative
 
     def existing_store(self, store):
         """`store` if it exists, else None -- or, for a user named with --user
@@ -10104,20 +10421,20 @@ def warn_if_closed(repo, days, today):
                     month))
 
 
-def entry_days(entry, tz):
-    """The local days an entry's time lies on (its logged day, or where its
-    intervals start and end)."""
+def entry_days(entry, zone):
+    """The local days (in Zone `zone`) an entry's time lies on (its logged day,
+    or where its intervals start and end)."""
     if not entry:
         return []
     if entry.get("date"):
         return [entry["date"]]
-    return [local_date(ts, tz) for seg in entry.get("segments", []) for ts in (seg[0], seg[1] - 1)]
+    return [zone.date_of(ts) for seg in entry.get("segments", []) for ts in (seg[0], seg[1] - 1)]
 
 
 def _recorded(ctx, store, result, *days):
     """A command's result, after saying so if its time went into a closed month."""
-    warn_if_closed(ctx.repo, list(days) + entry_days(result[0].get("entry"), store.tz),
-                   local_date(ctx.now, store.tz))
+    warn_if_closed(ctx.repo, list(days) + entry_days(result[0].get("entry"), store.zone),
+                   store.zone.date_of(ctx.now))
     return result
 
 
@@ -11169,12 +11486,12 @@ def cmd_import(ctx, args):
     project = parse_project(args.project)
     user = ctx.user
     store = ctx.store()
-    tz = ctx.zone(store)
+    zone = store.zone if store.exists() else Zone(system_timezone_name())
     path = os.path.abspath(os.path.expanduser(args.path))
     if args.kind == "timewarrior":
         if not os.path.isdir(path):
             raise FlowForgeError("%s is not a directory" % args.path, EXIT_USAGE)
-        batch = parse_timewarrior(path, user, default_issue, project, tz)
+        batch = parse_timewarrior(path, user, default_issue, project, zone)
         data_sha = sha256_hex(b"".join(sorted(
             read_bytes(os.path.join(root, n)) for root, _, names in os.walk(path)
             for n in names if n.endswith(".data"))))
@@ -11184,8 +11501,8 @@ def cmd_import(ctx, args):
         except (FileNotFoundError, IsADirectoryError):
             raise FlowForgeError("%s is not a readable file" % args.path, EXIT_USAGE)
         data_sha = sha256_hex(data)
-        batch = (parse_v1(path, data, mapping, tz) if args.kind == "v1"
-                 else parse_watson(path, data, user, default_issue, tz))
+        batch = (parse_v1(path, data, mapping, zone) if args.kind == "v1"
+                 else parse_watson(path, data, user, default_issue, zone))
     if args.allow_overlap and args.skip_conflicts:
         raise FlowForgeError("use --allow-overlap or --skip-conflicts, not both", EXIT_USAGE)
     summary = apply_import(ctx.repo, batch, user, data_sha, args.dry_run,
@@ -11205,7 +11522,7 @@ def cmd_import(ctx, args):
         lines.append("next: `flowforge aggregate --all` (or commit: the hook aggregates yours)")
         warn_if_closed(ctx.repo, sorted({r.get("date") or batch.clock.day_of(r["segments"][0][0])
                                          for records in batch.entries.values() for r in records}),
-                       local_date(ctx.now, batch.clock.tz))
+                       zone.date_of(ctx.now))
     return ctx.emit("import", summary, lines)
 
 
@@ -11577,7 +11894,7 @@ def completion_words(ctx, what):
     store = ctx.store()
     if not store.exists():
         return []
-    today = local_date(ctx.now, store.tz)
+    today = store.zone.date_of(ctx.now)
     found = Timers(store, ctx.now).entries(shift_day(today, -30), today)
     found.sort(key=lambda e: (e["day"], entry_start(e) or 0), reverse=True)
     if what == "entries":
@@ -11615,6 +11932,11 @@ def _configure_ui(args):
                     and not os.environ.get("NO_COLOR")) or bool(os.environ.get("FORCE_COLOR"))
 
 
+def _negative(token):
+    """`-15m`, `-1h`: a token argparse would take for an option."""
+    return token[:1] == "-" and token[1:2].isdecimal()
+
+
 def _join_relative_times(argv):
     """`--at -15m` -> `--at=-15m`: argparse would take -15m for an option.
     A negative DURATION (`log 123 -1h`) is refused here with its own words,
@@ -11622,7 +11944,7 @@ def _join_relative_times(argv):
     out = []
     for token in argv:
         if out and out[-1] in ("--at", "--start", "--end", "--date", "--from", "--to") \
-                and re.match(r"^-\d", token):
+                and _negative(token):
             out[-1] = out[-1] + "=" + token
         else:
             out.append(token)
@@ -11630,12 +11952,88 @@ def _join_relative_times(argv):
         takes_value = ("-C", "--user", "--color", "--start", "--end", "--date", "--project",
                        "--note", "--key")
         for before, token in zip([None] + out, out):
-            if re.match(r"^-\d", token) and before not in takes_value:
+            if _negative(token) and before not in takes_value:
                 raise FlowForgeError(
                     "duration %r is not valid: a duration is positive (for time in the past give "
                     "--date yesterday, or --start/--end; to take time off an entry, `flowforge "
                     "edit ID --duration`)" % token, EXIT_USAGE)
     return out
+
+
+class _Args:
+    """An argparse.Namespace, without importing argparse."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+_COMMON_SWITCHES = {"--json": "json", "-q": "quiet", "--quiet": "quiet", "-v": "verbose",
+                    "--verbose": "verbose"}
+_COMMON_VALUES = {"-C": ("C", None), "--user": ("user", None),
+                  "--color": ("color", ("auto", "always", "never"))}
+
+
+def quick_args(argv):
+    """What argparse makes of a plain command line, without argparse: importing
+    and building it (with the `re` it imports) is most of a timer command's cost.
+    Plain means options spelled in full (`--at 9:30` or `--at=9:30`), values that
+    do not start with `-`, no `-h`, the right number of arguments; anything else
+    -- and every mistake -- returns None and goes to argparse, which has the
+    words for it.  tests/test_cli.py holds the two to the same result."""
+    name = _command_name(argv)
+    spec = next((s for s in COMMANDS if s.name == name), None)
+    if spec is None or spec.filters:
+        return None
+    values = dict(C=None, user=None, json=False, quiet=False, verbose=False, color="auto",
+                  command=name, handler=spec.func)
+    switches, options, positionals = dict(_COMMON_SWITCHES), dict(_COMMON_VALUES), []
+    for flags, kwargs in spec.arguments:
+        if set(kwargs) - {"help", "metavar", "choices", "nargs", "action"} or \
+                kwargs.get("action") not in (None, "store_true") or kwargs.get("nargs") not in (None, "?"):
+            return None   # types, defaults, lists: argparse's business
+        if not flags[0].startswith("-"):
+            positionals.append((flags[0], kwargs))
+            values[flags[0]] = None
+            continue
+        dest = flags[-1].lstrip("-").replace("-", "_")
+        values[dest] = False if kwargs.get("action") else None
+        for flag in flags:
+            if kwargs.get("action"):
+                switches[flag] = dest
+            else:
+                options[flag] = (dest, kwargs.get("choices"))
+    given, tokens, before_command = [], iter(argv), True
+    for token in tokens:
+        if not token.startswith("-"):
+            if before_command:
+                before_command = False   # the command word
+            else:
+                given.append(token)
+            continue
+        flag, equals, value = token.partition("=")
+        if before_command and flag not in _COMMON_SWITCHES and flag not in _COMMON_VALUES:
+            return None
+        if flag in switches and not equals:
+            values[switches[flag]] = True
+        elif flag in options:
+            if not equals:
+                value = next(tokens, None)
+                if value is None or value.startswith("-"):
+                    return None
+            dest, choices = options[flag]
+            if choices and value not in choices:
+                return None
+            values[dest] = value
+        else:
+            return None
+    required = sum(1 for _, kwargs in positionals if kwargs.get("nargs") != "?")
+    if not required <= len(given) <= len(positionals):
+        return None
+    for (dest, kwargs), value in zip(positionals, given):
+        if kwargs.get("choices") and value not in kwargs["choices"]:
+            return None
+        values[dest] = value
+    return _Args(**values)
 
 
 class _HookArgs:
@@ -11665,13 +12063,15 @@ def main(argv=None):
             guess = closest(name, [spec.name for spec in COMMANDS])
             raise FlowForgeError("unknown command %r%s (`flowforge --help` lists them)" % (
                 name, ": did you mean %s?" % guess if guess else ""), EXIT_USAGE)
-        parser = build_parser(name if known else None)
-        args, extra = parser.parse_known_args(argv)
-        if extra and name == "log" and args.duration is None and len(extra) == 1 \
-                and not extra[0].startswith("-"):
-            args.duration = extra[0]   # `log 123 --date yesterday 2h`: after the options
-        elif extra:
-            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        args = quick_args(argv) if known else None
+        if args is None:
+            parser = build_parser(name if known else None)
+            args, extra = parser.parse_known_args(argv)
+            if extra and name == "log" and args.duration is None and len(extra) == 1 \
+                    and not extra[0].startswith("-"):
+                args.duration = extra[0]   # `log 123 --date yesterday 2h`: after the options
+            elif extra:
+                parser.error("unrecognized arguments: %s" % " ".join(extra))
         _configure_ui(args)
         if not getattr(args, "handler", None):
             raise FlowForgeError("no command given (`flowforge --help` lists them)", EXIT_USAGE)
@@ -11690,5 +12090,24 @@ def main(argv=None):
         return 130
 
 
+def run():
+    """The command's entry point: main(), then exit without tearing the
+    interpreter down -- freeing this module's thousands of objects one by one
+    costs ~2 ms, a fifth of a timer command's budget.  Every file FlowForge
+    writes is written with os.write and closed by then; only the standard
+    streams are buffered, and they are flushed here.  A thread still running
+    (none should be) gets the ordinary exit, which waits for it."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe: nothing more to say
+            pass
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        raise SystemExit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

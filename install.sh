@@ -45,7 +45,7 @@ case $mode in
 import sys
 sys.path.insert(0, "$lib")
 import flowforge
-raise SystemExit(flowforge.main())
+flowforge.run()
 LAUNCHER
     chmod 755 "$launcher.new"
     mv "$launcher.new" "$launcher"

@@ -26,7 +26,7 @@ SOAK = bool(os.environ.get("FLOWFORGE_SOAK"))
 def launcher_argv(pycache):
     return [sys.executable, "-S", "-X", "pycache_prefix=" + pycache, "-c",
             "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, %r); import flowforge; "
-            "raise SystemExit(flowforge.main())" % ROOT]
+            "flowforge.run()" % ROOT]
 
 
 def clean_env(**extra):
