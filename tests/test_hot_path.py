@@ -1,0 +1,355 @@
+"""The timer commands' hot path: what it imports, and that each shortcut it takes
+(no argparse, no re, no json package, the C library's localtime, fewer fsyncs,
+no interpreter teardown) answers exactly as the long way round does."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from datetime import date, datetime, timedelta
+
+import pytest
+
+import flowforge as ff
+
+from conftest import ROOT
+
+HEAVY = ("re", "json", "argparse", "zoneinfo", "datetime", "enum", "subprocess", "hashlib",
+         "sqlite3", "decimal", "csv")
+
+
+def test_timer_commands_import_only_what_they_use(repo):
+    """start (with --at -15m), status and stop of a store in a zone with DST, as the
+    installed command runs them (-S): none of the modules that cost milliseconds."""
+    zone = {"TZ": "Europe/Berlin", "FLOWFORGE_NOW": "1795172400"}   # 2026-11-20 12:00 there
+    env = repo.env(FLOWFORGE_USER="berta", **zone)
+    repo.ok("log", "7", "5m", "--date", "yesterday", user="berta", env=zone)
+    with open(os.path.join(repo.root, ".flowforge/user/berta/config.json")) as f:
+        assert json.load(f)["timezone"] == "Europe/Berlin"
+    for argv in (["start", "12", "--at", "-15m", "--note", "x"], ["status"], ["stop"]):
+        code = ("import sys; sys.argv = ['flowforge'] + %r; sys.path.insert(0, %r); "
+                "import flowforge; rc = flowforge.main(); "
+                "print('heavy:', *[m for m in %r if m in sys.modules]); sys.exit(rc)"
+                % (argv, ROOT, HEAVY))
+        proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo.root, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, (argv, proc.stderr)
+        assert proc.stdout.splitlines()[-1] == "heavy:", (argv, proc.stdout)
+    doc = repo.ok("status", "--json", user="berta", env=zone).json
+    assert doc["timer"] is None and doc["today"] == "2026-11-20" and doc["today_seconds"] == 900
+
+
+# -- quick_args is argparse, for plain command lines ---------------------------------
+
+def _argparse(argv):
+    name = ff._command_name(argv)
+    parser = ff.build_parser(name)
+    args, extra = parser.parse_known_args(argv)
+    if extra and name == "log" and args.duration is None and len(extra) == 1:
+        args.duration = extra[0]
+    elif extra:
+        return None
+    return vars(args)
+
+
+PLAIN = [
+    ["start", "12"], ["start", "#12", "--project", "web", "--note", "login bug"],
+    ["start", "ABC-7", "--at=-15m", "--allow-overlap"], ["--json", "start", "1", "-q"],
+    ["-C", "/tmp", "--user", "bob", "stop", "--at", "17:30"], ["stop", "--color", "never"],
+    ["status"], ["status", "--json", "-v"], ["pause"], ["resume", "--at", "13:00"],
+    ["cancel"], ["switch", "9", "--at=-1h"], ["continue"], ["continue", "20261122-1a2b3c4d"],
+    ["log", "12", "1h30m"], ["log", "12", "--date", "yesterday", "2h"],
+    ["log", "12", "--start", "9:00", "--end", "11:30", "--note", "review", "--key", "k1"],
+    ["version"], ["completion", "bash"],
+    ["completion", "--words", "issues"], ["init"],
+]
+NOT_PLAIN = [
+    ["start"], ["start", "1", "2"], ["start", "1", "--proj", "web"], ["start", "-h"],
+    ["status", "--help"], ["start", "1", "--color", "rainbow"], ["stop", "--at"],
+    ["--at", "9:00", "start", "1"], ["start", "1", "--", "x"], ["completion", "tcsh"],
+    ["start", "1", "--json=yes"], ["stop", "-qv"],
+]
+
+
+@pytest.mark.parametrize("argv", PLAIN, ids=" ".join)
+def test_quick_args_gives_what_argparse_gives(argv):
+    quick = ff.quick_args(argv)
+    assert quick is not None, argv
+    assert vars(quick) == _argparse(argv)
+
+
+@pytest.mark.parametrize("argv", NOT_PLAIN, ids=" ".join)
+def test_anything_else_goes_to_argparse(argv):
+    assert ff.quick_args(argv) is None
+
+
+def test_quick_args_never_disagrees_with_argparse_on_random_lines():
+    words = ["start", "stop", "status", "log", "pause", "12", "#3", "--at", "9:00", "--note",
+             "n", "--json", "-q", "-C", ".", "--project", "p", "--allow-overlap", "--date",
+             "today", "2h", "--color", "auto", "-v", "--user", "u", "x", "--at=10:00"]
+    rng = random.Random(14)
+    checked = 0
+    for _ in range(3000):
+        argv = [rng.choice(words) for _ in range(rng.randint(1, 6))]
+        quick = ff.quick_args(argv)
+        if quick is None:
+            continue
+        try:
+            expected = _argparse(argv)
+        except ff.FlowForgeError:
+            expected = "an argparse error"
+        assert vars(quick) == expected, argv
+        checked += 1
+    assert checked > 100
+
+
+# -- the regular expressions the hot path no longer compiles ---------------------------
+
+ORACLES = {
+    "valid_user_name": (r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}", lambda t: ff.valid_user_name(t)),
+    "is_project": (r"^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,63}$",
+                   lambda t: ff.is_project(t), lambda t: not t.endswith(" ")),
+    "is_ref_namespace": (r"refs/(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)+", ff.is_ref_namespace),
+    "is_rate": (r"^\d{1,9}(\.\d{1,4})?$", ff.is_rate),
+    "is_currency": (r"^[A-Z]{3}$", ff.is_currency),
+    "is_iso_date": (r"^\d{4}-\d{2}-\d{2}$", ff.is_iso_date),
+    "is_month": (r"^\d{4}-\d{2}$", ff.is_month),
+    "is_entry_id": (r"(\d{4})(\d{2})(\d{2})-[0-9a-f]{8,16}", ff.is_entry_id),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_hand_written_checks_agree_with_their_patterns(name):
+    pattern, check, *also = ORACLES[name]
+    compiled = re.compile(pattern)
+    rng = random.Random(name)
+    alphabet = "aZ09 ._/-_#éAZ\n\u0663" + "refs" + "20261122-1a2b3c4d"
+    seeds = ["refs/flowforge/stores/", "2026-11-22", "2026-11", "20261122-1a2b3c4d", "120.50",
+             "EUR", "alice", "web app", "a" * 64, "a" * 65]
+    for _ in range(40000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        if rng.random() < 0.4:
+            seed = rng.choice(seeds)
+            cut = rng.randint(0, len(seed))
+            text = seed[:cut] + text[:rng.randint(0, 3)] + seed[cut:]
+        expected = compiled.fullmatch(text) is not None and all(f(text) for f in also)
+        assert check(text) == expected, repr(text)
+
+
+def test_durations_and_relative_times_parse_as_the_patterns_did():
+    part = re.compile(r"(\d+(?:\.\d+)?)\s*([hms])")
+    clock = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+    ago = re.compile(r"^(?:-(\S+)|(\S+)\s+ago)$")
+    days_ago = re.compile(r"^-(\d{1,4})d$")
+    rng = random.Random(7)
+    alphabet = "0123456789.:hmsd -ago\t\u00a0\u0663x"
+    for _ in range(60000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))).strip().lower()
+        if rng.random() < 0.2:
+            text = "-" + text
+        if rng.random() < 0.2:
+            text += " ago"
+        if text and part.sub("", text).strip() == "":
+            assert ff._duration_parts(text) == part.findall(text), repr(text)
+        else:
+            assert not ff._duration_parts(text), repr(text)
+        m = clock.fullmatch(text)
+        assert ff._clock_duration(text) == (
+            int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0) if m else None)
+        m = ago.fullmatch(text)
+        assert ff._ago(text) == ((m.group(1) or m.group(2)) if m else None), repr(text)
+        m = days_ago.fullmatch(text)
+        assert ff._days_ago(text) == (int(m.group(1)) if m else None), repr(text)
+
+
+def test_date_arithmetic_agrees_with_datetime():
+    epoch = date(1970, 1, 1)
+    for n in range(0, 376200, 13):
+        assert ff.epoch_day((epoch + timedelta(days=n)).isoformat()) == n
+    assert ff.epoch_day("2999-12-31") == (date(2999, 12, 31) - epoch).days
+    rng = random.Random(3)
+    for _ in range(20000):
+        day = "%04d-%02d-%02d" % (rng.randint(1960, 3010), rng.randint(0, 13), rng.randint(0, 32))
+        shift = rng.randint(-800, 800)
+        try:
+            expected = (date.fromisoformat(day) + timedelta(days=shift)).isoformat()
+        except ValueError:
+            with pytest.raises(ValueError):
+                ff.shift_day(day, shift)
+            continue
+        assert ff.shift_day(day, shift) == expected
+        assert ff._day_count(day, expected) == shift + 1
+
+
+# -- json without the json package -----------------------------------------------------
+
+def test_load_json_is_json_loads():
+    texts = ['{"a":1}', ' [1,2.5,"x",null,true,false] \n', '"\\u00e9\\n"', '{"a":1} x', "",
+             "  ", '{"a":', "[1,]", "NaN", "-Infinity", "1e400", "[" * 50 + "]" * 50,
+             '{"a":"\\ud800"}', "\t{}\r\n", "{} {}", '"\x01"']
+    data = [t.encode() for t in texts] + [b'\xef\xbb\xbf{"b":2}', b'{"c":"\xc3\xa9"}', b"\xff",
+                                          '{"u": 1}'.encode("utf-16"), b"\x00"]
+    for value in texts + data:
+        try:
+            expected = ("ok", repr(json.loads(value)))
+        except ValueError:
+            expected = "ValueError"
+        try:
+            got = ("ok", repr(ff.load_json(value)))
+        except ValueError:
+            got = "ValueError"
+        assert got == expected, value
+
+
+def test_canonical_json_is_sorted_compact_json_dumps():
+    values = [{"b": 1, "a": [1.5, None, "é\n", True]}, "x", 1e100, float("inf"), {1: 2},
+              {"nested": {"z": [], "y": {}}}, -0.0, 10 ** 30, "\u2028\x00"]
+    for value in values:
+        assert ff.canonical_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                                      ensure_ascii=False)
+    with pytest.raises(TypeError):
+        ff.canonical_json({"a": object()})
+    with pytest.raises(ValueError):
+        ff.canonical_json(_circular())
+
+
+def _circular():
+    loop = []
+    loop.append(loop)
+    return loop
+
+
+# -- Zone: the C library where it reads zoneinfo's file, zoneinfo elsewhere ----------------
+
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Havana", "Australia/Lord_Howe",
+         "Asia/Kolkata", "Pacific/Apia", "America/Sao_Paulo", "Asia/Tehran", "Africa/Casablanca",
+         "Antarctica/Troll", "Pacific/Chatham", "Europe/Dublin"]
+
+
+def _zoneinfo_day(ts, tz):
+    """The local day of `ts` as DayClock computed it with zoneinfo alone."""
+    day = datetime.fromtimestamp(ts, tz).date()
+    lo = int(datetime(day.year, day.month, day.day, tzinfo=tz).timestamp())
+    nxt = day + timedelta(days=1)
+    hi = int(datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).timestamp())
+    if not lo <= ts < hi:
+        lo, hi = ts, max(hi, ts + 1)
+    return lo, hi, day.isoformat()
+
+
+@pytest.mark.parametrize("name", ZONES)
+def test_zone_answers_as_zoneinfo_does(name):
+    tz = ff.load_timezone(name)
+    zone = ff.Zone(name)
+    assert zone._walls(0) is not None or name != "UTC"   # the C library's path is taken
+    rng = random.Random(name)
+    stamps = [rng.randint(0, 32503680000 - 1) for _ in range(300)]
+    stamps += [rng.randint(1700000000, 1900000000) for _ in range(300)]
+    # the instants around each of this zone's clock changes of 2020-2030
+    for hour in range(int(datetime(2020, 1, 1).timestamp()) // 3600,
+                      int(datetime(2030, 1, 1).timestamp()) // 3600, 1):
+        ts = hour * 3600
+        if tz.utcoffset(datetime.fromtimestamp(ts, tz)) != \
+                tz.utcoffset(datetime.fromtimestamp(ts + 3600, tz)):
+            stamps += [ts - 86400, ts - 1, ts, ts + 1, ts + 1800, ts + 3600, ts + 86400]
+    for ts in stamps:
+        local = datetime.fromtimestamp(ts, tz)
+        assert zone.date_of(ts) == local.date().isoformat(), (name, ts)
+        assert zone.clock_text(ts) == local.strftime("%Y-%m-%d %H:%M:%S"), (name, ts)
+        lo, hi, iso = zone.day_span(ts)
+        assert (lo, hi, iso) == _zoneinfo_day(ts, tz), (name, ts)
+        assert ff.Zone(name).day_length(iso) == zone.day_length(iso) == hi - lo, (name, ts)
+
+
+def test_zone_falls_back_to_zoneinfo_where_the_c_library_would_guess(monkeypatch, tmp_path):
+    assert ff.Zone("Europe/Berlin")._walls(0) is not None
+    monkeypatch.setenv("TZDIR", str(tmp_path))
+    assert ff.Zone("Europe/Berlin")._walls(0) is None
+    assert ff.Zone("Europe/Berlin").date_of(0) == "1970-01-01"
+    monkeypatch.delenv("TZDIR")
+    assert ff.Zone("Not/AZone")._walls(0) is None
+    with pytest.raises(ff.FlowForgeError) as e:
+        ff.Zone("Not/AZone").date_of(0)
+    assert e.value.exit_code == ff.EXIT_CONFIG
+    before = os.environ.get("TZ")
+    ff.Zone("Asia/Tokyo").date_of(0)
+    assert os.environ.get("TZ") == before   # the user's TZ is back for git and plugins
+
+
+def test_no_zone_moves_its_clocks_and_back_within_three_days():
+    """What Zone relies on: equal offsets from the day before a day to the day after mean no
+    clock change inside it.  Checked on this machine's tz database."""
+    pure = pytest.importorskip("zoneinfo._zoneinfo")
+    import zoneinfo
+    shortest = None
+    for name in sorted(zoneinfo.available_timezones()):
+        zone = pure.ZoneInfo.no_cache(name)
+        changes, offset = [], zone._tti_before.utcoff if zone._tti_before else None
+        for when, info in zip(zone._trans_utc, zone._ttinfos):
+            if info.utcoff != offset:
+                changes.append((when, offset, info.utcoff))
+                offset = info.utcoff
+        for a, b in zip(changes, changes[1:]):
+            if b[2] == a[1]:
+                gap = b[0] - a[0]
+                shortest = gap if shortest is None else min(shortest, gap)
+                assert gap > 3 * 86400, (name, a, b)
+    assert shortest is not None
+
+
+# -- fsyncs and the exit ---------------------------------------------------------------------
+
+def test_fsyncs_per_timer_command(repo, monkeypatch):
+    """What durability needs and no more (the README's table): start = the timer
+    file and its directory; stop = the day file (and its directory when the
+    append creates it) and the cleared timer file; the mirror copies none."""
+    from conftest import call
+    assert call(repo.root, "log", "1", "5m").rc == 0   # the store and today's day file exist
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink("/proc/self/fd/%d" % fd)),
+                                                 real_fsync(fd)))
+    time_dir = os.path.realpath(os.path.join(repo.root, ".flowforge", "user", "alice", "time"))
+    assert call(repo.root, "start", "2", "--at", "-10m").rc == 0
+    assert len(synced) == 2, synced
+    assert os.path.basename(synced[0]).startswith(".current.json.tmp-")   # then renamed
+    assert synced[1] == time_dir
+    synced.clear()
+    assert call(repo.root, "stop").rc == 0
+    assert len(synced) == 2, synced
+    assert os.path.dirname(synced[0]) == os.path.join(time_dir, "daily")
+    assert synced[0].endswith(".jsonl")
+    assert os.path.basename(synced[1]).startswith(".current.json.tmp-")
+
+
+def test_the_command_flushes_its_output_and_keeps_its_exit_code(repo, tmp_path):
+    out = tmp_path / "out"
+    code = "import sys; sys.path.insert(0, %r); import flowforge; flowforge.run()" % ROOT
+    env = repo.env(FLOWFORGE_USER="alice")
+    with open(out, "w") as f:
+        ok = subprocess.run([sys.executable, "-S", "-c", code, "status", "--json"], cwd=repo.root,
+                            env=env, stdout=f)
+    assert ok.returncode == 0 and json.loads(out.read_text())["timer"] is None
+    bad = subprocess.run([sys.executable, "-S", "-c", code, "start"], cwd=repo.root, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 64 and "flowforge:" in bad.stderr
+
+
+def test_bad_json_says_what_json_says_before_json_is_loaded():
+    """The C scanner can only raise its error once json.decoder is imported; a
+    fresh process (the timer commands') must still get json's one-line message."""
+    code = ("import sys; sys.path.insert(0, %r); import flowforge\n"
+            "for text in ('{not json', '{\"a\":', '[1,]', '{} x', ''):\n"
+            "    assert 'json.decoder' not in sys.modules or text != '{not json'\n"
+            "    try:\n        flowforge.load_json(text)\n"
+            "    except ValueError as e:\n        print(e)\n" % ROOT)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = []
+    for text in ('{not json', '{"a":', '[1,]', '{} x', ''):
+        try:
+            json.loads(text)
+        except ValueError as e:
+            expected.append(str(e))
+    assert proc.stdout.splitlines() == expected
