@@ -281,6 +281,8 @@ class Zone:
         self._tzinfo = None
         self._libc = None
         self._spans = {}     # ISO date -> (first second, first second of the next day)
+        self._days = {}      # first second -> (first second of the next day, ISO date)
+        self._offsets = []   # the UTC offsets of those days
 
     def __repr__(self):
         return "Zone(%r)" % self.name
@@ -346,6 +348,11 @@ class Zone:
 
     def day_span(self, ts):
         """(first second, first second of the next day, ISO date) of the local day of `ts`."""
+        for offset in self._offsets:   # a day seen before (an aggregation asks ~10^5 times)
+            lo = ts - (ts + offset) % 86400
+            known = self._days.get(lo)
+            if known and ts < known[0]:
+                return lo, known[0], known[1]
         walls = self._walls(ts)
         if walls:
             wall = walls[0]
@@ -357,6 +364,9 @@ class Zone:
                         before, first, wall, last, after, later)}) == 1):
                 iso = "%04d-%02d-%02d" % wall[:3]
                 self._spans[iso] = (lo, hi)
+                self._days[lo] = (hi, iso)
+                if wall.tm_gmtoff not in self._offsets:
+                    self._offsets.append(wall.tm_gmtoff)
                 return lo, hi, iso
         from datetime import datetime, timedelta
         day = datetime.fromtimestamp(ts, self.tzinfo).date()
@@ -1374,19 +1384,26 @@ def read_bytes_and_stat(path, limit=None):
         if e.errno == errno.ELOOP:
             raise StorageError(path, e)
         raise
-    with os.fdopen(fd, "rb") as f:
+    try:
         # stat before reading: if the file grows meanwhile, the recorded stat is
         # the older one, so an incremental reader looks again next time
         st = os.fstat(fd)
-        import stat
-        if stat.S_ISDIR(st.st_mode):
+        kind = st.st_mode & 0o170000
+        if kind == 0o040000:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
-        if not stat.S_ISREG(st.st_mode):
+        if kind != 0o100000:   # not a regular file
             raise FlowForgeError("refusing %s: not a regular file" % path, EXIT_NOPERM)
         if limit is not None and st.st_size > limit:
             raise FlowForgeError("refusing %s: %d bytes, more than the %d a FlowForge file of "
                                  "its kind can hold" % (path, st.st_size, limit), EXIT_DATA)
-        return f.read(), st
+        # os.read, not a file object: one call for the expected size (a day file
+        # is small, and an aggregation reads thousands), more while it keeps coming
+        chunks = [os.read(fd, st.st_size + 1)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, max(st.st_size, 1 << 16)))
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
 
 
 def makedirs_private(path):
@@ -2232,9 +2249,10 @@ class Mirror:
                 self._copy(rel, read_bytes(self.store.day_path(day)))
         return self._best_effort(rel, do)
 
-    def sync(self, days=None):
+    def sync(self, days=None, sizes=None):
         """Copy what differs: the given days (None: everything), settings, timer,
-        local audit chain.  Returns the number of files copied."""
+        local audit chain.  Returns the number of files copied.  `sizes`: {day:
+        size} of day files just read (an aggregation's), not to stat them again."""
         stale = os.path.join(self.repo.state, MIRROR_STALE)
         if os.path.exists(stale) or not os.path.isdir(self.dir):
             days = None
@@ -2245,13 +2263,23 @@ class Mirror:
             files = [os.path.join("time", "daily", day + ".jsonl") for day in wanted]
             files += ["config.json", os.path.join("time", "current.json"),
                       os.path.join("time", "far.json"), "audit.jsonl"]
+            known = {os.path.join("time", "daily", day + ".jsonl"): size
+                     for day, size in (sizes or {}).items()}
+            copies = {}   # the mirror's day files and sizes: one directory scan
+            if len(wanted) > 8:
+                try:
+                    with os.scandir(os.path.join(self.dir, "time", "daily")) as scan:
+                        copies = {os.path.join("time", "daily", e.name): e.stat().st_size
+                                  for e in scan if e.is_file(follow_symlinks=False)}
+                except FileNotFoundError:
+                    pass
             touched = set()
             for rel in files:
                 source = os.path.join(self.store.dir, rel)
                 target = os.path.join(self.dir, rel)
                 try:
-                    size = os.path.getsize(source)
-                    same_size = os.path.getsize(target) == size
+                    size = known[rel] if rel in known else os.path.getsize(source)
+                    same_size = (copies[rel] if rel in copies else os.path.getsize(target)) == size
                 except FileNotFoundError:
                     if not os.path.exists(source):
                         continue
@@ -2445,6 +2473,21 @@ class PrivateStore:
 
     def day_path(self, day_iso):
         return os.path.join(self.daily, day_iso + ".jsonl")
+
+    def day_stats(self):
+        """{day: [size, mtime_ns]} of every day file, from one directory scan:
+        what an incremental aggregation looks at of years of history."""
+        found = {}
+        try:
+            with os.scandir(self.daily) as scan:
+                for entry in scan:
+                    name = entry.name
+                    if len(name) == 16 and name.endswith(".jsonl") and is_iso_date(name[:10]):
+                        st = entry.stat(follow_symlinks=False)
+                        found[name[:10]] = [st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            pass
+        return found
 
     def days(self):
         """Days that have a file, sorted."""
@@ -4184,7 +4227,9 @@ class LedgerView:
             for month in sorted(shards))
         try:
             makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
-            atomic_write(_ledger_cache_path(self.repo, key), data, 0o600, sync_dir=False)
+            # not synced: every line is crc-checked on read, and a lost or torn
+            # cache is rebuilt from git (a cold report writes hundreds of these)
+            atomic_write(_ledger_cache_path(self.repo, key), data, 0o600, durable=False)
         except (OSError, FlowForgeError) as e:
             debug("cannot cache the ledger of %s: %s" % (key, e))  # a cache: reading goes on
 
@@ -4672,21 +4717,18 @@ class Aggregator:
         old_files = state["files"] if state else {}
         with store.lock(lock_timeout):
             parsed, stats = {}, {}
-            for day in store.days():
-                if full:  # read everything; the stat comes from the same descriptor
+            if full:  # read everything; the stat comes from the same descriptor
+                for day in store.days():
                     records, stat = store.read_day_and_stat(day)
                     if stat is not None:
                         parsed[day] = self.contributions(day, records)
                         stats[day] = stat
-                    continue
-                try:
-                    st = os.stat(store.day_path(day))
-                except FileNotFoundError:
-                    continue
-                stats[day] = [st.st_size, st.st_mtime_ns]
-                if old_files.get(day, [None, None])[:2] != stats[day]:
-                    records, stats[day] = store.read_day_and_stat(day)
-                    parsed[day] = self.contributions(day, records)
+            else:
+                stats = store.day_stats()
+                for day in sorted(stats):
+                    if old_files.get(day, [None, None])[:2] != stats[day]:
+                        records, stats[day] = store.read_day_and_stat(day)
+                        parsed[day] = self.contributions(day, records)
             changed = list(parsed)
             removed = [d for d in old_files if d not in stats]
             months, periods = set(), set()
@@ -4722,7 +4764,8 @@ class Aggregator:
                     new_files[day] = stats[day] + [sorted(parsed[day]), _periods(parsed[day])]
                 else:
                     new_files[day] = stats[day] + old_files[day][2:]
-            store.mirror.sync(None if full else changed)
+            store.mirror.sync(None if full else changed,
+                              {day: stats[day][0] for day in changed})
         files, totals, issues = self._changed_shards(ledger, months, parsed, base, periods)
         record = None
         if files:
