@@ -160,3 +160,31 @@ def test_an_aggregation_state_without_periods_recomputes_whole_months(repo):
         ledger.close()
     assert {m: stored[ff.shard_name(m)] for m in expected} == expected
     assert len(json.load(open(path))["files"]["2026-11-11"]) == 4   # periods kept from now on
+
+
+def test_years_of_shards_go_into_one_pack_that_git_reads_back(repo):
+    """A full aggregation of 7 years writes its 84 shards as one pack (index-pack
+    checks and fsyncs it), not 84 loose files; the ledger reads back exactly and
+    `git fsck` finds nothing wrong."""
+    from conftest import git
+    months = ["%d-%02d" % (y, m) for y in range(2019, 2026) for m in range(1, 13)]
+    store = ff.PrivateStore(ff.Repo.find(repo.root).require(), "alice")
+    store.create("UTC")
+    expected = 0
+    for n, month in enumerate(months):
+        record = {"op": "entry", "id": month.replace("-", "") + "03-%08x" % n, "issue": str(n % 7 + 1),
+                  "project": "", "note": "", "date": month + "-03", "seconds": 60 + n, "src": "log"}
+        store.append(month + "-03", [record])
+        expected += 60 + n
+    packs_before = set(os.listdir(os.path.join(repo.root, ".git/objects/pack")))
+    repo.ok("aggregate", "--full", env=NOW)
+    packs = set(os.listdir(os.path.join(repo.root, ".git/objects/pack"))) - packs_before
+    assert len([p for p in packs if p.endswith(".pack")]) == 1, packs
+    assert len([p for p in packs if p.endswith(".idx")]) == 1, packs
+    ledger = git(repo.root, "ls-tree", "-r", "--name-only", "refs/flowforge/stores/alice--%s"
+                 % store.store_id)
+    assert len([n for n in ledger.split() if n.startswith("summaries/")]) == len(months)
+    report = repo.ok("report", "--json", "--by", "month", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == expected
+    assert len(report["rows"]) == len(months)
+    git(repo.root, "fsck", "--strict", "--no-dangling")
