@@ -11,7 +11,9 @@ The interpreter's own directory is put first on PATH, so that the hook shim's `p
 the interpreter itself and not a version manager's shim (pyenv's costs ~100 ms a start).
 
 Shapes.  Every developer logs 2,000 entries on working days, on a working set of 4 issues a
-week (from 300); segments never cross midnight, so each day's total is known exactly.
+week (from 300); segments never cross midnight, so each day's total is known exactly.  The
+teams' stores are in UTC; the stores of the timer rows and the 1M-entry store are in
+Europe/Berlin, a zone with daylight saving time, as most people's are.
   `make bench` (quick): 50 users x 2,000 entries over 1 year (100k); one user with 100,000
     entries over 1,000 days and an empty store (the timer rows); five repositories of
     50 users x 2,000 over 1 year (the five-repository bill); 100,000 Watson frames.
@@ -273,14 +275,19 @@ def weekend_days(now):
             for d in range(now // DAY - 1, now // DAY - 60, -1) if (d + 3) % 7 >= 5]
 
 
-def write_store(repo, user, entries, days, rng, now, totals, spread=False):
+# The timer rows' stores live in a zone with daylight saving time, as most users' do (the
+# teams' stores in UTC, so that the generated totals per day are the reports' days).
+TIMER_ZONE = "Europe/Berlin"
+
+
+def write_store(repo, user, entries, days, rng, now, totals, spread=False, zone="UTC"):
     """A private store with `entries` entries on the working days of the last `days` days,
     written straight to the day files; adds each day's seconds to totals[day].
 
     Realistic shape: a working set of 4 issues that changes every week (from a pool of
     300).  spread=True is the worst case instead: every entry on any of 200 issues."""
     store = flowforge.PrivateStore(repo, user)
-    store.create("UTC")
+    store.create(zone)
     days_worked = workdays(now, days)
     working_sets = {}
     names = {}
@@ -368,7 +375,7 @@ class Team:
         self.totals = {}
         self.users = []
         for user, count, span in (extra or []):
-            write_store(self.repo, user, count, span, rng, now, self.totals)
+            write_store(self.repo, user, count, span, rng, now, self.totals, zone=TIMER_ZONE)
             self.users.append(user)
         for u in range(users):
             write_store(self.repo, "user%03d" % u, entries, days, rng, now, self.totals, spread)
@@ -761,7 +768,7 @@ def run(base):
 
     progress("generating the data (%s)..." % ("full" if FULL else "quick"))
     empty = make_repo(os.path.join(base, "empty"))
-    flowforge.PrivateStore(empty, "fresh").create("UTC")
+    flowforge.PrivateStore(empty, "fresh").create(TIMER_ZONE)
     solo = Team(base, "solo", 0, 0, 0, rng, now, extra=[("heavy", 100000, 1000)])
     team = Team(base, "team", 50, 2000, 365, rng, now)
     bill_teams = [Team(base, "r%d" % n, 50, 2000, 365, rng, now) for n in range(1, 6)]
