@@ -3662,7 +3662,8 @@ QUARANTINE_REF = "refs/flowforge/quarantine/"
 PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
-LEDGER_CACHE_SCHEMA = 3   # 3: a header line, then a totals line and a rows line per month
+LEDGER_CACHE_SCHEMA = 4   # 4: a header line (each month and the place of its lines), then
+#                              a totals line and a rows line per month
 LEDGER_AUTHOR = "FlowForge ledger"
 _STORE_KEY = Pattern(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
 _SHARD_NAME = Pattern(r"(\d{4}-\d{2})\.json")
@@ -4041,16 +4042,39 @@ def _read_ledger_cache(repo, key, months=None, rows=True):
     those months are decoded -- a report of one month reads one line per store.
     Each line carries a crc32 like a private record: a damaged or edited cache
     is ignored and rebuilt from git, never trusted."""
+    first, last = months or (None, None)
     try:
-        lines = read_bytes(_ledger_cache_path(repo, key)).split(b"\n")
-        record = decode_record(lines[0])
+        fd = os.open(_ledger_cache_path(repo, key), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, 1 << 16)
+        end = head.find(b"\n")
+        if end < 0:   # a header longer than the first read (centuries of months)
+            head += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            end = head.find(b"\n")
+        record = decode_record(head[:end])
+        places = record.get("months")
+        if months and isinstance(places, dict) and all(
+                isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
+                for v in places.values()):
+            # only the lines of the months asked for: a report of one month reads
+            # a few kilobytes per store, not its years
+            spans = [v for m, v in places.items() if (not first or m >= first)
+                     and (not last or m <= last)]
+            lo, hi = (min(v[0] for v in spans), max(v[1] for v in spans)) if spans else (0, 0)
+            body = os.pread(fd, hi - lo, end + 1 + lo) if hi > lo else b""
+        else:
+            body = head[end + 1:] + b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        lines = [head[:end]] + body.split(b"\n")
     except (OSError, ValueError, FlowForgeError):
         return None
+    finally:
+        os.close(fd)
     listed = record.get("months")
     if record.get("schema") != LEDGER_CACHE_SCHEMA or record.get("key") != key \
             or not isinstance(listed, dict):
         return None
-    first, last = months or (None, None)
     shards = {}
     kind = b"R" if rows else b"T"   # a month's rows, or only its totals (by issue, project)
     for line in lines[1:]:
@@ -4274,13 +4298,21 @@ class LedgerView:
                 if (first is None or month >= first) and (last is None or month <= last)]
 
     def _save_cache(self, key, shards):
-        record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
-                  "months": {m: doc.get("blob") for m, doc in shards.items()}}
-        data = encode_record(record) + b"".join(
-            month.encode("ascii") + b" T " + encode_record({"month": month, "doc": {
+        body, places = [], {}
+        size = 0
+        for month in sorted(shards):
+            lines = (month.encode("ascii") + b" T " + encode_record({"month": month, "doc": {
                 k: v for k, v in shards[month].items() if k != "rows"}})
-            + month.encode("ascii") + b" R " + encode_record({"month": month, "doc": shards[month]})
-            for month in sorted(shards))
+                + month.encode("ascii") + b" R " + encode_record({"month": month,
+                                                                 "doc": shards[month]}))
+            places[month] = [size, size + len(lines)]   # where its lines are, after the header
+            size += len(lines)
+            body.append(lines)
+        # the header names each month with the place of its lines (the blob ids are
+        # in the lines): a one-month report decodes a small header per store
+        record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
+                  "months": places}
+        data = encode_record(record) + b"".join(body)
         try:
             makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
             # not synced: every line is crc-checked on read, and a lost or torn

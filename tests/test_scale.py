@@ -188,3 +188,31 @@ def test_years_of_shards_go_into_one_pack_that_git_reads_back(repo):
     assert report["total_seconds"] == expected
     assert len(report["rows"]) == len(months)
     git(repo.root, "fsck", "--strict", "--no-dangling")
+
+
+def test_a_one_month_report_reads_only_that_months_lines_and_checks_them(repo, monkeypatch):
+    """The cache header gives each month's place in the file; a one-month report
+    reads that much per store.  A header whose places are wrong (even with a valid
+    crc) only costs a rebuild, never a wrong figure."""
+    history(repo)
+    expected = repo.ok("report", "--json", "--by", "user,month", env=NOW).json
+    november = [x for x in expected["rows"] if x["month"] == "2026-11"]
+    read = []
+    real_pread, real_read = os.pread, os.read
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: read.append(n) or real_pread(fd, n, at))
+    monkeypatch.setattr(os, "read", lambda fd, n: read.append(-n) or real_read(fd, n))
+    r = call(repo.root, "report", "--json", "--by", "user,month", "--period", "2026-11",
+             "--no-aggregate", env=NOW)
+    monkeypatch.undo()
+    assert r.rc == 0 and r.json["rows"] == november
+    sizes = [os.path.getsize(p) for p in caches(repo.root)]
+    assert len([n for n in read if n > 0]) == 3, read   # one pread per store cache
+    assert sum(n for n in read if n > 0) < sum(sizes) / 5, (read, sizes)   # a month of eleven
+    for path in caches(repo.root):
+        lines = open(path, "rb").read().split(b"\n")
+        header = ff.decode_record(lines[0])
+        header["months"] = {m: [a + 7, b + 7] for m, (a, b) in header["months"].items()}
+        open(path, "wb").write(b"\n".join([ff.encode_record(header)[:-1]] + lines[1:]))
+    r = repo.ok("report", "--json", "--by", "user,month", "--period", "2026-11", env=NOW)
+    assert r.json["rows"] == november
+    assert repo.ok("report", "--json", "--by", "user,month", env=NOW).json == expected
