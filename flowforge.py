@@ -129,7 +129,7 @@ NOTE_MAX = 2000
 
 # On-disk format versions.  A reader refuses a newer version instead of misreading it.
 CONFIG_SCHEMA = 1
-USER_SCHEMA = 1
+USER_SCHEMA = 2   # 2: day files are named in time/changed before they change
 TIMER_SCHEMA = 1
 RECORD_SCHEMA = 1
 SHARD_SCHEMA = 1
@@ -1871,6 +1871,22 @@ def init_repo(root):
     return repo, created
 
 
+def forget_aggregation_states(repo, paths):
+    """Drop the aggregation state of every private store that `paths` (relative
+    to the work tree) lie in: files put back by a restore are not in a store's
+    list of changed days, so its next aggregation must look at all of them.
+    Returns whether any was dropped (the caller fsyncs the directory)."""
+    users = {parts[2] for parts in (p.replace(os.sep, "/").split("/") for p in paths)
+             if parts[:2] == [".flowforge", "user"] and len(parts) > 3}
+    dropped = False
+    for user in sorted(u for u in users if valid_user_name(u)):
+        state = os.path.join(repo.aggstate, user + ".json")
+        if os.path.lexists(state):
+            os.unlink(state)
+            dropped = True
+    return dropped
+
+
 class Quarantine:
     """Damaged files, set aside (never deleted) with a manifest of why and when."""
 
@@ -1949,6 +1965,8 @@ class Quarantine:
                 raise FlowForgeError("%s exists; move it away first or use --force" % item["original"])
             os.makedirs(os.path.dirname(target), exist_ok=True)
             atomic_write(target, read_bytes(os.path.join(self.dir, item["file"])), 0o600)
+            if forget_aggregation_states(self.repo, [item["original"]]):
+                fsync_dir(self.repo.aggstate)
             os.unlink(os.path.join(self.dir, item["file"]))
             items.remove(item)
             self._save(items)
@@ -2364,6 +2382,7 @@ class PrivateStore:
         self.daily = os.path.join(self.time_dir, "daily")
         self.timer_path = os.path.join(self.time_dir, "current.json")
         self.far_path = os.path.join(self.time_dir, "far.json")
+        self.changes_path = os.path.join(self.time_dir, "changed")
         self._settings = None
         self._zone = None
         self._clock = None
@@ -2497,6 +2516,52 @@ class PrivateStore:
     def day_path(self, day_iso):
         return os.path.join(self.daily, day_iso + ".jsonl")
 
+    # -- the list of changed days -------------------------------------------
+    #
+    # Every write of a day file is preceded by a durable line naming its day in
+    # time/changed, so that an incremental aggregation stats the days named
+    # there instead of every day file of years.  Schema 2 of the store's
+    # settings says so: a FlowForge that does not keep the list refuses such a
+    # store ("written by a newer FlowForge") instead of writing past it.
+
+    def note_changes(self, days):
+        """Name `days` in time/changed, durably, before their files change.  The
+        caller holds the store lock.  Upgrades a schema-1 store first."""
+        if self.exists() and self.settings().get("schema", 1) < 2:
+            settings = dict(self.settings(), schema=USER_SCHEMA)
+            atomic_write(self.config_path, canonical_bytes(settings), 0o600)
+            self._settings = None
+            self.mirror.put("config.json", canonical_bytes(settings))
+        makedirs_private(self.time_dir)
+        append_durable(self.changes_path, "".join(d + "\n" for d in sorted(set(days))).encode())
+
+    def read_changes(self):
+        """(bytes read, {days named}) of time/changed; the days are None if it is
+        damaged (an aggregation then looks at every day file)."""
+        try:
+            raw = read_bytes(self.changes_path)
+        except FileNotFoundError:
+            return 0, set()
+        except (OSError, FlowForgeError):
+            return 0, None
+        days = raw.split(b"\n")
+        if days.pop() != b"":
+            return len(raw), None   # a torn last line: a write that may or may not have come
+        named = {d.decode("ascii", "replace") for d in days}
+        if not all(is_iso_date(d) and d.isascii() for d in named):
+            return len(raw), None
+        return len(raw), named
+
+    def forget_changes(self, size):
+        """Drop the first `size` bytes of time/changed (what an aggregation has
+        taken in), keeping what was named since.  The caller holds the store lock."""
+        try:
+            raw = read_bytes(self.changes_path)
+        except FileNotFoundError:
+            return
+        if size and len(raw) >= size:
+            atomic_write(self.changes_path, raw[size:], 0o600)
+
     def day_stats(self):
         """{day: [size, mtime_ns]} of every day file, from one directory scan:
         what an incremental aggregation looks at of years of history."""
@@ -2593,6 +2658,7 @@ class PrivateStore:
 
     def _salvage(self, path, good, reason, count):
         item = Quarantine(self.repo).put(path, reason, copy=True)
+        self.note_changes([os.path.basename(path)[:10]])
         atomic_write(path, good, 0o600)
         self._salvaged = path
         self.mirror.put(os.path.relpath(path, self.dir), good)
@@ -2603,7 +2669,8 @@ class PrivateStore:
         """Append records to a day file durably.  The caller holds the store lock.
 
         `bulk` (imports): no directory fsync and no mirror copy per file; the
-        caller calls finish_bulk() once at the end."""
+        caller names the days first (note_changes) and calls finish_bulk() once
+        at the end."""
         makedirs_private(self.daily)
         path = self.day_path(day_iso)
         try:
@@ -2618,6 +2685,8 @@ class PrivateStore:
             pass
         data = b"".join(encode_record(r if r.get("v") == RECORD_SCHEMA else dict(r, v=RECORD_SCHEMA))
                         for r in records)
+        if not bulk:   # (a bulk writer names all its days once, before it starts)
+            self.note_changes([day_iso])
         size_before = append_durable(path, data, durable=not bulk)
         if not bulk:
             self.mirror.appended(day_iso, data, size_before)
@@ -4804,6 +4873,12 @@ class Aggregator:
         full = state is None
         old_files = state["files"] if state else {}
         with store.lock(lock_timeout):
+            # What time/changed names now is taken in by this run (and dropped from
+            # it once the new state is saved).  It stands for every change since
+            # the state only if that state was saved under schema 2 (state
+            # "journal"); otherwise every day file is looked at.
+            changes = store.read_changes()
+            journaled = store.settings().get("schema", 1) >= 2
             parsed, stats = {}, {}
             if full:  # read everything; the stat comes from the same descriptor
                 for day in store.days():
@@ -4812,7 +4887,16 @@ class Aggregator:
                         parsed[day] = self.contributions(day, records)
                         stats[day] = stat
             else:
-                stats = store.day_stats()
+                if changes[1] is not None and state.get("journal") is True:
+                    stats = {day: old[:2] for day, old in old_files.items()}
+                    for day in changes[1]:
+                        try:
+                            st = os.lstat(store.day_path(day))
+                            stats[day] = [st.st_size, st.st_mtime_ns]
+                        except FileNotFoundError:
+                            stats.pop(day, None)
+                else:
+                    stats = store.day_stats()
                 for day in sorted(stats):
                     if old_files.get(day, [None, None])[:2] != stats[day]:
                         records, stats[day] = store.read_day_and_stat(day)
@@ -4861,22 +4945,27 @@ class Aggregator:
                                        "aggregate-full" if full else "aggregate")
         new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
                      "granularity": self.granularity, "timezone": store.tz_name,
-                     "tip": tip, "files": new_files}
+                     "tip": tip, "files": new_files, "journal": journaled}
         data = canonical_bytes(new_state)
         try:
             unchanged = read_bytes(self.state_path) == data
         except FileNotFoundError:
             unchanged = False
+        saved = unchanged
         if not unchanged:
             try:
                 makedirs_private(self.repo.aggstate)
                 atomic_write(self.state_path, data, 0o600)
+                saved = True
             except StorageError as e:
                 if not record:
                     raise
                 # a cache: without it the next run recomputes in full, to the same shards
                 log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
                 warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
+        if saved and changes[0]:   # what this run took in is in the state now
+            with store.lock(lock_timeout):
+                store.forget_changes(changes[0])
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
@@ -7934,6 +8023,8 @@ def _apply(repo, journal):
                 os.path.dirname(target))
             os.replace(staged, target)
             touched.add(os.path.dirname(target))
+    if forget_aggregation_states(repo, [item["path"] for item in journal["items"]]):
+        touched.add(repo.aggstate)
     for directory in sorted(touched):
         fsync_dir(directory)
     current = list_ledger_refs(repo) if journal.get("refs") else {}
@@ -8475,7 +8566,9 @@ def apply_import(repo, batch, importing_user, data_sha, dry_run=False, overlaps=
                 store._create(None)   # under the lock held above
             if store.exists() and admitted and not dry_run:
                 written = []
-                for day, records in _by_file_day(admitted):
+                grouped = _by_file_day(admitted)
+                store.note_changes([day for day, _ in grouped])
+                for day, records in grouped:
                     store.append(day, records, bulk=True)
                     written.append(day)
                 store.finish_bulk(written)

@@ -302,8 +302,9 @@ def test_no_zone_moves_its_clocks_and_back_within_three_days():
 
 def test_fsyncs_per_timer_command(repo, monkeypatch):
     """What durability needs and no more (the README's table): start = the timer
-    file and its directory; stop = the day file (and its directory when the
-    append creates it) and the cleared timer file; the mirror copies none."""
+    file and its directory; stop = the list of changed days, the day file (and
+    their directories when the appends create them) and the cleared timer
+    file; the mirror copies none."""
     from conftest import call
     assert call(repo.root, "log", "1", "5m").rc == 0   # the store and today's day file exist
     synced = []
@@ -317,10 +318,11 @@ def test_fsyncs_per_timer_command(repo, monkeypatch):
     assert synced[1] == time_dir
     synced.clear()
     assert call(repo.root, "stop").rc == 0
-    assert len(synced) == 2, synced
-    assert os.path.dirname(synced[0]) == os.path.join(time_dir, "daily")
-    assert synced[0].endswith(".jsonl")
-    assert os.path.basename(synced[1]).startswith(".current.json.tmp-")
+    assert len(synced) == 3, synced
+    assert synced[0] == os.path.join(time_dir, "changed")   # the day named before it changes
+    assert os.path.dirname(synced[1]) == os.path.join(time_dir, "daily")
+    assert synced[1].endswith(".jsonl")
+    assert os.path.basename(synced[2]).startswith(".current.json.tmp-")
 
 
 def test_the_command_flushes_its_output_and_keeps_its_exit_code(repo, tmp_path):

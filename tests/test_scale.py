@@ -216,3 +216,93 @@ def test_a_one_month_report_reads_only_that_months_lines_and_checks_them(repo, m
     r = repo.ok("report", "--json", "--by", "user,month", "--period", "2026-11", env=NOW)
     assert r.json["rows"] == november
     assert repo.ok("report", "--json", "--by", "user,month", env=NOW).json == expected
+
+
+def _store(repo, user="alice"):
+    return ff.PrivateStore(ff.Repo.find(repo.root).require(), user)
+
+
+def test_an_incremental_aggregation_looks_only_at_the_days_named_as_changed(repo, monkeypatch):
+    days = history(repo)
+    store = _store(repo)
+    assert open(store.changes_path, "rb").read() == b""   # taken in by the aggregation
+    call(repo.root, "log", "5", "7m", "--date", days[3], env=NOW)
+    assert open(store.changes_path, "rb").read() == days[3].encode() + b"\n"
+    looked = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(ff.PrivateStore, "day_stats", lambda self: 1 / 0)   # no scan of all
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: (looked.append(p), real_lstat(p, *a, **k))[1])
+    r = call(repo.root, "aggregate", env=NOW)
+    monkeypatch.undo()
+    assert r.rc == 0, r
+    assert [p for p in looked if "/daily/" in p] == [store.day_path(days[3])]
+    assert open(store.changes_path, "rb").read() == b""
+    report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
+    assert {x["user"]: x["seconds"] for x in report["rows"]}["alice"] == 11 * 30 * 60 + 7 * 60
+    full = repo.ok("aggregate", "--full", env=NOW)
+    assert "wrote" not in full.out   # the incremental run had it all
+
+
+def test_a_store_of_schema_1_is_looked_at_in_full_until_its_changes_are_listed(repo):
+    """An older FlowForge wrote without naming its days: the first aggregation
+    after the upgrade looks at every day file; from then on time/changed says."""
+    history(repo, users=("alice",))
+    store = _store(repo)
+    settings = json.load(open(store.config_path))
+    settings["schema"] = 1
+    open(store.config_path, "w").write(json.dumps(settings))
+    state_path = os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")
+    state = json.load(open(state_path))
+    state.pop("journal")
+    open(state_path, "w").write(json.dumps(state))
+    # what an older FlowForge does: append to a day file, name nothing
+    day = "2026-11-25"
+    record = {"op": "entry", "id": "20261125-0000abcd", "issue": "8", "project": "", "note": "",
+              "date": day, "seconds": 600, "src": "log", "v": 1}
+    with open(store.day_path(day), "ab") as f:
+        f.write(ff.encode_record(record))
+    repo.ok("aggregate", env=NOW)
+    report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == 11 * 30 * 60 + 600
+    assert json.load(open(state_path))["journal"] is False   # still schema 1: no list yet
+    repo.ok("log", "9", "1m", "--date", day, env=NOW)          # a write upgrades the store
+    assert json.load(open(store.config_path))["schema"] == 2
+    repo.ok("aggregate", env=NOW)
+    assert json.load(open(state_path))["journal"] is True
+
+
+def test_a_damaged_list_of_changes_means_every_day_file_is_looked_at(repo):
+    days = history(repo, users=("alice",))
+    store = _store(repo)
+    # a torn note (a crash in the middle of naming a day) and a change beside it
+    open(store.changes_path, "ab").write(b"2026-1")
+    record = {"op": "entry", "id": days[0].replace("-", "") + "-0000beef", "issue": "8",
+              "project": "", "note": "", "date": days[0], "seconds": 120, "src": "log", "v": 1}
+    with open(store.day_path(days[0]), "ab") as f:
+        f.write(ff.encode_record(record))
+    repo.ok("aggregate", env=NOW)
+    report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == 11 * 30 * 60 + 120
+    assert open(store.changes_path, "rb").read() == b""   # taken in, torn bytes and all
+
+
+def test_a_flowforge_that_does_not_list_changes_refuses_a_store_that_does(repo, monkeypatch):
+    history(repo, users=("alice",))
+    monkeypatch.setattr(ff, "USER_SCHEMA", 1)   # what FlowForge 0.2.0 checks
+    r = call(repo.root, "log", "3", "1m", env=NOW)
+    assert r.rc == 65 and "written by a newer FlowForge" in r.err, r
+
+
+def test_a_day_file_put_back_from_quarantine_is_aggregated(repo):
+    """A restore writes a day file without naming its day as changed: it drops
+    the store's aggregation state, so the next aggregation looks at every file."""
+    days = history(repo, users=("alice",))
+    store = _store(repo)
+    path = store.day_path(days[0])
+    item = ff.Quarantine(ff.Repo.find(repo.root).require()).put(path, "test", copy=True)
+    open(path, "wb").write(b"")   # the day emptied (and aggregated so) since
+    repo.ok("aggregate", "--full", env=NOW)
+    assert repo.ok("report", "--json", "--no-aggregate", env=NOW).json["total_seconds"] == 10 * 1800
+    repo.ok("quarantine", "restore", item, "--force", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    assert repo.ok("report", "--json", "--no-aggregate", env=NOW).json["total_seconds"] == 11 * 1800
