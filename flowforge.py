@@ -302,8 +302,10 @@ class Zone:
         or None where it might not read what zoneinfo reads."""
         if self._libc is None:
             self._libc = self.name == "UTC" or self._same_file()
-        if not self._libc:
-            return None
+        threading = sys.modules.get("threading")
+        if not self._libc or (threading is not None and threading.active_count() > 1
+                              and self.name != "UTC"):
+            return None   # (TZ and tzset are process-wide: not while another thread runs)
         if self.name == "UTC":
             return [time.gmtime(ts) for ts in stamps]
         saved = os.environ.get("TZ")
@@ -585,6 +587,8 @@ def relative_time(text, now_ts):
         except FlowForgeError as e:
             if e.exit_code != EXIT_USAGE or "out of range" in str(e):
                 raise
+        except (ValueError, OverflowError):   # digits beyond int(): not a time
+            pass
     return None
 
 
@@ -776,7 +780,10 @@ def parse_duration(text):
     if parts:
         units = [u for _, u in parts]
         if units == sorted(set(units), key="hms".index):
-            seconds = sum(_exact_seconds(n, _UNIT_SECONDS[u]) for n, u in parts)
+            try:
+                seconds = sum(_exact_seconds(n, _UNIT_SECONDS[u]) for n, u in parts)
+            except ValueError:   # more digits than int() takes: not a duration
+                seconds = None
     if seconds is None:
         hint = ""
         if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -895,9 +902,11 @@ def _json_codec():
             def unserializable(obj):
                 raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
             scanner = _json.make_scanner(Decoding())
-            encoder = _json.make_encoder({}, unserializable, _json.encode_basestring, None, ":", ",",
-                                         True, False, True)
-            _JSON_CODEC[:] = [scanner, lambda obj: "".join(encoder(obj, 0))]
+
+            def encode(obj):   # a new encoder each time: a failed encode leaves its markers
+                return "".join(_json.make_encoder({}, unserializable, _json.encode_basestring,
+                                                  None, ":", ",", True, False, True)(obj, 0))
+            _JSON_CODEC[:] = [scanner, encode]
         except (ImportError, AttributeError, TypeError):
             scanner = json.JSONDecoder().scan_once
             encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -2254,9 +2263,10 @@ class Mirror:
 
     def appended(self, day, data, size_before):
         """Mirror an append to a day file: append the same bytes when the copy is
-        exactly the file's old content, else copy the whole file.  Not synced,
-        like the timer's copy: the day file itself is, and every aggregation
-        copies a day whose copy differs in size (day files only grow)."""
+        exactly the file's old content, else copy the whole file.  Synced (unlike
+        the timer's copy, which every aggregation compares by content): an
+        aggregation compares only the days changed since the last one, so a copy
+        that a power cut took back after that would stay short."""
         rel = os.path.join("time", "daily", day + ".jsonl")
 
         def do():
@@ -2266,7 +2276,7 @@ class Mirror:
             except FileNotFoundError:
                 size = -1
             if size == size_before:
-                append_durable(path, data, durable=False)
+                append_durable(path, data)
             else:
                 self._copy(rel, read_bytes(self.store.day_path(day)))
         return self._best_effort(rel, do)
@@ -2276,15 +2286,18 @@ class Mirror:
         local audit chain.  Returns the number of files copied.  `sizes`: {day:
         size} of day files just read (an aggregation's), not to stat them again."""
         stale = os.path.join(self.repo.state, MIRROR_STALE)
-        if os.path.exists(stale) or not os.path.isdir(self.dir):
-            days = None
+        read_all = days is None and sizes is not None   # the caller read every day file
+        # A whole copy is owed after a failed copy (the marker) or to a mirror that
+        # no whole copy made (no mirror.json: new, deleted, or begun again by a put)
+        if os.path.exists(stale) or not os.path.isfile(os.path.join(self.dir, "mirror.json")):
+            days = None   # ... whatever the caller read
         copied = [0]
 
         def do():
             if days is not None:
                 wanted = days
             else:   # everything: the days just read (under the store lock), or a listing
-                wanted = sorted(sizes) if sizes is not None else self.store.days()
+                wanted = sorted(sizes) if read_all else self.store.days()
             files = [os.path.join("time", "daily", day + ".jsonl") for day in wanted]
             files += ["config.json", os.path.join("time", "current.json"),
                       os.path.join("time", "far.json"), "audit.jsonl"]
@@ -2382,7 +2395,7 @@ class PrivateStore:
         self.daily = os.path.join(self.time_dir, "daily")
         self.timer_path = os.path.join(self.time_dir, "current.json")
         self.far_path = os.path.join(self.time_dir, "far.json")
-        self.changes_path = os.path.join(self.time_dir, "changed")
+        self.changes_path = os.path.join(repo.aggstate, user + ".changes.jsonl")
         self._settings = None
         self._zone = None
         self._clock = None
@@ -2519,62 +2532,91 @@ class PrivateStore:
     # -- the list of changed days -------------------------------------------
     #
     # Every write of a day file is preceded by a durable line naming its day in
-    # time/changed, so that an incremental aggregation stats the days named
-    # there instead of every day file of years.  Schema 2 of the store's
-    # settings says so: a FlowForge that does not keep the list refuses such a
-    # store ("written by a newer FlowForge") instead of writing past it.
+    # .flowforge/state/aggregate/<user>.changes.jsonl, so that an incremental
+    # aggregation stats the days named there instead of every day file of
+    # years.  The list's first line is a random token, which the aggregation
+    # state records: a list deleted or begun anew does not match it, and the
+    # aggregation looks at every day file.  Schema 2 of the store's settings
+    # says that its writes are listed: a FlowForge that does not keep the list
+    # refuses such a store ("written by a newer FlowForge") instead of writing
+    # past it.
 
     def note_changes(self, days):
-        """Name `days` in time/changed, durably, before their files change.  The
-        caller holds the store lock.  Upgrades a schema-1 store first."""
+        """Name `days` in the list of changed days, durably, before their files
+        change.  The caller holds the store lock.  Upgrades a schema-1 store.  A
+        note is never taken back, not even when the write it announces fails:
+        that write may have got as far as the disk (an fsync of its directory
+        failing, say), and a day named for nothing costs a stat."""
         if self.exists() and self.settings().get("schema", 1) < 2:
             settings = dict(self.settings(), schema=USER_SCHEMA)
             atomic_write(self.config_path, canonical_bytes(settings), 0o600)
             self._settings = None
             self.mirror.put("config.json", canonical_bytes(settings))
-        makedirs_private(self.time_dir)
-        append_durable(self.changes_path, "".join(d + "\n" for d in sorted(set(days))).encode())
+        lines = "".join('"%s"\n' % d for d in sorted(set(days))).encode()
+        if not os.path.exists(self.changes_path):
+            makedirs_private(os.path.dirname(self.changes_path))
+            lines = canonical_bytes({"list": os.urandom(8).hex()}) + lines
+        append_durable(self.changes_path, lines)
 
-    def read_changes(self):
-        """(bytes read, {days named}) of time/changed; the days are None if it is
-        damaged (an aggregation then looks at every day file)."""
+    def read_changes(self, create=False):
+        """(bytes read, {days named} or None if the list is damaged, its token or
+        None).  `create`: begin a list if there is none (the caller holds the
+        store lock), so that an aggregation knows the token it records."""
         try:
             raw = read_bytes(self.changes_path)
         except FileNotFoundError:
-            return 0, set()
+            if not create:
+                return 0, set(), None
+            makedirs_private(os.path.dirname(self.changes_path))
+            raw = canonical_bytes({"list": os.urandom(8).hex()})
+            append_durable(self.changes_path, raw)
         except (OSError, FlowForgeError):
-            return 0, None
-        days = raw.split(b"\n")
-        if days.pop() != b"":
-            return len(raw), None   # a torn last line: a write that may or may not have come
-        named = {d.decode("ascii", "replace") for d in days}
-        if not all(is_iso_date(d) and d.isascii() for d in named):
-            return len(raw), None
-        return len(raw), named
+            return 0, None, None
+        lines = raw.split(b"\n")
+        try:
+            token = load_json(lines[0]).get("list")
+        except (ValueError, AttributeError, RecursionError):
+            token = None
+        if lines.pop() != b"" or not isinstance(token, str):
+            return len(raw), None, None   # torn (a note that may or may not have come)
+        named = {line[1:-1].decode("ascii", "replace") for line in lines[1:]
+                 if line[:1] == line[-1:] == b'"'}
+        if len(named) != len(set(lines[1:])) or not all(is_iso_date(d) and d.isascii()
+                                                         for d in named):
+            return len(raw), None, None
+        return len(raw), named, token
 
-    def forget_changes(self, size):
-        """Drop the first `size` bytes of time/changed (what an aggregation has
-        taken in), keeping what was named since.  The caller holds the store lock."""
+    def forget_changes(self, size, renew=False):
+        """Drop what the first `size` bytes of the list named (an aggregation
+        took it in), keeping its token (`renew`, for a damaged list: a new one)
+        and what was named since.  The caller holds the store lock."""
         try:
             raw = read_bytes(self.changes_path)
         except FileNotFoundError:
             return
-        if size and len(raw) >= size:
-            atomic_write(self.changes_path, raw[size:], 0o600)
+        head = raw[:raw.find(b"\n") + 1]
+        if renew:
+            head = canonical_bytes({"list": os.urandom(8).hex()})
+        if size and len(raw) >= size and (renew or raw[size:] != raw[len(head):]):
+            atomic_write(self.changes_path, head + raw[size:], 0o600)
 
     def day_stats(self):
         """{day: [size, mtime_ns]} of every day file, from one directory scan:
         what an incremental aggregation looks at of years of history."""
         found = {}
         try:
-            with os.scandir(self.daily) as scan:
-                for entry in scan:
-                    name = entry.name
-                    if len(name) == 16 and name.endswith(".jsonl") and is_iso_date(name[:10]):
-                        st = entry.stat(follow_symlinks=False)
-                        found[name[:10]] = [st.st_size, st.st_mtime_ns]
+            scan = os.scandir(self.daily)
         except FileNotFoundError:
-            pass
+            return found
+        with scan:
+            for entry in scan:
+                name = entry.name
+                if len(name) == 16 and name.endswith(".jsonl") and is_iso_date(name[:10]):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:   # gone since the listing
+                        continue
+                    found[name[:10]] = [st.st_size, st.st_mtime_ns]
         return found
 
     def days(self):
@@ -2685,7 +2727,7 @@ class PrivateStore:
             pass
         data = b"".join(encode_record(r if r.get("v") == RECORD_SCHEMA else dict(r, v=RECORD_SCHEMA))
                         for r in records)
-        if not bulk:   # (a bulk writer names all its days once, before it starts)
+        if not bulk:   # (a bulk writer names its days once, before it starts)
             self.note_changes([day_iso])
         size_before = append_durable(path, data, durable=not bulk)
         if not bulk:
@@ -4873,12 +4915,13 @@ class Aggregator:
         full = state is None
         old_files = state["files"] if state else {}
         with store.lock(lock_timeout):
-            # What time/changed names now is taken in by this run (and dropped from
-            # it once the new state is saved).  It stands for every change since
-            # the state only if that state was saved under schema 2 (state
-            # "journal"); otherwise every day file is looked at.
-            changes = store.read_changes()
+            # What the list of changed days names now is taken in by this run (and
+            # dropped from it once the new state is saved).  It stands for every
+            # change since the state only if the state records this list's token
+            # (saved under schema 2, state "journal"); else every day file is
+            # looked at.
             journaled = store.settings().get("schema", 1) >= 2
+            changes = store.read_changes(create=journaled)
             parsed, stats = {}, {}
             if full:  # read everything; the stat comes from the same descriptor
                 for day in store.days():
@@ -4887,7 +4930,7 @@ class Aggregator:
                         parsed[day] = self.contributions(day, records)
                         stats[day] = stat
             else:
-                if changes[1] is not None and state.get("journal") is True:
+                if changes[1] is not None and changes[2] and state.get("journal") == changes[2]:
                     stats = {day: old[:2] for day, old in old_files.items()}
                     for day in changes[1]:
                         try:
@@ -4945,7 +4988,7 @@ class Aggregator:
                                        "aggregate-full" if full else "aggregate")
         new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
                      "granularity": self.granularity, "timezone": store.tz_name,
-                     "tip": tip, "files": new_files, "journal": journaled}
+                     "tip": tip, "files": new_files, "journal": journaled and changes[2]}
         data = canonical_bytes(new_state)
         try:
             unchanged = read_bytes(self.state_path) == data
@@ -4965,7 +5008,7 @@ class Aggregator:
                 warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
         if saved and changes[0]:   # what this run took in is in the state now
             with store.lock(lock_timeout):
-                store.forget_changes(changes[0])
+                store.forget_changes(changes[0], renew=changes[1] is None)
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
@@ -5812,6 +5855,8 @@ def aggregate_job(repo, payload, job, queue):
 # is logged with the plugin's name and the command goes on.
 
 PLUGIN_API = 1
+PLUGINS_RUN = []   # plugin modules this process has run
+
 PLUGIN_HOOKS = {
     "on_start": ("repo", "user", "timer", "config"),
     "on_stop": ("repo", "user", "entry", "config"),
@@ -5841,6 +5886,7 @@ class Plugin:
         try:
             spec = importlib.util.spec_from_file_location("flowforge_plugin_" + self.name, self.path)
             module = importlib.util.module_from_spec(spec)
+            PLUGINS_RUN.append(self.name)   # run() then exits the ordinary way (their atexit, files)
             spec.loader.exec_module(module)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -8673,10 +8719,10 @@ def erase_user(repo, user):
             if os.path.isdir(store.dir):
                 shutil.rmtree(store.dir)
                 removed.append(repo.rel(store.dir))
-            state = os.path.join(repo.aggstate, user + ".json")
-            if os.path.exists(state):
-                os.unlink(state)
-                removed.append(repo.rel(state))
+            for state in (os.path.join(repo.aggstate, user + ".json"), store.changes_path):
+                if os.path.exists(state):
+                    os.unlink(state)
+                    removed.append(repo.rel(state))
     for _, directory, _ in find_mirrors(repo, user):
         shutil.rmtree(directory)
         removed.append(directory)
@@ -12207,7 +12253,7 @@ def quick_args(argv):
     Plain means options spelled in full (`--at 9:30` or `--at=9:30`), values that
     do not start with `-`, no `-h`, the right number of arguments; anything else
     -- and every mistake -- returns None and goes to argparse, which has the
-    words for it.  tests/test_cli.py holds the two to the same result."""
+    words for it.  tests/test_hot_path.py holds the two to the same result."""
     name = _command_name(argv)
     spec = next((s for s in COMMANDS if s.name == name), None)
     if spec is None or spec.filters:
@@ -12230,14 +12276,20 @@ def quick_args(argv):
                 switches[flag] = dest
             else:
                 options[flag] = (dest, kwargs.get("choices"))
-    given, tokens, before_command = [], iter(argv), True
+    # argparse gives an optional positional its default at the first option after
+    # the command word, so a positional after an option is not for it: not plain
+    optional = any(kwargs.get("nargs") == "?" for _, kwargs in positionals)
+    given, tokens, before_command, options_seen = [], iter(argv), True, False
     for token in tokens:
         if not token.startswith("-"):
             if before_command:
                 before_command = False   # the command word
+            elif optional and options_seen:
+                return None
             else:
                 given.append(token)
             continue
+        options_seen = options_seen or not before_command
         flag, equals, value = token.partition("=")
         if before_command and flag not in _COMMON_SWITCHES and flag not in _COMMON_VALUES:
             return None
@@ -12312,6 +12364,8 @@ def main(argv=None):
             return EXIT_OK
         where = " %s" % e.filename if e.filename else ""
         sys.stderr.write("flowforge: cannot access%s: %s\n" % (where, e.strerror or e))
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            return EXIT_CANTCREAT   # a full disk (behind stdout, say), as for FlowForge's writes
         return StorageError.EXIT_CODES.get(e.errno, EXIT_FAIL)
     except KeyboardInterrupt:
         sys.stderr.write("flowforge: interrupted\n")
@@ -12323,16 +12377,30 @@ def run():
     interpreter down -- freeing this module's thousands of objects one by one
     costs ~2 ms, a fifth of a timer command's budget.  Every file FlowForge
     writes is written with os.write and closed by then; only the standard
-    streams are buffered, and they are flushed here.  A thread still running
-    (none should be) gets the ordinary exit, which waits for it."""
+    streams are buffered, and they are flushed here (output that cannot be
+    written is one line and exit 73, a closed pipe is not an error).  After a
+    plugin ran, or with a thread still running, the ordinary exit runs their
+    atexit handlers, closes their files and waits."""
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):   # a closed pipe: nothing more to say
-            pass
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as e:
+        sys.stderr.write("flowforge: cannot write the output: %s\n" % (e.strerror or e))
+        code = code or StorageError.EXIT_CODES.get(e.errno, EXIT_CANTCREAT)
+    except ValueError:   # stdout closed by the caller
+        pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     threading = sys.modules.get("threading")
-    if threading is not None and threading.active_count() > 1:
+    if PLUGINS_RUN or (threading is not None and threading.active_count() > 1):
+        try:
+            sys.stdout = open(os.devnull, "w")   # flushed above; nothing to say twice at exit
+        except OSError:
+            pass
         raise SystemExit(code)
     os._exit(code)
 

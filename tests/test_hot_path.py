@@ -59,7 +59,7 @@ PLAIN = [
     ["-C", "/tmp", "--user", "bob", "stop", "--at", "17:30"], ["stop", "--color", "never"],
     ["status"], ["status", "--json", "-v"], ["pause"], ["resume", "--at", "13:00"],
     ["cancel"], ["switch", "9", "--at=-1h"], ["continue"], ["continue", "20261122-1a2b3c4d"],
-    ["log", "12", "1h30m"], ["log", "12", "--date", "yesterday", "2h"],
+    ["log", "12", "1h30m"], ["log", "12", "2h", "--date", "yesterday"],
     ["log", "12", "--start", "9:00", "--end", "11:30", "--note", "review", "--key", "k1"],
     ["version"], ["completion", "bash"],
     ["completion", "--words", "issues"], ["init"],
@@ -69,6 +69,9 @@ NOT_PLAIN = [
     ["status", "--help"], ["start", "1", "--color", "rainbow"], ["stop", "--at"],
     ["--at", "9:00", "start", "1"], ["start", "1", "--", "x"], ["completion", "tcsh"],
     ["start", "1", "--json=yes"], ["stop", "-qv"],
+    # an optional positional after an option: argparse has given it its default by then
+    ["quarantine", "delete", "--force", "X"], ["continue", "--at", "9:00", "20261122-1a2b3c4d"],
+    ["log", "12", "--date", "yesterday", "2h"],
 ]
 
 
@@ -212,6 +215,11 @@ def test_canonical_json_is_sorted_compact_json_dumps():
         ff.canonical_json({"a": object()})
     with pytest.raises(ValueError):
         ff.canonical_json(_circular())
+    value = {"a": {"b": object()}}
+    with pytest.raises(TypeError):
+        ff.canonical_json(value)
+    value["a"]["b"] = 1   # a failed encode leaves nothing behind
+    assert ff.canonical_json(value) == '{"a":{"b":1}}'
 
 
 def _circular():
@@ -302,9 +310,9 @@ def test_no_zone_moves_its_clocks_and_back_within_three_days():
 
 def test_fsyncs_per_timer_command(repo, monkeypatch):
     """What durability needs and no more (the README's table): start = the timer
-    file and its directory; stop = the list of changed days, the day file (and
-    their directories when the appends create them) and the cleared timer
-    file; the mirror copies none."""
+    file and its directory; stop = the list of changed days, the day file and
+    its mirror copy (and their directories when the appends create them) and
+    the cleared timer file; the timer's mirror copy is not synced."""
     from conftest import call
     assert call(repo.root, "log", "1", "5m").rc == 0   # the store and today's day file exist
     synced = []
@@ -318,11 +326,13 @@ def test_fsyncs_per_timer_command(repo, monkeypatch):
     assert synced[1] == time_dir
     synced.clear()
     assert call(repo.root, "stop").rc == 0
-    assert len(synced) == 3, synced
-    assert synced[0] == os.path.join(time_dir, "changed")   # the day named before it changes
+    assert len(synced) == 4, synced
+    assert synced[0] == os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(time_dir))),
+                                     "state", "aggregate", "alice.changes.jsonl")   # named first
     assert os.path.dirname(synced[1]) == os.path.join(time_dir, "daily")
     assert synced[1].endswith(".jsonl")
-    assert os.path.basename(synced[2]).startswith(".current.json.tmp-")
+    assert "/flowforge/" in synced[2] and synced[2].endswith(os.path.basename(synced[1]))  # mirror
+    assert os.path.basename(synced[3]).startswith(".current.json.tmp-")
 
 
 def test_the_command_flushes_its_output_and_keeps_its_exit_code(repo, tmp_path):
@@ -355,3 +365,28 @@ def test_bad_json_says_what_json_says_before_json_is_loaded():
         except ValueError as e:
             expected.append(str(e))
     assert proc.stdout.splitlines() == expected
+
+
+def test_output_that_cannot_be_written_is_one_line_and_exit_73(repo):
+    """The command flushes its output itself before exiting without teardown: a
+    full disk behind stdout is said, not swallowed; a closed pipe is no error."""
+    code = "import sys; sys.path.insert(0, %r); import flowforge; flowforge.run()" % ROOT
+    env = repo.env(FLOWFORGE_USER="alice")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-S", "-c", code, "status"], cwd=repo.root,
+                           env=env, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 73, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowforge: ") and "No space left" in lines[0], lines
+    head = subprocess.Popen([sys.executable, "-S", "-c", code, "report", "--by", "user,issue"],
+                            cwd=repo.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head.stdout.close()   # the reader went away
+    assert head.wait(timeout=60) == 0
+    assert b"Traceback" not in head.stderr.read()
+
+
+@pytest.mark.parametrize("argv", [["start", "1", "--at=-" + "9" * 5000 + "m"],
+                                  ["log", "1", "9" * 5000 + "m"]], ids=["--at", "log"])
+def test_numbers_beyond_any_time_are_one_line(repo, argv):
+    r = repo(*argv)
+    assert r.rc == 64 and r.err.count("\n") == 1 and "not valid" in r.err, r

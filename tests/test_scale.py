@@ -225,9 +225,10 @@ def _store(repo, user="alice"):
 def test_an_incremental_aggregation_looks_only_at_the_days_named_as_changed(repo, monkeypatch):
     days = history(repo)
     store = _store(repo)
-    assert open(store.changes_path, "rb").read() == b""   # taken in by the aggregation
+    head = open(store.changes_path, "rb").read()
+    assert head.count(b"\n") == 1 and b'"list"' in head   # its token: what was named, taken in
     call(repo.root, "log", "5", "7m", "--date", days[3], env=NOW)
-    assert open(store.changes_path, "rb").read() == days[3].encode() + b"\n"
+    assert open(store.changes_path, "rb").read() == head + b'"%s"\n' % days[3].encode()
     looked = []
     real_lstat = os.lstat
     monkeypatch.setattr(ff.PrivateStore, "day_stats", lambda self: 1 / 0)   # no scan of all
@@ -236,7 +237,7 @@ def test_an_incremental_aggregation_looks_only_at_the_days_named_as_changed(repo
     monkeypatch.undo()
     assert r.rc == 0, r
     assert [p for p in looked if "/daily/" in p] == [store.day_path(days[3])]
-    assert open(store.changes_path, "rb").read() == b""
+    assert open(store.changes_path, "rb").read() == head
     report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
     assert {x["user"]: x["seconds"] for x in report["rows"]}["alice"] == 11 * 30 * 60 + 7 * 60
     full = repo.ok("aggregate", "--full", env=NOW)
@@ -245,7 +246,7 @@ def test_an_incremental_aggregation_looks_only_at_the_days_named_as_changed(repo
 
 def test_a_store_of_schema_1_is_looked_at_in_full_until_its_changes_are_listed(repo):
     """An older FlowForge wrote without naming its days: the first aggregation
-    after the upgrade looks at every day file; from then on time/changed says."""
+    after the upgrade looks at every day file; from then on time/changed.jsonl says."""
     history(repo, users=("alice",))
     store = _store(repo)
     settings = json.load(open(store.config_path))
@@ -264,18 +265,20 @@ def test_a_store_of_schema_1_is_looked_at_in_full_until_its_changes_are_listed(r
     repo.ok("aggregate", env=NOW)
     report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
     assert report["total_seconds"] == 11 * 30 * 60 + 600
-    assert json.load(open(state_path))["journal"] is False   # still schema 1: no list yet
+    assert json.load(open(state_path))["journal"] is False   # still schema 1: not trusted
     repo.ok("log", "9", "1m", "--date", day, env=NOW)          # a write upgrades the store
     assert json.load(open(store.config_path))["schema"] == 2
     repo.ok("aggregate", env=NOW)
-    assert json.load(open(state_path))["journal"] is True
+    assert json.load(open(state_path))["journal"] == \
+        json.loads(open(store.changes_path).readline())["list"]
 
 
 def test_a_damaged_list_of_changes_means_every_day_file_is_looked_at(repo):
     days = history(repo, users=("alice",))
     store = _store(repo)
     # a torn note (a crash in the middle of naming a day) and a change beside it
-    open(store.changes_path, "ab").write(b"2026-1")
+    token = open(store.changes_path, "rb").readline()
+    open(store.changes_path, "ab").write(b'"2026-1')
     record = {"op": "entry", "id": days[0].replace("-", "") + "-0000beef", "issue": "8",
               "project": "", "note": "", "date": days[0], "seconds": 120, "src": "log", "v": 1}
     with open(store.day_path(days[0]), "ab") as f:
@@ -283,7 +286,26 @@ def test_a_damaged_list_of_changes_means_every_day_file_is_looked_at(repo):
     repo.ok("aggregate", env=NOW)
     report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
     assert report["total_seconds"] == 11 * 30 * 60 + 120
-    assert open(store.changes_path, "rb").read() == b""   # taken in, torn bytes and all
+    renewed = open(store.changes_path, "rb").read()   # taken in, torn bytes and all: a new list
+    assert renewed.count(b"\n") == 1 and renewed != token
+    repo.ok("aggregate", env=NOW)   # (a new list: looked at in full once more, then trusted)
+    state = json.load(open(os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")))
+    assert state["journal"] == json.loads(renewed)["list"]
+
+
+def test_a_deleted_list_of_changes_is_noticed(repo):
+    """Deleting the list (with the aggregation state kept) must not hide a change:
+    the new list has another token than the state records."""
+    days = history(repo, users=("alice",))
+    store = _store(repo)
+    os.unlink(store.changes_path)
+    record = {"op": "entry", "id": days[1].replace("-", "") + "-0000cafe", "issue": "8",
+              "project": "", "note": "", "date": days[1], "seconds": 300, "src": "log", "v": 1}
+    with open(store.day_path(days[1]), "ab") as f:   # a change whose note went with the list
+        f.write(ff.encode_record(record))
+    repo.ok("aggregate", env=NOW)
+    report = repo.ok("report", "--json", "--by", "user", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == 11 * 30 * 60 + 300
 
 
 def test_a_flowforge_that_does_not_list_changes_refuses_a_store_that_does(repo, monkeypatch):
@@ -306,3 +328,25 @@ def test_a_day_file_put_back_from_quarantine_is_aggregated(repo):
     repo.ok("quarantine", "restore", item, "--force", env=NOW)
     repo.ok("aggregate", env=NOW)
     assert repo.ok("report", "--json", "--no-aggregate", env=NOW).json["total_seconds"] == 11 * 1800
+
+
+def test_a_mirror_owed_a_whole_copy_gets_one_from_an_incremental_aggregation(repo, monkeypatch):
+    """A missing mirror (or one marked stale after a failed copy) is copied in
+    full by the next aggregation, even one that read only a changed day."""
+    import shutil
+    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(repo.home, "xdg-data"))   # the runner's
+    days = history(repo, users=("alice",))
+    store = _store(repo)
+    mirror = store.mirror.dir
+    assert len(os.listdir(os.path.join(mirror, "time", "daily"))) == len(days)
+    shutil.rmtree(mirror)
+    repo.ok("aggregate", env=NOW)   # nothing changed: a whole copy all the same
+    assert len(os.listdir(os.path.join(mirror, "time", "daily"))) == len(days)
+    shutil.rmtree(mirror)
+    repo.ok("log", "4", "2m", "--date", days[2], env=NOW)   # begins a mirror of one day
+    repo.ok("aggregate", env=NOW)
+    assert sorted(os.listdir(os.path.join(mirror, "time", "daily"))) == sorted(
+        d + ".jsonl" for d in days)
+    for day in days:
+        assert open(os.path.join(mirror, "time", "daily", day + ".jsonl"), "rb").read() == \
+            open(store.day_path(day), "rb").read()
