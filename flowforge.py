@@ -1880,20 +1880,26 @@ def init_repo(root):
     return repo, created
 
 
+def private_store_users(paths):
+    """The users whose private stores `paths` (relative to the work tree) lie in."""
+    return sorted(u for u in {parts[2] for parts in (p.replace(os.sep, "/").split("/") for p in paths)
+                              if parts[:2] == [".flowforge", "user"] and len(parts) > 3}
+                  if valid_user_name(u))
+
+
 def forget_aggregation_states(repo, paths):
-    """Drop the aggregation state of every private store that `paths` (relative
-    to the work tree) lie in: files put back by a restore are not in a store's
-    list of changed days, so its next aggregation must look at all of them.
-    Returns whether any was dropped (the caller fsyncs the directory)."""
-    users = {parts[2] for parts in (p.replace(os.sep, "/").split("/") for p in paths)
-             if parts[:2] == [".flowforge", "user"] and len(parts) > 3}
+    """Drop, durably, the aggregation state of every private store that `paths`
+    lie in, before files are put back there: a restore does not name them in
+    the store's list of changed days, so its next aggregation must look at all
+    of its files.  The caller holds those users' aggregation locks."""
     dropped = False
-    for user in sorted(u for u in users if valid_user_name(u)):
+    for user in private_store_users(paths):
         state = os.path.join(repo.aggstate, user + ".json")
         if os.path.lexists(state):
             os.unlink(state)
             dropped = True
-    return dropped
+    if dropped:
+        fsync_dir(repo.aggstate)
 
 
 class Quarantine:
@@ -1963,19 +1969,27 @@ class Quarantine:
         raise FlowForgeError("no quarantined item %s (see `flowforge quarantine list`)" % item_id)
 
     def restore(self, item_id, force=False):
-        self._find(self.list(), item_id)  # an unknown id changes nothing, not even a lock file
-        with self._lock():
+        found = self._find(self.list(), item_id)  # an unknown id changes nothing, not even a lock
+        from contextlib import ExitStack
+        with ExitStack() as held:
+            # A file of a private store goes back with no aggregation running and
+            # no write of that store in between, its aggregation state dropped
+            # first.  (Their locks before the quarantine's: a salvage takes them
+            # in that order.)
+            for user in private_store_users([found.get("original") or ""]):
+                held.enter_context(self.repo.lock("aggregate." + user, 30, "aggregation for %s" % user))
+                held.enter_context(self.repo.lock("store." + user, 30, "the private store of %s" % user))
+            held.enter_context(self._lock())
             items = self._load()
             item = self._find(items, item_id)
-            if not item.get("original"):
+            if not item.get("original") or item["original"] != found.get("original"):
                 raise FlowForgeError("%s has no recorded original path" % item["id"])
             target = os.path.join(self.repo.root, item["original"])
             if os.path.exists(target) and not force:
                 raise FlowForgeError("%s exists; move it away first or use --force" % item["original"])
+            forget_aggregation_states(self.repo, [item["original"]])
             os.makedirs(os.path.dirname(target), exist_ok=True)
             atomic_write(target, read_bytes(os.path.join(self.dir, item["file"])), 0o600)
-            if forget_aggregation_states(self.repo, [item["original"]]):
-                fsync_dir(self.repo.aggstate)
             os.unlink(os.path.join(self.dir, item["file"]))
             items.remove(item)
             self._save(items)
@@ -2548,12 +2562,22 @@ class PrivateStore:
         that write may have got as far as the disk (an fsync of its directory
         failing, say), and a day named for nothing costs a stat."""
         if self.exists() and self.settings().get("schema", 1) < 2:
+            self._settings = None   # as they are now, under the lock, not as first read
+        if self.exists() and self.settings().get("schema", 1) < 2:
             settings = dict(self.settings(), schema=USER_SCHEMA)
             atomic_write(self.config_path, canonical_bytes(settings), 0o600)
             self._settings = None
             self.mirror.put("config.json", canonical_bytes(settings))
         lines = "".join('"%s"\n' % d for d in sorted(set(days))).encode()
-        if not os.path.exists(self.changes_path):
+        try:
+            regular = (os.lstat(self.changes_path).st_mode & 0o170000) == 0o100000
+        except FileNotFoundError:
+            regular = None
+        if regular is False:   # something else planted there: out of the way, a new list
+            os.replace(self.changes_path, "%s.not-a-list-%s" % (self.changes_path,
+                                                               os.urandom(4).hex()))
+            log_event(self.repo, "changes-list-replaced", user=self.user)
+        if not regular:
             makedirs_private(os.path.dirname(self.changes_path))
             lines = canonical_bytes({"list": os.urandom(8).hex()}) + lines
         append_durable(self.changes_path, lines)
@@ -5007,8 +5031,11 @@ class Aggregator:
                 log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
                 warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
         if saved and changes[0]:   # what this run took in is in the state now
-            with store.lock(lock_timeout):
-                store.forget_changes(changes[0], renew=changes[1] is None)
+            try:
+                with store.lock(lock_timeout):
+                    store.forget_changes(changes[0], renew=changes[1] is None)
+            except (OSError, FlowForgeError) as e:   # kept: the next run stats them again
+                log_event(self.repo, "changes-not-forgotten", user=store.user, error=one_line(e))
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
@@ -8055,6 +8082,7 @@ def _apply(repo, journal):
     """Roll a journaled deploy forward: move every staged file that is still
     there into place.  Idempotent, so a crash in here is finished by re-running."""
     touched = set()
+    forget_aggregation_states(repo, [item["path"] for item in journal["items"]])   # first
     for item in journal["items"]:
         target = os.path.join(repo.root, item["path"])
         if item.get("delete"):
@@ -8069,8 +8097,6 @@ def _apply(repo, journal):
                 os.path.dirname(target))
             os.replace(staged, target)
             touched.add(os.path.dirname(target))
-    if forget_aggregation_states(repo, [item["path"] for item in journal["items"]]):
-        touched.add(repo.aggstate)
     for directory in sorted(touched):
         fsync_dir(directory)
     current = list_ledger_refs(repo) if journal.get("refs") else {}

@@ -350,3 +350,37 @@ def test_a_mirror_owed_a_whole_copy_gets_one_from_an_incremental_aggregation(rep
     for day in days:
         assert open(os.path.join(mirror, "time", "daily", day + ".jsonl"), "rb").read() == \
             open(store.day_path(day), "rb").read()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "dir", "symlink"])
+def test_something_planted_where_the_list_of_changes_goes_does_not_stop_recording(repo, planted):
+    days = history(repo, users=("alice",))
+    store = _store(repo)
+    os.unlink(store.changes_path)
+    if planted == "fifo":
+        os.mkfifo(store.changes_path)
+    elif planted == "dir":
+        os.mkdir(store.changes_path)
+    else:
+        os.symlink("/etc/passwd", store.changes_path)
+    r = repo("log", "6", "3m", "--date", days[4], env=NOW, timeout=20)
+    assert r.rc == 0, r
+    assert os.path.isfile(store.changes_path) and not os.path.islink(store.changes_path)
+    repo.ok("aggregate", env=NOW)
+    report = repo.ok("report", "--json", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == 11 * 1800 + 180
+
+
+def test_an_aggregation_that_cannot_shorten_the_list_still_succeeds(repo, monkeypatch):
+    days = history(repo, users=("alice",))
+    call(repo.root, "log", "6", "3m", "--date", days[4], env=NOW)
+
+    def full_disk(self, size, renew=False):
+        raise ff.StorageError(self.changes_path, OSError(28, "No space left on device"))
+    monkeypatch.setattr(ff.PrivateStore, "forget_changes", full_disk)
+    r = call(repo.root, "aggregate", env=NOW)
+    monkeypatch.undo()
+    assert r.rc == 0 and "wrote" in r.out, r
+    repo.ok("aggregate", env=NOW)   # the days still named are looked at again: no harm
+    report = repo.ok("report", "--json", "--no-aggregate", env=NOW).json
+    assert report["total_seconds"] == 11 * 1800 + 180
