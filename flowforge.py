@@ -5035,7 +5035,8 @@ class Aggregator:
                 with store.lock(lock_timeout):
                     store.forget_changes(changes[0], renew=changes[1] is None)
             except (OSError, FlowForgeError) as e:   # kept: the next run stats them again
-                log_event(self.repo, "changes-not-forgotten", user=store.user, error=one_line(e))
+                log_event(self.repo, "after-commit-point", command="aggregate",
+                          what="the list of changed days kept what it named", error=one_line(e))
         written = sorted(n for n in files if n.startswith("summaries/"))
         if written:
             announce(self.repo, "on_aggregate", user=store.user, store=store.store_id,
