@@ -161,10 +161,10 @@ def test_timewarrior_times_match_strptime():
         except ValueError:
             valid = False
         if valid:
-            assert ff._timew_time(text, "p", "w") == expected, text
+            assert ff._timew_time(text, "p", "f", 1) == expected, text
         else:
             with pytest.raises(ff.FlowForgeError):
-                ff._timew_time(text, "p", "w")
+                ff._timew_time(text, "p", "f", 1)
 
 
 STORABLE = [t.replace("\ud83d\ude00", "\U0001f600") for t in TRICKY_STRINGS[:-1]]
