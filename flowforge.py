@@ -3832,8 +3832,9 @@ QUARANTINE_REF = "refs/flowforge/quarantine/"
 PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
-LEDGER_CACHE_SCHEMA = 4   # 4: a header line (each month and the place of its lines), then
-#                              a totals line and a rows line per month
+LEDGER_CACHE_SCHEMA = 5   # 5: a header line (each month and the place of its lines, and
+#                              of the totals of them all), then a totals line and a rows
+#                              line per month, then the totals line of all months
 LEDGER_AUTHOR = "FlowForge ledger"
 _STORE_KEY = Pattern(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
 _SHARD_NAME = Pattern(r"(\d{4}-\d{2})\.json")
@@ -4206,13 +4207,17 @@ def _ledger_cache_path(repo, key):
     return os.path.join(repo.state, "cache", "ledger", key + ".rec")
 
 
-def _read_ledger_cache(repo, key, months=None, rows=True):
+def _read_ledger_cache(repo, key, months=None, rows=True, summed=False):
     """The cached, verified shards of one store ({"tree", "months": {month:
     blob}, "shards"}), or None; with `months` (first, last), only the shards of
-    those months are decoded -- a report of one month reads one line per store.
+    those months are decoded -- a report of one month reads one line per store;
+    `summed`: instead, one document of the totals of all its months ("shards":
+    {"all": doc}), so that a report over all history reads one line per store.
     Each line carries a crc32 like a private record: a damaged or edited cache
     is ignored and rebuilt from git, never trusted."""
     first, last = months or (None, None)
+    if summed:
+        months = first = last = None
     try:
         fd = os.open(_ledger_cache_path(repo, key), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except OSError:
@@ -4225,7 +4230,13 @@ def _read_ledger_cache(repo, key, months=None, rows=True):
             end = head.find(b"\n")
         record = decode_record(head[:end])
         places = record.get("months")
-        if months and isinstance(places, dict) and all(
+        whole = record.get("all")
+        if summed:
+            if not (isinstance(whole, list) and len(whole) == 2
+                    and all(type(x) is int and x >= 0 for x in whole)):
+                return None
+            body = os.pread(fd, whole[1] - whole[0], end + 1 + whole[0])
+        elif months and isinstance(places, dict) and all(
                 isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
                 for v in places.values()):
             # only the lines of the months asked for: a report of one month reads
@@ -4246,6 +4257,17 @@ def _read_ledger_cache(repo, key, months=None, rows=True):
             or not isinstance(listed, dict):
         return None
     shards = {}
+    if summed:
+        if lines[1][:10] != b"all     S ":
+            return None
+        try:
+            item = decode_record(lines[1][10:])
+        except ValueError:
+            return None
+        if not isinstance(item.get("doc"), dict):
+            return None
+        record["shards"] = {"all": item["doc"]}
+        return record
     kind = b"R" if rows else b"T"   # a month's rows, or only its totals (by issue, project)
     for line in lines[1:]:
         month = line[:7].decode("ascii", "replace")
@@ -4264,6 +4286,20 @@ def _read_ledger_cache(repo, key, months=None, rows=True):
         return None
     record["shards"] = shards
     return record
+
+
+def summed_shards(shards):
+    """One document of the totals (by issue, by project) of a store's month
+    documents {month: doc}, as a report over all history adds them up."""
+    by_issue, by_project = {}, {}
+    for month in sorted(shards):
+        for table, into in (("by_issue", by_issue), ("by_project", by_project)):
+            for name, seconds in shards[month][table].items():
+                into[name] = into.get(name, 0) + seconds
+    last = shards[max(shards)] if shards else {}
+    return {"user": last.get("user"), "store": last.get("store"), "month": None,
+            "granularity": last.get("granularity", "month"), "by_issue": by_issue,
+            "by_project": by_project}
 
 
 def _shard_doc(data, key, month, where):
@@ -4355,20 +4391,25 @@ class LedgerView:
                     return None
         return best
 
-    def shards(self, months=None, rows=True):
+    def shards(self, months=None, rows=True, summed=False):
         """The verified shard documents of every store (with `months`, a
         (first, last) pair of YYYY-MM or None, only those months), read through
-        one cat-file process and cached by tree id."""
+        one cat-file process and cached by tree id.  `summed`: where the cache
+        is current, one document per store, of the totals of all its months
+        (summed_shards), in place of its months' documents."""
         docs, damaged = [], []
         objects = GitObjects(self.repo.root)
         try:
             stale = {}
             for key, (_, _, tree) in sorted(self.stores.items()):
-                cached = _read_ledger_cache(self.repo, key, months, rows)
+                cached = _read_ledger_cache(self.repo, key, months, rows, summed)
                 if cached is not None and cached.get("tree") == tree:
                     if cached["months"]:
                         self.first_month[key] = min(cached["months"])
-                    docs.extend(self._pick(key, cached["shards"], months))
+                    if summed:
+                        docs.extend([cached["shards"]["all"]] if cached["months"] else [])
+                    else:
+                        docs.extend(self._pick(key, cached["shards"], months))
                 else:   # every month of it, to reuse what did not change
                     stale[key] = cached and _read_ledger_cache(self.repo, key)
             if stale:
@@ -4478,10 +4519,12 @@ class LedgerView:
             places[month] = [size, size + len(lines)]   # where its lines are, after the header
             size += len(lines)
             body.append(lines)
+        summed = b"all     S " + encode_record({"doc": summed_shards(shards)})
+        body.append(summed)
         # the header names each month with the place of its lines (the blob ids are
         # in the lines): a one-month report decodes a small header per store
         record = {"schema": LEDGER_CACHE_SCHEMA, "key": key, "tree": self.stores[key][2],
-                  "months": places}
+                  "months": places, "all": [size, size + len(summed)]}
         data = encode_record(record) + b"".join(body)
         try:
             makedirs_private(os.path.dirname(_ledger_cache_path(self.repo, key)))
@@ -9346,17 +9389,18 @@ def load_legacy_shards(repo, skip):
     return shards
 
 
-def load_team_shards(repo, first=None, last=None, about=None, rows=True):
+def load_team_shards(repo, first=None, last=None, about=None, rows=True, summed=False):
     """Every store's shards for the months that [first, last] touches: the
     ledger, plus stores that only the in-tree 0.1 layout holds.  `about`
-    collects what a report says of its data (stores, when fetched)."""
+    collects what a report says of its data (stores, when fetched); `summed`:
+    see LedgerView.shards."""
     view = LedgerView(repo, own_store_keys(repo))
     for problem in view.problems:
         raise FlowForgeError(problem, EXIT_DATA)
     for line in view.warnings:
         warn(line)
     months = (first[:7] if first else None, last[:7] if last else None)
-    shards = view.shards(months, rows)   # rows=False: the docs may hold only their totals
+    shards = view.shards(months, rows, summed)   # rows=False: the docs may hold only totals
     legacy = load_legacy_shards(repo, set(view.stores)) if os.path.lexists(repo.team) else []
     if legacy:
         warn("this branch still keeps time in %s/ (FlowForge 0.1): run `flowforge migrate`"
@@ -9773,12 +9817,12 @@ def store_labels(first_months):
     return labels
 
 
-def load_sources(sources, first, last, rows=True):
+def load_sources(sources, first, last, rows=True, summed=False):
     """(shards of every source, each with its "repo" label; {label: about})."""
     shards, about = [], {}
     for label, repo in sources:
         seen = {}
-        for doc in load_team_shards(repo, first, last, seen, rows):
+        for doc in load_team_shards(repo, first, last, seen, rows, summed):
             doc["repo"] = label
             shards.append(doc)
         about[label] = seen
@@ -9849,7 +9893,9 @@ def build_report(sources, dims, selection, views=False):
     (per period and user, per issue, per project), from the same shards."""
     first, last = selection.first, selection.last
     by_totals = not views and totals_suffice(dims, selection)
-    shards, about = load_sources(sources, first, last, rows=not by_totals)
+    # over all history, by anything but month: one document per store will do
+    summed = by_totals and first is None and last is None and "month" not in dims
+    shards, about = load_sources(sources, first, last, rows=not by_totals, summed=summed)
     cells = totals_cells(shards, dims, selection) if by_totals else \
         team_cells(shards, dims, first, last, selection)
     labels = {}

@@ -218,6 +218,47 @@ def test_a_one_month_report_reads_only_that_months_lines_and_checks_them(repo, m
     assert repo.ok("report", "--json", "--by", "user,month", env=NOW).json == expected
 
 
+def test_a_report_over_all_history_reads_one_line_per_store_and_checks_it(repo, monkeypatch):
+    """By user and issue (or project, store) over all history, a warm report
+    decodes each store's line of all its months' totals, not its months; the
+    figures are those of the months added up; a damaged or misplaced line, or
+    an older cache without it, only costs a rebuild."""
+    history(repo)
+    by_month = repo.ok("report", "--json", "--by", "user,issue,month", env=NOW).json
+    expected = {}
+    for row in by_month["rows"]:
+        expected[(row["user"], row["issue"])] = expected.get((row["user"], row["issue"]), 0) \
+            + row["seconds"]
+    decoded = []
+    real = ff.decode_record
+    monkeypatch.setattr(ff, "decode_record", lambda line: decoded.append(line[:40]) or real(line))
+    r = call(repo.root, "report", "--json", "--by", "user,issue", "--no-aggregate", env=NOW)
+    monkeypatch.undo()
+    assert r.rc == 0, r
+    assert {(x["user"], x["issue"]): x["seconds"] for x in r.json["rows"]} == expected
+    assert r.json["total_seconds"] == by_month["total_seconds"]
+    assert len(decoded) == 3 * 2 and len([d for d in decoded if b'"doc"' in d]) == 3, decoded
+    whole = repo.ok("report", "--json", "--by", "user,issue", env=NOW).json
+    for damage in ("crc", "place", "schema-4"):
+        for path in caches(repo.root):
+            lines = open(path, "rb").read().split(b"\n")
+            header = ff.decode_record(lines[0])
+            if damage == "crc":
+                lines = [line.replace(b'"by_issue"', b'"by_issuE"', 1) if line.startswith(b"all ")
+                         else line for line in lines]
+            elif damage == "place":
+                header["all"] = [header["all"][0] - 9, header["all"][1] - 9]
+            else:   # as FlowForge 0.2's first versions wrote it: no line of all months
+                header["schema"] = 4
+                del header["all"]
+                lines = [line for line in lines if not line.startswith(b"all ")]
+            open(path, "wb").write(b"\n".join([ff.encode_record(header)[:-1]] + lines[1:]))
+        assert repo.ok("report", "--json", "--by", "user,issue", env=NOW).json == whole, damage
+        assert all(b"\nall     S " in open(p, "rb").read() for p in caches(repo.root))  # rebuilt
+    by_project = repo.ok("report", "--json", "--by", "project,user", env=NOW).json
+    assert by_project["total_seconds"] == by_month["total_seconds"]
+
+
 def _store(repo, user="alice"):
     return ff.PrivateStore(ff.Repo.find(repo.root).require(), user)
 
