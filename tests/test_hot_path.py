@@ -390,3 +390,64 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_73(repo):
 def test_numbers_beyond_any_time_are_one_line(repo, argv):
     r = repo(*argv)
     assert r.rc == 64 and r.err.count("\n") == 1 and "not valid" in r.err, r
+
+
+def _parse_issue_by_patterns(text):
+    """parse_issue as it was written with regular expressions."""
+    text = (text or "").strip()
+    number = text[1:] if text[:1] == "#" else text
+    if number.isascii() and number.isdigit() and len(number) <= 12:
+        return str(int(number))
+    m = re.fullmatch(r"^([A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100})#([0-9]{1,12})$", text)
+    if m and not m.group(1).startswith((".", "-")) and not any(
+            part.strip(".") == "" for part in m.group(1).split("/")):
+        return "%s#%d" % (m.group(1), int(m.group(2)))
+    m = re.fullmatch(r"^([A-Za-z][A-Za-z0-9_]{0,19})-([0-9]{1,12})$", text)
+    if m:
+        return "%s-%d" % (m.group(1).upper(), int(m.group(2)))
+    return None
+
+
+def test_issue_references_are_parsed_by_hand_as_the_patterns_parsed_them():
+    rng = random.Random(12)
+    alphabet = "aZ09#/-._ x\n\u0663é"
+    seeds = ["acme/app#12", "ABC-12", "acme/.github#3", "a/..#1", "-x/y#1", ".x/y#2", "#12",
+             "x" * 100 + "/y#1", "x" * 101 + "/y#1", "a" * 20 + "-1", "a" * 21 + "-1", "ab_c-007",
+             "o/r#" + "9" * 12, "o/r#" + "9" * 13, "K-" + "1" * 13, " OPS-1 ", "a/b/c#1", "1-2"]
+    for _ in range(60000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        if rng.random() < 0.6:
+            seed = rng.choice(seeds)
+            cut = rng.randint(0, len(seed))
+            text = seed[:cut] + text[:rng.randint(0, 2)] + seed[cut + rng.randint(0, 1):]
+        expected = _parse_issue_by_patterns(text)
+        try:
+            got = ff.parse_issue(text)
+        except ff.FlowForgeError:
+            got = None
+        assert got == expected, repr(text)
+    for seed in seeds:
+        try:
+            got = ff.parse_issue(seed)
+        except ff.FlowForgeError:
+            got = None
+        assert got == _parse_issue_by_patterns(seed), seed
+
+
+def test_a_timer_on_a_key_or_repository_issue_does_not_import_re(tmp_path, pycache):
+    """`start ABC-12` and `start acme/app#3` stay on the hot path."""
+    import subprocess
+    import sys
+    from conftest import ROOT, clean_env, make_git_repo
+    root = make_git_repo(str(tmp_path / "r"))
+    env = clean_env(FLOWFORGE_USER="alice", HOME=str(tmp_path))
+    launcher = [sys.executable, "-S", "-X", "pycache_prefix=" + pycache, "-c",
+                "import sys; sys.path.insert(0, %r); import flowforge; code = flowforge.main(); "
+                "print('re' in sys.modules, file=sys.stderr); sys.exit(code)" % ROOT]
+    assert subprocess.run(launcher + ["init", "--timezone", "UTC"], cwd=root, env=env,
+                          capture_output=True).returncode == 0
+    for issue in ("ABC-12", "acme/app#3"):
+        for argv in (["start", issue], ["stop"]):
+            proc = subprocess.run(launcher + argv, cwd=root, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc
+            assert proc.stderr.strip().endswith("False"), (argv, proc.stderr)
