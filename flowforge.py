@@ -3005,9 +3005,9 @@ class Timers:
     def admit_batch(self, times, record_of, allow_overlap=False, timer=None, carry=None):
         """`admit` for many new entries at once (an import), in one pass over
         their days.  `times`: each entry as (start, end, True) for clock
-        times, or (start, seconds, False) for seconds on its start's local day,
-        in time order; `record_of(position)`: that entry as a record (for the
-        messages only).  An entry that overlaps an earlier one, or a recorded
+        times, or (date, seconds, False) for seconds on a local date, in the
+        order they are taken; `record_of(position)`: that entry as a record (for
+        the messages only).  An entry that overlaps an earlier one, or a recorded
         entry, is refused (marked instead with `allow_overlap`), as is one that
         would fill a day beyond its hours; `timer`, the running or paused one,
         counts as timed work too.  Returns ([(position, why not)], [positions
@@ -3021,9 +3021,8 @@ class Timers:
         if not times:
             return [], []
         clock = self.store.clock
-        split, day_length, day_of = clock.split, clock.day_length, clock.day_of
-        parts = [split(start, end) if is_timed else ((day_of(start), end),)
-                 for start, end, is_timed in times]
+        split, day_length = clock.split, clock.day_length
+        parts = [split(start, end) if is_timed else ((start, end),) for start, end, is_timed in times]
         days = sorted({day for p in parts for day, _ in p})
         recorded, starts, reach = {}, [], []
         timed = []
@@ -8605,17 +8604,20 @@ class ImportedEntries:
         return len(self.starts)
 
     def _in_order(self, indices):
-        """A day's entries as an import takes them: by start, then id."""
-        starts, digests = self.starts, self.digests
-        indices = sorted(indices, key=starts.__getitem__)
-        if all(starts[a] < starts[b] for a, b in zip(indices, indices[1:])):
-            return indices   # (the usual case: no two start at the same second)
-        return sorted(indices, key=lambda i: (starts[i], digests[12 * i:12 * i + 12]))
+        """A day's entries in the order an import takes them: its days'
+        seconds first (by id), then by start and id."""
+        starts, timed, digests = self.starts, self.timed, self.digests
+        if all(timed[i] for i in indices):
+            indices = sorted(indices, key=starts.__getitem__)
+            if all(starts[a] < starts[b] for a, b in zip(indices, indices[1:])):
+                return indices   # (the usual case: no two start at the same second)
+        return sorted(indices, key=lambda i: (starts[i] if timed[i] else 0,
+                                              digests[12 * i:12 * i + 12]))
 
     def slices(self, size=4096):
         """[(day number, [entry index])] in day order, a slice of consecutive
         days holding about `size` entries at a time; each day's entries in the
-        order an import takes them (time order)."""
+        order an import takes them (see _in_order)."""
         if not self._ordered:   # once: a check and a write go through the same slices
             for day, indices in self.by_day.items():
                 self.by_day[day] = self._array("I", self._in_order(indices))
@@ -8670,7 +8672,8 @@ class ImportBatch:
         return day
 
     def _digest(self, key):
-        return self._sha(self._key_prefix + key.encode("utf-8")).hexdigest()[:12]
+        # (surrogatepass: a key is only hashed, and a source may hold a lone surrogate)
+        return self._sha(self._key_prefix + key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
     def _id_prefix(self, day_number):
         """`YYYYMMDD-` of a day number, as ASCII bytes."""
@@ -8716,7 +8719,7 @@ class ImportBatch:
         entries.ends.append(end if timed else seconds)
         entries.timed.append(timed)
         entries.kinds.append(kind)
-        entries.digests += self._sha(self._key_prefix + key.encode("utf-8")).hexdigest()[:12].encode()
+        entries.digests += self._digest(key).encode()
         number = start // 86400
         day = entries.by_day.get(number)
         if day is None:
@@ -9218,36 +9221,44 @@ def _check_import(store, batch, entries, overlaps, summary):
     carry = {"seconds": {}, "latest": None}
     refused_count, shown = 0, []
     files = set(store.days())   # (one listing, rather than a look for each day's file)
-    starts, ends, timed = entries.starts, entries.ends, entries.timed
-    for piece in entries.slices():
-        where = []   # the indices of the new entries
-        for day, indices in piece:
-            iso = batch.utc_day(day)
-            if iso not in files:
-                where += indices
-                continue
-            seen = {r["id"] for r in store.read_day(iso)}
-            for i, entry_id in zip(indices, batch.ids(entries, day, indices)):
-                if entry_id in seen:
-                    outcome[i] = _ALREADY
-                    counts["already"] += 1
-                else:
-                    where.append(i)
-        refused, overlapping = timers.admit_batch(
-            [(starts[i], ends[i], timed[i]) for i in where],
-            lambda position, where=where: batch.record(entries, where[position]),
-            overlaps == "allow", timer, carry)
-        counts["added"] += len(where) - len(refused)
-        counts["overlapping"] += len(overlapping)
-        for position in overlapping:
-            outcome[where[position]] = _OVERLAPPING
-        for position, why in refused:
-            outcome[where[position]] = _REFUSED
-            if overlaps == "skip":
-                summary["skipped"].append("not imported for %s: %s" % (store.user, why))
-            elif len(shown) < 3:
-                shown.append(why)
-        refused_count += len(refused)
+    starts, ends, timed, day_of = entries.starts, entries.ends, entries.timed, batch.clock.day_of
+    # A day's seconds (v1 sessions with a duration of their own) are taken
+    # first, then clock times in time order -- as when all are admitted at once.
+    passes = (False, True) if 0 in timed else (True,)
+    for clock_times in passes:
+        for piece in entries.slices():
+            where = []   # the indices of the new entries taken in this pass
+            for day, indices in piece:
+                iso = batch.utc_day(day)
+                if clock_times != passes[0]:   # looked at in the first pass
+                    where += [i for i in indices if outcome[i] != _ALREADY and timed[i]]
+                    continue
+                if iso not in files:
+                    where += [i for i in indices if timed[i] == clock_times]
+                    continue
+                seen = {r["id"] for r in store.read_day(iso)}
+                for i, entry_id in zip(indices, batch.ids(entries, day, indices)):
+                    if entry_id in seen:
+                        outcome[i] = _ALREADY
+                        counts["already"] += 1
+                    elif timed[i] == clock_times:
+                        where.append(i)
+            refused, overlapping = timers.admit_batch(
+                [(starts[i], ends[i], True) if clock_times else (day_of(starts[i]), ends[i], False)
+                 for i in where],
+                lambda position, where=where: batch.record(entries, where[position]),
+                overlaps == "allow", timer, carry)
+            counts["added"] += len(where) - len(refused)
+            counts["overlapping"] += len(overlapping)
+            for position in overlapping:
+                outcome[where[position]] = _OVERLAPPING
+            for position, why in refused:
+                outcome[where[position]] = _REFUSED
+                if overlaps == "skip":
+                    summary["skipped"].append("not imported for %s: %s" % (store.user, why))
+                elif len(shown) < 3:
+                    shown.append(why)
+            refused_count += len(refused)
     if refused_count and overlaps != "skip":
         raise FlowForgeError(
             "%d entr%s for %s would overlap, run over 24h or overfill a day: %s%s; "

@@ -343,3 +343,62 @@ def test_text_that_utf8_cannot_hold_is_refused_before_anything_is_written(tmp_pa
     r = call(root, "import", kind, str(path))
     assert r.rc == 65 and "not valid Unicode" in r.err and r.err.count("\n") == 1, r
     assert day_entries(root) == []
+
+
+def test_days_seconds_are_admitted_before_clock_times_as_in_one_pass(tmp_path):
+    """v1 sessions with a duration of their own (seconds on a day) are taken
+    before any clock times, whatever their start: the 13-hour session is the
+    one left out, and the day file lists the days' seconds first."""
+    doc = {"OPS-1": {"status": "done", "sessions": [
+        {"start": "2024-01-01T00:00:00Z", "end": "2024-01-01T13:00:00Z", "user": "alice"},
+        {"start": "2024-01-01T14:00:00Z", "end": "2024-01-01T15:00:00Z", "duration": 39600,
+         "user": "alice"},
+        {"start": "2024-01-01T20:00:00Z", "end": "2024-01-01T21:00:00Z", "duration": 7200,
+         "user": "alice"}]}}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    root = fresh(tmp_path, "order")
+    r = call(root, "import", "v1", str(path), "--skip-conflicts")
+    assert r.rc == 0, r
+    assert "not imported for alice: 2024-01-01 00:00-13:00 would fill 2024-01-01" in r.out, r
+    kept = sorted(e[2] for e in day_entries_all(root))
+    assert kept == [7200, 39600]
+
+
+def day_entries_all(root, user="alice"):
+    r = call(root, "entries", "--json", "--from", "2020-01-01", "--to", "2026-12-31", user=user)
+    assert r.rc == 0, r
+    return sorted((e["id"], e.get("segments"), e.get("seconds")) for e in r.json["entries"])
+
+
+@pytest.mark.parametrize("sessions,refused", [
+    ([("2024-01-01T02:00:00Z", 36000), ("2024-01-01T20:00:00Z", 72000)], True),
+    ([("2024-01-01T20:00:00Z", 72000), ("2024-01-02T02:00:00Z", 36000)], False)])
+def test_a_days_seconds_count_on_the_date_they_are_recorded_on(tmp_path, sessions, refused):
+    """alice (UTC) imports sessions of bob, whose store is in Asia/Tokyo: each
+    is recorded on its start's date in the importer's zone, and the day's hours
+    are checked on that same date."""
+    root = fresh(tmp_path, "zones")
+    assert call(root, "init", "--timezone", "Asia/Tokyo", user="bob").rc == 0
+    doc = {"OPS-1": {"status": "done", "sessions": [
+        {"start": start, "end": start, "duration": seconds, "user": "bob"}
+        for start, seconds in sessions]}}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    r = call(root, "import", "v1", str(path))
+    if refused:
+        assert r.rc == 65 and "would fill 2024-01-01" in r.err, r
+        assert day_entries_all(root, "bob") == []
+    else:
+        assert r.rc == 0 and "imported 2 entries for bob" in r.out, r
+
+
+def test_a_lone_surrogate_in_a_source_key_is_only_hashed(tmp_path):
+    """A Watson frame id or a v1 instance_id is never stored, only hashed into
+    the entry's id: a lone surrogate there imports (and again adds nothing)."""
+    root = fresh(tmp_path, "key")
+    path = tmp_path / "frames.json"
+    path.write_text('[[1700000000, 1700003600, "proj", "a\\ud800", ["OPS-2"], 1700003600]]')
+    for expected in ("imported 1 entry", "imported 0 entries for alice (1 already there)"):
+        r = call(root, "import", "watson", str(path))
+        assert r.rc == 0 and expected in r.out, r
