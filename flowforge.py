@@ -8473,6 +8473,8 @@ class JSONStream:
                 at, message = e.value, "Expecting value"
             except self._decode_error as e:
                 at, message = e.pos, e.msg
+            except RecursionError:   # (a hostile file of `[[[[...`)
+                raise JSONStreamError("nested too deeply", self._line(self._pos))
             else:
                 # A number (or literal) that reaches the end of what was read
                 # may go on in the next piece: read on and decode it again.
@@ -8513,7 +8515,7 @@ class JSONStream:
                 piece = "[" + text[pos:cut] + "]"
                 try:
                     values, end = scan(piece, 0)
-                except (StopIteration, self._decode_error):
+                except (StopIteration, self._decode_error, RecursionError):
                     end = -1
                 if end == len(piece):
                     self._pos = cut
@@ -8525,7 +8527,7 @@ class JSONStream:
             # without value()'s calls; anything else goes through them.
             try:
                 value, end = scan(text, pos)
-            except (StopIteration, self._decode_error):
+            except (StopIteration, self._decode_error, RecursionError):
                 end = len(text)
             if end <= len(text) - 8:
                 self._pos = end

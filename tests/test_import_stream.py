@@ -402,3 +402,12 @@ def test_a_lone_surrogate_in_a_source_key_is_only_hashed(tmp_path):
     for expected in ("imported 1 entry", "imported 0 entries for alice (1 already there)"):
         r = call(root, "import", "watson", str(path))
         assert r.rc == 0 and expected in r.out, r
+
+
+@pytest.mark.parametrize("kind", ["watson", "v1"])
+def test_a_file_nested_too_deeply_is_one_line(tmp_path, kind):
+    root = fresh(tmp_path, "deep")
+    path = tmp_path / "deep.json"
+    path.write_text({"watson": "[", "v1": '{"1": {"sessions": ['}[kind] + "[" * 200000)
+    r = call(root, "import", kind, str(path))
+    assert r.rc == 65 and "not valid JSON" in r.err and r.err.count("\n") == 1, r
