@@ -1408,10 +1408,11 @@ def read_bytes(path):
     return read_bytes_and_stat(path)[0]
 
 
-def read_bytes_and_stat(path, limit=None):
-    """(bytes, os.stat_result) from one open descriptor.  Only a regular file
-    is read (O_NONBLOCK: opening a planted FIFO returns at once instead of
-    hanging), and with `limit` only one of at most that many bytes."""
+def open_regular(path):
+    """(descriptor, os.stat_result) of a regular file, opened for reading: a
+    symlink is refused (exit 77), never followed; a directory raises
+    IsADirectoryError; anything else that is not a regular file is refused
+    (O_NONBLOCK: opening a planted FIFO returns at once instead of hanging)."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
@@ -1419,14 +1420,25 @@ def read_bytes_and_stat(path, limit=None):
             raise StorageError(path, e)
         raise
     try:
-        # stat before reading: if the file grows meanwhile, the recorded stat is
-        # the older one, so an incremental reader looks again next time
         st = os.fstat(fd)
         kind = st.st_mode & 0o170000
         if kind == 0o040000:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
-        if kind != 0o100000:   # not a regular file
+        if kind != 0o100000:
             raise FlowForgeError("refusing %s: not a regular file" % path, EXIT_NOPERM)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_bytes_and_stat(path, limit=None):
+    """(bytes, os.stat_result) from one open descriptor (open_regular), with
+    `limit` only of a file of at most that many bytes."""
+    # stat before reading: if the file grows meanwhile, the recorded stat is
+    # the older one, so an incremental reader looks again next time
+    fd, st = open_regular(path)
+    try:
         if limit is not None and st.st_size > limit:
             raise FlowForgeError("refusing %s: %d bytes, more than the %d a FlowForge file of "
                                  "its kind can hold" % (path, st.st_size, limit), EXIT_DATA)
@@ -8563,8 +8575,8 @@ class JSONStream:
         return 0
 
     def members(self):
-        """(key, self) for each member of the object that comes next (the caller
-        has peeked a "{"): the caller reads the member's value before the next."""
+        """The key of each member of the object that comes next (the caller has
+        peeked a "{"): the caller reads the member's value before the next."""
         self._expect("{", "Expecting '{'")
         if self.peek() == "}":
             self._pos += 1
@@ -8799,23 +8811,12 @@ def _import_error(path, where, what):
 
 
 def open_source(path, shown):
-    """A descriptor of the regular file an import reads (never through a symlink,
-    as read_bytes)."""
+    """A descriptor of the file an import reads (open_regular); `shown`: the
+    path as the user gave it, for the message."""
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StorageError(path, e)
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-            raise FlowForgeError("%s is not a readable file" % shown, EXIT_USAGE)
-        raise
-    kind = os.fstat(fd).st_mode & 0o170000
-    if kind != 0o100000:
-        os.close(fd)
-        if kind == 0o040000:
-            raise FlowForgeError("%s is not a readable file" % shown, EXIT_USAGE)
-        raise FlowForgeError("refusing %s: not a regular file" % path, EXIT_NOPERM)
-    return fd
+        return open_regular(path)[0]
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FlowForgeError("%s is not a readable file" % shown, EXIT_USAGE)
 
 
 def _json_source(path, fd):

@@ -411,3 +411,19 @@ def test_a_file_nested_too_deeply_is_one_line(tmp_path, kind):
     path.write_text({"watson": "[", "v1": '{"1": {"sessions": ['}[kind] + "[" * 200000)
     r = call(root, "import", kind, str(path))
     assert r.rc == 65 and "not valid JSON" in r.err and r.err.count("\n") == 1, r
+
+
+def test_an_import_reads_only_a_regular_file(tmp_path):
+    """A directory or a missing file: exit 64; a symlink (never followed) or a
+    FIFO (never waited on): exit 77; nothing written either way."""
+    root = fresh(tmp_path, "kinds")
+    good = tmp_path / "frames.json"
+    good.write_text('[[1700000000, 1700003600, "p", "id1", ["#1"]]]')
+    os.symlink(str(good), str(tmp_path / "link.json"))
+    os.mkfifo(str(tmp_path / "fifo.json"))
+    (tmp_path / "dir.json").mkdir()
+    for name, code in (("missing.json", 64), ("dir.json", 64), ("link.json", 77),
+                       ("fifo.json", 77)):
+        r = call(root, "import", "watson", str(tmp_path / name))
+        assert r.rc == code and r.err.count("\n") == 1, (name, r)
+    assert day_entries(root) == []
