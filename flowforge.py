@@ -3929,12 +3929,17 @@ def update_refs(repo, updates, message):
 PACK_AT = 64   # blobs at once from which a pack is written rather than loose objects
 
 
+def blob_id(data, hash_name):
+    """The object id git gives `data` as a blob ("sha1" or "sha256")."""
+    import hashlib
+    return hashlib.new(hash_name, b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def _pack(blobs, hash_name):
     """(a version 2 pack of `blobs`, undeltified, and their object ids)."""
-    import hashlib
     parts, ids = [b"PACK", (2).to_bytes(4, "big"), len(blobs).to_bytes(4, "big")], []
     for data in blobs:
-        ids.append(hashlib.new(hash_name, b"blob %d\0" % len(data) + data).hexdigest())
+        ids.append(blob_id(data, hash_name))
         size = len(data)
         header = [0x30 | size & 0x0F]   # type 3, a blob; then the size, 7 bits a byte
         size >>= 4
@@ -5230,7 +5235,6 @@ class Aggregator:
         With `base`, a month is its cells outside `periods` plus what the
         parsed day files give to `periods`."""
         names = {shard_name(m): m for m in sorted(months)}
-        old = ledger.read(sorted(names))
         files, totals, issues = {}, {}, set()
         by_month = self.month_cells(parsed)
         if base is not None:
@@ -5240,10 +5244,24 @@ class Aggregator:
                     if key[0] in periods:
                         cells[key] = cells.get(key, 0) + seconds
                 by_month[month] = cells
+        # A shard is compared by its blob id in the tip's tree, so that only the
+        # shards that changed are read (for the issues they had): a full
+        # aggregation of years re-reads none of its unchanged months.
+        listed = ledger.tree("summaries") if ledger.tip() else {}
+        rendered = {}
         for name, month in sorted(names.items()):
             data, has_cells = self.render_month(month, by_month)
-            if old[name] == data or (old[name] is None and not has_cells):
-                continue  # unchanged, or a month that never had time
+            mode, oid = listed.get(name[len("summaries/"):], (None, None))
+            if mode == "100644" and oid == blob_id(data, "sha1" if len(oid) == 40 else "sha256"):
+                continue  # unchanged
+            if mode is None and not has_cells:
+                continue  # a month that never had time
+            rendered[name] = data
+        old = ledger.read(sorted(rendered))
+        for name, data in sorted(rendered.items()):
+            month = names[name]
+            if old[name] == data:
+                continue
             for raw in (old[name], data):
                 try:
                     issues.update(row[1] for row in load_json(raw)["rows"])
