@@ -2705,6 +2705,58 @@ class PrivateStore:
             st = os.stat(path)
         return records, [st.st_size, st.st_mtime_ns]
 
+    def read_all_days(self):
+        """{day: (records, [size, mtime_ns])} of every day file: read_day_and_stat
+        of each, with the per-file work done once for all of them (one json
+        scan of every record; a full aggregation of years reads ~10^5 files).
+        A file that fails any check is read again on its own, the careful way."""
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+        crc32, fstat, read, close = zlib.crc32, os.fstat, os.read, os.close
+        prefix = os.path.join(self.daily, "")
+        days, stats, parts, counts, odd = [], {}, [], [], []
+        for day in self.days():
+            try:
+                fd = os.open(prefix + day + ".jsonl", flags)
+            except OSError:   # gone since the listing, a symlink, ...: the careful way
+                odd.append(day)
+                continue
+            try:
+                st = fstat(fd)
+                raw = read(fd, st.st_size + 1) if st.st_mode & 0o170000 == 0o100000 else None
+            finally:
+                close(fd)
+            lines = raw.split(b"\n") if raw is not None and len(raw) == st.st_size else [b"?"]
+            try:
+                if lines.pop() != b"" or not all(line[8:9] == b" " and int(line[:8], 16)
+                                                 == crc32(line[9:]) for line in lines):
+                    raise ValueError("torn or damaged")
+            except ValueError:
+                odd.append(day)
+                continue
+            days.append(day)
+            stats[day] = [st.st_size, st.st_mtime_ns]
+            parts += [line[9:] for line in lines]
+            counts.append(len(lines))
+        try:
+            records = load_json(b"[" + b",".join(parts) + b"]")
+        except (ValueError, RecursionError):
+            records = None
+        found = {}
+        # as many values as lines (a line of two, `{..},{..}`, would shift the days)
+        if records is None or len(records) != len(parts) \
+                or not all(_valid_record(r) for r in records):
+            odd += days   # one of them is odd: each on its own
+        else:
+            at = 0
+            for day, count in zip(days, counts):
+                found[day] = (records[at:at + count], stats[day])
+                at += count
+        for day in sorted(odd):
+            records, stat = self.read_day_and_stat(day)
+            if stat is not None:
+                found[day] = (records, stat)
+        return found
+
     def _parse_day(self, path, raw):
         """Records of a day file.  Fast path: check every line's crc32, then one
         json.loads for the whole file; anything odd takes the careful path."""
@@ -3937,6 +3989,7 @@ def blob_id(data, hash_name):
 
 def _pack(blobs, hash_name):
     """(a version 2 pack of `blobs`, undeltified, and their object ids)."""
+    import hashlib
     parts, ids = [b"PACK", (2).to_bytes(4, "big"), len(blobs).to_bytes(4, "big")], []
     for data in blobs:
         ids.append(blob_id(data, hash_name))
@@ -5053,11 +5106,9 @@ class Aggregator:
             changes = store.read_changes(create=journaled)
             parsed, stats = {}, {}
             if full:  # read everything; the stat comes from the same descriptor
-                for day in store.days():
-                    records, stat = store.read_day_and_stat(day)
-                    if stat is not None:
-                        parsed[day] = self.contributions(day, records)
-                        stats[day] = stat
+                for day, (records, stat) in sorted(store.read_all_days().items()):
+                    parsed[day] = self.contributions(day, records)
+                    stats[day] = stat
             else:
                 if changes[1] is not None and changes[2] and state.get("journal") == changes[2]:
                     stats = {day: old[:2] for day, old in old_files.items()}

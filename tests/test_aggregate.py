@@ -335,3 +335,68 @@ def test_parallel_aggregation_keeps_exit_codes(repo):
     assert [x["user"] for x in r.json["results"]] == sorted(users + ["alice"])
     rows = repo.ok("report", "--json", "--by", "user").json["rows"]
     assert {x["user"]: x["seconds"] for x in rows} == {u: 3600 for u in users}
+
+
+def test_reading_every_day_at_once_is_reading_each_day(repo, tmp_path):
+    """aggregate --full reads every day file in one pass (read_all_days); it must
+    give what read_day_and_stat gives day by day, damaged files included (each
+    salvaged and quarantined as on its own), and leave the same files behind."""
+    import shutil
+    for n, day in enumerate(["2026-11-%02d" % d for d in range(2, 14)]):
+        repo.ok("log", str(n % 3 + 1), "%dm" % (n + 5), "--date", day, "--note", "n%d" % n, env=NOW)
+    repo.ok("start", "9", "--at", "2026-11-14 23:00", env=NOW)
+    repo.ok("stop", "--at", "2026-11-15 01:30", env=NOW)     # across midnight
+    daily = os.path.join(repo.root, ".flowforge/user/alice/time/daily")
+    entry = lambda day, issue: ff.encode_record({           # noqa: E731
+        "op": "entry", "id": day.replace("-", "") + "-0123abcd", "issue": issue, "date": day,
+        "seconds": 60, "v": ff.RECORD_SCHEMA})
+
+    def damage(name, data, mode="ab"):
+        with open(os.path.join(daily, name), mode) as f:
+            f.write(data)
+    damage("2026-11-03.jsonl", b"0badc0de {\"torn")                     # torn tail
+    flipped = bytearray(open(os.path.join(daily, "2026-11-04.jsonl"), "rb").read())
+    flipped[flipped.index(b'"issue":"') + 9] = ord("7")                 # crc no longer matches
+    damage("2026-11-04.jsonl", bytes(flipped), "wb")
+    two = b'{"a":1},{"b":2}'                                            # two values, a good crc
+    damage("2026-11-05.jsonl", b"%08x %s\n" % (zlib_crc(two), two))
+    damage("2026-11-06.jsonl", b"", "wb")                               # empty
+    damage("2026-11-07.jsonl", b"zzzzzzzz " + entry("2026-11-07", "4")[9:])   # not hex
+    damage("2026-11-08.jsonl", entry("2026-11-08", "5"))                # a good line appended
+    os.mkdir(os.path.join(daily, "2026-11-20.jsonl"))                   # a directory
+    copy = str(tmp_path / "copy")
+    shutil.copytree(repo.root, copy, symlinks=True)
+
+    def store(root):
+        return ff.PrivateStore(ff.Repo.find(root), "alice")
+    os.environ["FLOWFORGE_NOW"] = NOW["FLOWFORGE_NOW"]
+    try:
+        with pytest.raises(IsADirectoryError):     # as day by day: one line, and stop
+            store(repo.root).read_all_days()
+        for root in (repo.root, copy):
+            os.rmdir(os.path.join(root, os.path.relpath(daily, repo.root), "2026-11-20.jsonl"))
+        together = store(repo.root).read_all_days()
+        one_by_one = {}
+        other = store(copy)
+        for day in other.days():
+            records, stat = other.read_day_and_stat(day)
+            if stat is not None:
+                one_by_one[day] = (records, stat)
+    finally:
+        del os.environ["FLOWFORGE_NOW"]
+    assert {d: r for d, (r, _) in together.items()} == {d: r for d, (r, _) in one_by_one.items()}
+    assert {d: s[0] for d, (_, s) in together.items()} == {d: s[0] for d, (_, s) in one_by_one.items()}
+    assert len(together["2026-11-08"][0]) == 2 and together["2026-11-06"][0] == []
+    # 13 written, one damaged, one emptied, one appended
+    assert sum(len(r) for r, _ in together.values()) == 12
+    for name in sorted(os.listdir(daily)):
+        if os.path.isfile(os.path.join(daily, name)):
+            assert open(os.path.join(daily, name), "rb").read() == \
+                open(os.path.join(copy, os.path.relpath(daily, repo.root), name), "rb").read(), name
+    quarantined = sorted(os.listdir(os.path.join(repo.root, ".flowforge/quarantine")))
+    assert len(quarantined) == len(os.listdir(os.path.join(copy, ".flowforge/quarantine"))) >= 3
+
+
+def zlib_crc(data):
+    import zlib
+    return zlib.crc32(data)
