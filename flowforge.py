@@ -3906,10 +3906,12 @@ QUARANTINE_REF = "refs/flowforge/quarantine/"
 PERIODS_REF = "refs/flowforge/periods/"
 LEDGER_SCHEMA = 1
 LEDGER_DIRS = ("summaries", "audit")   # all a store ref's tree may hold; audit/ always
-LEDGER_CACHE_SCHEMA = 5   # 5: a header line (each month and the place of its lines, and
+LEDGER_CACHE_SCHEMA = 6   # 5: a header line (each month and the place of its lines, and
 #                              of the totals of them all), then a totals line and a rows
-#                              line per month, then the totals line of all months
+#                              line per month, then the totals line of all months;
+#                              6: the rows line is the shard blob itself
 LEDGER_AUTHOR = "FlowForge ledger"
+PARALLEL_CACHE_AT = 64   # stores to verify at once from which forked workers share the work
 _STORE_KEY = Pattern(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
 _SHARD_NAME = Pattern(r"(\d{4}-\d{2})\.json")
 _CHAIN_NAME = Pattern(r"(\d{4})\.jsonl")
@@ -4348,24 +4350,45 @@ def _read_ledger_cache(repo, key, months=None, rows=True, summed=False):
             return None
         record["shards"] = {"all": item["doc"]}
         return record
-    kind = b"R" if rows else b"T"   # a month's rows, or only its totals (by issue, project)
+    # A month's totals line (its document without the rows), then its rows line:
+    # the verified shard blob itself, so that writing the cache encodes no rows.
+    raws = {}
     for line in lines[1:]:
         month = line[:7].decode("ascii", "replace")
-        if not line or line[8:9] != kind or (first and month < first) or (last and month > last):
+        kind = line[8:9]
+        if not line or (first and month < first) or (last and month > last) \
+                or kind not in (b"T", b"R") or (kind == b"R" and not rows):
             continue
         try:
             item = decode_record(line[10:])
         except ValueError:
             return None
-        if item.get("month") != month or not isinstance(item.get("doc"), dict) \
-                or month not in listed:
+        if kind == b"T":
+            if item.get("month") != month or not isinstance(item.get("doc"), dict) \
+                    or month not in listed or month in shards:
+                return None
+            shards[month] = item["doc"]
+        elif month not in shards or item.get("month") != month \
+                or not isinstance(item.get("rows"), list) or shards[month].get("rows"):
             return None
-        shards[month] = item["doc"]
+        else:
+            shards[month] = dict(shards[month], rows=item["rows"])
+            raws[month] = line[10:]
     wanted = [m for m in listed if (not first or m >= first) and (not last or m <= last)]
-    if len(wanted) != len(shards):
+    if len(wanted) != len(shards) or (rows and len(raws) != len(shards)):
         return None
-    record["shards"] = shards
+    record["shards"], record["raws"] = shards, raws
     return record
+
+
+def _rows_line(blob, doc):
+    """A shard blob as the cache's rows line (a checksummed record): the blob as
+    it is when it is one line of JSON (FlowForge writes them so), else the
+    document re-encoded."""
+    body = blob[:-1] if blob.endswith(b"\n") else blob
+    if b"\n" in body or b"\r" in body:
+        return encode_record(doc)[:-1]
+    return b"%08x %s" % (zlib.crc32(body), body)
 
 
 def summed_shards(shards):
@@ -4484,83 +4507,162 @@ class LedgerView:
             for key, (_, _, tree) in sorted(self.stores.items()):
                 cached = _read_ledger_cache(self.repo, key, months, rows, summed)
                 if cached is not None and cached.get("tree") == tree:
-                    if cached["months"]:
-                        self.first_month[key] = min(cached["months"])
-                    if summed:
-                        docs.extend([cached["shards"]["all"]] if cached["months"] else [])
-                    else:
-                        docs.extend(self._pick(key, cached["shards"], months))
+                    docs += self._cached_docs(key, cached, months, summed)
                 else:   # every month of it, to reuse what did not change
                     stale[key] = cached and _read_ledger_cache(self.repo, key)
             if stale:
-                keys = sorted(stale)
-                roots = objects.get([self.stores[k][2] for k in keys], MAX_TREE_BYTES)
-                for key, root in zip(keys, roots):
-                    try:
-                        names = parse_tree(root[1], len(self.stores[key][1]) // 2) \
-                            if root and root[0] == "tree" else {}
-                    except ValueError:
-                        names = {}
-                    if "audit" not in names or set(names) - set(LEDGER_DIRS):
-                        damaged.append("%s (%s is not a ledger commit)" % (
-                            self.stores[key][0], self.stores[key][1][:12]))
-                keys = [k for k in keys if not any(d.startswith(self.stores[k][0] + " ")
-                                                   for d in damaged)]
-                trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys],
-                                    MAX_TREE_BYTES)
-                wanted = []
-                listing = {}
-                for key, found in zip(keys, trees):
-                    ref, commit = self.stores[key][:2]
-                    entries = {}
-                    if found is not None:
-                        try:
-                            if found[0] != "tree":
-                                raise ValueError("summaries is not a directory")
-                            entries = parse_tree(found[1], len(commit) // 2)
-                        except ValueError as e:
-                            damaged.append("%s (%s)" % (ref, e))
-                            continue
-                    old = (stale[key] or {}).get("shards", {})
-                    listing[key] = {}
-                    for name, (_, oid) in sorted(entries.items()):
-                        m = _SHARD_NAME.fullmatch(name)
-                        if not m:
-                            continue
-                        month = m.group(1)
-                        listing[key][month] = oid
-                        if not (month in old and old[month].get("blob") == oid):
-                            wanted.append((key, month, oid))
-                fresh = {}
-                for (key, month, oid), found in zip(wanted, self._blobs(objects, wanted,
-                                                                        damaged)):
-                    if found is False:
-                        break  # a damaged shard stops the reading: nothing more is needed
-                    where = "%s:summaries/%s.json" % (self.stores[key][0], month)
-                    try:
-                        if found is None or found[0] != "blob":
-                            raise CorruptFile(where, "is more than %d bytes: not a shard"
-                                              % MAX_SHARD_BYTES if found and found[0] == "too large"
-                                              else "is missing from the repository")
-                        fresh[(key, month)] = dict(_shard_doc(found[1], key, month, where),
-                                                   blob=oid)
-                    except CorruptFile as e:
-                        damaged.append(str(e))
-                for key in sorted(listing):
-                    old = (stale[key] or {}).get("shards", {})
-                    shards = {month: fresh.get((key, month)) or old[month]
-                              for month in listing[key] if (key, month) in fresh
-                              or (month in old and old[month].get("blob") == listing[key][month])}
-                    if len(shards) != len(listing[key]):
-                        continue  # damaged: reported below, nothing cached
-                    self._save_cache(key, shards)
-                    docs.extend(self._pick(key, shards, months))
+                docs += self._refresh(objects, stale, months, damaged, rows, summed)
         finally:
             objects.close()
         if damaged:
             raise FlowForgeError("%d damaged shard(s) in the ledger: %s; run `flowforge recover "
                                  "assess`" % (len(damaged), "; ".join(damaged[:3])), EXIT_DATA)
         return docs
+
+    def _cached_docs(self, key, cached, months, summed):
+        """The documents a current cache of `key` gives (one, summed, or its months')."""
+        if cached["months"]:
+            self.first_month[key] = min(cached["months"])
+        if summed:
+            return [cached["shards"]["all"]] if cached["months"] else []
+        return self._pick(key, cached["shards"], months)
+
+    def _refresh(self, objects, stale, months, damaged, rows=True, summed=False, workers=True):
+        """The documents (within `months`) of the stores in `stale` {key: their
+        old cache or None}, read from git, verified and cached; what is damaged
+        is added to `damaged`.  Many stores (a first report after a fetch) are
+        spread over forked workers, one per core: each verifies and caches its
+        share, and the documents are then read from the caches as a warm report
+        reads them (any that cannot be are refreshed here)."""
+        docs = []
+        if workers and len(stale) >= PARALLEL_CACHE_AT:
+            mine, children = self._fork_workers(stale)
+            docs += self._refresh(objects, {k: stale.pop(k) for k in mine}, months, damaged,
+                                  rows, summed, workers=False)
+            for key in self._reap_workers(children, damaged):
+                cached = _read_ledger_cache(self.repo, key, months, rows, summed)
+                if cached is not None and cached.get("tree") == self.stores[key][2]:
+                    docs += self._cached_docs(key, cached, months, summed)
+                    del stale[key]
+            if damaged or not stale:
+                return docs
+        keys = sorted(stale)
+        roots = objects.get([self.stores[k][2] for k in keys], MAX_TREE_BYTES)
+        for key, root in zip(keys, roots):
+            try:
+                names = parse_tree(root[1], len(self.stores[key][1]) // 2) \
+                    if root and root[0] == "tree" else {}
+            except ValueError:
+                names = {}
+            if "audit" not in names or set(names) - set(LEDGER_DIRS):
+                damaged.append("%s (%s is not a ledger commit)" % (
+                    self.stores[key][0], self.stores[key][1][:12]))
+        keys = [k for k in keys if not any(d.startswith(self.stores[k][0] + " ")
+                                           for d in damaged)]
+        trees = objects.get(["%s:summaries" % self.stores[k][2] for k in keys],
+                            MAX_TREE_BYTES)
+        wanted = []
+        listing = {}
+        for key, found in zip(keys, trees):
+            ref, commit = self.stores[key][:2]
+            entries = {}
+            if found is not None:
+                try:
+                    if found[0] != "tree":
+                        raise ValueError("summaries is not a directory")
+                    entries = parse_tree(found[1], len(commit) // 2)
+                except ValueError as e:
+                    damaged.append("%s (%s)" % (ref, e))
+                    continue
+            old = (stale[key] or {}).get("shards", {})
+            listing[key] = {}
+            for name, (_, oid) in sorted(entries.items()):
+                m = _SHARD_NAME.fullmatch(name)
+                if not m:
+                    continue
+                month = m.group(1)
+                listing[key][month] = oid
+                if not (month in old and old[month].get("blob") == oid):
+                    wanted.append((key, month, oid))
+        fresh, raws = {}, {}
+        for (key, month, oid), found in zip(wanted, self._blobs(objects, wanted,
+                                                                damaged)):
+            if found is False:
+                break  # a damaged shard stops the reading: nothing more is needed
+            where = "%s:summaries/%s.json" % (self.stores[key][0], month)
+            try:
+                if found is None or found[0] != "blob":
+                    raise CorruptFile(where, "is more than %d bytes: not a shard"
+                                      % MAX_SHARD_BYTES if found and found[0] == "too large"
+                                      else "is missing from the repository")
+                doc = fresh[(key, month)] = dict(_shard_doc(found[1], key, month, where),
+                                                 blob=oid)
+                raws[(key, month)] = _rows_line(found[1], doc)
+            except CorruptFile as e:
+                damaged.append(str(e))
+        for key in sorted(listing):
+            old = (stale[key] or {}).get("shards", {})
+            shards = {month: fresh.get((key, month)) or old[month]
+                      for month in listing[key] if (key, month) in fresh
+                      or (month in old and old[month].get("blob") == listing[key][month])}
+            if len(shards) != len(listing[key]):
+                continue  # damaged: reported below, nothing cached
+            old_raws = (stale[key] or {}).get("raws", {})
+            self._save_cache(key, shards, {month: raws.get((key, month)) or old_raws[month]
+                                           for month in shards})
+            docs.extend(self._pick(key, shards, months))
+        return docs
+
+    def _fork_workers(self, stale):
+        """(the keys of `stale` left to this process, [(pid, pipe, keys)] of the
+        forked workers that refresh the others, one per further core)."""
+        keys = sorted(stale)
+        count = min(os.cpu_count() or 1, 8) if hasattr(os, "fork") else 1
+        chunks = [keys[i::count] for i in range(count)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        children = []
+        for chunk in chunks[1:]:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker: its own cat-file; what is damaged through the pipe
+                code = 0
+                try:
+                    os.close(read_fd)
+                    objects = GitObjects(self.repo.root)
+                    found = []
+                    try:
+                        self._refresh(objects, {k: stale[k] for k in chunk}, None, found,
+                                      workers=False)
+                    finally:
+                        objects.close()
+                    with os.fdopen(write_fd, "wb") as pipe:
+                        pipe.write(canonical_bytes(found))
+                except BaseException:
+                    code = EXIT_FAIL
+                finally:
+                    os._exit(code)
+            os.close(write_fd)
+            children.append((pid, read_fd, chunk))
+        return chunks[0], children
+
+    @staticmethod
+    def _reap_workers(children, damaged):
+        """The keys whose caches the workers wrote; what they found damaged is
+        added to `damaged`.  A worker that failed leaves its keys undone."""
+        done = []
+        for pid, read_fd, chunk in children:
+            with os.fdopen(read_fd, "rb") as pipe:
+                data = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            try:
+                found = load_json(data) if status == 0 else None
+            except ValueError:
+                found = None
+            if isinstance(found, list):
+                damaged.extend(str(d) for d in found)
+                done.extend(chunk)
+        return sorted(done)
 
     @staticmethod
     def _blobs(objects, wanted, damaged, chunk=32):
@@ -4588,14 +4690,15 @@ class LedgerView:
         return [doc for month, doc in shards.items()
                 if (first is None or month >= first) and (last is None or month <= last)]
 
-    def _save_cache(self, key, shards):
+    def _save_cache(self, key, shards, raws):
+        """Write the cache of one store: `shards` {month: document}, `raws`
+        {month: its rows line (_rows_line)}."""
         body, places = [], {}
         size = 0
         for month in sorted(shards):
             lines = (month.encode("ascii") + b" T " + encode_record({"month": month, "doc": {
                 k: v for k, v in shards[month].items() if k != "rows"}})
-                + month.encode("ascii") + b" R " + encode_record({"month": month,
-                                                                 "doc": shards[month]}))
+                + month.encode("ascii") + b" R " + raws[month] + b"\n")
             places[month] = [size, size + len(lines)]   # where its lines are, after the header
             size += len(lines)
             body.append(lines)

@@ -425,3 +425,100 @@ def test_an_aggregation_that_cannot_shorten_the_list_still_succeeds(repo, monkey
     repo.ok("aggregate", env=NOW)   # the days still named are looked at again: no harm
     report = repo.ok("report", "--json", "--no-aggregate", env=NOW).json
     assert report["total_seconds"] == 11 * 1800 + 180
+
+
+def test_a_teammates_shard_of_many_lines_is_cached_and_read_back_the_same(repo):
+    """The cache keeps a verified shard blob as its rows line; a blob that is
+    valid but not one line (a teammate's FlowForge printed it indented) is
+    re-encoded there, and cold and warm reports agree."""
+    import hashlib
+    from conftest import ledger_files, rewrite_ledger
+    history(repo, users=("alice",))
+    raw = ledger_files(repo.root)["summaries/2026-11.json"]
+    raw_october = ledger_files(repo.root)["summaries/2026-10.json"]
+    doc = json.loads(raw)
+    doc["sha256"] = ""
+    blank = json.dumps(doc, indent=1, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    pretty = blank.replace(b'"sha256":""', b'"sha256":"%s"'
+                           % hashlib.sha256(blank).hexdigest().encode(), 1)
+    assert pretty.count(b"\n") > 10 and ff.verify_shard_bytes(pretty)["rows"] == doc["rows"]
+    rewrite_ledger(repo.root, {"summaries/2026-11.json": pretty})
+    args = ("report", "--json", "--by", "day,issue", "--no-aggregate")
+    cold = repo.ok(*args, env=NOW).json
+    lines = open(caches(repo.root)[0], "rb").read().split(b"\n")
+    rows_line = [line for line in lines if line.startswith(b"2026-11 R ")]
+    assert len(rows_line) == 1 and ff.decode_record(rows_line[0][10:])["rows"] == doc["rows"]
+    october = [line for line in lines if line.startswith(b"2026-10 R ")][0]
+    assert october[19:] + b"\n" == raw_october    # a one-line blob is kept as it is
+    warm = repo.ok(*args, env=NOW).json
+    assert warm == cold and sum(r["seconds"] for r in cold["rows"]) == cold["total_seconds"] > 0
+    assert {r["day"]: r["seconds"] for r in cold["rows"] if r["day"].startswith("2026-11")} == {
+        row[0]: row[3] for row in doc["rows"]}
+
+
+def _cold(repo, *args):
+    for path in caches(repo.root):
+        os.unlink(path)
+    r = call(repo.root, "report", "--json", "--no-aggregate", *args, env=NOW)
+    assert r.rc == 0, r
+    return json.loads(r.out)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_cold_report_over_many_stores_verifies_them_in_workers_to_the_same_result(
+        repo, monkeypatch):
+    """From PARALLEL_CACHE_AT stores on, a cold report verifies and caches them
+    in forked workers (one per core) and reads the workers' caches: the same
+    report as one process, and the same warm report after it."""
+    history(repo, users=("alice", "bob", "carol", "dave", "erin"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)   # this process and two workers
+    shapes = [("--by", "user,issue"), ("--by", "day,issue"), ("--period", "2026-11"),
+              ("--by", "user,month", "--from", "2026-03-01", "--to", "2026-09-15")]
+    monkeypatch.setattr(ff, "PARALLEL_CACHE_AT", 10 ** 6)
+    serial = [_cold(repo, *shape) for shape in shapes]
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    monkeypatch.setattr(ff, "PARALLEL_CACHE_AT", 2)
+    assert [_cold(repo, *shape) for shape in shapes] == serial
+    assert len(forks) == 2 * len(shapes)
+    assert len(caches(repo.root)) == 5
+    warm = call(repo.root, "report", "--json", "--no-aggregate", "--by", "day,issue", env=NOW)
+    assert json.loads(warm.out) == serial[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_worker_that_dies_leaves_its_stores_to_the_report_and_damage_is_still_refused(
+        repo, monkeypatch):
+    from conftest import rewrite_ledger
+    history(repo, users=("alice", "bob", "carol", "dave"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ff, "PARALLEL_CACHE_AT", 10 ** 6)
+    expected = _cold(repo, "--by", "user,issue")
+    monkeypatch.setattr(ff, "PARALLEL_CACHE_AT", 2)
+    parent = os.getpid()
+    real_save = ff.LedgerView._save_cache
+
+    def save(self, key, shards, raws):
+        if os.getpid() != parent:
+            os._exit(9)            # the worker is killed before it caches anything
+        return real_save(self, key, shards, raws)
+    monkeypatch.setattr(ff.LedgerView, "_save_cache", save)
+    assert _cold(repo, "--by", "user,issue") == expected     # done here instead
+    assert len(caches(repo.root)) == 4
+    monkeypatch.setattr(ff.LedgerView, "_save_cache", real_save)
+    # a damaged shard found by a worker: the report refuses, as one process does
+    rewrite_ledger(repo.root, {"summaries/2026-05.json": b'{"not": "a shard"}\n'}, user="dave")
+    outcomes = []
+    for at in (10 ** 6, 2, 10 ** 6, 2):
+        if len(outcomes) == 2:      # and in two stores (one process stops at the first)
+            rewrite_ledger(repo.root, {"summaries/2026-06.json": b"[]\n"}, user="alice")
+        monkeypatch.setattr(ff, "PARALLEL_CACHE_AT", at)
+        for path in caches(repo.root):
+            os.unlink(path)
+        r = call(repo.root, "report", "--json", "--no-aggregate", "--by", "user", env=NOW)
+        assert r.rc == 65 and "damaged shard(s)" in r.err and r.out == "", r
+        assert r.err.count("\n") == 1 and not caches(repo.root)[3:], r
+        outcomes.append(r.err)
+    assert outcomes[0] == outcomes[1] and "dave" in outcomes[0]
+    assert "alice" in outcomes[2] and "alice" in outcomes[3]
