@@ -66,6 +66,7 @@ import os
 import sys
 import time
 import zlib
+from _thread import get_ident as _thread_ident
 
 
 class _LazyModule:
@@ -206,6 +207,11 @@ def now():
 def _utc():
     from datetime import timezone
     return timezone.utc
+
+
+def utc_year(ts):
+    """The year (a number) of epoch second `ts` in UTC."""
+    return time.gmtime(ts).tm_year
 
 
 def load_timezone(name):
@@ -3775,17 +3781,35 @@ def render_shard(user, store_id, month, granularity, tz_name, cells):
     return blank.replace(b'"sha256":""', b'"sha256":"%s"' % sha256_hex(blank).encode(), 1)
 
 
-_SHARD_SHA = Pattern(rb'"sha256":"([0-9a-f]{64})"')
+_HEX_BYTES = frozenset(b"0123456789abcdef")
+
+
+def shard_sha_span(raw):
+    """(start, end) of the first `"sha256":"<64 lowercase hex>"` value in a
+    shard's bytes, or None (by hand: the hook imports no `re`)."""
+    at = raw.find(b'"sha256":"')
+    while at >= 0:
+        start, end = at + 10, at + 74
+        if raw[end:end + 1] == b'"' and _HEX_BYTES.issuperset(raw[start:end]):
+            return start, end
+        at = raw.find(b'"sha256":"', at + 1)
+    return None
+
+
+def shard_sha(raw):
+    """The sha256 a shard's bytes carry (hex), or None."""
+    span = shard_sha_span(raw)
+    return raw[span[0]:span[1]].decode() if span else None
 
 
 def verify_shard_bytes(raw):
     """The shard document, or ValueError naming what is wrong with it."""
     if b"\n<<<<<<< " in b"\n" + raw or b"\n>>>>>>> " in raw:
         raise ValueError("contains git conflict markers")
-    m = _SHARD_SHA.search(raw)
-    if not m:
+    span = shard_sha_span(raw)
+    if not span:
         raise ValueError("has no sha256")
-    if sha256_hex(raw[:m.start(1)] + raw[m.end(1):]) != m.group(1).decode():
+    if sha256_hex(raw[:span[0]] + raw[span[1]:]) != raw[span[0]:span[1]].decode():
         raise ValueError("does not match its sha256 (edited by hand?)")
     try:
         doc = load_json(raw)
@@ -3913,8 +3937,24 @@ LEDGER_CACHE_SCHEMA = 6   # 5: a header line (each month and the place of its li
 LEDGER_AUTHOR = "FlowForge ledger"
 PARALLEL_CACHE_AT = 64   # stores to verify at once from which forked workers share the work
 _STORE_KEY = Pattern(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,63})--([0-9a-f]{10})")
-_SHARD_NAME = Pattern(r"(\d{4}-\d{2})\.json")
-_CHAIN_NAME = Pattern(r"(\d{4})\.jsonl")
+
+
+def _digits(text):
+    return text.isascii() and text.isdigit()
+
+
+def shard_month(name):
+    """`2026-11` of a shard's file name `2026-11.json`, else None (by hand, not
+    a regular expression: the hook imports no `re`)."""
+    if len(name) == 12 and name.endswith(".json") and name[4] == "-" \
+            and _digits(name[:4]) and _digits(name[5:7]):
+        return name[:7]
+    return None
+
+
+def is_chain_name(name):
+    """Whether `name` is an audit chain's file name, `2026.jsonl`."""
+    return len(name) == 10 and name.endswith(".jsonl") and _digits(name[:4])
 # Objects are fsynced before the ref that names them, and the ref itself too
 # (git >= 2.36; older versions ignore the setting and rely on the page cache).
 _GIT_DURABLE = ["-c", "core.fsync=objects,reference", "-c", "core.fsyncMethod=fsync"]
@@ -3984,9 +4024,16 @@ PACK_AT = 64   # blobs at once from which a pack is written rather than loose ob
 
 
 def blob_id(data, hash_name):
-    """The object id git gives `data` as a blob ("sha1" or "sha256")."""
-    import hashlib
-    return hashlib.new(hash_name, b"blob %d\0" % len(data) + data).hexdigest()
+    """The object id git gives `data` as a blob ("sha1" or "sha256"), by the
+    interpreter's builtin hashes (hashlib would load OpenSSL: ~6 ms of a hook)."""
+    header = b"blob %d\0" % len(data)
+    if hash_name == "sha256":
+        return sha256_hasher(header + data).hexdigest()
+    try:
+        from _sha1 import sha1
+    except ImportError:
+        from hashlib import sha1
+    return sha1(header + data).hexdigest()
 
 
 def _pack(blobs, hash_name):
@@ -4038,9 +4085,13 @@ def write_blobs(repo, blobs):
             paths.append(path)
         _, out, _ = run_git(_GIT_DURABLE + ["hash-object", "-w", "--no-filters", "--stdin-paths"],
                             repo.root, input=("\n".join(paths) + "\n").encode())
-    finally:
-        import shutil
-        shutil.rmtree(scratch, ignore_errors=True)
+    finally:   # os calls, not shutil.rmtree: shutil's import costs a hook ~4 ms
+        try:
+            for name in os.listdir(scratch):
+                os.unlink(os.path.join(scratch, name))
+            os.rmdir(scratch)
+        except OSError:
+            pass
     ids = out.split()
     if len(ids) != len(blobs):
         raise FlowForgeError("git hash-object returned %d ids for %d blobs" % (len(ids), len(blobs)))
@@ -4171,7 +4222,7 @@ class StoreLedger:
         return self._trees[directory]
 
     def months(self):
-        return sorted(m.group(1) for m in map(_SHARD_NAME.fullmatch, self.tree("summaries")) if m)
+        return sorted(m for m in map(shard_month, self.tree("summaries")) if m)
 
     def read(self, names):
         """{name: bytes or None} of files at the tip."""
@@ -4188,7 +4239,7 @@ class StoreLedger:
 
     def chain_head(self):
         """(seq, hash, name and bytes of the chain's last year file)."""
-        years = sorted(n for n in self.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        years = sorted(n for n in self.tree("audit") if is_chain_name(n))
         if not years:
             return 0, AUDIT_GENESIS, None, b""
         name = "audit/" + years[-1]
@@ -4228,9 +4279,9 @@ class StoreLedger:
         """Commit changed shards ({ledger name: bytes}, perhaps none) together
         with the team audit record that lists them; returns (record, tip)."""
         seq, prev, last_name, last_data = self.chain_head()
-        shas = {n: _SHARD_SHA.search(d).group(1).decode() for n, d in shards.items()}
+        shas = {n: shard_sha(d) for n, d in shards.items()}
         record = chain_record(seq, prev, action, utc_day_start(ts), files=shas, **fields)
-        name = max("audit/%s.jsonl" % local_date(ts, _utc())[:4], last_name or "")
+        name = max("audit/%04d.jsonl" % utc_year(ts), last_name or "")
         files = dict(shards)
         files[name] = (last_data if name == last_name else b"") + canonical_bytes(record)
         months = ", ".join(sorted(n[10:17] for n in shas))
@@ -4268,7 +4319,7 @@ def ledger_chain_records(repo, user, store_id):
         if not tip:
             raise FlowForgeError("no ledger ref for %s here (run `flowforge fetch`?)"
                                  % store_key(user, store_id))
-        names = sorted("audit/" + n for n in ledger.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        names = sorted("audit/" + n for n in ledger.tree("audit") if is_chain_name(n))
         data = b"".join(d or b"" for d in ledger.read(names).values())
     finally:
         ledger.close()
@@ -4577,10 +4628,9 @@ class LedgerView:
             old = (stale[key] or {}).get("shards", {})
             listing[key] = {}
             for name, (_, oid) in sorted(entries.items()):
-                m = _SHARD_NAME.fullmatch(name)
-                if not m:
+                month = shard_month(name)
+                if not month:
                     continue
-                month = m.group(1)
                 listing[key][month] = oid
                 if not (month in old and old[month].get("blob") == oid):
                     wanted.append((key, month, oid))
@@ -5053,7 +5103,7 @@ def legacy_store_files(repo, key, entry):
         data = read_bytes_and_stat(path, MAX_SHARD_BYTES)[0]
         _shard_doc(data, key, month, repo.rel(path))
         files[shard_name(month)] = data
-        shas[shard_name(month)] = _SHARD_SHA.search(data).group(1).decode()
+        shas[shard_name(month)] = shard_sha(data)
     chain = read_bytes_and_stat(entry["chain"], MAX_CHAIN_BYTES)[0] if entry["chain"] else b""
     where = repo.rel(entry["chain"]) if entry["chain"] else key
     result = verify_chain_bytes(chain, where)
@@ -5311,7 +5361,7 @@ class Aggregator:
         seq = ledger.chain_head()[0]
         if seq <= known:
             return
-        names = sorted("audit/" + n for n in ledger.tree("audit") if _CHAIN_NAME.fullmatch(n))
+        names = sorted("audit/" + n for n in ledger.tree("audit") if is_chain_name(n))
         chain = b"".join(d or b"" for d in ledger.read(names).values())
         local = self._private_chain()
         for line in chain.splitlines():
@@ -6706,14 +6756,17 @@ def plugins_report(repo, check=False, online=False):
 # systemd.  cron runs `daemon --once` (or `--ensure` as a watchdog).
 
 HOOKS = ("pre-commit", "post-commit", "pre-push")
-SHIM_VERSION = 2
+SHIM_VERSION = 3
 SHIM_MARK = "# flowforge-shim v"
 
 # Loads flowforge.py by path: putting the repository root on sys.path could let
-# a team's own json.py or select.py shadow the standard library.
-_SHIM_LOADER = ('import sys, importlib.util as u; sys.dont_write_bytecode = False; '
-                's = u.spec_from_file_location("flowforge", sys.argv[1]); '
-                'm = u.module_from_spec(s); sys.modules["flowforge"] = m; '
+# a team's own json.py or select.py shadow the standard library.  The import
+# system's own frozen modules do it (importlib.util would import contextlib,
+# collections and functools first: ~4 ms of every commit).
+_SHIM_LOADER = ('import sys, _frozen_importlib as b, _frozen_importlib_external as e; '
+                'sys.dont_write_bytecode = False; '
+                's = e.spec_from_file_location("flowforge", sys.argv[1]); '
+                'm = b.module_from_spec(s); sys.modules["flowforge"] = m; '
                 's.loader.exec_module(m); raise SystemExit(m.main(sys.argv[2:]))')
 
 _SHIM = """#!/bin/sh
@@ -6726,7 +6779,9 @@ case $0 in */*) here=${0%%/*} ;; *) here=. ;; esac
 if [ -x "$here/%(hook)s.flowforge-chained" ]; then
     "$here/%(hook)s.flowforge-chained" "$@" || exit $?
 fi
-root=$(git rev-parse --show-toplevel 2>/dev/null) || exit 0
+# git runs a hook in the top of the work tree; run by hand from elsewhere, ask git
+root=$PWD
+[ -e "$root/.git" ] || root=$(git rev-parse --show-toplevel 2>/dev/null) || exit 0
 %(guard)sff="$root/flowforge.py"
 [ -f "$ff" ] || ff=%(fallback)s
 [ -f "$ff" ] || exit 0
@@ -6734,8 +6789,11 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "flowforge: python3 not found; time not aggregated (run flowforge aggregate later)" >&2
     exit 0
 fi
-out=$(python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" -c '%(loader)s' \
-    "$ff" hook %(hook)s "$@" 2>&1 </dev/null)
+# the bytecode (of flowforge.py, and of the few standard modules it needs, as the
+# prefix applies to them too) is kept in the prefix even where it is not wanted
+# elsewhere: compiling them costs more than the hook's whole work
+out=$(PYTHONDONTWRITEBYTECODE= python3 -S -X "pycache_prefix=$root/.flowforge/state/pycache" \
+    -c '%(loader)s' "$ff" hook %(hook)s "$@" 2>&1 </dev/null)
 if [ -n "$out" ]; then
     last=${out##*"
 "}
@@ -6875,22 +6933,36 @@ class time_budget:
         raise BudgetExceeded("aggregation took longer than the hook's budget of %d ms"
                              % (self.seconds * 1000))
 
+    # _signal, not signal: the module behind it, without the enum module that
+    # signal.py imports for its names (~10 ms of every commit's hook)
     def __enter__(self):
-        import signal
-        import threading
-        if (self.seconds > 0 and hasattr(signal, "setitimer")
-                and threading.current_thread() is threading.main_thread()):
-            self.previous = signal.signal(signal.SIGALRM, self._expired)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        import _signal
+        if self.seconds > 0 and hasattr(_signal, "setitimer") and _in_main_thread():
+            try:
+                self.previous = _signal.signal(_signal.SIGALRM, self._expired)
+            except ValueError:   # not the main thread after all: no budget to enforce
+                return self
+            _signal.setitimer(_signal.ITIMER_REAL, self.seconds)
             self.armed = True
         return self
 
     def __exit__(self, *exc):
         if self.armed:
-            import signal
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+            import _signal
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _signal.signal(_signal.SIGALRM, self.previous)
         return False
+
+
+_MAIN_THREAD = _thread_ident()   # the CLI imports this module in its main thread
+
+
+def _in_main_thread():
+    """Whether this is the interpreter's main thread (only it receives signals)."""
+    threading = sys.modules.get("threading")
+    if threading is None:   # no other thread was started through threading
+        return _thread_ident() == _MAIN_THREAD
+    return threading.current_thread() is threading.main_thread()
 
 
 def pending_marker(repo):
@@ -7630,8 +7702,8 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
         if item is False:
             found.append(("shard", where("summaries/"), "not read further after a damaged shard"))
             break
-        m = _SHARD_NAME.fullmatch(name)
-        if not m:
+        month = shard_month(name)
+        if not month:
             found.append(("shard", where("summaries/" + name), "is not a shard name (YYYY-MM.json)"))
             continue
         try:
@@ -7639,8 +7711,8 @@ def verify_store(repo, objects, key, ref, tip, history_since=None):
                 raise CorruptFile(where("summaries/" + name), "is more than %d bytes: not a shard"
                                   % MAX_SHARD_BYTES if item and item[0] == "too large"
                                   else "is not a file")
-            _shard_doc(item[1], key, m.group(1), where("summaries/" + name))
-            shas["summaries/" + name] = _SHARD_SHA.search(item[1]).group(1).decode()
+            _shard_doc(item[1], key, month, where("summaries/" + name))
+            shas["summaries/" + name] = shard_sha(item[1])
         except CorruptFile as e:
             found.append(("shard", e.path, e.reason))
             damaged.append(name)
@@ -7685,7 +7757,7 @@ def _chain_problems(objects, tip, years, shas, where):
 def _store_chain(objects, rev, years):
     """(the chain's bytes, its years in order, or a problem)."""
     names = sorted(years)
-    bad = [n for n in names if not _CHAIN_NAME.fullmatch(n)]
+    bad = [n for n in names if not is_chain_name(n)]
     if bad:
         return b"", "audit/%s is not a chain file name (YYYY.jsonl)" % bad[0]
     items = objects.get(["%s:audit/%s" % (rev, n) for n in names], MAX_CHAIN_BYTES)

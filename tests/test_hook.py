@@ -314,3 +314,27 @@ def test_pre_commit_framework_manifest():
     assert "id: flowforge" in text and "pass_filenames: false" in text
     assert "always_run: true" in text and "minimum_pre_commit_version" in text
     assert os.access(FLOWFORGE, os.X_OK)                  # language: script runs the file
+
+
+def test_the_shim_run_by_hand_from_a_subdirectory_finds_the_work_tree(hooked):
+    """git runs a hook in the top of the work tree (the shim takes $PWD then); run by
+    hand from a subdirectory it asks git.  Either way the day is aggregated, and the
+    bytecode is kept in .flowforge/state/pycache even with PYTHONDONTWRITEBYTECODE set."""
+    shim = os.path.join(hooked.root, ".git", "hooks", "pre-commit")
+    sub = os.path.join(hooked.root, "src", "deep")
+    os.makedirs(sub)
+    pycache = os.path.join(hooked.root, ".flowforge", "state", "pycache")
+    shutil.rmtree(pycache, ignore_errors=True)
+    hooked.ok("log", "12", "5m", "--date", "2026-11-18", env=NOW)
+    hooked.ok("aggregate", env=NOW)
+    for n, cwd in enumerate((sub, hooked.root)):
+        hooked.ok("log", "12", "%dm" % (10 + n), "--date", "2026-11-19", env=NOW)
+        before = ledger_seconds(hooked)
+        e = hooked.env(FLOWFORGE_USER="alice", PYTHONDONTWRITEBYTECODE="1", **NOW)
+        proc = subprocess.run([shim], cwd=cwd, env=e, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr == "", proc
+        assert ledger_seconds(hooked) == before + (10 + n) * 60
+    compiled = [name for _, _, names in os.walk(pycache) for name in names]
+    assert any(name.startswith("flowforge.") and name.endswith(".pyc") for name in compiled)
+    assert not os.path.exists(os.path.join(sub, "__pycache__"))
+    assert not os.path.exists(os.path.join(hooked.root, "__pycache__"))

@@ -451,3 +451,41 @@ def test_a_timer_on_a_key_or_repository_issue_does_not_import_re(tmp_path, pycac
             proc = subprocess.run(launcher + argv, cwd=root, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, proc
             assert proc.stderr.strip().endswith("False"), (argv, proc.stderr)
+
+
+# -- the hook's path: no re, no signal (enum), no hashlib, no shutil, no datetime -------------
+
+def test_the_pre_commit_hook_imports_only_what_it_uses(repo):
+    """`hook pre-commit` with a changed day (it aggregates and commits to the ledger)
+    runs without the modules that cost a commit milliseconds; it still aggregates."""
+    repo.ok("log", "7", "5m", "--date", "2026-11-18", env={"FLOWFORGE_NOW": "1795172400"})
+    repo.ok("aggregate", env={"FLOWFORGE_NOW": "1795172400"})
+    repo.ok("log", "7", "25m", "--date", "2026-11-19", env={"FLOWFORGE_NOW": "1795172400"})
+    code = ("import sys; sys.path.insert(0, %r); import flowforge; "
+            "rc = flowforge.main(['hook', 'pre-commit']); "
+            "print('heavy:', *[m for m in %r + ('signal', 'shutil', 'threading') "
+            "if m in sys.modules]); sys.exit(rc)" % (ROOT, HEAVY))
+    env = repo.env(FLOWFORGE_USER="alice", FLOWFORGE_NOW="1795172400")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo.root, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc
+    assert proc.stdout.splitlines()[-1] == "heavy:", proc.stdout
+    doc = repo.ok("report", "--json", "--no-aggregate", env={"FLOWFORGE_NOW": "1795172400"}).json
+    assert doc["total_seconds"] == 30 * 60
+
+
+def test_shard_sha_is_the_regular_expression():
+    """shard_sha_span, written by hand, finds what `"sha256":"([0-9a-f]{64})"` finds."""
+    pattern = re.compile(rb'"sha256":"([0-9a-f]{64})"')
+    rng = random.Random(64)
+    good = b"%064x" % rng.getrandbits(256)
+    pieces = [b'"sha256":"', good, b'"', b"a", b"F", b'"sha256":""', b"{", b'\\"', b"0" * 63, b":"]
+    for _ in range(20000):
+        raw = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        m = pattern.search(raw)
+        assert ff.shard_sha_span(raw) == (m.span(1) if m else None), raw
+        assert ff.shard_sha(raw) == (m.group(1).decode() if m else None)
+    data = ff.render_shard("alice", "0123456789", "2026-11", "day", "UTC",
+                           {("2026-11-02", 'say "sha256":"x"', ""): 60})
+    assert ff.shard_sha(data) == pattern.search(data).group(1).decode()
+    assert ff.verify_shard_bytes(data)["rows"] == [["2026-11-02", 'say "sha256":"x"', "", 60]]

@@ -23,7 +23,7 @@ def write_legacy_store(root, user, store_id, months):
         rel = ".flowforge/team/summaries/%s/%s.json" % (key, month)
         with open(os.path.join(root, rel), "wb") as f:
             f.write(data)
-        sha = flowforge._SHARD_SHA.search(data).group(1).decode()
+        sha = flowforge.shard_sha(data)
         seconds = sum(cells.values())
         record = flowforge.chain_record(seq, prev, "aggregate", 1795132800 + seq * 86400,
                                         files={rel: sha}, totals={month: seconds})
