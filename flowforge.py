@@ -11390,6 +11390,7 @@ def number(kind, low, high):
             raise argparse.ArgumentTypeError("%s is not from %s to %s" % (text, low, high))
         return value
     convert.__name__ = kind.__name__  # argparse names the type in its messages
+    convert.quick = True   # quick_args may call it (it raises only for a bad value)
     return convert
 
 
@@ -13150,16 +13151,25 @@ def quick_args(argv):
     values = dict(C=None, user=None, json=False, quiet=False, verbose=False, color="auto",
                   command=name, handler=spec.func)
     switches, options, positionals = dict(_COMMON_SWITCHES), dict(_COMMON_VALUES), []
+    converters = {}
     for flags, kwargs in spec.arguments:
-        if set(kwargs) - {"help", "metavar", "choices", "nargs", "action"} or \
+        if set(kwargs) - {"help", "metavar", "choices", "nargs", "action", "type", "default"} or \
                 kwargs.get("action") not in (None, "store_true") or kwargs.get("nargs") not in (None, "?"):
-            return None   # types, defaults, lists: argparse's business
+            return None   # lists, counts, appends: argparse's business
+        if "type" in kwargs and not (getattr(kwargs["type"], "quick", False)
+                                     and flags[0].startswith("-")
+                                     and not isinstance(kwargs.get("default"), str)):
+            return None   # other types, or a text default that argparse would convert
         if not flags[0].startswith("-"):
+            if "default" in kwargs:
+                return None
             positionals.append((flags[0], kwargs))
             values[flags[0]] = None
             continue
         dest = flags[-1].lstrip("-").replace("-", "_")
-        values[dest] = False if kwargs.get("action") else None
+        values[dest] = kwargs.get("default", False if kwargs.get("action") else None)
+        if "type" in kwargs:
+            converters[dest] = kwargs["type"]
         for flag in flags:
             if kwargs.get("action"):
                 switches[flag] = dest
@@ -13192,6 +13202,11 @@ def quick_args(argv):
             dest, choices = options[flag]
             if choices and value not in choices:
                 return None
+            if dest in converters:
+                try:
+                    value = converters[dest](value)
+                except Exception:   # argparse's ArgumentTypeError: argparse says it
+                    return None
             values[dest] = value
         else:
             return None

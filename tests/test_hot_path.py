@@ -63,6 +63,8 @@ PLAIN = [
     ["log", "12", "--start", "9:00", "--end", "11:30", "--note", "review", "--key", "k1"],
     ["version"], ["completion", "bash"],
     ["completion", "--words", "issues"], ["init"],
+    ["aggregate"], ["aggregate", "--full", "--all"], ["aggregate", "--wait", "2.5"],
+    ["aggregate", "--wait=0", "-q"],
 ]
 NOT_PLAIN = [
     ["start"], ["start", "1", "2"], ["start", "1", "--proj", "web"], ["start", "-h"],
@@ -72,6 +74,7 @@ NOT_PLAIN = [
     # an optional positional after an option: argparse has given it its default by then
     ["quarantine", "delete", "--force", "X"], ["continue", "--at", "9:00", "20261122-1a2b3c4d"],
     ["log", "12", "--date", "yesterday", "2h"],
+    ["aggregate", "--wait", "soon"], ["aggregate", "--wait", "4000"], ["aggregate", "--wait", "nan"],
 ]
 
 
@@ -90,7 +93,8 @@ def test_anything_else_goes_to_argparse(argv):
 def test_quick_args_never_disagrees_with_argparse_on_random_lines():
     words = ["start", "stop", "status", "log", "pause", "12", "#3", "--at", "9:00", "--note",
              "n", "--json", "-q", "-C", ".", "--project", "p", "--allow-overlap", "--date",
-             "today", "2h", "--color", "auto", "-v", "--user", "u", "x", "--at=10:00"]
+             "today", "2h", "--color", "auto", "-v", "--user", "u", "x", "--at=10:00",
+             "aggregate", "--full", "--all", "--wait", "3", "-1", "--wait=1e9", "inf"]
     rng = random.Random(14)
     checked = 0
     for _ in range(3000):
@@ -489,3 +493,26 @@ def test_shard_sha_is_the_regular_expression():
                            {("2026-11-02", 'say "sha256":"x"', ""): 60})
     assert ff.shard_sha(data) == pattern.search(data).group(1).decode()
     assert ff.verify_shard_bytes(data)["rows"] == [["2026-11-02", 'say "sha256":"x"', "", 60]]
+
+
+def test_quick_args_never_disagrees_with_argparse_on_any_command():
+    """Random lines of every command's own words (its flags, their choices, numbers,
+    text): wherever quick_args answers, it answers what argparse does."""
+    rng = random.Random(1414)
+    answered = set()
+    for spec in ff.COMMANDS:
+        words = [spec.name, "--json", "-q", "12", "x", "2.5", "-1", "0", "9:00", "2026-11-20"]
+        for flags, kwargs in spec.arguments:
+            words += [f for f in flags if f.startswith("-")] + list(kwargs.get("choices") or [])
+        for _ in range(150):
+            argv = [spec.name] + [rng.choice(words) for _ in range(rng.randint(0, 4))]
+            quick = ff.quick_args(argv)
+            if quick is None:
+                continue
+            try:
+                expected = _argparse(argv)
+            except (ff.FlowForgeError, SystemExit):
+                expected = "an argparse error"
+            assert vars(quick) == expected, argv
+            answered.add(spec.name)
+    assert {"start", "stop", "status", "aggregate"} <= answered
