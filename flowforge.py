@@ -9999,7 +9999,8 @@ def render(fmt, headers, rows, total_row=None, title=None):
         if total_row:
             lines.append("| " + " | ".join("**%s**" % esc(c) if c else "" for c in total_row) + " |")
         return (("## %s\n\n" % title) if title else "") + "\n".join(lines) + "\n"
-    widths = [max([len(h)] + [len(r[i]) for r in rows_all]) for i, h in enumerate(headers)]
+    widths = [max(len(h), max(map(len, column), default=0))
+              for h, column in zip(headers, zip(*rows_all) if rows_all else [()] * len(headers))]
     template = "  ".join("%%%s%ds" % ("" if h in _NUMERIC_HEADERS else "-", w)
                          for h, w in zip(headers, widths))
 
@@ -10159,6 +10160,20 @@ def totals_cells(shards, dims, selection):
     return {k: v for k, v in cells.items() if v}
 
 
+def sorted_keys(keys):
+    """Tuples of text in tuple order.  Sorted by their elements joined with NUL,
+    the order of the tuples when no element holds a NUL (the lowest character),
+    because comparing tuples element by element is what made sorting a
+    report's 10^5 rows slow (0.2 s, against 0.07 s)."""
+    keys = list(keys)
+    try:
+        if "\0" in "".join(map("".join, keys)):
+            return sorted(keys)
+    except TypeError:   # an element that is not text
+        return sorted(keys)
+    return sorted(keys, key="\0".join)
+
+
 def build_report(sources, dims, selection, views=False):
     """The report document; with `views`, also the figures the HTML page draws
     (per period and user, per issue, per project), from the same shards."""
@@ -10175,7 +10190,7 @@ def build_report(sources, dims, selection, views=False):
             labels.update(store_labels(seen.get("first_month", {})))
         owners = {doc["store"]: doc["user"] for doc in shards}
     rows = []
-    for key in sorted(cells):
+    for key in sorted_keys(cells):
         row = dict(zip(dims, key), seconds=cells[key], hours=decimal_hours(cells[key]))
         if "store" in dims:
             row["store_label"] = labels.get(row["store"], row["store"])
