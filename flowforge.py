@@ -4054,6 +4054,15 @@ def _pack(blobs, hash_name):
     return body + hashlib.new(hash_name, body).digest(), ids
 
 
+def object_format(repo):
+    """"sha1" or "sha256": the hash of the repository's objects (asked once)."""
+    known = getattr(repo, "_object_format", None)
+    if known is None:
+        rc, out, _ = run_git(["rev-parse", "--show-object-format"], repo.root, check=False)
+        known = repo._object_format = "sha256" if rc == 0 and out.strip() == "sha256" else "sha1"
+    return known
+
+
 def write_blobs(repo, blobs):
     """Store byte strings as git blobs; returns their ids.  Many at once (a full
     aggregation: a shard per month of years) go into one pack that `git
@@ -4063,8 +4072,7 @@ def write_blobs(repo, blobs):
     if not blobs:
         return []
     if len(blobs) >= PACK_AT:
-        rc, out, _ = run_git(["rev-parse", "--show-object-format"], repo.root, check=False)
-        pack, ids = _pack(blobs, out.strip() if rc == 0 and out.strip() == "sha256" else "sha1")
+        pack, ids = _pack(blobs, object_format(repo))
         run_git(["-c", "core.fsync=objects,reference,pack-metadata", "-c", "core.fsyncMethod=fsync",
                  "index-pack", "--stdin"], repo.root, input=pack)
         return ids
@@ -5461,18 +5469,20 @@ class Aggregator:
             if mode is None and not has_cells:
                 continue  # a month that never had time
             rendered[name] = data
-        old = ledger.read(sorted(rendered))
+        old = ledger.read(sorted(name for name in rendered if name[len("summaries/"):] in listed))
         for name, data in sorted(rendered.items()):
             month = names[name]
-            if old[name] == data:
+            if old.get(name) == data:
                 continue
-            for raw in (old[name], data):
+            if old.get(name) is not None:   # the issues it had (its new ones are in its cells)
                 try:
-                    issues.update(row[1] for row in load_json(raw)["rows"])
+                    issues.update(row[1] for row in load_json(old[name])["rows"])
                 except (TypeError, ValueError, KeyError, IndexError, RecursionError):
                     pass
+            cells = by_month.get(month, {})
+            issues.update(key[1] for key, seconds in cells.items() if seconds)
             files[name] = data
-            totals[month] = load_json(data)["totals"]["seconds"]
+            totals[month] = sum(cells.values())
         return files, totals, issues
 
     def _commit(self, ledger, files, totals, action):
