@@ -2711,16 +2711,24 @@ class PrivateStore:
             st = os.stat(path)
         return records, [st.st_size, st.st_mtime_ns]
 
-    def read_all_days(self):
-        """{day: (records, [size, mtime_ns])} of every day file: read_day_and_stat
-        of each, with the per-file work done once for all of them (one json
-        scan of every record; a full aggregation of years reads ~10^5 files).
-        A file that fails any check is read again on its own, the careful way."""
+    def read_all_days(self, batch_bytes=1 << 16):
+        """(day, records, [size, mtime_ns]) of every day file, as read_day_and_stat
+        gives them, with the per-file work done once for many: the files of up to
+        `batch_bytes` are checked by crc and parsed by one json scan (a full
+        aggregation of years reads ~10^5 files).  Small batches: the records of a
+        million entries are never held at once, and a batch of megabytes was
+        slower than one of kilobytes (0.8 s more for 300,000 entries).  A file
+        that fails any check is read again on its own, the careful way."""
         flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
         crc32, fstat, read, close = zlib.crc32, os.fstat, os.read, os.close
         prefix = os.path.join(self.daily, "")
-        days, stats, parts, counts, odd = [], {}, [], [], []
-        for day in self.days():
+        days, stats, parts, counts, odd, size = [], {}, [], [], [], 0
+        for day in self.days() + [None]:
+            if day is None or size >= batch_bytes:
+                yield from self._parsed_batch(days, stats, parts, counts, odd)
+                days, stats, parts, counts, odd, size = [], {}, [], [], [], 0
+                if day is None:
+                    return
             try:
                 fd = os.open(prefix + day + ".jsonl", flags)
             except OSError:   # gone since the listing, a symlink, ...: the careful way
@@ -2743,25 +2751,27 @@ class PrivateStore:
             stats[day] = [st.st_size, st.st_mtime_ns]
             parts += [line[9:] for line in lines]
             counts.append(len(lines))
+            size += len(raw)
+
+    def _parsed_batch(self, days, stats, parts, counts, odd):
+        """read_all_days' records of one batch of files."""
         try:
             records = load_json(b"[" + b",".join(parts) + b"]")
         except (ValueError, RecursionError):
             records = None
-        found = {}
         # as many values as lines (a line of two, `{..},{..}`, would shift the days)
         if records is None or len(records) != len(parts) \
                 or not all(_valid_record(r) for r in records):
-            odd += days   # one of them is odd: each on its own
+            odd = odd + days   # one of them is odd: each on its own
         else:
             at = 0
             for day, count in zip(days, counts):
-                found[day] = (records[at:at + count], stats[day])
+                yield day, records[at:at + count], stats[day]
                 at += count
         for day in sorted(odd):
             records, stat = self.read_day_and_stat(day)
             if stat is not None:
-                found[day] = (records, stat)
-        return found
+                yield day, records, stat
 
     def _parse_day(self, path, raw):
         """Records of a day file.  Fast path: check every line's crc32, then one
@@ -5267,7 +5277,7 @@ class Aggregator:
             changes = store.read_changes(create=journaled)
             parsed, stats = {}, {}
             if full:  # read everything; the stat comes from the same descriptor
-                for day, (records, stat) in sorted(store.read_all_days().items()):
+                for day, records, stat in store.read_all_days():
                     parsed[day] = self.contributions(day, records)
                     stats[day] = stat
             else:

@@ -372,10 +372,13 @@ def test_reading_every_day_at_once_is_reading_each_day(repo, tmp_path):
     os.environ["FLOWFORGE_NOW"] = NOW["FLOWFORGE_NOW"]
     try:
         with pytest.raises(IsADirectoryError):     # as day by day: one line, and stop
-            store(repo.root).read_all_days()
+            list(store(repo.root).read_all_days())
         for root in (repo.root, copy):
             os.rmdir(os.path.join(root, os.path.relpath(daily, repo.root), "2026-11-20.jsonl"))
-        together = store(repo.root).read_all_days()
+        together = {day: (records, stat) for day, records, stat in store(repo.root).read_all_days()}
+        # in batches of any size (here one file each): the same
+        assert {day: records for day, records, _ in store(repo.root).read_all_days(1)} == {
+            day: records for day, (records, _) in together.items()}
         one_by_one = {}
         other = store(copy)
         for day in other.days():

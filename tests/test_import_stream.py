@@ -319,6 +319,13 @@ def test_an_import_streams_in_bounded_memory(tmp_path, pycache):
                     else "imported 0 entries for alice (300000 already there)")
         assert expected in out, out
         print(attempt, "%.1f s" % (time.time() - started), "%d KiB" % int(kib))
+    # a full aggregation of them reads the day files in batches: it never holds
+    # 300,000 parsed records at once either
+    for args in (["aggregate"], ["aggregate", "--full"]):
+        out = subprocess.run([sys.executable, "-S", "-c", probe] + launcher_argv(pycache) + args,
+                             cwd=root, env=env, capture_output=True, text=True, timeout=300).stdout
+        code, kib = out.split("\n")[0].split()
+        assert code == "0" and int(kib) < 130 * 1024, (args, kib, out)
 
 
 @pytest.mark.parametrize("kind,text", [

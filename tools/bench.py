@@ -455,7 +455,7 @@ def timer_rows(bench, ff, env, stores, now):
     for r in range(RUNS):
         shift = r % len(stores)
         pinned = now + 3600 + 600 * r   # each round on its own ten minutes after the history
-        day = time.strftime("%Y-%m-%d", time.gmtime(pinned - 120))
+        day = local_day(pinned - 120, TIMER_ZONE)   # where the stores' entries land
         for label, _, repo, user in stores[shift:] + stores[:shift]:
             if any(series[label, name].error for name in names):
                 continue
@@ -481,6 +481,13 @@ def timer_rows(bench, ff, env, stores, now):
             ratios = [x.seconds / y.seconds for (x, _), (y, _) in zip(a.runs, b.runs)]
             bench.ratio("%s, %s vs empty history" % (name, label), data, ratios, 1.1,
                         "a run failed (above)" if a.error or b.error else None)
+
+
+def local_day(ts, zone):
+    """The date (YYYY-MM-DD) of epoch second `ts` in time zone `zone`."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    return datetime.fromtimestamp(ts, ZoneInfo(zone)).date().isoformat()
 
 
 def day_lines(store, day):
