@@ -1077,6 +1077,48 @@ def _wait_exit(pid):
         else (status >> 8)
 
 
+def fork_workers(chunks, work):
+    """Run work(chunk) for each chunk in a forked child of its own (one per
+    core: the callers' work is CPU-bound Python); each child sends what work()
+    returns through a pipe, as JSON, and exits without returning into main().
+    Returns [(pid, pipe, chunk)] for reap_workers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children = []
+    for chunk in chunks:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(read_fd)
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(canonical_bytes(work(chunk)))
+            except BaseException:
+                code = EXIT_FAIL
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write_fd)
+        children.append((pid, read_fd, chunk))
+    return children
+
+
+def reap_workers(children):
+    """[(chunk, what its work() returned, or None where the worker failed)]."""
+    done = []
+    for pid, read_fd, chunk in children:
+        with os.fdopen(read_fd, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        try:
+            result = load_json(data) if status == 0 and data else None
+        except ValueError:
+            result = None
+        done.append((chunk, result))
+    return done
+
+
 def run_git_bytes(args, cwd, input=None, env=None, timeout=None):
     """Run git to the end; returns (exit code, stdout bytes, stderr text).
 
@@ -4604,15 +4646,23 @@ class LedgerView:
         share, and the documents are then read from the caches as a warm report
         reads them (any that cannot be are refreshed here)."""
         docs = []
-        if workers and len(stale) >= PARALLEL_CACHE_AT:
-            mine, children = self._fork_workers(stale)
-            docs += self._refresh(objects, {k: stale.pop(k) for k in mine}, months, damaged,
+        count = min(os.cpu_count() or 1, 8) if hasattr(os, "fork") else 1
+        if workers and len(stale) >= PARALLEL_CACHE_AT and count > 1:
+            keys = sorted(stale)
+            chunks = [keys[i::count] for i in range(count)]
+            children = fork_workers(chunks[1:], lambda chunk: self._worker_refresh(
+                {k: stale[k] for k in chunk}))
+            docs += self._refresh(objects, {k: stale.pop(k) for k in chunks[0]}, months, damaged,
                                   rows, summed, workers=False)
-            for key in self._reap_workers(children, damaged):
-                cached = _read_ledger_cache(self.repo, key, months, rows, summed)
-                if cached is not None and cached.get("tree") == self.stores[key][2]:
-                    docs += self._cached_docs(key, cached, months, summed)
-                    del stale[key]
+            for chunk, found in reap_workers(children):
+                if not isinstance(found, list):
+                    continue   # the worker failed: its stores are refreshed here
+                damaged.extend(str(d) for d in found)
+                for key in chunk:
+                    cached = _read_ledger_cache(self.repo, key, months, rows, summed)
+                    if cached is not None and cached.get("tree") == self.stores[key][2]:
+                        docs += self._cached_docs(key, cached, months, summed)
+                        del stale[key]
             if damaged or not stale:
                 return docs
         keys = sorted(stale)
@@ -4681,56 +4731,15 @@ class LedgerView:
             docs.extend(self._pick(key, shards, months))
         return docs
 
-    def _fork_workers(self, stale):
-        """(the keys of `stale` left to this process, [(pid, pipe, keys)] of the
-        forked workers that refresh the others, one per further core)."""
-        keys = sorted(stale)
-        count = min(os.cpu_count() or 1, 8) if hasattr(os, "fork") else 1
-        chunks = [keys[i::count] for i in range(count)]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        children = []
-        for chunk in chunks[1:]:
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the worker: its own cat-file; what is damaged through the pipe
-                code = 0
-                try:
-                    os.close(read_fd)
-                    objects = GitObjects(self.repo.root)
-                    found = []
-                    try:
-                        self._refresh(objects, {k: stale[k] for k in chunk}, None, found,
-                                      workers=False)
-                    finally:
-                        objects.close()
-                    with os.fdopen(write_fd, "wb") as pipe:
-                        pipe.write(canonical_bytes(found))
-                except BaseException:
-                    code = EXIT_FAIL
-                finally:
-                    os._exit(code)
-            os.close(write_fd)
-            children.append((pid, read_fd, chunk))
-        return chunks[0], children
-
-    @staticmethod
-    def _reap_workers(children, damaged):
-        """The keys whose caches the workers wrote; what they found damaged is
-        added to `damaged`.  A worker that failed leaves its keys undone."""
-        done = []
-        for pid, read_fd, chunk in children:
-            with os.fdopen(read_fd, "rb") as pipe:
-                data = pipe.read()
-            _, status = os.waitpid(pid, 0)
-            try:
-                found = load_json(data) if status == 0 else None
-            except ValueError:
-                found = None
-            if isinstance(found, list):
-                damaged.extend(str(d) for d in found)
-                done.extend(chunk)
-        return sorted(done)
+    def _worker_refresh(self, stale):
+        """A worker's share of _refresh: its own cat-file; returns what is damaged."""
+        objects = GitObjects(self.repo.root)
+        damaged = []
+        try:
+            self._refresh(objects, stale, None, damaged, workers=False)
+        finally:
+            objects.close()
+        return damaged
 
     @staticmethod
     def _blobs(objects, wanted, damaged, chunk=32):
@@ -5541,33 +5550,12 @@ def aggregate_stores(repo, users, full=False, lock_timeout=10.0):
         return out
 
     chunks = [users[i::workers] for i in range(workers)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    children = []
-    for chunk in chunks[1:]:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker: report through the pipe, never return into main()
-            code = 0
-            try:
-                os.close(read_fd)
-                with os.fdopen(write_fd, "wb") as pipe:
-                    pipe.write(json.dumps(run_chunk(chunk)).encode("utf-8"))
-            except BaseException:
-                code = EXIT_FAIL
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        os.close(write_fd)
-        children.append((pid, read_fd))
+    children = fork_workers(chunks[1:], run_chunk)
     outcomes = {0: run_chunk(chunks[0])}
-    for n, (pid, read_fd) in enumerate(children, 1):
-        with os.fdopen(read_fd, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0 or not data:
-            raise FlowForgeError("an aggregation worker failed (exit status %d)" % status)
-        outcomes[n] = load_json(data)
+    for n, (_, result) in enumerate(reap_workers(children), 1):
+        if not isinstance(result, list):
+            raise FlowForgeError("an aggregation worker failed: run `flowforge aggregate` again")
+        outcomes[n] = result
     by_user = {}
     for n, chunk in enumerate(chunks):
         by_user.update(zip(chunk, outcomes[n]))
