@@ -241,3 +241,25 @@ def test_scheduler_write(repo, tmp_path):
         repo.ok("install", "cron", "--write", env={"PATH": path})
     lines = store.read_text().splitlines()
     assert lines[0] == "0 1 * * * other job" and len(lines) == 2 and repo.root in lines[1]
+
+
+def test_commands_run_without_the_cycle_collector_and_the_daemon_with_it(repo):
+    """run() turns the cycle collector off for a command (its data holds no cycles);
+    the daemon, which lives on, turns it back on."""
+    import gc
+    code = ("import gc, sys; sys.path.insert(0, %r); import flowforge\n"
+            "real = flowforge.main\n"
+            "def main(argv=None):\n"
+            "    print('command', gc.isenabled())\n"
+            "    return real(['daemon', '--once'])\n"
+            "flowforge.main = main\n"
+            "real_run = flowforge.Daemon.run\n"
+            "def run(self):\n"
+            "    code = real_run(self); print('daemon', gc.isenabled()); return code\n"
+            "flowforge.Daemon.run = run\n"
+            "flowforge.run()\n" % ROOT)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo.root,
+                          env=repo.env(FLOWFORGE_USER="alice"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc
+    assert proc.stdout.split("\n")[:2] == ["command False", "daemon True"], proc.stdout
+    assert gc.isenabled()
