@@ -134,7 +134,7 @@ USER_SCHEMA = 2   # 2: day files are named in time/changed before they change
 TIMER_SCHEMA = 1
 RECORD_SCHEMA = 1
 SHARD_SCHEMA = 1
-AGGSTATE_SCHEMA = 1
+AGGSTATE_SCHEMA = 2   # 2: a header and a part per month (1: one file)
 QUARANTINE_SCHEMA = 1
 
 
@@ -511,6 +511,12 @@ def is_month(text):
 def is_iso_date(text):
     """`YYYY-MM-DD` in shape."""
     return len(text) == 10 and text[7] == "-" and is_month(text[:7]) and text[8:].isdecimal()
+
+
+def shift_month(month, months):
+    """The month `months` after `month` (YYYY-MM; negative: before)."""
+    index = int(month[:4]) * 12 + int(month[5:7]) - 1 + months
+    return "%04d-%02d" % (index // 12, index % 12 + 1)
 
 
 def _forms(table):
@@ -4326,7 +4332,7 @@ class StoreLedger:
             if entries:
                 subtrees[directory] = entries
         root_id = make_tree(self.repo, subtrees)
-        args = ["commit-tree", "--no-gpg-sign", root_id] + (["-p", tip] if tip else [])
+        args = _GIT_DURABLE + ["commit-tree", "--no-gpg-sign", root_id] + (["-p", tip] if tip else [])
         _, out, _ = run_git(args, self.repo.root, input=message.encode("utf-8"),
                             env=ledger_commit_env(self.user, ts))
         new = out.strip()
@@ -5184,17 +5190,201 @@ def migrate_store(repo, key, entry):
 # 9. Aggregation
 # ############################################################################
 #
-# Aggregation is incremental.  state/aggregate/<user>.json remembers, for each
-# day file, its size and mtime and the months it contributes to (an entry that
-# crosses midnight at the end of a month, or was edited, can reach another
-# month), and the ledger tip it was computed against.  A changed day file
-# marks its old and new months; each marked month is recomputed from every
-# day file that contributes to it; the shards that changed, with one audit
+# Aggregation is incremental.  The aggregation state of a store remembers, for
+# each day file, its size and mtime and the months (and periods) it contributes
+# to -- an entry that crosses midnight at the end of a month, or was edited, can
+# reach another month -- and the ledger tip it was computed against.  A changed
+# day file marks its old and new periods; each marked period is recomputed from
+# the day files that contribute to it; the shards that changed, with one audit
 # record for them, become one ledger commit.
 
 def _periods(contributions):
     """The periods (days, weeks or months) that one day file's time lies in."""
     return sorted({key[0] for cells in contributions.values() for key in cells})
+
+
+class StaleAggregationState(Exception):
+    """A part of the aggregation state does not match its header: rebuild it."""
+
+
+class AggregationState:
+    """What the aggregation of one store remembers, split so that a run reads
+    and writes what it touches, not the years behind it (a whole-state rewrite
+    cost 15 ms of every commit's hook at a million entries):
+
+    - state/aggregate/<user>.json, the header: the ledger tip, the store's list
+      token, and the sha256 of each part;
+    - state/aggregate/<user>.parts/<YYYY-MM>.json: {day: [size, mtime_ns,
+      months, periods]} of that month's day files.
+
+    The days that feed a month are in its own part and the month before's (an
+    entry across midnight); a day whose time reaches any other month (an
+    edited entry) is named in the header's "reach".  Parts are written before
+    the header and without fsync: a part that does not match the sha256 its
+    header names (a crash in between, an edit) makes the state stale, and the
+    next run rebuilds it in full -- it is a cache of the private store."""
+
+    def __init__(self, repo, user):
+        self.path = os.path.join(repo.aggstate, user + ".json")
+        self.parts_dir = os.path.join(repo.aggstate, user + ".parts")
+        self.header = None
+        self._parts = {}      # month: {day: entry}, as loaded or changed
+        self._touched = set()  # months whose part changed
+
+    def exists(self):
+        return os.path.exists(self.path)
+
+    def load(self, expected):
+        """Read the header; True when it is this store's, of this ledger tip
+        (`expected` fields) -- else the run is a full one."""
+        try:
+            header = load_json(read_bytes(self.path))
+        except FileNotFoundError:
+            return False
+        except (ValueError, RecursionError):
+            debug("aggregation state %s is damaged; rebuilding" % self.path)
+            return False
+        # A ledger tip other than the one the state was computed against
+        # (restored, taken over from a fetched copy) may hold other shards.
+        if not isinstance(header, dict) or any(header.get(k) != v for k, v in expected.items()):
+            return False
+        parts, reach = header.get("parts"), header.get("reach")
+        if not (isinstance(parts, dict) and all(is_month(m) and isinstance(d, str)
+                                                for m, d in parts.items())
+                and isinstance(reach, dict) and all(
+                    type(days) is list and all(isinstance(d, str) and is_iso_date(d) for d in days)
+                    for days in reach.values())):
+            return False
+        self.header = header
+        return True
+
+    @staticmethod
+    def _valid(month, day, entry):
+        return (is_iso_date(day) and day[:7] == month and type(entry) is list and len(entry) == 4
+                and type(entry[0]) is int and type(entry[1]) is int
+                and type(entry[2]) is list and type(entry[3]) is list
+                and all(isinstance(x, str) for x in entry[2] + entry[3]))
+
+    def part(self, month):
+        """{day: entry} of the days of `month` (loaded once, checked by sha256)."""
+        found = self._parts.get(month)
+        if found is not None:
+            return found
+        digest = self.header["parts"].get(month)
+        found = {}
+        if digest is not None:
+            try:
+                raw = read_bytes(os.path.join(self.parts_dir, month + ".json"))
+                if sha256_hex(raw)[:32] != digest:
+                    raise ValueError("it does not match its header")
+                found = load_json(raw)
+                if not isinstance(found, dict) or not all(
+                        self._valid(month, d, e) for d, e in found.items()):
+                    raise ValueError("its entries are not [size, mtime, months, periods]")
+            except (OSError, ValueError, RecursionError) as e:
+                raise StaleAggregationState("part %s: %s" % (month, e))
+        self._parts[month] = found
+        return found
+
+    def entry(self, day):
+        return self.part(day[:7]).get(day)
+
+    def all_days(self):
+        """Every day the state knows (reads every part)."""
+        return [day for month in sorted(self.header["parts"]) for day in self.part(month)]
+
+    def days_feeding(self, month):
+        """(day, entry) of the days whose time reaches `month`."""
+        for part in (shift_month(month, -1), month):
+            for day, entry in self.part(part).items():
+                if month in entry[2]:
+                    yield day, entry
+        for day in self.header["reach"].get(month, ()):
+            entry = self.entry(day)
+            if entry is not None and month in entry[2]:
+                yield day, entry
+
+    @staticmethod
+    def _far(day, entry):
+        """The months of a day's entry beyond its own and the next."""
+        own = day[:7]
+        return [m for m in entry[2] if m != own and m != shift_month(own, 1)] if entry else []
+
+    def update(self, entries):
+        """Take in {day: new entry, or None for a day file that is gone}."""
+        reach = self.header["reach"]
+        for day, entry in sorted(entries.items()):
+            part = self.part(day[:7])
+            old = part.get(day)
+            if old == entry:
+                continue
+            for month in self._far(day, old):
+                reach[month] = [d for d in reach.get(month, []) if d != day]
+                if not reach[month]:
+                    del reach[month]
+            for month in self._far(day, entry):
+                reach[month] = sorted(set(reach.get(month, [])) | {day})
+            if entry is None:
+                del part[day]
+            else:
+                part[day] = entry
+            self._touched.add(day[:7])
+
+    def replace(self, entries):
+        """Begin anew with {day: entry} of every day file (a full run)."""
+        self.header = {"parts": {}, "reach": {}}
+        self._parts, self._touched = {}, set()
+        for day, entry in sorted(entries.items()):
+            self._parts.setdefault(day[:7], {})[day] = entry
+            for month in self._far(day, entry):
+                self.header["reach"].setdefault(month, []).append(day)
+        self._touched = set(self._parts)
+
+    def save(self, fields):
+        """Write the parts that changed, then the header (`fields` and the
+        parts' sums), durably: the header is what a run trusts.  Returns
+        whether anything was written."""
+        parts = dict(self.header["parts"])
+        wrote = False
+        for month in sorted(self._touched):
+            days = self._parts[month]
+            if not days:
+                parts.pop(month, None)
+                continue
+            data = canonical_bytes(days)
+            digest = sha256_hex(data)[:32]
+            if parts.get(month) != digest:
+                makedirs_private(self.parts_dir)
+                atomic_write(os.path.join(self.parts_dir, month + ".json"), data, 0o600,
+                             sync_dir=False, durable=False)
+                parts[month] = digest
+                wrote = True
+        header = dict(fields, parts=parts, reach=self.header["reach"])
+        data = canonical_bytes(header)
+        try:
+            unchanged = read_bytes(self.path) == data
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            makedirs_private(os.path.dirname(self.path))
+            atomic_write(self.path, data, 0o600)
+            wrote = True
+        self.header, self._touched = header, set()
+        return wrote
+
+    def prune(self):
+        """Remove part files that the header does not name (months that lost
+        their last day file, parts of an older state)."""
+        try:
+            names = os.listdir(self.parts_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name[:-5] not in self.header["parts"]:
+                try:
+                    os.unlink(os.path.join(self.parts_dir, name))
+                except OSError:
+                    pass
 
 
 class Aggregator:
@@ -5205,24 +5395,6 @@ class Aggregator:
         self.store = store
         self.repo = store.repo
         self.granularity = granularity
-        self.state_path = os.path.join(self.repo.aggstate, store.user + ".json")
-
-    def _load_state(self, tip):
-        try:
-            state = load_json(read_bytes(self.state_path))
-        except FileNotFoundError:
-            return None
-        except (ValueError, RecursionError):
-            debug("aggregation cache %s is damaged; rebuilding" % self.state_path)
-            return None  # a cache: rebuilding it from the private store loses nothing
-        # A ledger tip other than the one the cache was computed against
-        # (restored, taken over from a fetched copy) may hold other shards.
-        expected = {"schema": AGGSTATE_SCHEMA, "store": self.store.store_id,
-                    "granularity": self.granularity, "timezone": self.store.tz_name, "tip": tip}
-        if not isinstance(state, dict) or any(state.get(k) != v for k, v in expected.items()) \
-                or not isinstance(state.get("files"), dict):
-            return None
-        return state
 
     def contributions(self, day, records):
         return day_contributions(records, self.store.clock, self.granularity)
@@ -5253,6 +5425,39 @@ class Aggregator:
             return 0
         return seq if type(seq) is int and seq > 0 else 0
 
+    def _state_fields(self, tip, journal):
+        store = self.store
+        return {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
+                "granularity": self.granularity, "timezone": store.tz_name, "tip": tip,
+                "journal": journal}
+
+    def _changed_days(self, state, changes):
+        """{day: [size, mtime_ns], or None for a day file gone} of the day files
+        that differ from the state: those the store's list of changes names
+        when the state took in that very list (its token), else every one."""
+        store = self.store
+        if changes[1] is not None and changes[2] and state.header.get("journal") == changes[2]:
+            stats = {}
+            for day in changes[1]:
+                try:
+                    st = os.lstat(store.day_path(day))
+                    stats[day] = [st.st_size, st.st_mtime_ns]
+                except FileNotFoundError:
+                    pass
+            named = set(changes[1])
+        else:
+            stats = store.day_stats()
+            named = set(stats).union(state.all_days())
+        differ = {}
+        for day in sorted(named):
+            old = state.entry(day)
+            if stats.get(day) is None:
+                if old is not None:
+                    differ[day] = None
+            elif old is None or old[:2] != stats[day]:
+                differ[day] = stats[day]
+        return differ
+
     def _run(self, ledger, full, lock_timeout, routine=False):
         store = self.store
         known = self.known_team_seq()
@@ -5270,12 +5475,14 @@ class Aggregator:
         tip = ledger.tip(known)
         if tip:
             self._heal_private_chain(ledger, known)
-        state = None if full else self._load_state(tip)
-        if state is None and tip and routine and os.path.exists(self.state_path):
-            raise FlowForgeError("its ledger ref is not the one this clone last wrote (restored, "
-                                 "rewritten or damaged?)")
-        full = state is None
-        old_files = state["files"] if state else {}
+        state = AggregationState(self.repo, store.user)
+        expected = self._state_fields(tip, None)
+        del expected["journal"], expected["user"]
+        if not full and not state.load(expected):
+            if tip and routine and state.exists():
+                raise FlowForgeError("its ledger ref is not the one this clone last wrote "
+                                     "(restored, rewritten or damaged?)")
+            full = True
         with store.lock(lock_timeout):
             # What the list of changed days names now is taken in by this run (and
             # dropped from it once the new state is saved).  It stands for every
@@ -5284,88 +5491,35 @@ class Aggregator:
             # looked at.
             journaled = store.settings().get("schema", 1) >= 2
             changes = store.read_changes(create=journaled)
-            parsed, stats = {}, {}
-            if full:  # read everything; the stat comes from the same descriptor
-                for day, records, stat in store.read_all_days():
-                    parsed[day] = self.contributions(day, records)
-                    stats[day] = stat
-            else:
-                if changes[1] is not None and changes[2] and state.get("journal") == changes[2]:
-                    stats = {day: old[:2] for day, old in old_files.items()}
-                    for day in changes[1]:
-                        try:
-                            st = os.lstat(store.day_path(day))
-                            stats[day] = [st.st_size, st.st_mtime_ns]
-                        except FileNotFoundError:
-                            stats.pop(day, None)
-                else:
-                    stats = store.day_stats()
-                for day in sorted(stats):
-                    if old_files.get(day, [None, None])[:2] != stats[day]:
-                        records, stats[day] = store.read_day_and_stat(day)
-                        parsed[day] = self.contributions(day, records)
-            changed = list(parsed)
-            removed = [d for d in old_files if d not in stats]
-            months, periods = set(), set()
-            for day in changed + removed:
-                old = old_files.get(day, [0, 0, [], []])
-                months.update(old[2])
-                if len(old) > 3 and periods is not None:
-                    periods.update(old[3])
-                else:
-                    periods = None   # recorded before periods were kept: whole months
-            for day in changed:
-                months.update(parsed[day])
-                if periods is not None:
-                    periods.update(_periods(parsed[day]))
-            if full:  # also months whose entries are all gone now
-                months.update(ledger.months())
-            # The cells of the periods that changed are recomputed from the day
-            # files that contribute to them; the rest of each month comes from
-            # its shard as it is.  So one changed day re-reads a few day files,
-            # not its whole month.
-            base = None if full or periods is None else self._shard_cells(ledger, months, periods)
-            if base is None:
-                periods = None
-            for day in stats:  # unchanged days that feed a recomputed period
-                if day not in parsed:
-                    old = old_files[day]
-                    if (periods.intersection(old[3]) if periods is not None and len(old) > 3
-                            else months.intersection(old[2])):
-                        parsed[day] = self.contributions(day, store.read_day(day))
-            new_files = {}
-            for day in stats:
-                if day in parsed:
-                    new_files[day] = stats[day] + [sorted(parsed[day]), _periods(parsed[day])]
-                else:
-                    new_files[day] = stats[day] + old_files[day][2:]
-            store.mirror.sync(None if full else changed,
-                              {day: stats[day][0] for day in changed})
+            taken = None
+            if not full:
+                try:
+                    taken = self._take_in_changes(ledger, state, changes)
+                except StaleAggregationState as e:
+                    debug("aggregation state of %s: %s; rebuilding" % (store.user, e))
+            full = taken is None
+            if full:
+                taken = self._take_in_all(ledger, state)
+            parsed, changed, months, base, periods = taken
+            present = {day: st[0] for day, st in changed.items() if st}
+            store.mirror.sync(None if full else sorted(present), present)
         files, totals, issues = self._changed_shards(ledger, months, parsed, base, periods)
         record = None
         if files:
             record, tip = self._commit(ledger, files, totals,
                                        "aggregate-full" if full else "aggregate")
-        new_state = {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
-                     "granularity": self.granularity, "timezone": store.tz_name,
-                     "tip": tip, "files": new_files, "journal": journaled and changes[2]}
-        data = canonical_bytes(new_state)
+        saved = True
         try:
-            unchanged = read_bytes(self.state_path) == data
-        except FileNotFoundError:
-            unchanged = False
-        saved = unchanged
-        if not unchanged:
-            try:
-                makedirs_private(self.repo.aggstate)
-                atomic_write(self.state_path, data, 0o600)
-                saved = True
-            except StorageError as e:
-                if not record:
-                    raise
-                # a cache: without it the next run recomputes in full, to the same shards
-                log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
-                warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
+            state.save(self._state_fields(tip, journaled and changes[2]))
+            if full:
+                state.prune()
+        except StorageError as e:
+            if not record:
+                raise
+            saved = False
+            # a cache: without it the next run recomputes in full, to the same shards
+            log_event(self.repo, "after-commit-point", command="aggregate", error=one_line(e))
+            warn("aggregated into the ledger, but its cache could not be written (%s)" % e)
         if saved and changes[0]:   # what this run took in is in the state now
             try:
                 with store.lock(lock_timeout):
@@ -5380,6 +5534,60 @@ class Aggregator:
         return {"user": store.user, "store": store.store_id, "full": full,
                 "months": sorted(months), "written": written,
                 "audit": record["seq"] if record else None, "tip": tip}
+
+    def _take_in_all(self, ledger, state):
+        """Every day file read (the stat from the same descriptor), for a full
+        run: (parsed, {day: stat}, months, None, None)."""
+        parsed, stats, entries = {}, {}, {}
+        for day, records, stat in self.store.read_all_days():
+            contributions = parsed[day] = self.contributions(day, records)
+            stats[day] = stat
+            entries[day] = stat + [sorted(contributions), _periods(contributions)]
+        state.replace(entries)
+        months = set(ledger.months())   # also months whose entries are all gone now
+        for contributions in parsed.values():
+            months.update(contributions)
+        return parsed, stats, months, None, None
+
+    def _take_in_changes(self, ledger, state, changes):
+        """The changed day files read, and the unchanged ones that feed the
+        periods they touch: (parsed, {changed day: stat or None}, months,
+        cells of those months' shards outside the periods, periods)."""
+        store = self.store
+        changed = self._changed_days(state, changes)
+        parsed, entries = {}, {}
+        months, periods = set(), set()
+        for day, stat in changed.items():
+            old = state.entry(day)
+            if old is not None:
+                months.update(old[2])
+                periods.update(old[3])
+            if stat is None:
+                entries[day] = None
+                continue
+            records, stat = store.read_day_and_stat(day)
+            if stat is None:   # gone since it was looked at
+                changed[day] = entries[day] = None
+                continue
+            contributions = parsed[day] = self.contributions(day, records)
+            changed[day] = stat
+            entries[day] = stat + [sorted(contributions), _periods(contributions)]
+            months.update(contributions)
+            periods.update(entries[day][3])
+        # The cells of the periods that changed are recomputed from the day
+        # files that contribute to them; the rest of each month comes from its
+        # shard as it is.  So one changed day re-reads a few day files, not its
+        # whole month.
+        base = self._shard_cells(ledger, months, periods)
+        if base is None:
+            periods = None
+        for month in sorted(months):   # unchanged days that feed a recomputed period
+            for day, old in state.days_feeding(month):
+                if day not in parsed and day not in changed and (
+                        periods is None or periods.intersection(old[3])):
+                    parsed[day] = self.contributions(day, store.read_day(day))
+        state.update(entries)
+        return parsed, changed, months, base, periods
 
     def _heal_private_chain(self, ledger, known):
         """Team records that the private chain lacks -- the process ended between
@@ -8256,7 +8464,8 @@ def repair_commit(repo, key, restore, parent, source):
     and the next push fast-forwards.  Its message names the restored commit in
     full, which is how verification tells a restore from a rewrite."""
     _, tree, _ = run_git(["rev-parse", "--verify", "%s^{tree}" % restore], repo.root)
-    _, out, _ = run_git(["commit-tree", "--no-gpg-sign", tree.strip(), "-p", parent], repo.root,
+    _, out, _ = run_git(_GIT_DURABLE + ["commit-tree", "--no-gpg-sign", tree.strip(), "-p", parent],
+                        repo.root,
                         input=("recover: restore %s (%s)\n" % (restore, source)).encode(),
                         env=ledger_commit_env(parse_store_key(key)[0], now()))
     return out.strip()
@@ -9615,10 +9824,14 @@ def erase_user(repo, user):
             if os.path.isdir(store.dir):
                 shutil.rmtree(store.dir)
                 removed.append(repo.rel(store.dir))
-            for state in (os.path.join(repo.aggstate, user + ".json"), store.changes_path):
-                if os.path.exists(state):
-                    os.unlink(state)
-                    removed.append(repo.rel(state))
+            state = AggregationState(repo, user)
+            for path in (state.path, store.changes_path):
+                if os.path.exists(path):
+                    os.unlink(path)
+                    removed.append(repo.rel(path))
+            if os.path.isdir(state.parts_dir):   # which days had time: private too
+                shutil.rmtree(state.parts_dir)
+                removed.append(repo.rel(state.parts_dir))
     for _, directory, _ in find_mirrors(repo, user):
         shutil.rmtree(directory)
         removed.append(directory)
@@ -9747,11 +9960,6 @@ def period_bounds(period, granularity, month):
 PERIOD_NAMES = ("today", "yesterday", "this-week", "last-week", "this-month", "last-month", "all")
 _PERIOD_ALIASES = {"day": "today", "week": "this-week", "month": "this-month"}  # 0.1's words
 _WEEK = Pattern(r"(\d{4})-W(\d{2})")
-
-
-def shift_month(month, months):
-    index = int(month[:4]) * 12 + int(month[5:7]) - 1 + months
-    return "%04d-%02d" % (index // 12, index % 12 + 1)
 
 
 def period_range(text, today):
@@ -10843,11 +11051,12 @@ def git_identity(repo):
 def commit_period(repo, month, doc, parent, identity, message):
     """Commit one period record on top of `parent`; returns the commit id."""
     blob = write_blobs(repo, [canonical_bytes(doc)])[0]
-    _, tree, _ = run_git(["mktree"], repo.root, input=("100644 blob %s\tclose.json\n" % blob).encode())
+    _, tree, _ = run_git(_GIT_DURABLE + ["mktree"], repo.root,
+                         input=("100644 blob %s\tclose.json\n" % blob).encode())
     env = {"GIT_AUTHOR_NAME": identity[0], "GIT_AUTHOR_EMAIL": identity[1],
            "GIT_COMMITTER_NAME": identity[0], "GIT_COMMITTER_EMAIL": identity[1]}
     sign = ["-S"] if git_config_get(repo.root, "commit.gpgsign") == "true" else []
-    _, commit, _ = run_git(["commit-tree", tree.strip()] + (["-p", parent] if parent else [])
+    _, commit, _ = run_git(_GIT_DURABLE + ["commit-tree", tree.strip()] + (["-p", parent] if parent else [])
                            + sign + ["-m", message], repo.root, env=env)
     local = list_ledger_refs(repo).get(PERIODS_REF + month)
     update_refs(repo, [(PERIODS_REF + month, commit.strip(), local[0] if local else "")], message)

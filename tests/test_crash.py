@@ -180,3 +180,36 @@ def test_random_kill9_during_timers_logs_and_aggregation(tmp_path, pycache, home
     assert len(kills) >= target_kills
     print("\n%d SIGKILLs over %d users; total %s exact" % (len(kills), len(drivers),
                                                          ff.format_duration(sum(want.values()))))
+
+
+def test_every_git_process_that_writes_objects_fsyncs_them_before_a_ref_names_them(repo, tmp_path):
+    """A ref that survives a power cut must not name an object that did not:
+    git fsyncs loose objects only when told (core.fsync), so every process that
+    writes blobs, trees or commits for the ledger or a closed month is told,
+    and the ref update too."""
+    log = tmp_path / "git-calls"
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "git").write_text('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\nexec %s "$@"\n'
+                                 % (log, shutil.which("git")))
+    (wrapper / "git").chmod(0o755)
+    env = {"FLOWFORGE_NOW": "2026-12-02T09:00:00Z", "PATH": "%s:%s" % (wrapper, ff.os.environ["PATH"])}
+    subprocess.run(["git", "config", "user.name", "Test"], cwd=repo.root, check=True)
+    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=repo.root, check=True)
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=env)
+    repo.ok("aggregate", env=env)                      # a first commit of the store's ref
+    repo.ok("log", "2", "30m", "--date", "2026-11-20", env=env)
+    repo.ok("aggregate", env=env)                      # one on top of it
+    repo.ok("close", "2026-11", "--no-push", "--no-fetch", env=env)   # a closed month's commit
+    writers = ("hash-object", "mktree", "commit-tree", "index-pack", "update-ref")
+    calls = [line.split() for line in log.read_text().splitlines()]
+    seen = set()
+    for argv in calls:
+        settings = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-c"]
+        command = next((a for a in argv if a in writers), None)
+        if command is None or (command == "hash-object" and "-w" not in argv):
+            continue
+        seen.add(command)
+        fsync = [s.split("=", 1)[1].split(",") for s in settings if s.startswith("core.fsync=")]
+        assert fsync and "objects" in fsync[0] and "reference" in fsync[0], argv
+    assert {"hash-object", "mktree", "commit-tree", "update-ref"} <= seen, calls

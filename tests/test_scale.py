@@ -141,25 +141,139 @@ def test_a_report_from_shard_totals_equals_one_from_their_rows(repo):
             assert coarse["total_seconds"] == rows["total_seconds"] > 0
 
 
-def test_an_aggregation_state_without_periods_recomputes_whole_months(repo):
-    """A state written before periods were kept (or by an older FlowForge):
-    the changed months are recomputed from all their day files, exactly."""
-    history(repo, users=("alice",))
-    path = os.path.join(repo.root, ".flowforge/state/aggregate/alice.json")
-    state = json.load(open(path))
-    state["files"] = {day: entry[:3] for day, entry in state["files"].items()}
-    open(path, "wb").write(ff.canonical_bytes(state))
-    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
-    repo.ok("aggregate", env=NOW)
-    store = ff.PrivateStore(ff.Repo(repo.root), "alice")
+def _state_paths(repo, user="alice"):
+    """(header path, {month: part path}) of a store's aggregation state."""
+    base = os.path.join(repo.root, ".flowforge/state/aggregate", user)
+    return base + ".json", {os.path.basename(p)[:-5]: p
+                            for p in sorted(glob.glob(base + ".parts/*.json"))}
+
+
+def _assert_exact(repo, user="alice"):
+    """The ledger holds exactly what every private record of `user` gives."""
+    store = ff.PrivateStore(ff.Repo(repo.root), user)
     expected = ff.Aggregator(store, "day").compute_all()
-    ledger = ff.StoreLedger(ff.Repo(repo.root), "alice", store.store_id)
+    ledger = ff.StoreLedger(ff.Repo(repo.root), user, store.store_id)
     try:
         stored = ledger.read([ff.shard_name(m) for m in expected])
     finally:
         ledger.close()
-    assert {m: stored[ff.shard_name(m)] for m in expected} == expected
-    assert len(json.load(open(path))["files"]["2026-11-11"]) == 4   # periods kept from now on
+    assert expected and {m: stored[ff.shard_name(m)] for m in expected} == expected
+
+
+def _aggregate(repo):
+    """Run `aggregate`; True when it was a full run."""
+    [result] = repo.ok("aggregate", "--json", env=NOW).json["results"]
+    return result["full"]
+
+
+def test_a_state_of_schema_1_is_rebuilt_in_full(repo):
+    """What FlowForge 0.2 kept (one file naming every day) is not trusted: the
+    first aggregation after the upgrade rebuilds, exactly, in the new layout."""
+    history(repo, users=("alice",))
+    header_path, parts = _state_paths(repo)
+    header = json.load(open(header_path))
+    files = {}
+    for path in parts.values():
+        files.update(json.load(open(path)))
+    old = {k: v for k, v in header.items() if k not in ("parts", "reach")}
+    open(header_path, "wb").write(ff.canonical_bytes(dict(old, schema=1, files=files)))
+    for path in parts.values():
+        os.unlink(path)
+    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
+    assert _aggregate(repo) is True
+    _assert_exact(repo)
+    header = json.load(open(header_path))
+    assert header["schema"] == 2 and sorted(header["parts"]) == sorted(parts)
+    repo.ok("log", "7", "5m", "--date", "2026-11-12", user="alice", env=NOW)
+    assert _aggregate(repo) is False   # trusted from now on
+    _assert_exact(repo)
+
+
+@pytest.mark.parametrize("damage", ["edited", "deleted", "torn", "header sum", "not entries"])
+def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
+    """A part rewritten after its header (a crash between the two), edited or
+    lost is never trusted: the run that needs it rebuilds the whole state."""
+    history(repo, users=("alice",))
+    header_path, parts = _state_paths(repo)
+    part = parts["2026-11"]
+    entries = json.load(open(part))
+    if damage == "edited":     # a day's size that the file no longer has: its change hidden
+        entries["2026-11-11"][0] += 1
+        open(part, "wb").write(ff.canonical_bytes(entries))
+    elif damage == "deleted":
+        os.unlink(part)
+    elif damage == "torn":
+        open(part, "r+b").truncate(os.path.getsize(part) // 2)
+    elif damage == "header sum":
+        header = json.load(open(header_path))
+        header["parts"]["2026-11"] = "0" * 32
+        open(header_path, "wb").write(ff.canonical_bytes(header))
+    else:
+        text = ff.canonical_bytes({"2026-11-11": [1, 2, "2026-11", []]})
+        open(part, "wb").write(text)
+        header = json.load(open(header_path))
+        header["parts"]["2026-11"] = ff.sha256_hex(text)[:32]
+        open(header_path, "wb").write(ff.canonical_bytes(header))
+    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
+    assert _aggregate(repo) is True
+    _assert_exact(repo)
+    repo.ok("log", "7", "5m", "--date", "2026-11-12", user="alice", env=NOW)
+    assert _aggregate(repo) is False   # whole again
+    _assert_exact(repo)
+
+
+def test_an_incremental_aggregation_reads_and_writes_the_parts_it_touches(repo, monkeypatch):
+    """One changed day: its month's part (and the month before's, for entries
+    across midnight) is read, its month's part and the header are written --
+    not a state that grows with every day of history."""
+    history(repo, users=("alice",))
+    header_path, parts = _state_paths(repo)
+    before = {m: open(p, "rb").read() for m, p in parts.items()}
+    repo.ok("log", "7", "20m", "--date", "2026-05-20", user="alice", env=NOW)
+    read, written = [], []
+    real_read, real_write = ff.read_bytes, ff.atomic_write
+    monkeypatch.setattr(ff, "read_bytes", lambda p, *a: (read.append(p), real_read(p, *a))[1])
+    monkeypatch.setattr(ff, "atomic_write", lambda p, *a, **k: (written.append(p),
+                                                                 real_write(p, *a, **k))[1])
+    r = call(repo.root, "aggregate", env=NOW)
+    monkeypatch.undo()
+    assert r.rc == 0, r
+    state_dir = os.path.dirname(header_path)
+    assert sorted(os.path.basename(p) for p in read if ".parts" in p) == ["2026-04.json",
+                                                                       "2026-05.json"]
+    assert [os.path.relpath(p, state_dir) for p in written if p.startswith(state_dir + os.sep)
+            and not p.endswith(".changes.jsonl")] == ["alice.parts/2026-05.json", "alice.json"]
+    after = {m: open(p, "rb").read() for m, p in _state_paths(repo)[1].items()}
+    assert [m for m in after if after[m] != before[m]] == ["2026-05"]
+    assert "2026-05-20" in json.loads(after["2026-05"])
+    _assert_exact(repo)
+
+
+def test_an_entry_edited_into_a_far_month_feeds_that_month_from_its_own_day_file(repo):
+    """An entry whose date is edited months away stays in its day file; when
+    that far month is recomputed for another change, the entry is found (the
+    header names the day) and still counted, exactly once."""
+    history(repo, users=("alice",))
+    r = repo.ok("log", "3", "45m", "--date", "2026-11-20", "--json", user="alice", env=NOW)
+    entry_id = r.json["entry"]["id"]
+    repo.ok("aggregate", env=NOW)
+    repo.ok("edit", entry_id, "--date", "2026-06-03", user="alice", env=NOW)
+    assert _aggregate(repo) is False
+    _assert_exact(repo)
+    header_path, _ = _state_paths(repo)
+    assert json.load(open(header_path))["reach"] == {"2026-06": ["2026-11-20"]}
+    # another change on the same day of June: that day is recomputed from every
+    # day file that feeds it, the November one included
+    repo.ok("log", "4", "10m", "--date", "2026-06-03", user="alice", env=NOW)
+    assert _aggregate(repo) is False
+    _assert_exact(repo)
+    june = repo.ok("report", "--json", "--by", "issue", "--period", "2026-06", "--no-aggregate",
+                   env=NOW).json
+    assert {x["issue"]: x["seconds"] for x in june["rows"]}["3"] == 45 * 60
+    repo.ok("edit", entry_id, "--date", "2026-11-20", user="alice", env=NOW)
+    assert _aggregate(repo) is False
+    _assert_exact(repo)
+    assert json.load(open(header_path))["reach"] == {}
 
 
 def test_years_of_shards_go_into_one_pack_that_git_reads_back(repo):
