@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import random
 
 import pytest
 
@@ -155,3 +156,31 @@ def test_bad_config_is_exit_78(team):
     open(os.path.join(team.root, ".flowforge/config.json"), "w").write("{not json")
     r = team("report")
     assert r.rc == 78 and "not valid JSON" in r.err
+
+
+def test_tables_show_every_cell_as_text_with_control_characters_neutralised():
+    """Whole tables are checked at once in the common case (all text, all
+    printable); any number or control character anywhere gives, cell by cell,
+    what checking every row would: numbers as text, control characters as `?`,
+    and right-aligned last columns without trailing blanks."""
+    rng = random.Random(7)
+    alphabet = ["a", "Z", "7", " ", "é", "\x1b", "\x07", "\x9b", "|", "=", "\u2028"]
+
+    def cell():
+        if rng.random() < 0.1:
+            return rng.randint(-5, 10 ** 6)
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+    for _ in range(300):
+        headers = rng.choice([["user", "issue", "time", "hours"], ["id", "note"], ["issue", "seconds"]])
+        clean = rng.random() < 0.5
+        rows = [[(str(rng.randint(0, 99)) if clean else cell()) for _ in headers]
+                for _ in range(rng.randint(0, 8))]
+        if rng.random() < 0.3:
+            rows = [tuple(r) for r in rows]
+        expected = [[ff.printable(str(c)) for c in row] for row in rows]
+        for fmt in ("table", "md", "csv"):
+            got = ff.render(fmt, headers, rows)
+            assert got == ff.render(fmt, headers, expected), (fmt, rows)
+        table = ff.render("table", headers, expected)
+        assert all(line == line.rstrip() for line in table.split("\n")), repr(table)
+        assert "\x1b" not in table and "\x07" not in table and "\x9b" not in table
