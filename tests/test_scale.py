@@ -142,7 +142,7 @@ def test_a_report_from_shard_totals_equals_one_from_their_rows(repo):
 
 
 def _state_paths(repo, user="alice"):
-    """(header path, {month: part path}) of a store's aggregation state."""
+    """(header path, {year: part path}) of a store's aggregation state."""
     base = os.path.join(repo.root, ".flowforge/state/aggregate", user)
     return base + ".json", {os.path.basename(p)[:-5]: p
                             for p in sorted(glob.glob(base + ".parts/*.json"))}
@@ -195,7 +195,7 @@ def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
     lost is never trusted: the run that needs it rebuilds the whole state."""
     history(repo, users=("alice",))
     header_path, parts = _state_paths(repo)
-    part = parts["2026-11"]
+    part = parts["2026"]
     entries = json.load(open(part))
     if damage == "edited":     # a day's size that the file no longer has: its change hidden
         entries["2026-11-11"][0] += 1
@@ -206,13 +206,13 @@ def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
         open(part, "r+b").truncate(os.path.getsize(part) // 2)
     elif damage == "header sum":
         header = json.load(open(header_path))
-        header["parts"]["2026-11"] = "0" * 32
+        header["parts"]["2026"] = "0" * 32
         open(header_path, "wb").write(ff.canonical_bytes(header))
     else:
         text = ff.canonical_bytes({"2026-11-11": [1, 2, "2026-11", []]})
         open(part, "wb").write(text)
         header = json.load(open(header_path))
-        header["parts"]["2026-11"] = ff.sha256_hex(text)[:32]
+        header["parts"]["2026"] = ff.sha256_hex(text)[:32]
         open(header_path, "wb").write(ff.canonical_bytes(header))
     repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
     assert _aggregate(repo) is True
@@ -222,14 +222,20 @@ def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
     _assert_exact(repo)
 
 
-def test_an_incremental_aggregation_reads_and_writes_the_parts_it_touches(repo, monkeypatch):
-    """One changed day: its month's part (and the month before's, for entries
-    across midnight) is read, its month's part and the header are written --
-    not a state that grows with every day of history."""
+@pytest.mark.parametrize("day, reads", [("2026-05-20", ["2026"]), ("2026-01-05", ["2025", "2026"])])
+def test_an_incremental_aggregation_reads_and_writes_the_parts_it_touches(repo, monkeypatch, day,
+                                                                          reads):
+    """One changed day: its year's part (and the year before's, for January,
+    whose first day can hold an entry from New Year's Eve) is read; its year's
+    part and the header are written -- not a state that grows with every day of
+    history."""
+    for old in ("2023-06-14", "2024-03-12", "2025-07-16", "2025-12-31"):
+        repo.ok("log", "2", "25m", "--date", old, user="alice", env=NOW)
     history(repo, users=("alice",))
     header_path, parts = _state_paths(repo)
-    before = {m: open(p, "rb").read() for m, p in parts.items()}
-    repo.ok("log", "7", "20m", "--date", "2026-05-20", user="alice", env=NOW)
+    assert sorted(parts) == ["2023", "2024", "2025", "2026"]
+    before = {y: open(p, "rb").read() for y, p in parts.items()}
+    repo.ok("log", "7", "20m", "--date", day, user="alice", env=NOW)
     read, written = [], []
     real_read, real_write = ff.read_bytes, ff.atomic_write
     monkeypatch.setattr(ff, "read_bytes", lambda p, *a: (read.append(p), real_read(p, *a))[1])
@@ -239,37 +245,37 @@ def test_an_incremental_aggregation_reads_and_writes_the_parts_it_touches(repo, 
     monkeypatch.undo()
     assert r.rc == 0, r
     state_dir = os.path.dirname(header_path)
-    assert sorted(os.path.basename(p) for p in read if ".parts" in p) == ["2026-04.json",
-                                                                       "2026-05.json"]
+    assert sorted(os.path.basename(p)[:-5] for p in read if ".parts" in p) == reads
     assert [os.path.relpath(p, state_dir) for p in written if p.startswith(state_dir + os.sep)
-            and not p.endswith(".changes.jsonl")] == ["alice.parts/2026-05.json", "alice.json"]
-    after = {m: open(p, "rb").read() for m, p in _state_paths(repo)[1].items()}
-    assert [m for m in after if after[m] != before[m]] == ["2026-05"]
-    assert "2026-05-20" in json.loads(after["2026-05"])
+            and not p.endswith(".changes.jsonl")] == ["alice.parts/2026.json", "alice.json"]
+    after = {y: open(p, "rb").read() for y, p in _state_paths(repo)[1].items()}
+    assert [y for y in after if after[y] != before[y]] == ["2026"]
+    assert day in json.loads(after["2026"])
     _assert_exact(repo)
 
 
 def test_an_entry_edited_into_a_far_month_feeds_that_month_from_its_own_day_file(repo):
-    """An entry whose date is edited months away stays in its day file; when
-    that far month is recomputed for another change, the entry is found (the
-    header names the day) and still counted, exactly once."""
+    """An entry whose date is edited into another year stays in its day file;
+    when that far month is recomputed for another change, the entry is found
+    (the header names the day) and still counted, exactly once."""
     history(repo, users=("alice",))
+    repo.ok("log", "2", "5m", "--date", "2025-06-10", user="alice", env=NOW)
     r = repo.ok("log", "3", "45m", "--date", "2026-11-20", "--json", user="alice", env=NOW)
     entry_id = r.json["entry"]["id"]
     repo.ok("aggregate", env=NOW)
-    repo.ok("edit", entry_id, "--date", "2026-06-03", user="alice", env=NOW)
+    repo.ok("edit", entry_id, "--date", "2025-06-03", user="alice", env=NOW)
     assert _aggregate(repo) is False
     _assert_exact(repo)
     header_path, _ = _state_paths(repo)
-    assert json.load(open(header_path))["reach"] == {"2026-06": ["2026-11-20"]}
-    # another change on the same day of June: that day is recomputed from every
-    # day file that feeds it, the November one included
-    repo.ok("log", "4", "10m", "--date", "2026-06-03", user="alice", env=NOW)
+    assert json.load(open(header_path))["reach"] == {"2025-06": ["2026-11-20"]}
+    # another change on the same day of June 2025: that day is recomputed from
+    # every day file that feeds it, the one of November 2026 included
+    repo.ok("log", "4", "10m", "--date", "2025-06-03", user="alice", env=NOW)
     assert _aggregate(repo) is False
     _assert_exact(repo)
-    june = repo.ok("report", "--json", "--by", "issue", "--period", "2026-06", "--no-aggregate",
+    june = repo.ok("report", "--json", "--by", "issue", "--period", "2025-06", "--no-aggregate",
                    env=NOW).json
-    assert {x["issue"]: x["seconds"] for x in june["rows"]}["3"] == 45 * 60
+    assert {x["issue"]: x["seconds"] for x in june["rows"]} == {"2": 300, "3": 45 * 60, "4": 600}
     repo.ok("edit", entry_id, "--date", "2026-11-20", user="alice", env=NOW)
     assert _aggregate(repo) is False
     _assert_exact(repo)
@@ -291,7 +297,8 @@ def test_years_of_shards_go_into_one_pack_that_git_reads_back(repo):
         store.append(month + "-03", [record])
         expected += 60 + n
     packs_before = set(os.listdir(os.path.join(repo.root, ".git/objects/pack")))
-    repo.ok("aggregate", "--full", env=NOW)
+    r = repo.ok("aggregate", "--full", env=NOW)
+    assert r.out == "alice: wrote 84 shards, 2019-01 to 2025-12\n"   # a span, not 84 names
     packs = set(os.listdir(os.path.join(repo.root, ".git/objects/pack"))) - packs_before
     assert len([p for p in packs if p.endswith(".pack")]) == 1, packs
     assert len([p for p in packs if p.endswith(".idx")]) == 1, packs
@@ -649,3 +656,19 @@ def test_sorted_keys_is_the_order_of_the_tuples():
                 for _ in range(rng.randint(0, 30))}
         assert ff.sorted_keys(keys) == sorted(keys)
     assert ff.sorted_keys({(None, 2), (None, 1)}) == [(None, 1), (None, 2)]
+
+
+def test_an_entry_across_new_years_eve_still_counts_when_new_years_day_is_recomputed(repo):
+    """The first hour of January 1 comes from December 31's day file, in the
+    year before's part of the state: a change on January 1 recomputes that day
+    from both."""
+    history(repo, users=("alice",))
+    repo.ok("start", "5", "--at", "2025-12-31 23:00", user="alice", env=NOW)
+    repo.ok("stop", "--at", "2026-01-01 01:30", user="alice", env=NOW)
+    repo.ok("aggregate", env=NOW)
+    repo.ok("log", "6", "15m", "--date", "2026-01-01", user="alice", env=NOW)
+    assert _aggregate(repo) is False
+    _assert_exact(repo)
+    january = repo.ok("report", "--json", "--by", "issue", "--period", "2026-01", "--no-aggregate",
+                      env=NOW).json
+    assert {x["issue"]: x["seconds"] for x in january["rows"]}["5"] == 90 * 60
