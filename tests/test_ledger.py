@@ -787,3 +787,35 @@ def test_reports_say_how_many_stores_and_how_old_the_fetch_is(tmp_path, origin, 
     assert "ledger: 1 store(s), fetched" in r.err and "ago" in r.err, r.err
     assert manager.report()["ledger"]["stores"] == 1
     assert manager.report()["ledger"]["fetched_at"] is not None
+
+
+def test_a_fetch_leaves_the_ledger_refs_packed_and_every_store_readable(tmp_path, origin, pycache):
+    """Reports list every ledger ref; after a fetch they are packed (one file,
+    as `git gc` keeps refs), and packing changes nothing a report sees; a fetch
+    whose packing cannot run (its lock is held) still succeeds."""
+    for name in ("alice", "bob"):
+        dev = Clone(tmp_path, origin, name, name, pycache)
+        dev.log("1", "1h", "2026-11-16")
+        dev.commit(name + ".txt", "work")
+        dev.git("pull", "-q", "--rebase", "origin", "main")
+        dev.git("push", "-q", "origin", "main")
+    manager = Clone(tmp_path, origin, "manager", "boss", pycache, hooks=False)
+    manager.ok("fetch")
+    loose = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(manager.root, ".git/refs"))
+             for f in files if "/flowforge/" in os.path.join(d, f)]
+    assert loose == []
+    packed = open(os.path.join(manager.root, ".git/packed-refs")).read()
+    assert packed.count("refs/flowforge/remotes/origin/") == 2, packed
+    assert manager.report()["total_seconds"] == 7200
+    carol = Clone(tmp_path, origin, "carol", "carol", pycache)
+    carol.log("2", "30m", "2026-11-17")
+    carol.commit("carol.txt", "work")
+    carol.git("pull", "-q", "--rebase", "origin", "main")
+    carol.git("push", "-q", "origin", "main")
+    lock = os.path.join(manager.root, ".git/packed-refs.lock")
+    open(lock, "w").close()   # another git packing refs right now
+    try:
+        manager.ok("fetch")
+    finally:
+        os.unlink(lock)
+    assert manager.report()["total_seconds"] == 7200 + 1800

@@ -166,10 +166,8 @@ def _aggregate(repo):
     return result["full"]
 
 
-def test_a_state_of_schema_1_is_rebuilt_in_full(repo):
-    """What FlowForge 0.2 kept (one file naming every day) is not trusted: the
-    first aggregation after the upgrade rebuilds, exactly, in the new layout."""
-    history(repo, users=("alice",))
+def _write_schema_1_state(repo):
+    """The state as FlowForge 0.2's first versions kept it: one file naming every day."""
     header_path, parts = _state_paths(repo)
     header = json.load(open(header_path))
     files = {}
@@ -179,6 +177,15 @@ def test_a_state_of_schema_1_is_rebuilt_in_full(repo):
     open(header_path, "wb").write(ff.canonical_bytes(dict(old, schema=1, files=files)))
     for path in parts.values():
         os.unlink(path)
+    return parts
+
+
+def test_a_state_of_schema_1_is_rebuilt_in_full(repo):
+    """What FlowForge 0.2 kept (one file naming every day) is not trusted: the
+    first aggregation after the upgrade rebuilds, exactly, in the new layout."""
+    history(repo, users=("alice",))
+    header_path, _ = _state_paths(repo)
+    parts = _write_schema_1_state(repo)
     repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
     assert _aggregate(repo) is True
     _assert_exact(repo)
@@ -189,7 +196,20 @@ def test_a_state_of_schema_1_is_rebuilt_in_full(repo):
     _assert_exact(repo)
 
 
-@pytest.mark.parametrize("damage", ["edited", "deleted", "torn", "header sum", "not entries"])
+def test_the_first_report_after_the_upgrade_rebuilds_the_state_without_alarm(repo):
+    """A report aggregates this clone's stores first, routinely; an old state
+    is not a ledger ref that moved under it: no warning, and the new time is in."""
+    history(repo, users=("alice",))
+    _write_schema_1_state(repo)
+    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
+    r = repo.ok("report", "--json", "--by", "user", env=NOW)
+    assert "warning" not in r.err and "not the one" not in r.err, r.err
+    assert r.json["total_seconds"] == 11 * 30 * 60 + 20 * 60
+    _assert_exact(repo)
+
+
+@pytest.mark.parametrize("damage", ["edited", "deleted", "torn", "header sum", "not entries",
+                                    "not a month"])
 def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
     """A part rewritten after its header (a crash between the two), edited or
     lost is never trusted: the run that needs it rebuilds the whole state."""
@@ -209,7 +229,8 @@ def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
         header["parts"]["2026"] = "0" * 32
         open(header_path, "wb").write(ff.canonical_bytes(header))
     else:
-        text = ff.canonical_bytes({"2026-11-11": [1, 2, "2026-11", []]})
+        months = "2026-11" if damage == "not entries" else ["2026-11", "abc"]
+        text = ff.canonical_bytes({"2026-11-11": [1, 2, months, []]})
         open(part, "wb").write(text)
         header = json.load(open(header_path))
         header["parts"]["2026"] = ff.sha256_hex(text)[:32]
@@ -219,6 +240,32 @@ def test_a_part_that_does_not_match_its_header_means_a_full_run(repo, damage):
     _assert_exact(repo)
     repo.ok("log", "7", "5m", "--date", "2026-11-12", user="alice", env=NOW)
     assert _aggregate(repo) is False   # whole again
+    _assert_exact(repo)
+
+
+@pytest.mark.parametrize("what", ["file", "link"])
+def test_something_else_where_the_parts_belong_is_replaced(repo, tmp_path, what):
+    """The parts' directory is a cache of ours: a file or a link in its place
+    makes a full run that puts the directory back (a link's target untouched)."""
+    import shutil
+    history(repo, users=("alice",))
+    header_path, _ = _state_paths(repo)
+    parts_dir = header_path[:-len(".json")] + ".parts"
+    shutil.rmtree(parts_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "2026.json").write_text("mine")
+    if what == "file":
+        open(parts_dir, "w").write("not a directory")
+    else:
+        os.symlink(str(elsewhere), parts_dir)
+    repo.ok("log", "7", "20m", "--date", "2026-11-11", user="alice", env=NOW)
+    assert _aggregate(repo) is True
+    assert os.path.isdir(parts_dir) and not os.path.islink(parts_dir)
+    assert os.listdir(str(elsewhere)) == ["2026.json"] and (elsewhere / "2026.json").read_text() == "mine"
+    _assert_exact(repo)
+    repo.ok("log", "7", "5m", "--date", "2026-11-12", user="alice", env=NOW)
+    assert _aggregate(repo) is False
     _assert_exact(repo)
 
 
@@ -298,7 +345,7 @@ def test_years_of_shards_go_into_one_pack_that_git_reads_back(repo):
         expected += 60 + n
     packs_before = set(os.listdir(os.path.join(repo.root, ".git/objects/pack")))
     r = repo.ok("aggregate", "--full", env=NOW)
-    assert r.out == "alice: wrote 84 shards, 2019-01 to 2025-12\n"   # a span, not 84 names
+    assert r.out == "alice: wrote 84 shards (first 2019-01, last 2025-12)\n"   # a span, not 84 names
     packs = set(os.listdir(os.path.join(repo.root, ".git/objects/pack"))) - packs_before
     assert len([p for p in packs if p.endswith(".pack")]) == 1, packs
     assert len([p for p in packs if p.endswith(".idx")]) == 1, packs
