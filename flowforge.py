@@ -2399,28 +2399,30 @@ class Mirror:
                 wanted = days
             else:   # everything: the days just read (under the store lock), or a listing
                 wanted = sorted(sizes) if read_all else self.store.days()
-            files = [os.path.join("time", "daily", day + ".jsonl") for day in wanted]
-            files += ["config.json", os.path.join("time", "current.json"),
-                      os.path.join("time", "far.json"), "audit.jsonl"]
             daily = os.path.join("time", "daily", "")
-            known = {daily + day + ".jsonl": size for day, size in (sizes or {}).items()}
+            known = {day + ".jsonl": size for day, size in (sizes or {}).items()}
             copies = {}   # the mirror's day files and sizes: one directory scan
             if len(wanted) > 8:
                 try:
                     with os.scandir(os.path.join(self.dir, daily)) as scan:
-                        copies = {daily + e.name: e.stat().st_size
+                        copies = {e.name: e.stat().st_size
                                   for e in scan if e.is_file(follow_symlinks=False)}
                 except FileNotFoundError:
                     pass
+            # A day file of its copy's size is its copy (day files only grow): one
+            # comparison a day, no path made for it (a full run has 10^3 a store).
+            files = [daily + name for name in (day + ".jsonl" for day in wanted)
+                     if name not in known or known[name] != copies.get(name)]
+            files += ["config.json", os.path.join("time", "current.json"),
+                      os.path.join("time", "far.json"), "audit.jsonl"]
             pending = []
             for rel in files:
-                if rel in known and rel in copies and known[rel] == copies[rel]:
-                    continue   # a day file of the same size: the same (day files only grow)
+                name = rel[len(daily):] if rel.startswith(daily) else None
                 source = os.path.join(self.store.dir, rel)
                 target = os.path.join(self.dir, rel)
                 try:
-                    size = known[rel] if rel in known else os.path.getsize(source)
-                    same_size = (copies[rel] if rel in copies else os.path.getsize(target)) == size
+                    size = known[name] if name in known else os.path.getsize(source)
+                    same_size = (copies[name] if name in copies else os.path.getsize(target)) == size
                 except FileNotFoundError:
                     if not os.path.exists(source):
                         continue
