@@ -5453,11 +5453,10 @@ class Aggregator:
             return 0
         return seq if type(seq) is int and seq > 0 else 0
 
-    def _state_fields(self, tip, journal):
-        store = self.store
-        return {"schema": AGGSTATE_SCHEMA, "user": store.user, "store": store.store_id,
-                "granularity": self.granularity, "timezone": store.tz_name, "tip": tip,
-                "journal": journal}
+    def _state_fields(self, tip):
+        """What a state must record to be trusted by a run against `tip`."""
+        return {"schema": AGGSTATE_SCHEMA, "store": self.store.store_id,
+                "granularity": self.granularity, "timezone": self.store.tz_name, "tip": tip}
 
     def _changed_days(self, state, changes):
         """{day: [size, mtime_ns], or None for a day file gone} of the day files
@@ -5504,9 +5503,7 @@ class Aggregator:
         if tip:
             self._heal_private_chain(ledger, known)
         state = AggregationState(self.repo, store.user)
-        expected = self._state_fields(tip, None)
-        del expected["journal"], expected["user"]
-        if not full and not state.load(expected):
+        if not full and not state.load(self._state_fields(tip)):
             if tip and routine and state.moved:
                 raise FlowForgeError("its ledger ref is not the one this clone last wrote "
                                      "(restored, rewritten or damaged?)")
@@ -5538,7 +5535,8 @@ class Aggregator:
                                        "aggregate-full" if full else "aggregate")
         saved = True
         try:
-            state.save(self._state_fields(tip, journaled and changes[2]))
+            state.save(dict(self._state_fields(tip), user=store.user,
+                            journal=journaled and changes[2]))
             if full:
                 state.prune()
         except StorageError as e:
