@@ -5,6 +5,8 @@ Every clone is its own machine (own HOME, so its own mirror) unless a test
 says otherwise; git runs with
 the same environment as FlowForge (FLOWFORGE_USER, the pinned clock), so the
 hooks act as the clone's developer.  Totals are asserted to the second."""
+import csv
+import io
 import json
 import os
 import random
@@ -336,6 +338,22 @@ def test_one_developer_on_two_clones_is_summed(tmp_path, origin, pycache, machin
     assert manager.rows() == expected
     by_store = manager.ok("report", "--json", "--by", "store").json["rows"]
     assert sorted(r["seconds"] for r in by_store) == [2702 + 1200, 5411]
+    for by in ("user,issue", "issue,user"):   # the one cell of two stores, in every format
+        cols = by.split(",")
+        table = list(csv.reader(io.StringIO(manager.ok("report", "--by", by, "--format", "csv").out)))
+        assert table[0] == cols + ["seconds", "hours"]
+        assert {(row[cols.index("user")], row[cols.index("issue")]): tuple(row[2:]) for row in table[1:]} \
+            == {("alice", "1"): ("8113", "2.25"), ("alice", "2"): ("1200", "0.33")}
+        assert len(table) == 3
+    printed = manager.ok("report", "--by", "user,issue").out.splitlines()
+    assert [line.split() for line in printed if line.startswith("alice")] == [
+        ["alice", "1", "2:15", "2.25"], ["alice", "2", "0:20", "0.33"]]
+    doc = manager.ok("report", "--json", "--by", "store,issue").json["rows"]   # by store: its label
+    table = list(csv.reader(io.StringIO(manager.ok("report", "--by", "store,issue", "--format",
+                                                   "csv").out)))
+    assert table[0] == ["user", "store", "store_id", "issue", "seconds", "hours"]
+    assert table[1:] == [[r["user"], r["store_label"], r["store"], r["issue"], str(r["seconds"]),
+                          r["hours"]] for r in doc] and len(doc) == 3
     for clone in (laptop, desktop):            # each clone sees both stores after a fetch
         clone.ok("fetch")
         assert clone.rows() == expected
