@@ -3884,7 +3884,8 @@ def verify_shard_bytes(raw):
 
 def check_shard_sums(doc):
     """Internal consistency: header and rows well formed, the totals equal
-    their sums."""
+    their sums.  Returns the seconds by project, which a shard does not carry
+    (its readers need them, and this is the one pass over its rows)."""
     user, store_id, month = doc.get("user"), doc.get("store"), doc.get("month")
     if (not isinstance(user, str) or not valid_user_name(user) or not isinstance(store_id, str)
             or not isinstance(month, str) or not is_month(month)
@@ -3895,7 +3896,7 @@ def check_shard_sums(doc):
         raise ValueError("rows missing")
     periods = month_periods(month, doc["granularity"])
     total = 0
-    by_issue = {}
+    by_issue, by_project = {}, {}
     for row in rows:   # spelled out, not all(...): a cold report checks ~10^6 rows
         if type(row) is not list or len(row) != 4:
             raise ValueError("malformed row %.80r" % (row,))
@@ -3907,10 +3908,12 @@ def check_shard_sums(doc):
             raise ValueError("malformed row %.80r" % (row,))
         total += seconds
         by_issue[issue] = by_issue.get(issue, 0) + seconds
+        by_project[project] = by_project.get(project, 0) + seconds
     totals = doc.get("totals")
     if (not isinstance(totals, dict) or totals.get("seconds") != total
             or totals.get("by_issue") != by_issue):
         raise ValueError("totals do not match its rows")
+    return by_project
 
 
 _MONTH_PERIODS = {}
@@ -4531,16 +4534,13 @@ def _shard_doc(data, key, month, where):
     """The verified rows of one shard blob; CorruptFile names it."""
     try:
         doc = verify_shard_bytes(data)
-        check_shard_sums(doc)
+        by_project = check_shard_sums(doc)
     except ValueError as e:
         raise CorruptFile(where, "shard %s" % e)
     user, store_id = parse_store_key(key)
     if (doc["user"], doc["store"], doc["month"]) != (user, store_id, month):
         raise CorruptFile(where, "shard says %s--%s/%s but lives in the ledger of %s as %s"
                           % (doc["user"], doc["store"], doc["month"], key, month))
-    by_project = {}
-    for row in doc["rows"]:
-        by_project[row[2]] = by_project.get(row[2], 0) + row[3]
     return {"user": user, "store": store_id, "month": month,
             "granularity": doc["granularity"], "rows": doc["rows"],
             "by_issue": doc["totals"]["by_issue"], "by_project": by_project}
@@ -4727,6 +4727,8 @@ class LedgerView:
                 doc = fresh[(key, month)] = dict(_shard_doc(found[1], key, month, where),
                                                  blob=oid)
                 raws[(key, month)] = _rows_line(found[1], doc)
+                if not rows:   # the cache keeps them as raws; parsed, they are most of the memory
+                    del doc["rows"]
             except CorruptFile as e:
                 damaged.append(str(e))
         for key in sorted(listing):
@@ -4737,9 +4739,13 @@ class LedgerView:
             if len(shards) != len(listing[key]):
                 continue  # damaged: reported below, nothing cached
             old_raws = (stale[key] or {}).get("raws", {})
-            self._save_cache(key, shards, {month: raws.get((key, month)) or old_raws[month]
-                                           for month in shards})
-            docs.extend(self._pick(key, shards, months))
+            total = self._save_cache(key, shards, {month: raws.get((key, month)) or old_raws[month]
+                                                   for month in shards})
+            if not summed:
+                docs.extend(self._pick(key, shards, months))
+            elif shards:   # as the cache gives it (_cached_docs)
+                self.first_month.setdefault(key, min(shards))
+                docs.append(total)
         return docs
 
     def _worker_refresh(self, stale):
@@ -4747,7 +4753,7 @@ class LedgerView:
         objects = GitObjects(self.repo.root)
         damaged = []
         try:
-            self._refresh(objects, stale, None, damaged, workers=False)
+            self._refresh(objects, stale, None, damaged, rows=False, workers=False)
         finally:
             objects.close()
         return damaged
@@ -4780,7 +4786,7 @@ class LedgerView:
 
     def _save_cache(self, key, shards, raws):
         """Write the cache of one store: `shards` {month: document}, `raws`
-        {month: its rows line (_rows_line)}."""
+        {month: its rows line (_rows_line)}; returns the summed document."""
         body, places = [], {}
         size = 0
         for month in sorted(shards):
@@ -4790,7 +4796,8 @@ class LedgerView:
             places[month] = [size, size + len(lines)]   # where its lines are, after the header
             size += len(lines)
             body.append(lines)
-        summed = b"all     S " + encode_record({"doc": summed_shards(shards)})
+        total = summed_shards(shards)
+        summed = b"all     S " + encode_record({"doc": total})
         body.append(summed)
         # the header names each month with the place of its lines (the blob ids are
         # in the lines): a one-month report decodes a small header per store
@@ -4804,6 +4811,7 @@ class LedgerView:
             atomic_write(_ledger_cache_path(self.repo, key), data, 0o600, durable=False)
         except (OSError, FlowForgeError) as e:
             debug("cannot cache the ledger of %s: %s" % (key, e))  # a cache: reading goes on
+        return total
 
 
 # -- travelling: fetch, accept, push ------------------------------------------
