@@ -186,15 +186,15 @@ FAULTY_PYTHON = r"""#!%(python)s
 import errno, os, resource, signal, sys
 mode = os.environ["FAULT"]
 if mode == "enospc":   # every write of a shard's bytes, wherever it goes on the way to git
-    real_write = os.write
+    real_write = os.write   # (as a file, or compressed in the pack of a commit's objects)
     def write(fd, data):
-        if b'"kind":"flowforge-shard"' in bytes(data):
+        if b'"kind":"flowforge-shard"' in bytes(data) or bytes(data[:4]) == b"PACK":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
     os.write = write
 else:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))   # below a shard's loose object
 args = sys.argv[1:]
 for flag, value in zip(args, args[1:]):   # as the real python3 would take the shim's -X
     if flag == "-X" and value.startswith("pycache_prefix="):

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import flowforge as ff
+
 from conftest import SOAK, Runner, clean_env, git, make_git_repo, run_crashing
 
 NOW_ISO = "2026-11-20T18:00:00Z"
@@ -837,3 +839,58 @@ def test_a_fetch_leaves_the_ledger_refs_packed_and_every_store_readable(tmp_path
     finally:
         os.unlink(lock)
     assert manager.report()["total_seconds"] == 7200 + 1800
+
+
+# -- the objects FlowForge writes itself ---------------------------------------
+
+@pytest.mark.parametrize("object_format", ["sha1", "sha256"])
+def test_trees_and_commits_built_in_process_are_the_ones_git_makes(tmp_path, object_format):
+    """A commit's blobs, trees and commit object are built here and sent to git
+    in one pack: each must be the very object `git mktree` / `git commit-tree`
+    would make (git's entry order, a directory sorting as `name/`; the names git
+    trims), and a pack of few objects or of many must store them all."""
+    root = str(tmp_path / "r")
+    subprocess.run(["git", "init", "-q", "--object-format=" + object_format, root], check=True)
+    repo = ff.Repo(root)
+
+    def g(*args, input=None):
+        return subprocess.run(["git"] + list(args), cwd=root, input=input, capture_output=True,
+                              check=True).stdout.decode()
+    rng = random.Random(5)
+    blobs = [("blob", b"%d\n" % n) for n in range(3)] + [("blob", b"x" * n) for n in (0, 1, 700)]
+    ids = ff.write_objects(repo, blobs)                      # loose, through unpack-objects
+    assert ids == [g("hash-object", "--stdin", input=data).strip() for _, data in blobs]
+    tree_id = g("mktree", input="".join("100644 blob %s\t%d\n" % (i, n) for n, i in
+                                                 enumerate(ids)).encode()).strip()
+    for _ in range(40):
+        entries = {}
+        for _ in range(rng.randint(1, 8)):
+            name = "".join(rng.choice("ab.-_0Z") for _ in range(rng.randint(1, 4)))
+            if name in (".", ".."):   # refused (below), as git fsck would
+                continue
+            entries[name] = rng.choice([("100644", rng.choice(ids)), ("40000", tree_id),
+                                        ("100755", ids[0])])
+        made = g("mktree", input="".join(
+            "%s %s %s\t%s\n" % ("040000" if mode == "40000" else mode, "tree" if mode == "40000"
+                                else "blob", oid, name) for name, (mode, oid) in entries.items()
+        ).encode()).strip()
+        raw = ff.tree_object(entries)
+        assert ff.object_id("tree", raw, object_format) == made, entries
+    for bad in ({"a/b": ("100644", ids[0])}, {"..": ("100644", ids[0])}, {"a": ("100664", ids[0])}):
+        with pytest.raises(ValueError):
+            ff.tree_object(bad)
+    parent_id = None
+    for user in ("ann.", "bob", "x_y-z"):   # each over the one before
+        message = "aggregate: 2026-11 (audit 3)"
+        env = dict(os.environ, **ff.ledger_commit_env(user, 1795000000))
+        expected = subprocess.run(["git", "commit-tree", "--no-gpg-sign", tree_id] +
+                                  (["-p", parent_id] if parent_id else []), cwd=root, env=env,
+                                  input=message.encode(), capture_output=True, check=True).stdout
+        raw = ff.ledger_commit_object(tree_id, parent_id, user, 1795000000, message)
+        assert ff.object_id("commit", raw, object_format) == expected.decode().strip(), user
+        parent_id = expected.decode().strip()
+    many = [("blob", b"shard %d\n" % n) for n in range(ff.PACK_AT + 5)]   # kept as a pack
+    ids = ff.write_objects(repo, many)
+    assert g("cat-file", "blob", ids[-1]) == "shard %d\n" % (ff.PACK_AT + 4)
+    assert g("count-objects", "-v").count("packs: 1") == 1
+    subprocess.run(["git", "fsck", "--strict", "--no-dangling"], cwd=root, check=True, capture_output=True)
