@@ -4156,11 +4156,6 @@ def write_objects(repo, objects, hash_name=None):
     return ids
 
 
-def write_blobs(repo, blobs):
-    """Store byte strings as git blobs; returns their ids."""
-    return write_objects(repo, [("blob", data) for data in blobs])
-
-
 _TREE_MODES = {"100644": b"100644", "100755": b"100755", "120000": b"120000", "160000": b"160000",
                "40000": b"40000", "040000": b"40000"}
 
@@ -4203,7 +4198,6 @@ def ledger_commit_object(tree, parent, user, ts, message):
                                env["GIT_%s_EMAIL" % who].strip(_GIT_CRUD), env["GIT_%s_DATE" % who][1:])
     return "\n".join(["tree " + tree] + (["parent " + parent] if parent else []) + [
         "author " + ident("AUTHOR"), "committer " + ident("COMMITTER"), "", message]).encode("utf-8")
-
 
 
 class StoreLedger:
@@ -11110,13 +11104,14 @@ def git_identity(repo):
 
 def commit_period(repo, month, doc, parent, identity, message):
     """Commit one period record on top of `parent`; returns the commit id."""
-    blob = write_blobs(repo, [canonical_bytes(doc)])[0]
-    _, tree, _ = run_git(_GIT_DURABLE + ["mktree"], repo.root,
-                         input=("100644 blob %s\tclose.json\n" % blob).encode())
+    hash_name = object_format(repo)
+    data = canonical_bytes(doc)
+    tree = write_objects(repo, [("blob", data), ("tree", tree_object(
+        {"close.json": ("100644", object_id("blob", data, hash_name))}))], hash_name)[1]
     env = {"GIT_AUTHOR_NAME": identity[0], "GIT_AUTHOR_EMAIL": identity[1],
            "GIT_COMMITTER_NAME": identity[0], "GIT_COMMITTER_EMAIL": identity[1]}
     sign = ["-S"] if git_config_get(repo.root, "commit.gpgsign") == "true" else []
-    _, commit, _ = run_git(_GIT_DURABLE + ["commit-tree", tree.strip()] + (["-p", parent] if parent else [])
+    _, commit, _ = run_git(_GIT_DURABLE + ["commit-tree", tree] + (["-p", parent] if parent else [])
                            + sign + ["-m", message], repo.root, env=env)
     local = list_ledger_refs(repo).get(PERIODS_REF + month)
     update_refs(repo, [(PERIODS_REF + month, commit.strip(), local[0] if local else "")], message)
