@@ -59,6 +59,7 @@ Sections, in dependency order (each leans only on the ones above it):
     13. Recovery and import
     14. Reports and billing
     15. Command line
+    16. Fast start
 """
 
 import errno
@@ -2666,6 +2667,20 @@ class PrivateStore:
             os.replace(self.changes_path, "%s.not-a-list-%s" % (self.changes_path,
                                                                os.urandom(4).hex()))
             log_event(self.repo, "changes-list-replaced", user=self.user)
+        named = self.read_changes()[1] if regular else None
+        if named is not None and named >= set(days):
+            # Named since the last aggregation (a day's second stop): nothing to
+            # add.  The fsync stays, almost free on a clean file: it makes the
+            # note durable even if its writer was killed before its own fsync.
+            try:
+                fd = os.open(self.changes_path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise StorageError(self.changes_path, e)
+            return
         if not regular:
             makedirs_private(os.path.dirname(self.changes_path))
             lines = canonical_bytes({"list": os.urandom(8).hex()}) + lines
@@ -13606,6 +13621,167 @@ def run():
             pass
         raise SystemExit(code)
     os._exit(code)
+
+
+
+# ############################################################################
+# 16. Fast start: the timer commands on the part of this module they use
+# ############################################################################
+
+# Unmarshalling this module's bytecode (1 MB, 1,300 functions) is most of what
+# a timer command costs above the interpreter's own start.  install.sh writes a
+# second cache beside the bytecode, with the module's top-level statements in
+# two parts: the fast part -- every statement that is not a definition, the
+# definitions of main, run and the FAST_COMMANDS, and every definition their
+# names lead to, transitively -- and the rest.  For those commands the launcher
+# runs the fast part (a third of the bytecode) and keeps the rest's bytes
+# unread until something asks for a name that is not there: a plugin's
+# `flowforge.NAME`, or a FAST_BOUNDARY call.  Then the rest runs in the same
+# globals and the module is whole, as if imported.  tests/test_hot_path.py
+# holds the parts to that: closed under their names, never binding a name
+# twice, and whole again after complete_module().
+
+FAST_COMMANDS = ("start", "stop", "status", "switch", "pause", "resume", "cancel", "log")
+# Names main() calls only on the way out of the fast part: argparse, for a
+# command line quick_args does not take, and the hook shims' command.  In the
+# fast part each is a function that completes the module, then calls the real one.
+FAST_BOUNDARY = ("build_parser", "cmd_hook", "_HookArgs")
+FAST_START_FORMAT = b"flowforge-fast-start/1"
+# While this module is the fast part: the cache file, open where the rest's
+# marshalled code begins (a reinstall replaces the file, not these bytes).
+_rest_of_module = None
+
+
+def complete_module():
+    """Run the rest of the module, once (nothing to do when it is whole)."""
+    global _rest_of_module
+    cache, _rest_of_module = _rest_of_module, None
+    if cache is not None:
+        import marshal
+        with cache:
+            exec(marshal.load(cache), globals())
+        COMMANDS.sort(key=lambda spec: spec.func.__code__.co_firstlineno)   # source order
+
+
+def __getattr__(name):
+    """`flowforge.NAME` that the fast part does not have (PEP 562).  Not for
+    the import system's probes (`__spec__`, `__path__`): none is in the rest."""
+    if _rest_of_module is not None and not name.startswith("__"):
+        complete_module()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError("module 'flowforge' has no attribute %r" % name)
+
+
+def _leaving_fast_part(name):
+    def call(*args, **kwargs):
+        complete_module()
+        return globals()[name](*args, **kwargs)
+    return call
+
+
+def fast_start_parts(source, filename):
+    """The fast part and the rest of `source` (this module's text), each as
+    marshalled code; the fast part without docstrings (nothing here reads
+    them).  A statement's names are every Name in it, locals too: more than
+    it needs is only a larger fast part."""
+    import ast
+    import marshal
+    body = ast.parse(source, filename).body
+    binds, names = {}, []
+    for i, statement in enumerate(body):
+        if isinstance(statement, (ast.FunctionDef, ast.ClassDef)):
+            bound = {statement.name}
+        else:
+            bound = {node.id for node in ast.walk(statement)
+                     if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+            bound |= {(alias.asname or alias.name).split(".")[0] for node in ast.walk(statement)
+                      if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+        for name in bound:
+            binds.setdefault(name, []).append(i)
+        names.append({node.id for node in ast.walk(statement) if isinstance(node, ast.Name)})
+    roots = {"main", "run", "__getattr__", "_leaving_fast_part"} | {"cmd_" + name for name in
+                                                                    FAST_COMMANDS}
+    todo = [i for i, statement in enumerate(body)
+            if not isinstance(statement, (ast.FunctionDef, ast.ClassDef)) or statement.name in roots]
+    fast = set()
+    while todo:
+        i = todo.pop()
+        if i not in fast:
+            fast.add(i)
+            todo += [j for name in names[i] - set(FAST_BOUNDARY) for j in binds.get(name, ())]
+    stubs = ast.parse("".join("%s = _leaving_fast_part(%r)\n" % (name, name)
+                              for name in FAST_BOUNDARY), filename).body
+    fast_code = compile(ast.Module([body[i] for i in sorted(fast)] + stubs, []), filename, "exec",
+                        optimize=2)
+    rest = compile(ast.Module([s for i, s in enumerate(body) if i not in fast], []), filename, "exec")
+    return marshal.dumps(fast_code), marshal.dumps(rest)
+
+
+LAUNCHER = """\
+#!%(python)s -S
+# FlowForge launcher written by install.sh (flowforge.py, section 16).  It
+# imports the module, so that its bytecode is cached; -S skips site-packages,
+# which FlowForge does not use.  A timer command given first (`flowforge stop`)
+# starts on the part of the module it uses instead, from the cache beside the
+# bytecode, when that cache is for this interpreter and this flowforge.py.
+import sys
+sys.path.insert(0, %(lib)r)
+
+
+def fast_start():
+    import marshal
+    import os
+    from _frozen_importlib_external import MAGIC_NUMBER
+    try:
+        cache = open(%(cache)r, "rb")
+        header = cache.readline().split()
+        stat = os.stat(%(source)r)
+        if header[:4] != [%(format)r, MAGIC_NUMBER.hex().encode(), b"%%d" %% stat.st_mtime_ns,
+                          b"%%d" %% stat.st_size] or sys.argv[1].encode() not in header[4].split(b","):
+            return None
+        fast = marshal.loads(cache.read(int(header[5])))
+    except (OSError, ValueError, EOFError, TypeError, IndexError):
+        return None
+    if type(fast) is not type(fast_start.__code__):
+        return None
+    module = type(sys)("flowforge")
+    module.__file__ = %(source)r
+    module.__spec__ = None   # as for a script: nothing to find it again with
+    sys.modules["flowforge"] = module
+    exec(fast, module.__dict__)
+    module._rest_of_module = cache   # read only when asked for: two thirds of the bytes
+    return module
+
+
+module = fast_start() if len(sys.argv) > 1 else None
+if module is None:
+    import flowforge as module
+module.run()
+"""
+
+
+def write_launcher(path, cache=None):
+    """Write the `flowforge` command at `path` for this module's file, and its
+    fast-start cache (by default beside the bytecode).  The cache's first line
+    says which interpreter and which file it is for (magic number, mtime and
+    size, as the bytecode cache does); a launcher that finds anything else
+    imports the whole module."""
+    from importlib.util import MAGIC_NUMBER
+    source_path = os.path.abspath(__file__)
+    cache = cache or os.path.join(os.path.dirname(source_path), "__pycache__", "flowforge.fast-start")
+    with open(source_path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        source = f.read()
+    fast, rest = fast_start_parts(source, source_path)
+    header = b"%s %s %d %d %s %d\n" % (FAST_START_FORMAT, MAGIC_NUMBER.hex().encode(),
+                                       stat.st_mtime_ns, stat.st_size,
+                                       ",".join(FAST_COMMANDS).encode(), len(fast))
+    makedirs_private(os.path.dirname(cache))
+    atomic_write(cache, header + fast + rest, 0o644, durable=False)
+    text = LAUNCHER % {"python": sys.executable, "lib": os.path.dirname(source_path),
+                       "cache": cache, "source": source_path, "format": FAST_START_FORMAT}
+    atomic_write(path, text.encode(), 0o755, durable=False)
 
 
 if __name__ == "__main__":

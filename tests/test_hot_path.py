@@ -329,7 +329,11 @@ def test_fsyncs_per_timer_command(repo, monkeypatch):
     assert os.path.basename(synced[0]).startswith(".current.json.tmp-")   # then renamed
     assert synced[1] == time_dir
     synced.clear()
+    changes = os.path.join(repo.root, ".flowforge", "state", "aggregate", "alice.changes.jsonl")
+    listed = open(changes, "rb").read()
+    assert listed.endswith(b'"%s"\n' % ff.local_date(ff.now(), ff.load_timezone("UTC")).encode())
     assert call(repo.root, "stop").rc == 0
+    assert open(changes, "rb").read() == listed   # today was named already (by `log`): synced only
     assert len(synced) == 4, synced
     assert synced[0] == os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(time_dir))),
                                      "state", "aggregate", "alice.changes.jsonl")   # named first
@@ -337,6 +341,9 @@ def test_fsyncs_per_timer_command(repo, monkeypatch):
     assert synced[1].endswith(".jsonl")
     assert "/flowforge/" in synced[2] and synced[2].endswith(os.path.basename(synced[1]))  # mirror
     assert os.path.basename(synced[3]).startswith(".current.json.tmp-")
+    assert call(repo.root, "log", "1", "5m", "--date", "yesterday").rc == 0
+    assert open(changes, "rb").read().startswith(listed) and len(open(changes, "rb").read()) == \
+        len(listed) + len('"2026-01-01"\n')   # a day not named yet: named before its file changes
 
 
 def test_the_command_flushes_its_output_and_keeps_its_exit_code(repo, tmp_path):
@@ -516,3 +523,205 @@ def test_quick_args_never_disagrees_with_argparse_on_any_command():
             assert vars(quick) == expected, argv
             answered.add(spec.name)
     assert {"start", "stop", "status", "aggregate"} <= answered
+
+
+# -- the fast start: the timer commands on the part of the module they use -----------
+
+def _fast_part(tmp_path):
+    """The fast part of flowforge.py run in a module of its own, and that module
+    ready to complete itself from the rest, as the launcher leaves it."""
+    import marshal
+    import types
+    with open(ff.__file__, "rb") as f:
+        fast, rest = ff.fast_start_parts(f.read(), ff.__file__)
+    (tmp_path / "rest").write_bytes(rest)
+    module = types.ModuleType("flowforge")
+    module.__file__ = ff.__file__
+    exec(marshal.loads(fast), module.__dict__)
+    module._rest_of_module = open(tmp_path / "rest", "rb")
+    return module, len(fast), len(rest)
+
+
+def _code_objects(code):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, type(code)):
+            yield from _code_objects(const)
+
+
+def test_the_fast_part_is_closed_and_completes_to_the_whole_module(tmp_path):
+    """Read from its bytecode, not from the analysis that made it: every global
+    name the fast part's code loads is bound in it (or a builtin, or a boundary
+    that leaves it); the rest rebinds nothing of it but the boundary stubs; and
+    once complete the module has every definition the whole module has, from the
+    same lines, with the same defaults, and the commands in the same order."""
+    import builtins
+    import dis
+    module, fast_bytes, rest_bytes = _fast_part(tmp_path)
+    assert fast_bytes < (fast_bytes + rest_bytes) / 2   # else the fast start is pointless
+    fast_names = dict(module.__dict__)
+    for name in ff.FAST_BOUNDARY:
+        assert fast_names[name].__qualname__.startswith("_leaving_fast_part")
+    codes = []
+    for value in fast_names.values():
+        members = vars(value).values() if isinstance(value, type) else [value]
+        for member in members:
+            member = getattr(getattr(member, "__func__", member), "fget", member)
+            if hasattr(member, "__code__"):
+                codes += _code_objects(member.__code__)
+    loaded = {i.argval for code in codes for i in dis.get_instructions(code)
+              if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    missing = {n for n in loaded if n not in fast_names and not hasattr(builtins, n)}
+    assert missing == set(), missing
+    assert "build_report" not in fast_names and "Aggregator" not in fast_names
+    assert module.__getattr__("build_report") is module.build_report   # a plugin's flowforge.X
+    assert module._rest_of_module is None
+    for name, value in fast_names.items():
+        if name not in ff.FAST_BOUNDARY + ("_rest_of_module",) and not name.startswith("__") \
+                and type(value) is not module._LazyModule:   # (which replaces itself when used)
+            assert module.__dict__[name] is value, name   # the rest rebound it
+    whole = {n: v for n, v in vars(ff).items() if not n.startswith("__") and n not in ("json", "re")}
+    assert set(whole) <= set(module.__dict__)
+    for name, value in whole.items():
+        mine = module.__dict__[name]
+        if mine is None or value is None:
+            continue   # a cache this process filled in (`global NAME` in a function)
+        assert type(mine).__qualname__ == type(value).__qualname__, name
+        if hasattr(value, "__code__"):
+            assert (mine.__code__.co_firstlineno, mine.__qualname__) == \
+                (value.__code__.co_firstlineno, value.__qualname__), name
+            assert repr(mine.__defaults__) == repr(value.__defaults__), name
+        elif isinstance(value, type) and value.__module__ == "flowforge":
+            assert sorted(vars(mine)) == sorted(vars(value)), name
+        elif isinstance(value, (int, str, bytes, tuple, frozenset)):
+            assert mine == value, name
+    assert [c.name for c in module.COMMANDS] == [c.name for c in ff.COMMANDS]
+    assert all(c.func is module.__dict__["cmd_" + c.name.replace("-", "_")] for c in module.COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """FlowForge installed with install.sh, as a user would."""
+    from conftest import clean_env
+    prefix = tmp_path_factory.mktemp("prefix")
+    subprocess.run([os.path.join(ROOT, "install.sh"), "--prefix", str(prefix)], check=True,
+                   capture_output=True, env=clean_env())
+    return prefix
+
+
+PROBE = """import flowforge
+PLUGIN_API = 1
+NAME = "probe"
+
+
+def on_stop(entry, config):
+    with open(config["out"], "a") as f:
+        f.write("%s %s\\n" % (type(flowforge.build_report).__name__, sorted(entry)))
+"""
+
+FAST_SCENARIO = [
+    ["status"], ["start", "12", "--at", "-15m", "--note", "x"], ["status"], ["status", "--json"],
+    ["switch", "13", "--project", "web", "--at", "-5m"], ["pause"], ["resume"], ["stop"],
+    ["log", "7", "30m"], ["log", "7", "-1h"], ["cancel"], ["start"], ["stop", "--bogus"],
+    ["start", "--help"], ["-q", "start", "1", "--at", "-3m"], ["stop", "--json"],
+    ["entries", "--json"], ["report", "--by", "issue"],
+]
+
+
+def _run_scenario(launcher, root, env, out):
+    seen = []
+    for step, argv in enumerate(FAST_SCENARIO):
+        e = dict(env, FLOWFORGE_NOW=str(1795172400 + 60 * step))
+        proc = subprocess.run([launcher] + argv, cwd=root, env=e, capture_output=True, text=True)
+        seen.append((argv, proc.returncode, proc.stdout, proc.stderr))
+    seen = [tuple(re.sub(r"\d{8}-[0-9a-f]{8,16}", "ID", str(x)).replace(root, "ROOT") for x in row)
+            for row in seen]
+    return seen, out.read_text().splitlines()
+
+
+def test_installed_timer_commands_start_fast_and_answer_as_the_whole_module(installed, tmp_path):
+    """The same day's commands twice, through the installed launcher: once with
+    its fast-start cache, once without (the whole module, as before it): the
+    same output, errors and exit codes, argparse's answers included, and a
+    plugin (those installed beside the module too, which ask for names of the
+    rest as they are imported) gets what it asks for.  No timer command imports
+    the module through the import system; every other command does."""
+    from conftest import clean_env, make_git_repo
+    launcher = str(installed / "bin" / "flowforge")
+    cache = installed / "lib" / "flowforge" / "__pycache__" / "flowforge.fast-start"
+    assert cache.read_bytes().startswith(ff.FAST_START_FORMAT + b" ")
+    results = {}
+    for kind in ("fast", "whole"):
+        root = make_git_repo(str(tmp_path / kind))
+        env = clean_env(HOME=str(tmp_path / ("home-" + kind)), FLOWFORGE_USER="alice",
+                        FLOWFORGE_PLUGIN_PATH=str(tmp_path / "plugins"))
+        (tmp_path / "plugins").mkdir(exist_ok=True)
+        (tmp_path / "plugins" / "probe.py").write_text(PROBE)
+        subprocess.run([launcher, "init", "--timezone", "Europe/Berlin"], cwd=root, env=env,
+                       check=True, capture_output=True)
+        out = tmp_path / ("probe-" + kind)
+        out.write_text("")
+        config_path = os.path.join(root, ".flowforge", "config.json")
+        config = json.load(open(config_path))
+        config["plugins"] = {"probe": {"out": str(out)}}
+        json.dump(config, open(config_path, "w"))
+        if kind == "fast":
+            traced = subprocess.run([launcher, "status"], cwd=root, capture_output=True, text=True,
+                                    env=dict(env, PYTHONPROFILEIMPORTTIME="1"))
+            assert traced.returncode == 0 and "| flowforge\n" not in traced.stderr, traced.stderr
+            traced = subprocess.run([launcher, "entries"], cwd=root, capture_output=True, text=True,
+                                    env=dict(env, PYTHONPROFILEIMPORTTIME="1"))
+            assert traced.returncode == 0 and "| flowforge\n" in traced.stderr
+        else:
+            cache.rename(str(cache) + ".away")
+        try:
+            results[kind] = _run_scenario(launcher, root, env, out)
+        finally:
+            if kind == "whole":
+                os.rename(str(cache) + ".away", cache)
+    (fast, fast_probe), (whole, whole_probe) = results["fast"], results["whole"]
+    for mine, theirs in zip(fast, whole):
+        assert mine == theirs
+    assert [int(rc) for _, rc, _, _ in fast] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1, 64, 64, 0, 0, 0, 0,
+                                                 0], fast
+    assert "usage: flowforge start" in fast[13][2]
+    assert len(fast_probe) == 3 and all(line.startswith("function [") for line in fast_probe)
+    assert whole_probe == fast_probe
+
+
+def test_a_stale_or_damaged_fast_start_cache_imports_the_whole_module(installed, tmp_path):
+    """A flowforge.py changed after the install (another mtime or size), a cache
+    torn short, or one full of garbage: the launcher imports the whole module,
+    and the command answers as ever."""
+    from conftest import clean_env, make_git_repo
+    launcher = str(installed / "bin" / "flowforge")
+    lib = installed / "lib" / "flowforge"
+    cache = lib / "__pycache__" / "flowforge.fast-start"
+    source = lib / "flowforge.py"
+    good, stat = cache.read_bytes(), source.stat()
+    root = make_git_repo(str(tmp_path / "repo"))
+    env = clean_env(HOME=str(tmp_path / "home"), FLOWFORGE_USER="alice", PYTHONPROFILEIMPORTTIME="1")
+    subprocess.run([launcher, "init", "--timezone", "UTC"], cwd=root, env=env, check=True,
+                   capture_output=True)
+
+    def status():
+        proc = subprocess.run([launcher, "status"], cwd=root, env=env, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0 and "no timer running" in proc.stdout, proc.stderr
+        return "| flowforge\n" in proc.stderr   # imported whole
+
+    try:
+        assert status() is False
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+        assert status() is True
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert status() is False
+        header = good[:good.index(b"\n") + 1]
+        for damaged in (good[:len(header) + 1000], header + b"\x00garbage" * 100,
+                        header.replace(b"status", b"statu"), b"", good.replace(b"/1 ", b"/2 ", 1)):
+            cache.write_bytes(damaged)
+            assert status() is True
+    finally:
+        cache.write_bytes(good)
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert status() is False
