@@ -2500,10 +2500,13 @@ class PrivateStore:
         self.timer_path = os.path.join(self.time_dir, "current.json")
         self.far_path = os.path.join(self.time_dir, "far.json")
         self.changes_path = os.path.join(repo.aggstate, user + ".changes.jsonl")
+        self.reach_path = (None if directory else
+                           os.path.join(repo.state, "cache", "reach", user + ".jsonl"))
         self._settings = None
         self._zone = None
         self._clock = None
         self._salvaged = None
+        self._reach_lines = 0
 
     # -- settings -----------------------------------------------------------
 
@@ -2949,7 +2952,8 @@ class PrivateStore:
     def entries_near(self, first_day, last_day):
         """{id: (day file, entry)} of every entry that can have time from
         `first_day` to `last_day`: those in the day files up to REACH_DAYS
-        either side.  The caller holds the store lock."""
+        either side (of the files outside those days, only the entries with
+        time beyond their file's day).  The caller holds the store lock."""
         low, high = shift_day(first_day, -REACH_DAYS), shift_day(last_day, REACH_DAYS)
         if high <= shift_day(low, 62):  # a few probes beat listing years of day files
             days = [shift_day(low, n) for n in range(_day_count(low, high))]
@@ -2957,12 +2961,86 @@ class PrivateStore:
             days = [d for d in self.days() if low <= d <= high]
         far = self.far_entries()
         days += sorted({day for day in far.values() if not low <= day <= high})
-        found = {}
+        found, reach, noted = {}, None, []
         for day in days:
-            for entry_id, entry in self.entries_of_day(day).items():
+            if first_day <= day <= last_day or day in far.values() or not self.reach_path:
+                entries = self.entries_of_day(day)
+            else:   # only its entries with time on other days can have time on those asked
+                if reach is None:
+                    reach = self._read_reach()
+                entries = self._entries_reaching(day, reach, noted)
+            for entry_id, entry in entries.items():
                 if low <= day <= high or entry_id in far:
                     found[entry_id] = (day, entry)
+        if noted:
+            self._note_reach(reach, noted)
         return found
+
+    # A heavy user's day file holds a few hundred records, and "the entries
+    # with time on D" reads five of them, though few entries have time beyond
+    # their own day (past midnight, or after a change of time zone).  So once
+    # a file has been read for other days than its own, the entries it holds
+    # that have time on other days are kept in .flowforge/state/cache/reach/
+    # <user>.jsonl with its size, mtime and the store's time zone; while those
+    # match, they stand for the file when other days are asked for (entries
+    # with no time on the days asked for are nobody's business).  A cache: a
+    # line that fails its crc, or a file that does not match, is read again.
+
+    REACH_DAYS_KEPT = 16   # the newest files' lines, when the cache is rewritten
+
+    def _read_reach(self):
+        """{day: [size, mtime_ns, zone, {id: entry with time on other days}]}."""
+        found = {}
+        try:
+            raw = read_bytes(self.reach_path)
+        except (OSError, FlowForgeError):
+            return found
+        lines = raw.split(b"\n")[:-1]
+        self._reach_lines = len(lines)
+        for line in lines:
+            try:
+                note = decode_record(line).get("reach")
+            except ValueError:
+                continue
+            if type(note) is list and len(note) == 5 and type(note[0]) is str \
+                    and is_iso_date(note[0]) and type(note[4]) is dict:
+                found[note[0]] = note[1:]
+        return found
+
+    def _entries_reaching(self, day, reach, noted):
+        """The entries of `day`'s file that have time on other days."""
+        try:
+            st = os.lstat(self.day_path(day))
+        except FileNotFoundError:
+            return {}
+        known = reach.get(day)
+        if known and known[:3] == [st.st_size, st.st_mtime_ns, self.tz_name] \
+                and st.st_mode & 0o170000 == 0o100000:
+            return known[3]
+        records, stat = self.read_day_and_stat(day)
+        split = self.clock.split
+        entries = {entry_id: entry for entry_id, entry in resolve_entries(records).items()
+                   if any(d != day for d, _ in entry_parts(entry, split))}
+        if stat is not None:
+            noted.append([day] + stat + [self.tz_name, entries])
+        return entries
+
+    def _note_reach(self, reach, noted):
+        """Append the new lines to the reach cache, or rewrite it with the
+        newest files' once it holds twice as many; a failure only costs the
+        next command time.  The caller holds the store lock."""
+        lines = b"".join(encode_record({"reach": note}) for note in noted)
+        try:
+            makedirs_private(os.path.dirname(self.reach_path))
+            if self._reach_lines + len(noted) > 2 * self.REACH_DAYS_KEPT:
+                reach.update((note[0], note[1:]) for note in noted)
+                lines = b"".join(encode_record({"reach": [day] + reach[day]})
+                                 for day in sorted(reach)[-self.REACH_DAYS_KEPT:])
+                atomic_write(self.reach_path, lines, 0o600, durable=False)
+            else:
+                append_durable(self.reach_path, lines, durable=False)
+        except (OSError, FlowForgeError):
+            pass
 
     def far_entries(self):
         """{entry id: day file} of entries that may hold time beyond REACH_DAYS

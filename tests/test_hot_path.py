@@ -725,3 +725,77 @@ def test_a_stale_or_damaged_fast_start_cache_imports_the_whole_module(installed,
         cache.write_bytes(good)
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert status() is False
+
+
+def test_the_reach_cache_answers_as_reading_every_file(repo):
+    """entries_near with the reach cache -- warm, and after each change: entries
+    across midnight, edits that move an entry over it, deletes, a new time
+    zone, a file touched by hand, a damaged cache -- gives, for every range of
+    days, the entries with time in it that reading every file gives."""
+    from conftest import call
+    rng = random.Random(11)
+    env = {"FLOWFORGE_NOW": "2026-12-01T12:00:00Z"}
+    first = date(2026, 11, 1)
+    days = [(first + timedelta(days=n)).isoformat() for n in range(20)]
+
+    def log_some(count):
+        for _ in range(count):
+            start = datetime(2026, 11, 1, 6) + timedelta(days=rng.randrange(18),
+                                                        minutes=rng.randrange(0, 18 * 60, 7))
+            end = start + timedelta(minutes=rng.choice([20, 45, 90, 300, 600]))
+            r = call(repo.root, "log", str(rng.randrange(1, 9)), "--start",
+                     start.strftime("%Y-%m-%d %H:%M"), "--end", end.strftime("%Y-%m-%d %H:%M"),
+                     "--json", env=env)
+            assert r.rc in (0, 65), r   # 65: overlaps an earlier one, refused
+
+    def entries():
+        return [e for day in days for e in call(repo.root, "entries", "--date", day, "--json",
+                                                env=env).json["entries"]]
+
+    def check():
+        ff_repo = ff.Repo(repo.root)
+        cached, plain = ff.PrivateStore(ff_repo, "alice"), ff.PrivateStore(ff_repo, "alice")
+        plain.reach_path = None
+        split = plain.clock.split
+        for low in days:
+            for span in (0, 1, 3):
+                high = min(days[-1], (date.fromisoformat(low) + timedelta(days=span)).isoformat())
+                seen = []
+                for store in (cached, plain):
+                    near = store.entries_near(low, high)
+                    seen.append({i: entry for i, (_, entry) in near.items()
+                                 if any(low <= d <= high for d, _ in ff.entry_parts(entry, split))})
+                assert seen[0] == seen[1], (low, high)
+        return os.path.join(repo.root, ".flowforge", "state", "cache", "reach", "alice.jsonl")
+
+    log_some(60)
+    check()
+    reach = check()   # warm: the cache answers
+    assert os.path.getsize(reach) > 0
+    for _ in range(3):
+        log_some(10)
+        check()
+        late = [e for e in entries() if e.get("segments")]
+        moved = rng.choice(late)
+        end = moved["segments"][-1][1] + rng.choice([3600, 6 * 3600])
+        call(repo.root, "edit", moved["id"], "--end",
+             datetime.fromtimestamp(end, ff.load_timezone("UTC")).strftime("%Y-%m-%d %H:%M"),
+             "--allow-overlap", env=env)
+        check()
+        call(repo.root, "delete", rng.choice(late)["id"], env=env)
+        check()
+    for zone in ("Asia/Tokyo", "America/Los_Angeles"):   # days ahead, then behind the files'
+        assert call(repo.root, "init", "--timezone", zone, env=env).rc == 0
+        check()
+    daily = os.path.join(repo.root, ".flowforge", "user", "alice", "time", "daily")
+    for name in sorted(os.listdir(daily))[::3]:
+        path = os.path.join(daily, name)
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    check()
+    with open(reach, "r+b") as f:
+        raw = f.read()
+        f.seek(len(raw) // 2)
+        f.write(b"garbage\n")
+    check()
+    lines = open(reach, "rb").read().splitlines()
+    assert len(lines) <= 2 * ff.PrivateStore.REACH_DAYS_KEPT   # rewritten with the newest files
