@@ -2501,7 +2501,7 @@ class PrivateStore:
         self.far_path = os.path.join(self.time_dir, "far.json")
         self.changes_path = os.path.join(repo.aggstate, user + ".changes.jsonl")
         self.reach_path = (None if directory else
-                           os.path.join(repo.state, "cache", "reach", user + ".jsonl"))
+                           os.path.join(repo.state, "cache", "reach", user + ".rec"))
         self._settings = None
         self._zone = None
         self._clock = None
@@ -2670,20 +2670,6 @@ class PrivateStore:
             os.replace(self.changes_path, "%s.not-a-list-%s" % (self.changes_path,
                                                                os.urandom(4).hex()))
             log_event(self.repo, "changes-list-replaced", user=self.user)
-        named = self.read_changes()[1] if regular else None
-        if named is not None and named >= set(days):
-            # Named since the last aggregation (a day's second stop): nothing to
-            # add.  The fsync stays, almost free on a clean file: it makes the
-            # note durable even if its writer was killed before its own fsync.
-            try:
-                fd = os.open(self.changes_path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise StorageError(self.changes_path, e)
-            return
         if not regular:
             makedirs_private(os.path.dirname(self.changes_path))
             lines = canonical_bytes({"list": os.urandom(8).hex()}) + lines
@@ -2981,7 +2967,7 @@ class PrivateStore:
     # their own day (past midnight, or after a change of time zone).  So once
     # a file has been read for other days than its own, the entries it holds
     # that have time on other days are kept in .flowforge/state/cache/reach/
-    # <user>.jsonl with its size, mtime and the store's time zone; while those
+    # <user>.rec with its size, mtime and the store's time zone; while those
     # match, they stand for the file when other days are asked for (entries
     # with no time on the days asked for are nobody's business).  A cache: a
     # line that fails its crc, or a file that does not match, is read again.
