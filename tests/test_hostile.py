@@ -147,3 +147,58 @@ def test_a_huge_shard_in_the_old_in_tree_layout_is_refused_unread(repo):
     for args in (("report", "--json"), ("migrate",)):
         r = repo(*args, env=NOW)
         assert r.rc == 65 and "bytes, more than" in r.err and r.err.count("\n") == 1, (args, r)
+
+
+def rows_by_hand(rows, month):
+    """The rule a shard's rows follow, one row at a time: (by_issue, by_project), or
+    None when some row is not [period of the month, issue, project, 0 < seconds <= a year]."""
+    periods = {"%s-%02d" % (month, d) for d in range(1, 31)}
+    by_issue, by_project = {}, {}
+    for row in rows:
+        if not (type(row) is list and len(row) == 4):
+            return None
+        period, issue, project, seconds = row
+        if not (type(period) is str and period in periods and type(issue) is str
+                and type(project) is str and len(issue) <= 1000 and len(project) <= 1000
+                and type(seconds) is int and 0 < seconds <= 366 * 86400):
+            return None
+        by_issue[issue] = by_issue.get(issue, 0) + seconds
+        by_project[project] = by_project.get(project, 0) + seconds
+    return by_issue, by_project
+
+
+def test_a_shards_rows_are_checked_as_the_rule_says():
+    """On thousands of random rows, one spoilt cell each (a bool, a float, 0, a
+    year and a second, a period of another month or none, a list, a tuple row,
+    three or five cells, a long name), check_shard_sums accepts exactly what the
+    rule accepts, sums the same, and names a malformed row otherwise."""
+    import random
+    rnd = random.Random(14)
+    spoils = [lambda r: r.__setitem__(3, True), lambda r: r.__setitem__(3, 1.0),
+              lambda r: r.__setitem__(3, 0), lambda r: r.__setitem__(3, -5),
+              lambda r: r.__setitem__(3, 366 * 86400 + 1), lambda r: r.__setitem__(0, "2026-10-31"),
+              lambda r: r.__setitem__(0, ["2026-11-16"]), lambda r: r.__setitem__(1, 7),
+              lambda r: r.__setitem__(2, None), lambda r: r.__setitem__(1, "x" * 1001),
+              lambda r: r.append(1), lambda r: r.pop(), lambda r: r.__setitem__(0, "2026-11-31")]
+    outcomes = set()
+    for case in range(3000):
+        rows = [["2026-11-%02d" % rnd.randint(1, 30), rnd.choice("abc"), rnd.choice(["", "p"]),
+                 rnd.choice([1, 60, 3600, 366 * 86400])] for _ in range(rnd.randint(0, 6))]
+        if rows and case % 3:
+            rnd.choice(spoils)(rnd.choice(rows))
+            if case % 7 == 0:
+                rows[rnd.randrange(len(rows))] = tuple(rows[0])
+        expected = rows_by_hand(rows, "2026-11")
+        doc = {"user": "alice", "store": "s1", "month": "2026-11", "granularity": "day",
+               "rows": rows, "totals": {"seconds": sum(expected[0].values()) if expected else 0,
+                                        "by_issue": expected[0] if expected else {}}}
+        try:
+            got = flowforge.check_shard_sums(doc)
+        except ValueError as e:
+            assert expected is None, (rows, e)
+            assert "malformed row" in str(e), (rows, e)
+            outcomes.add("refused")
+            continue
+        assert expected is not None and got == expected[1], rows
+        outcomes.add("accepted")
+    assert outcomes == {"accepted", "refused"}
