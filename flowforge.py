@@ -2755,6 +2755,11 @@ class PrivateStore:
 
     def read_day_and_stat(self, day_iso):
         """(records, [size, mtime_ns]) of one day file, as it is after any salvage."""
+        records, st = self._read_day_and_stat_result(day_iso)
+        return records, (None if st is None else [st.st_size, st.st_mtime_ns])
+
+    def _read_day_and_stat_result(self, day_iso):
+        """(records, os.stat_result or None) of one day file, after any salvage."""
         path = self.day_path(day_iso)
         try:
             raw, st = read_bytes_and_stat(path)
@@ -2763,7 +2768,7 @@ class PrivateStore:
         records = self._parse_day(path, raw)
         if self._salvaged == path:  # rewritten with its good lines
             st = os.stat(path)
-        return records, [st.st_size, st.st_mtime_ns]
+        return records, st
 
     def read_all_days(self, batch_bytes=1 << 16):
         """(day, records, [size, mtime_ns]) of every day file, as read_day_and_stat
@@ -2967,29 +2972,38 @@ class PrivateStore:
     # their own day (past midnight, or after a change of time zone).  So once
     # a file has been read for other days than its own, the entries it holds
     # that have time on other days are kept in .flowforge/state/cache/reach/
-    # <user>.rec with its size, mtime and the store's time zone; while those
-    # match, they stand for the file when other days are asked for (entries
-    # with no time on the days asked for are nobody's business).  A cache: a
-    # line that fails its crc, or a file that does not match, is read again.
+    # <user>.rec with its size, mtime, inode and ctime (a file replaced with
+    # the same size and mtime has another inode, or a new ctime, which utime
+    # cannot set back) and the store's time zone; while those match, they
+    # stand for the file when other days are asked for (entries with no time
+    # on the days asked for are nobody's business).  A cache: a line that
+    # fails its crc, is of another schema or holds what is not an entry, or a
+    # file that does not match, is read again.
 
     REACH_DAYS_KEPT = 16   # the newest files' lines, when the cache is rewritten
+    REACH_SCHEMA = 1
 
     def _read_reach(self):
-        """{day: [size, mtime_ns, zone, {id: entry with time on other days}]}."""
+        """{day: [size, mtime_ns, inode, ctime_ns, zone, {id: entry with time on other days}]}."""
         found = {}
         try:
             raw = read_bytes(self.reach_path)
         except (OSError, FlowForgeError):
             return found
-        lines = raw.split(b"\n")[:-1]
-        self._reach_lines = len(lines)
-        for line in lines:
+        lines = raw.split(b"\n")
+        # a torn last line (a crash mid-append): the next append would join it
+        self._reach_lines = len(lines) - 1 if not lines[-1] else 2 * self.REACH_DAYS_KEPT
+        for line in lines[:-1]:
             try:
-                note = decode_record(line).get("reach")
+                record = decode_record(line)
             except ValueError:
                 continue
-            if type(note) is list and len(note) == 5 and type(note[0]) is str \
-                    and is_iso_date(note[0]) and type(note[4]) is dict:
+            note = record.get("reach")
+            if record.get("schema") == self.REACH_SCHEMA and type(note) is list and len(note) == 7 \
+                    and type(note[0]) is str and is_iso_date(note[0]) and type(note[6]) is dict \
+                    and all(type(entry) is dict and entry.get("id") == entry_id
+                            and entry.get("op") == "entry" and _valid_record(entry)
+                            for entry_id, entry in note[6].items()):
                 found[note[0]] = note[1:]
         return found
 
@@ -3000,27 +3014,30 @@ class PrivateStore:
         except FileNotFoundError:
             return {}
         known = reach.get(day)
-        if known and known[:3] == [st.st_size, st.st_mtime_ns, self.tz_name] \
-                and st.st_mode & 0o170000 == 0o100000:
-            return known[3]
-        records, stat = self.read_day_and_stat(day)
+        if known and known[:5] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
+                                   self.tz_name] and st.st_mode & 0o170000 == 0o100000:
+            return known[5]
+        records, st = self._read_day_and_stat_result(day)
         split = self.clock.split
         entries = {entry_id: entry for entry_id, entry in resolve_entries(records).items()
                    if any(d != day for d, _ in entry_parts(entry, split))}
-        if stat is not None:
-            noted.append([day] + stat + [self.tz_name, entries])
+        if st is not None:
+            noted.append([day, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
+                          self.tz_name, entries])
         return entries
 
     def _note_reach(self, reach, noted):
         """Append the new lines to the reach cache, or rewrite it with the
-        newest files' once it holds twice as many; a failure only costs the
-        next command time.  The caller holds the store lock."""
-        lines = b"".join(encode_record({"reach": note}) for note in noted)
+        newest files' once it holds twice as many (or ends in a torn line); a
+        failure only costs the next command time.  The caller holds the store
+        lock."""
+        schema = self.REACH_SCHEMA
+        lines = b"".join(encode_record({"reach": note, "schema": schema}) for note in noted)
         try:
             makedirs_private(os.path.dirname(self.reach_path))
             if self._reach_lines + len(noted) > 2 * self.REACH_DAYS_KEPT:
                 reach.update((note[0], note[1:]) for note in noted)
-                lines = b"".join(encode_record({"reach": [day] + reach[day]})
+                lines = b"".join(encode_record({"reach": [day] + reach[day], "schema": schema})
                                  for day in sorted(reach)[-self.REACH_DAYS_KEPT:])
                 atomic_write(self.reach_path, lines, 0o600, durable=False)
             else:
@@ -13710,31 +13727,61 @@ FAST_COMMANDS = ("start", "stop", "status", "switch", "pause", "resume", "cancel
 # command line quick_args does not take, and the hook shims' command.  In the
 # fast part each is a function that completes the module, then calls the real one.
 FAST_BOUNDARY = ("build_parser", "cmd_hook", "_HookArgs")
-FAST_START_FORMAT = b"flowforge-fast-start/1"
-# While this module is the fast part: the cache file, open where the rest's
-# marshalled code begins (a reinstall replaces the file, not these bytes).
+FAST_START_FORMAT = b"flowforge-fast-start/2"
+# While this module is the fast part: (the cache file, open where the rest's
+# marshalled code begins, the rest's length, its crc32).  A reinstall
+# replaces the file, not these bytes.
 _rest_of_module = None
 
 
 def complete_module():
-    """Run the rest of the module, once (nothing to do when it is whole)."""
+    """Run the rest of the module, once (nothing to do when it is whole).
+
+    The rest's bytes are checked as the fast part's were: a cache torn or
+    damaged after the launcher read its header (it is a file like any other)
+    gives the rest compiled from the source instead, not half a module.  A name
+    of the rest that is already set, but for the boundary stubs it replaces, was
+    set by someone else -- a plugin's `flowforge.NAME = ...` (the fast part
+    binds none of them) -- and stays."""
     global _rest_of_module
-    cache, _rest_of_module = _rest_of_module, None
-    if cache is not None:
-        import marshal
+    rest, _rest_of_module = _rest_of_module, None
+    if rest is None:
+        return
+    import marshal
+    cache, size, crc = rest
+    try:
         with cache:
-            exec(marshal.load(cache), globals())
-        COMMANDS.sort(key=lambda spec: spec.func.__code__.co_firstlineno)   # source order
+            data = cache.read(size + 1)
+        if len(data) != size or zlib.crc32(data) != crc:
+            raise ValueError("the fast-start cache changed after its header was read")
+        code = marshal.loads(data)
+    except (OSError, ValueError, EOFError, TypeError):
+        with open(__file__, "rb") as f:
+            code = marshal.loads(fast_start_parts(f.read(), __file__)[1])
+    names = globals()
+    before = dict(names)
+    exec(code, names)
+    names.update((name, value) for name, value in before.items()
+                 if names[name] is not value and name not in FAST_BOUNDARY)
+    COMMANDS.sort(key=lambda spec: spec.func.__code__.co_firstlineno)   # source order
 
 
 def __getattr__(name):
     """`flowforge.NAME` that the fast part does not have (PEP 562).  Not for
-    the import system's probes (`__spec__`, `__path__`): none is in the rest."""
-    if _rest_of_module is not None and not name.startswith("__"):
+    the import system's probes (`__spec__`, `__path__`): none is in the rest;
+    but `__all__`, which `from flowforge import *` asks for (there is none:
+    the star import then takes every public name, of the whole module)."""
+    if _rest_of_module is not None and (not name.startswith("__") or name == "__all__"):
         complete_module()
         if name in globals():
             return globals()[name]
     raise AttributeError("module 'flowforge' has no attribute %r" % name)
+
+
+def __dir__():
+    """dir(flowforge): the whole module's names, as imported."""
+    complete_module()
+    return sorted(globals())
 
 
 def _leaving_fast_part(name):
@@ -13764,8 +13811,8 @@ def fast_start_parts(source, filename):
         for name in bound:
             binds.setdefault(name, []).append(i)
         names.append({node.id for node in ast.walk(statement) if isinstance(node, ast.Name)})
-    roots = {"main", "run", "__getattr__", "_leaving_fast_part"} | {"cmd_" + name for name in
-                                                                    FAST_COMMANDS}
+    roots = {"main", "run", "__getattr__", "__dir__", "_leaving_fast_part"} | {
+        "cmd_" + name for name in FAST_COMMANDS}
     todo = [i for i, statement in enumerate(body)
             if not isinstance(statement, (ast.FunctionDef, ast.ClassDef)) or statement.name in roots]
     fast = set()
@@ -13796,6 +13843,7 @@ sys.path.insert(0, %(lib)r)
 def fast_start():
     import marshal
     import os
+    import zlib
     from _frozen_importlib_external import MAGIC_NUMBER
     try:
         cache = open(%(cache)r, "rb")
@@ -13804,7 +13852,11 @@ def fast_start():
         if header[:4] != [%(format)r, MAGIC_NUMBER.hex().encode(), b"%%d" %% stat.st_mtime_ns,
                           b"%%d" %% stat.st_size] or sys.argv[1].encode() not in header[4].split(b","):
             return None
-        fast = marshal.loads(cache.read(int(header[5])))
+        data = cache.read(int(header[5]))
+        if zlib.crc32(data) != int(header[6]):
+            return None
+        fast = marshal.loads(data)
+        rest = (cache, int(header[7]), int(header[8]))
     except (OSError, ValueError, EOFError, TypeError, IndexError):
         return None
     if type(fast) is not type(fast_start.__code__):
@@ -13814,7 +13866,7 @@ def fast_start():
     module.__spec__ = None   # as for a script: nothing to find it again with
     sys.modules["flowforge"] = module
     exec(fast, module.__dict__)
-    module._rest_of_module = cache   # read only when asked for: two thirds of the bytes
+    module._rest_of_module = rest   # read only when asked for: two thirds of the bytes
     return module
 
 
@@ -13829,8 +13881,8 @@ def write_launcher(path, cache=None):
     """Write the `flowforge` command at `path` for this module's file, and its
     fast-start cache (by default beside the bytecode).  The cache's first line
     says which interpreter and which file it is for (magic number, mtime and
-    size, as the bytecode cache does); a launcher that finds anything else
-    imports the whole module."""
+    size, as the bytecode cache does), and the length and crc32 of each part;
+    a launcher that finds anything else imports the whole module."""
     from importlib.util import MAGIC_NUMBER
     source_path = os.path.abspath(__file__)
     cache = cache or os.path.join(os.path.dirname(source_path), "__pycache__", "flowforge.fast-start")
@@ -13838,11 +13890,11 @@ def write_launcher(path, cache=None):
         stat = os.fstat(f.fileno())
         source = f.read()
     fast, rest = fast_start_parts(source, source_path)
-    header = b"%s %s %d %d %s %d\n" % (FAST_START_FORMAT, MAGIC_NUMBER.hex().encode(),
-                                       stat.st_mtime_ns, stat.st_size,
-                                       ",".join(FAST_COMMANDS).encode(), len(fast))
+    header = b"%s %s %d %d %s %d %d %d %d\n" % (
+        FAST_START_FORMAT, MAGIC_NUMBER.hex().encode(), stat.st_mtime_ns, stat.st_size,
+        ",".join(FAST_COMMANDS).encode(), len(fast), zlib.crc32(fast), len(rest), zlib.crc32(rest))
     makedirs_private(os.path.dirname(cache))
-    atomic_write(cache, header + fast + rest, 0o644, durable=False)
+    atomic_write(cache, header + fast + rest, 0o644)
     text = LAUNCHER % {"python": sys.executable, "lib": os.path.dirname(source_path),
                        "cache": cache, "source": source_path, "format": FAST_START_FORMAT}
     atomic_write(path, text.encode(), 0o755, durable=False)

@@ -520,18 +520,20 @@ def test_quick_args_never_disagrees_with_argparse_on_any_command():
 
 # -- the fast start: the timer commands on the part of the module they use -----------
 
-def _fast_part(tmp_path):
+def _fast_part(tmp_path, damage=None):
     """The fast part of flowforge.py run in a module of its own, and that module
-    ready to complete itself from the rest, as the launcher leaves it."""
+    ready to complete itself from the rest, as the launcher leaves it (the
+    rest's bytes as `damage` makes them, after the launcher's check)."""
     import marshal
     import types
+    import zlib
     with open(ff.__file__, "rb") as f:
         fast, rest = ff.fast_start_parts(f.read(), ff.__file__)
-    (tmp_path / "rest").write_bytes(rest)
+    (tmp_path / "rest").write_bytes(damage(rest) if damage else rest)
     module = types.ModuleType("flowforge")
     module.__file__ = ff.__file__
     exec(marshal.loads(fast), module.__dict__)
-    module._rest_of_module = open(tmp_path / "rest", "rb")
+    module._rest_of_module = (open(tmp_path / "rest", "rb"), len(rest), zlib.crc32(rest))
     return module, len(fast), len(rest)
 
 
@@ -590,6 +592,55 @@ def test_the_fast_part_is_closed_and_completes_to_the_whole_module(tmp_path):
             assert mine == value, name
     assert [c.name for c in module.COMMANDS] == [c.name for c in ff.COMMANDS]
     assert all(c.func is module.__dict__["cmd_" + c.name.replace("-", "_")] for c in module.COMMANDS)
+
+
+def _whole(module):
+    """The module completed itself into the whole one (its definitions, from the same lines)."""
+    assert module._rest_of_module is None
+    for name, value in vars(ff).items():
+        if callable(value) and hasattr(value, "__code__") and not name.startswith("__"):
+            assert module.__dict__[name].__code__.co_firstlineno == value.__code__.co_firstlineno, name
+    assert [c.name for c in module.COMMANDS] == [c.name for c in ff.COMMANDS]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-5000], lambda b: b[:100] + b"\xff" + b[101:],
+                                    lambda b: b"", lambda b: b"\x00" * len(b)],
+                         ids=["torn", "one byte", "empty", "zeros"])
+def test_a_rest_damaged_after_the_launchers_check_is_compiled_from_the_source(tmp_path, damage):
+    """The launcher checks the header and the fast part; the rest is read later,
+    when something asks for it.  Torn, a byte changed, emptied or zeroed by
+    then, it is not half run: the module completes from flowforge.py itself."""
+    module, _, _ = _fast_part(tmp_path, damage)
+    assert "build_report" not in module.__dict__
+    assert callable(module.__getattr__("build_report"))
+    _whole(module)
+
+
+def test_what_a_plugin_sets_before_the_module_completes_stays(tmp_path, monkeypatch):
+    """A plugin's `flowforge.NAME = ...` for a name of the rest, before anything
+    completed the module, is what the module has after it (as it would be on
+    the whole module); dir() and `from flowforge import *` see the whole module."""
+    import sys
+    module, _, _ = _fast_part(tmp_path)
+    assert "enqueue_sync" not in module.__dict__ and "build_report" not in module.__dict__
+
+    def dry_run(*args, **kwargs):
+        return None
+    module.enqueue_sync = dry_run
+    module.__getattr__("build_report")
+    assert module.enqueue_sync is dry_run and module.__dict__["enqueue_sync"] is dry_run
+    assert {n for n in vars(ff) if not n.startswith("__")} <= set(module.__dict__)
+    for check in ("dir", "star"):
+        (tmp_path / check).mkdir()
+        module, _, _ = _fast_part(tmp_path / check)
+        if check == "dir":
+            assert "build_report" in dir(module)
+        else:
+            monkeypatch.setitem(sys.modules, "flowforge", module)
+            names = {}
+            exec("from flowforge import *", names)
+            assert "build_report" in names and "Aggregator" in names
+        _whole(module)
 
 
 @pytest.fixture(scope="module")
@@ -711,9 +762,19 @@ def test_a_stale_or_damaged_fast_start_cache_imports_the_whole_module(installed,
         assert status() is False
         header = good[:good.index(b"\n") + 1]
         for damaged in (good[:len(header) + 1000], header + b"\x00garbage" * 100,
-                        header.replace(b"status", b"statu"), b"", good.replace(b"/1 ", b"/2 ", 1)):
+                        header.replace(b"status", b"statu"), b"", good.replace(b"/2 ", b"/1 ", 1),
+                        good[:len(header) + 5000] + b"\xff" + good[len(header) + 5001:]):
             cache.write_bytes(damaged)
             assert status() is True
+        # the rest torn or changed: the fast part runs, and what needs the rest
+        # (argparse's answer to a mistake) gets it from the source
+        for damaged in (good[:-5000], good[:-5000] + b"\xff" + good[-4999:]):
+            cache.write_bytes(damaged)
+            assert status() is False
+            proc = subprocess.run([launcher, "stop", "--bogus"], cwd=root, env=env,
+                                  capture_output=True, text=True)
+            assert proc.returncode == 64 and "unrecognized arguments" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
     finally:
         cache.write_bytes(good)
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -723,8 +784,10 @@ def test_a_stale_or_damaged_fast_start_cache_imports_the_whole_module(installed,
 def test_the_reach_cache_answers_as_reading_every_file(repo):
     """entries_near with the reach cache -- warm, and after each change: entries
     across midnight, edits that move an entry over it, deletes, a new time
-    zone, a file touched by hand, a damaged cache -- gives, for every range of
-    days, the entries with time in it that reading every file gives."""
+    zone, a file touched by hand, a damaged cache, a file changed in place or
+    replaced with its size and mtime kept, crc-valid lines of what is not an
+    entry, a torn last line -- gives, for every range of days, the entries with
+    time in it that reading every file gives, and never a traceback."""
     from conftest import call
     rng = random.Random(11)
     env = {"FLOWFORGE_NOW": "2026-12-01T12:00:00Z"}
@@ -792,3 +855,60 @@ def test_the_reach_cache_answers_as_reading_every_file(repo):
     check()
     lines = open(reach, "rb").read().splitlines()
     assert len(lines) <= 2 * ff.PrivateStore.REACH_DAYS_KEPT   # rewritten with the newest files
+
+    # A day file the cache stands for, changed without changing its size or
+    # mtime: an entry's end moved by a few seconds (the same digits), the file
+    # rewritten in place or replaced, its mtime set back.
+    def cached_days():
+        notes = []
+        for line in open(reach, "rb").read().splitlines():
+            try:
+                notes.append(ff.decode_record(line)["reach"])
+            except ValueError:
+                continue   # the garbage above, if no rewrite has dropped it yet
+        last = {n[0]: n for n in notes}   # (a file's last line is the one that counts)
+        return {day: [i for i, e in n[-1].items() if e.get("segments")] for day, n in last.items()
+                if any(e.get("segments") for e in n[-1].values())}
+    for replace in (False, True):
+        day, reaching = sorted(cached_days().items())[-1]   # an entry the cache holds
+        path = os.path.join(daily, day + ".jsonl")
+        old, st = open(path, "rb").read(), os.stat(path)
+        records = [ff.decode_record(line) for line in old.splitlines()]
+        moved = next(r for r in records if r["id"] in reaching and r.get("segments")
+                     and r["segments"][-1][1] % 100 < 90)
+        moved["segments"][-1][1] += 7
+        new = b"".join(ff.encode_record(r) for r in records)
+        assert len(new) == len(old) and new != old
+        if replace:
+            with open(path + ".new", "wb") as f:
+                f.write(new)
+            os.replace(path + ".new", path)
+        else:
+            with open(path, "r+b") as f:
+                f.write(new)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+        store = ff.PrivateStore(ff.Repo(repo.root), "alice")
+        other = next(d for d, _ in ff.entry_parts(moved, store.clock.split) if d != day)
+        assert store.entries_near(other, other)[moved["id"]][1]["segments"] == moved["segments"]
+        check()
+    # crc-valid lines of what is not an entry, or of another schema, for a file
+    # as it is: ignored (read again), never a crash; then a torn last line: the
+    # next note rewrites the cache rather than joining it
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    st = os.stat(path)   # (no line of the cache is for the file as it is now)
+    key = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, "America/Los_Angeles"]
+    entry_id = ff.decode_record(open(path, "rb").read().splitlines()[0])["id"]
+    with open(reach, "ab") as f:
+        for entries, schema in (({entry_id: {"id": entry_id, "op": "entry", "segments": 5}}, 1),
+                                ({entry_id: {"id": entry_id, "op": "entry", "issue": "1",
+                                             "segments": [[1, 0]]}}, 1),
+                                ({entry_id: [1]}, 1), ({"x": {"id": "y"}}, 1), ({}, 2)):
+            f.write(ff.encode_record({"reach": [day] + key + [entries], "schema": schema}))
+        f.write(b"0123abcd {\"reach\": [")
+    check()
+    assert all(ff.decode_record(line) for line in open(reach, "rb").read().splitlines())
+    with open(reach, "wb") as f:   # nothing but a torn line
+        f.write(b"0123abcd {\"reach\": [")
+    check()
+    assert all(ff.decode_record(line) for line in open(reach, "rb").read().splitlines())
