@@ -13755,14 +13755,14 @@ def complete_module():
         if len(data) != size or zlib.crc32(data) != crc:
             raise ValueError("the fast-start cache changed after its header was read")
         code = marshal.loads(data)
-    except (OSError, ValueError, EOFError, TypeError):
+    except (OSError, ValueError, EOFError, TypeError, OverflowError, MemoryError):
         with open(__file__, "rb") as f:
             code = marshal.loads(fast_start_parts(f.read(), __file__)[1])
     names = globals()
     before = dict(names)
     exec(code, names)
-    names.update((name, value) for name, value in before.items()
-                 if names[name] is not value and name not in FAST_BOUNDARY)
+    names.update((name, value) for name, value in before.items() if names[name] is not value
+                 and not getattr(value, "__qualname__", "").startswith("_leaving_fast_part."))
     COMMANDS.sort(key=lambda spec: spec.func.__code__.co_firstlineno)   # source order
 
 
@@ -13857,7 +13857,7 @@ def fast_start():
             return None
         fast = marshal.loads(data)
         rest = (cache, int(header[7]), int(header[8]))
-    except (OSError, ValueError, EOFError, TypeError, IndexError):
+    except (OSError, ValueError, EOFError, TypeError, IndexError, OverflowError, MemoryError):
         return None
     if type(fast) is not type(fast_start.__code__):
         return None

@@ -604,13 +604,16 @@ def _whole(module):
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[:-5000], lambda b: b[:100] + b"\xff" + b[101:],
-                                    lambda b: b"", lambda b: b"\x00" * len(b)],
-                         ids=["torn", "one byte", "empty", "zeros"])
+                                    lambda b: b"", lambda b: b"\x00" * len(b), "huge"],
+                         ids=["torn", "one byte", "empty", "zeros", "a huge length"])
 def test_a_rest_damaged_after_the_launchers_check_is_compiled_from_the_source(tmp_path, damage):
     """The launcher checks the header and the fast part; the rest is read later,
     when something asks for it.  Torn, a byte changed, emptied or zeroed by
     then, it is not half run: the module completes from flowforge.py itself."""
-    module, _, _ = _fast_part(tmp_path, damage)
+    module, _, _ = _fast_part(tmp_path, None if damage == "huge" else damage)
+    if damage == "huge":   # a header claiming more than any file holds
+        cache, _, crc = module._rest_of_module
+        module._rest_of_module = (cache, 10 ** 30, crc)
     assert "build_report" not in module.__dict__
     assert callable(module.__getattr__("build_report"))
     _whole(module)
@@ -627,8 +630,10 @@ def test_what_a_plugin_sets_before_the_module_completes_stays(tmp_path, monkeypa
     def dry_run(*args, **kwargs):
         return None
     module.enqueue_sync = dry_run
+    module.build_parser = dry_run   # a boundary stub replaced by a plugin: the plugin's too
     module.__getattr__("build_report")
     assert module.enqueue_sync is dry_run and module.__dict__["enqueue_sync"] is dry_run
+    assert module.build_parser is dry_run
     assert {n for n in vars(ff) if not n.startswith("__")} <= set(module.__dict__)
     for check in ("dir", "star"):
         (tmp_path / check).mkdir()
@@ -761,7 +766,9 @@ def test_a_stale_or_damaged_fast_start_cache_imports_the_whole_module(installed,
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert status() is False
         header = good[:good.index(b"\n") + 1]
-        for damaged in (good[:len(header) + 1000], header + b"\x00garbage" * 100,
+        fields = header.split(b" ")
+        for damaged in (b" ".join(fields[:5] + [b"9" * 30] + fields[6:]) + good[len(header):],
+                        good[:len(header) + 1000], header + b"\x00garbage" * 100,
                         header.replace(b"status", b"statu"), b"", good.replace(b"/2 ", b"/1 ", 1),
                         good[:len(header) + 5000] + b"\xff" + good[len(header) + 5001:]):
             cache.write_bytes(damaged)
