@@ -30,9 +30,11 @@ def launcher_argv(pycache):
     launcher = os.path.join(pycache, "flowforge")
     if not os.path.exists(launcher):
         flowforge.write_launcher(launcher, os.path.join(pycache, "flowforge.fast-start"))
+    # sys.path[0] as when the script runs itself: its own directory, not the
+    # current one that -c would put there
     return [sys.executable, "-S", "-X", "pycache_prefix=" + pycache, "-c",
-            "import sys; sys.dont_write_bytecode = False; "
-            "exec(compile(open(%r).read(), %r, 'exec'))" % (launcher, launcher)]
+            "import sys; sys.dont_write_bytecode = False; sys.path[0] = %r; "
+            "exec(compile(open(%r).read(), %r, 'exec'))" % (pycache, launcher, launcher)]
 
 
 def clean_env(**extra):

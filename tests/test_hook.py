@@ -338,3 +338,54 @@ def test_the_shim_run_by_hand_from_a_subdirectory_finds_the_work_tree(hooked):
     assert any(name.startswith("flowforge.") and name.endswith(".pyc") for name in compiled)
     assert not os.path.exists(os.path.join(sub, "__pycache__"))
     assert not os.path.exists(os.path.join(hooked.root, "__pycache__"))
+
+
+def compiled_for_hooks(repo):
+    """Every bytecode file in the hooks' prefix, by path."""
+    prefix = os.path.join(repo.root, ".flowforge", "state", "pycache")
+    return {os.path.join(d, name) for d, _, names in os.walk(prefix) for name in names}
+
+
+def test_a_new_clones_first_commit_compiles_nothing(repo):
+    """`install hooks` compiles flowforge.py and what the hook imports into the hooks'
+    prefix (even under PYTHONDONTWRITEBYTECODE), with the python3 the hooks run:
+    the first commit spends its budget on aggregation, not on compiling."""
+    shutil.copy(FLOWFORGE, os.path.join(repo.root, "flowforge.py"))
+    repo.ok("install", "hooks", env={"PYTHONDONTWRITEBYTECODE": "1"})
+    warm = compiled_for_hooks(repo)
+    names = {os.path.basename(path).split(".")[0] for path in warm}
+    assert {"flowforge", "datetime", "enum", "dbapi2", "traceback"} <= names, sorted(names)
+    git(repo.root, "add", "-A")
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    rc, err = commit(repo, "set up and work")
+    assert rc == 0 and err == "" and ledger_seconds(repo) == 3600
+    assert compiled_for_hooks(repo) == warm
+
+
+def test_a_committed_module_named_as_the_standard_librarys_is_never_run(hooked, tmp_path):
+    """A teammate's datetime.py, re.py or sqlite3/ at the top of the work tree, where
+    hooks and `python3 flowforge.py` run: FlowForge imports the standard library's,
+    never theirs."""
+    marker = str(tmp_path / "ran")
+    trap = "open(%r, 'a').write(__name__ + '\\n')\nraise SystemExit(3)\n" % marker
+    for name in ("datetime.py", "re.py", "subprocess.py", "traceback.py", "types.py",
+                 "sqlite3/__init__.py"):
+        path = os.path.join(hooked.root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(trap)
+    git(hooked.root, "add", "-A")
+    hooked.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    rc, err = commit(hooked, "a teammate's modules")
+    assert rc == 0 and err == "" and ledger_seconds(hooked) == 3600
+    env = hooked.env(FLOWFORGE_USER="alice", **NOW)
+    for args in (["report", "--json"], ["log", "2", "30m", "--date", "2026-11-19"],
+                 ["queue", "status"]):
+        proc = subprocess.run([sys.executable, "flowforge.py"] + args, cwd=hooked.root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc)
+        if args[0] == "report":
+            assert json.loads(proc.stdout)["total_seconds"] == 3600
+    rc, err = commit(hooked, "more work")
+    assert rc == 0 and err == "" and ledger_seconds(hooked) == 5400
+    assert not os.path.exists(marker), open(marker).read()
