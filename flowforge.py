@@ -112,6 +112,12 @@ EXIT_NOPERM = 77       # permission denied
 EXIT_CONFIG = 78       # bad configuration
 
 MAX_ENTRY_SECONDS = 24 * 3600  # one entry longer than a day is a forgotten timer
+# Clock times a record may hold: 1970 to the end of 9999, the years dates have.
+# A record beyond them, or longer than a shard row may hold (MAX_ROW_SECONDS;
+# no writer makes one longer than a day), is damaged: a segment to the year
+# 10**22, written by hand with a valid crc, had every command that splits it
+# into days run for ever, and one to 9999 took 26 s of every `status`.
+LAST_SECOND = 253402300799
 # An entry's time lies on local days at most this far from the day file that
 # holds it (the day in its id), so that "the time on day D" reads a few files.
 REACH_DAYS = 2   # timers, logs and imports stay within it by construction
@@ -2237,12 +2243,13 @@ def _valid_entry_fields(fields, complete):
             return False
         try:
             for start, end in segments:
-                if type(start) is not int or type(end) is not int or start >= end:
+                if (type(start) is not int or type(end) is not int
+                        or not 0 <= start < end <= LAST_SECOND or end - start > MAX_ROW_SECONDS):
                     return False
         except (TypeError, ValueError):  # a segment that is not a pair
             return False
     seconds = fields.get("seconds")
-    if seconds is not None and (type(seconds) is not int or seconds <= 0):
+    if seconds is not None and (type(seconds) is not int or not 0 < seconds <= MAX_ROW_SECONDS):
         return False
     day = fields.get("date")
     if day is not None and (type(day) is not str or not is_iso_date(day)):

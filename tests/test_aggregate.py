@@ -263,6 +263,28 @@ def test_corrupted_line_is_quarantined_not_dropped_silently(repo):
     assert "warning" not in repo.ok("aggregate", "--full", env=NOW).err
 
 
+@pytest.mark.parametrize("fields", [
+    {"segments": [[1795000000, 10 ** 30]]},            # to the year 10**22: split for ever
+    {"segments": [[1795000000, 253402300799]]},        # to 9999: 26 s of every status
+    {"segments": [[-86400, 3600]]},                    # before 1970
+    {"segments": [[1795000000, 1795000000 + 367 * 86400]]},   # longer than a shard row holds
+    {"date": "2026-11-19", "seconds": 10 ** 30},
+])
+def test_a_record_with_absurd_times_is_damaged_not_a_hang(repo, fields):
+    """A line with a valid crc but times no writer makes is quarantined like any damaged
+    line: every command answers at once and the day's good time stays."""
+    repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
+    path = os.path.join(repo.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
+    with open(path, "ab") as f:
+        f.write(ff.encode_record(dict({"op": "entry", "id": "20261119-0123abcd", "issue": "2",
+                                       "v": ff.RECORD_SCHEMA}, **fields)))
+    for args in (["status"], ["entries", "--json"], ["aggregate", "--full"], ["report", "--json"]):
+        r = repo(*args, env=NOW, timeout=20)
+        assert r.rc == 0 and "Traceback" not in r.err, (args, r)
+    assert team_total(repo) == 3600
+    assert len(repo.ok("quarantine", "list", "--json").json["items"]) == 1
+
+
 def test_torn_tail_is_repaired_before_the_next_append(repo):
     repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
     path = os.path.join(repo.root, ".flowforge/user/alice/time/daily/2026-11-19.jsonl")
