@@ -65,9 +65,19 @@ Sections, in dependency order (each leans only on the ones above it):
 import errno
 import os
 import sys
-import time
-import zlib
-from _thread import get_ident as _thread_ident
+
+# Run as a script (`python3 flowforge.py`, the daemon, cron, systemd, launchd,
+# the pre-commit framework), the script's directory -- the repository's top --
+# is first on sys.path, and an empty PYTHONPATH entry adds the current one: a
+# teammate's zlib.py or datetime.py committed there must never be imported
+# instead of the standard library's.  (The hook shim does the same for -c.)
+if __name__ == "__main__":
+    _here = {os.path.dirname(os.path.realpath(__file__)), os.path.realpath(".")}
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") not in _here]
+
+import time  # noqa: E402
+import zlib  # noqa: E402
+from _thread import get_ident as _thread_ident  # noqa: E402
 
 
 class _LazyModule:
@@ -2233,21 +2243,27 @@ def _valid_record(record):
     return op == "delete"
 
 
+def _valid_segments(segments, longest):
+    """Whether each of `segments` is an [int start, int end] pair within 1970-9999,
+    at most `longest` seconds long."""
+    try:
+        for start, end in segments:
+            if (type(start) is not int or type(end) is not int
+                    or not 0 <= start < end <= LAST_SECOND or end - start > longest):
+                return False
+    except (TypeError, ValueError):  # a segment that is not a pair
+        return False
+    return True
+
+
 def _valid_entry_fields(fields, complete):
     """Each field present is well formed; a complete entry also has exactly one
     form of time: clock `segments`, or a `date` with `seconds`.  (Written for
     speed: a full aggregation checks every record ever written.)"""
     segments = fields.get("segments")
-    if segments is not None:
-        if type(segments) is not list or not segments:
-            return False
-        try:
-            for start, end in segments:
-                if (type(start) is not int or type(end) is not int
-                        or not 0 <= start < end <= LAST_SECOND or end - start > MAX_ROW_SECONDS):
-                    return False
-        except (TypeError, ValueError):  # a segment that is not a pair
-            return False
+    if segments is not None and not (type(segments) is list and segments
+                                     and _valid_segments(segments, MAX_ROW_SECONDS)):
+        return False
     seconds = fields.get("seconds")
     if seconds is not None and (type(seconds) is not int or not 0 < seconds <= MAX_ROW_SECONDS):
         return False
@@ -3149,7 +3165,9 @@ def _valid_timer(timer):
             and is_entry_id(timer["id"])
             and isinstance(timer.get("day"), str) and isinstance(timer.get("issue"), str)
             and isinstance(timer.get("segments"), list)
-            and (timer.get("running_since") is None or type(timer["running_since"]) is int)
+            and _valid_segments(timer["segments"], LAST_SECOND)   # a forgotten timer's may be long
+            and (timer.get("running_since") is None
+                 or (type(timer["running_since"]) is int and 0 <= timer["running_since"] <= LAST_SECOND))
             and (timer.get("segments") or timer.get("running_since") is not None))
 
 
@@ -7095,12 +7113,15 @@ SHIM_VERSION = 4
 SHIM_MARK = "# flowforge-shim v"
 
 # Loads flowforge.py by path, and takes the current directory (which `-c` puts
-# first on sys.path, and which is the work tree's top in a hook) off the path:
-# a team's own datetime.py or re.py there would shadow the standard library.
-# The import system's own frozen modules load it (importlib.util would import
-# contextlib, collections and functools first: ~4 ms of every commit).
-_SHIM_LOAD = ('import sys, _frozen_importlib as b, _frozen_importlib_external as e; '
-              'sys.path[:1] = [p for p in sys.path[:1] if p]; sys.dont_write_bytecode = False; '
+# first on sys.path, as does an empty PYTHONPATH entry, and which is the work
+# tree's top in a hook) off the path: a team's own zlib.py or re.py there would
+# shadow the standard library.  The import system's own frozen modules load it
+# (importlib.util would import contextlib, collections and functools first:
+# ~4 ms of every commit).
+_SHIM_LOAD = ('import os, sys, _frozen_importlib as b, _frozen_importlib_external as e; '
+              'h = os.path.realpath("."); '
+              'sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != h]; '
+              'sys.dont_write_bytecode = False; '
               's = e.spec_from_file_location("flowforge", sys.argv[1]); '
               'm = b.module_from_spec(s); sys.modules["flowforge"] = m; s.loader.exec_module(m); ')
 _SHIM_LOADER = _SHIM_LOAD + 'raise SystemExit(m.main(sys.argv[2:]))'
@@ -13941,10 +13962,4 @@ def write_launcher(path, cache=None):
 
 
 if __name__ == "__main__":
-    # `python3 flowforge.py` puts the script's directory, the repository's top,
-    # first on sys.path: a team's own datetime.py there must not shadow the
-    # standard library that this module imports lazily
-    if sys.path and (os.path.realpath(sys.path[0])
-                     == os.path.dirname(os.path.realpath(__file__))):
-        del sys.path[0]
     run()

@@ -343,7 +343,9 @@ def test_the_shim_run_by_hand_from_a_subdirectory_finds_the_work_tree(hooked):
 def compiled_for_hooks(repo):
     """Every bytecode file in the hooks' prefix, by path."""
     prefix = os.path.join(repo.root, ".flowforge", "state", "pycache")
-    return {os.path.join(d, name) for d, _, names in os.walk(prefix) for name in names}
+    return {(os.path.join(d, name), st.st_ino, st.st_mtime_ns)
+            for d, _, names in os.walk(prefix) for name in names
+            for st in [os.stat(os.path.join(d, name))]}
 
 
 def test_a_new_clones_first_commit_compiles_nothing(repo):
@@ -353,7 +355,7 @@ def test_a_new_clones_first_commit_compiles_nothing(repo):
     shutil.copy(FLOWFORGE, os.path.join(repo.root, "flowforge.py"))
     repo.ok("install", "hooks", env={"PYTHONDONTWRITEBYTECODE": "1"})
     warm = compiled_for_hooks(repo)
-    names = {os.path.basename(path).split(".")[0] for path in warm}
+    names = {os.path.basename(path).split(".")[0] for path, _, _ in warm}
     assert {"flowforge", "datetime", "enum", "dbapi2", "traceback"} <= names, sorted(names)
     git(repo.root, "add", "-A")
     repo.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
@@ -363,29 +365,66 @@ def test_a_new_clones_first_commit_compiles_nothing(repo):
 
 
 def test_a_committed_module_named_as_the_standard_librarys_is_never_run(hooked, tmp_path):
-    """A teammate's datetime.py, re.py or sqlite3/ at the top of the work tree, where
-    hooks and `python3 flowforge.py` run: FlowForge imports the standard library's,
-    never theirs."""
+    """A teammate's zlib.py, datetime.py, re.py or sqlite3/ at the top of the work tree,
+    where hooks, `python3 flowforge.py` and the daemon run (also with -S, as the daemon,
+    cron and systemd run it, and with an empty PYTHONPATH entry, which stands for the
+    current directory): FlowForge imports the standard library's, never theirs."""
     marker = str(tmp_path / "ran")
     trap = "open(%r, 'a').write(__name__ + '\\n')\nraise SystemExit(3)\n" % marker
-    for name in ("datetime.py", "re.py", "subprocess.py", "traceback.py", "types.py",
+    for name in ("zlib.py", "datetime.py", "re.py", "subprocess.py", "traceback.py", "types.py",
                  "sqlite3/__init__.py"):
         path = os.path.join(hooked.root, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(trap)
     git(hooked.root, "add", "-A")
-    hooked.ok("log", "1", "1h", "--date", "2026-11-19", env=NOW)
-    rc, err = commit(hooked, "a teammate's modules")
-    assert rc == 0 and err == "" and ledger_seconds(hooked) == 3600
-    env = hooked.env(FLOWFORGE_USER="alice", **NOW)
-    for args in (["report", "--json"], ["log", "2", "30m", "--date", "2026-11-19"],
-                 ["queue", "status"]):
-        proc = subprocess.run([sys.executable, "flowforge.py"] + args, cwd=hooked.root, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc)
-        if args[0] == "report":
-            assert json.loads(proc.stdout)["total_seconds"] == 3600
+    expected = 0
+    for n, pythonpath in enumerate((None, ":" + str(tmp_path / "nonexistent"))):
+        extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
+        hooked.ok("log", "1", "1h", "--date", "2026-11-1%d" % n, env=NOW)
+        expected += 3600
+        rc, err = commit(hooked, "work %d" % n, env=extra)
+        assert rc == 0 and err == "" and ledger_seconds(hooked) == expected, (pythonpath, err)
+        env = hooked.env(FLOWFORGE_USER="alice", **dict(NOW, **extra))
+        # without -S, site's .pth files import modules before FlowForge runs: from an
+        # empty PYTHONPATH entry too, which is Python's start-up, not FlowForge's to mend
+        for flags in ([["-S"]] if pythonpath else [[], ["-S"]]):
+            for args in (["log", "2", "1m", "--date", "2026-11-18"], ["report", "--json"],
+                         ["queue", "status"], ["daemon", "--once", "-q"]):
+                proc = subprocess.run([sys.executable] + flags + ["flowforge.py"] + args,
+                                      cwd=hooked.root, env=env, capture_output=True, text=True,
+                                      timeout=120)
+                assert proc.returncode == 0 and "Traceback" not in proc.stderr, (flags, args, proc.stderr)
+                if args[0] == "log":
+                    expected += 60
+                if args[0] == "report":
+                    assert json.loads(proc.stdout)["total_seconds"] == expected
+                assert not os.path.exists(marker), (flags, args, open(marker).read())
+    # run from a subdirectory holding its own zlib.py: the empty entry is that directory
+    sub = os.path.join(hooked.root, "src")
+    os.makedirs(sub)
+    with open(os.path.join(sub, "zlib.py"), "w") as f:
+        f.write(trap)
+    proc = subprocess.run([sys.executable, "-S", "../flowforge.py", "queue", "status"], cwd=sub,
+                          env=hooked.env(FLOWFORGE_USER="alice", PYTHONPATH=":", **NOW),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    git(hooked.root, "add", "-A")
     rc, err = commit(hooked, "more work")
-    assert rc == 0 and err == "" and ledger_seconds(hooked) == 5400
+    assert rc == 0 and err == "" and ledger_seconds(hooked) == expected
     assert not os.path.exists(marker), open(marker).read()
+
+
+def test_a_timer_with_absurd_times_is_set_aside_not_a_hang(repo):
+    """current.json with a valid shape but a segment to the year 10**22: one line,
+    exit 65, the timer set aside -- not a command that splits it into days for ever."""
+    repo.ok("start", "1", "--at", "09:00", env=NOW)
+    repo.ok("pause", env=NOW)
+    path = os.path.join(repo.root, ".flowforge/user/alice/time/current.json")
+    doc = json.load(open(path))
+    doc["timer"]["segments"] = [[doc["timer"]["segments"][0][0], 10 ** 30]]
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    r = repo("status", env=NOW, timeout=20)
+    assert r.rc == 65 and "set aside as Q1" in r.err and r.err.count("\n") == 1, r
+    repo.ok("start", "1", "--at", "10:00", env=NOW)
