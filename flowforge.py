@@ -2243,13 +2243,14 @@ def _valid_record(record):
     return op == "delete"
 
 
-def _valid_segments(segments, longest):
+def _valid_segments(segments, longest, shortest=1):
     """Whether each of `segments` is an [int start, int end] pair within 1970-9999,
-    at most `longest` seconds long."""
+    `shortest` to `longest` seconds long (a timer paused in the second it started
+    holds a segment of none)."""
     try:
         for start, end in segments:
-            if (type(start) is not int or type(end) is not int
-                    or not 0 <= start < end <= LAST_SECOND or end - start > longest):
+            if (type(start) is not int or type(end) is not int or start < 0
+                    or not shortest <= end - start <= longest or end > LAST_SECOND):
                 return False
     except (TypeError, ValueError):  # a segment that is not a pair
         return False
@@ -3165,7 +3166,7 @@ def _valid_timer(timer):
             and is_entry_id(timer["id"])
             and isinstance(timer.get("day"), str) and isinstance(timer.get("issue"), str)
             and isinstance(timer.get("segments"), list)
-            and _valid_segments(timer["segments"], LAST_SECOND)   # a forgotten timer's may be long
+            and _valid_segments(timer["segments"], LAST_SECOND, 0)   # a forgotten timer's may be long
             and (timer.get("running_since") is None
                  or (type(timer["running_since"]) is int and 0 <= timer["running_since"] <= LAST_SECOND))
             and (timer.get("segments") or timer.get("running_since") is not None))
