@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import Runner, git, make_git_repo, store_keys
+from conftest import Runner, git, make_git_repo, roomy_hook_budget, store_keys
 
 NOW_ISO = "2026-11-20T18:00:00Z"
 NOW = {"FLOWFORGE_NOW": NOW_ISO}
@@ -22,6 +22,7 @@ def origin(tmp_path, pycache, home):
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", bare], check=True)
     seed = Runner(make_git_repo(str(tmp_path / "seed"), "lead@example.com"), pycache, home)
     seed.ok("init", "--timezone", "UTC", user="lead")
+    roomy_hook_budget(seed.root)
     git(seed.root, "add", "-A")
     git(seed.root, "commit", "-qm", "Set up FlowForge")
     git(seed.root, "remote", "add", "origin", bare)

@@ -20,7 +20,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import SOAK, Runner, clean_env, git, make_git_repo, run_crashing
+from conftest import SOAK, Runner, clean_env, git, make_git_repo, roomy_hook_budget, run_crashing
 
 NOW_ISO = "2026-11-20T18:00:00Z"
 NOW = {"FLOWFORGE_NOW": NOW_ISO}
@@ -39,15 +39,7 @@ def make_origin(tmp_path, pycache, name="origin.git"):
     os.makedirs(seed_home)
     seed = Runner(seed_root, pycache, seed_home)
     seed.ok("init", "--timezone", "UTC", user="lead")
-    # These tests ask what the hooks do, not how fast (make bench does, and test_hook
-    # the budget's end): a budget that a loaded CI machine cannot overrun, so that a
-    # slow fsync never turns a commit's aggregation into a queued job.
-    config_path = os.path.join(seed_root, ".flowforge", "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["hook"]["budget_ms"] = 20000
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    roomy_hook_budget(seed_root)
     env = clean_env(HOME=seed_home, GIT_AUTHOR_NAME="lead", GIT_AUTHOR_EMAIL="lead@example.com",
                     GIT_COMMITTER_NAME="lead", GIT_COMMITTER_EMAIL="lead@example.com",
                     GIT_AUTHOR_DATE=SETUP_DATE, GIT_COMMITTER_DATE=SETUP_DATE)
