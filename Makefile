@@ -5,16 +5,18 @@ PYTEST_VERSION = 8.3.5
 VENV = .venv
 
 # pytest from this Python if it has it; otherwise a pinned copy in .venv.
-RUN_PYTEST = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); else \
+PYTEST_PYTHON = if $(PYTHON) -c 'import pytest' 2>/dev/null; then py=$(PYTHON); else \
 	  [ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV); \
 	  $(VENV)/bin/python -c 'import pytest' 2>/dev/null || \
 	    $(VENV)/bin/python -m pip install --quiet pytest==$(PYTEST_VERSION); \
-	  py=$(VENV)/bin/python; fi; $$py -m pytest
+	  py=$(VENV)/bin/python; fi
+RUN_PYTEST = $(PYTEST_PYTHON); $$py -m pytest
 
 .PHONY: test soak demo bench bench-full bench-peers lint install readme pages
 
+# The whole suite, one pytest process per core (TEST_JOBS=1: a single one).
 test:
-	@$(RUN_PYTEST) -q tests
+	@$(PYTEST_PYTHON); $$py tools/run_tests.py
 
 # The reliability tests again, at soak scale (FLOWFORGE_SOAK=1): 2,000+ kills.
 soak:

@@ -323,3 +323,15 @@ def rewrite_ledger(root, changes, user="alice", message="tampered"):
     subprocess.run(["git", "update-ref", ref, commit], cwd=root, env=env, check=True)
     os.unlink(os.path.join(root, ".git", "tamper-index"))
     return commit
+
+
+def pytest_collection_modifyitems(config, items):
+    """FLOWFORGE_TEST_SHARD=i/n (tools/run_tests.py, `make test`): run every n-th
+    test from the i-th, so that n pytest processes share the suite; the heavy tests
+    (kill loops, imports, soaks) are spread over the list, and so over the shards."""
+    shard = os.environ.get("FLOWFORGE_TEST_SHARD")
+    if not shard:
+        return
+    index, count = map(int, shard.split("/"))
+    config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index])
+    items[:] = [item for n, item in enumerate(items) if n % count == index]
