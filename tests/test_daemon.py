@@ -207,8 +207,9 @@ def test_scheduler_entries(repo, tmp_path):
     assert repo.root in cron and "flock -n" in cron and "daemon --once" in cron
     assert os.path.isabs(cron.split("cd ", 1)[1].split()[0].strip("'"))
     systemd = repo.ok("install", "systemd", "--json").json["entries"]
-    service = [v for k, v in systemd.items() if k.endswith("flowforge-%s.service" % k.split(
-        "flowforge-")[1].split(".")[0]) and "-once" not in k][0]
+    # the daemon's unit: flowforge-<repo>.service, not the -once one the timer starts
+    [service] = [v for k, v in systemd.items() if os.path.basename(k).startswith("flowforge-")
+                 and k.endswith(".service") and not k.endswith("-once.service")]
     for needle in ("Restart=on-failure", "WatchdogSec=", "Type=notify", "ExecStart=/",
                    repo.root):
         assert needle in service

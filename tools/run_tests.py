@@ -15,7 +15,7 @@ def main(argv):
     args = [sys.executable, "-m", "pytest", "-q"] + argv
     if jobs == 1:
         return subprocess.call(args + ["tests"])
-    with tempfile.TemporaryDirectory(prefix="flowforge-tests-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="ff-tests-") as scratch:
         others = []
         for index in range(1, jobs):
             log = open(os.path.join(scratch, "shard%d.log" % index), "w+")
