@@ -26,8 +26,14 @@ def main(argv):
         print("tests in %d processes; this one shows shard 1 of %d as it runs" % (jobs, jobs),
               flush=True)
         env = dict(os.environ, FLOWFORGE_TEST_SHARD="0/%d" % jobs)
-        codes = [subprocess.call(args + ["--basetemp", os.path.join(scratch, "tmp0"), "tests"],
-                                 env=env)]
+        try:
+            codes = [subprocess.call(args + ["--basetemp", os.path.join(scratch, "tmp0"),
+                                             "tests"], env=env)]
+        except BaseException:   # Ctrl-C: the others end too before their scratch goes
+            for proc, _ in others:
+                proc.terminate()
+                proc.wait()
+            raise
         for index, (proc, log) in enumerate(others, 2):
             codes.append(proc.wait())
             log.seek(0)
