@@ -14,7 +14,7 @@ RUN_PYTEST = $(PYTEST_PYTHON); $$py -m pytest
 
 .PHONY: test soak demo bench bench-full bench-peers lint install readme pages
 
-# The whole suite, one pytest process per core (TEST_JOBS=1: a single one).
+# The whole suite in two pytest processes (TEST_JOBS=N: N, at most one per core; 1: a single one).
 test:
 	@$(PYTEST_PYTHON); $$py tools/run_tests.py
 

@@ -328,10 +328,16 @@ def rewrite_ledger(root, changes, user="alice", message="tampered"):
 def pytest_collection_modifyitems(config, items):
     """FLOWFORGE_TEST_SHARD=i/n (tools/run_tests.py, `make test`): run every n-th
     test from the i-th, so that n pytest processes share the suite; the heavy tests
-    (kill loops, imports, soaks) are spread over the list, and so over the shards."""
+    (kill loops, imports, soaks) are spread over the list, and so over the shards.
+    Counted in the order of the tests' ids, whatever order the items come in, so
+    that the shards never overlap or leave a test out."""
     shard = os.environ.get("FLOWFORGE_TEST_SHARD")
     if not shard:
         return
     index, count = map(int, shard.split("/"))
-    config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index])
-    items[:] = [item for n, item in enumerate(items) if n % count == index]
+    if not 0 <= index < count:
+        raise pytest.UsageError("FLOWFORGE_TEST_SHARD=%s: the shard must be 0 to %d" % (shard, count - 1))
+    mine = {item.nodeid for n, item in enumerate(sorted(items, key=lambda i: i.nodeid))
+            if n % count == index}
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in mine])
+    items[:] = [item for item in items if item.nodeid in mine]
