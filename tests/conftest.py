@@ -105,16 +105,21 @@ class Runner:
                                 **kwargs)
 
 
+def set_hook_budget(root, ms):
+    """The hook's time budget in the repository's config (`hook.budget_ms`)."""
+    config_path = os.path.join(root, ".flowforge", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["hook"]["budget_ms"] = ms
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def roomy_hook_budget(root):
     """Tests ask what the hooks do, not how fast (make bench does, and test_hook the
     budget's end): a budget that a loaded CI machine cannot overrun, so that a slow
     fsync never turns a commit's aggregation into a queued job."""
-    config_path = os.path.join(root, ".flowforge", "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["hook"]["budget_ms"] = 20000
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    set_hook_budget(root, 20000)
 
 
 @pytest.fixture(scope="session")

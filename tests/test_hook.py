@@ -12,7 +12,7 @@ import pytest
 
 import flowforge as ff
 
-from conftest import FLOWFORGE, ROOT, git, ledger_files, lock_held, store_keys
+from conftest import FLOWFORGE, ROOT, git, ledger_files, lock_held, set_hook_budget, store_keys
 
 NOW = {"FLOWFORGE_NOW": "2026-11-20T18:00:00Z"}
 
@@ -125,10 +125,7 @@ def test_lock_held_commit_goes_on_and_one_job_is_queued(hooked):
 
 
 def test_time_budget_exceeded(hooked):
-    config_path = os.path.join(hooked.root, ".flowforge/config.json")
-    config = json.load(open(config_path))
-    config["hook"]["budget_ms"] = 1
-    json.dump(config, open(config_path, "w"))
+    set_hook_budget(hooked.root, 1)
     for day in range(1, 29):
         hooked.ok("log", "1", "10m", "--date", "2026-10-%02d" % day, env=NOW)
     shutil.rmtree(os.path.join(hooked.root, ".flowforge/state/aggregate"), ignore_errors=True)
