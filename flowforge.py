@@ -6247,10 +6247,13 @@ class RetryQueue:
 
     # -- consuming ----------------------------------------------------------
 
-    def claim(self, owner, lease=DEFAULT_LEASE, kinds=None):
-        """Lease the next due job (highest priority, then oldest), or None."""
+    def claim(self, owner, lease=DEFAULT_LEASE, kinds=None, due_by=None):
+        """Lease the next due job (highest priority, then oldest), or None.
+        `due_by` ends a pass: a job that fails during the pass is due again only
+        after the time it failed, so it is not retried before the next pass."""
         import sqlite3
         now_ts = self.clock()
+        due_ts = now_ts if due_by is None else min(due_by, now_ts)
         token = os.urandom(8).hex()
         kind_sql, kind_args = "", ()
         if kinds:
@@ -6266,9 +6269,9 @@ class RetryQueue:
             self._expire_leases(conn, now_ts)
             if sqlite3.sqlite_version_info >= (3, 35, 0):
                 row = conn.execute(lease_sql + "WHERE id = (%s) RETURNING *" % pick,
-                                   lease_args + (now_ts,) + kind_args).fetchone()
+                                   lease_args + (due_ts,) + kind_args).fetchone()
             else:  # pragma: no cover - SQLite without RETURNING
-                found = conn.execute(pick, (now_ts,) + kind_args).fetchone()
+                found = conn.execute(pick, (due_ts,) + kind_args).fetchone()
                 row = None
                 if found:
                     conn.execute(lease_sql + "WHERE id = ? AND status = 'queued'",
@@ -7613,8 +7616,11 @@ class Daemon:
         record_metrics(self.repo, last_aggregate_success=now())
 
     def drain(self):
+        """One pass: every job due when it starts runs once; a failure waits for
+        its backoff and the next round, so a flapping server cannot hold the loop."""
+        due_by = self.queue.clock()
         while not self.stopping:
-            job = self.queue.claim(self.owner)
+            job = self.queue.claim(self.owner, due_by=due_by)
             if job is None:
                 return
             try:
@@ -12783,7 +12789,7 @@ def cmd_hook(ctx, args):
 
 @command("queue", "Inspect and repair the retry queue.", "flowforge queue retry 12",
          arg("action", choices=("status", "list", "run", "retry", "dead", "purge"),
-             help="status, list, run (due jobs), retry ID, dead (dead-lettered), purge (done)"),
+             help="status, list, run (each due job once), retry ID, dead (dead-lettered), purge (done)"),
          arg("id", nargs="?", type=number(int, 1, 2 ** 63 - 1), metavar="ID",
              help="job id (retry)"),
          arg("--once", action="store_true", help="run: one job at most"),
@@ -12816,8 +12822,9 @@ def cmd_queue(ctx, args):
     if args.action == "run":
         owner = "queue-run:%d" % os.getpid()
         outcomes = []
+        due_by = queue.clock()      # one pass: a job that fails now waits for its backoff
         while True:
-            job = queue.claim(owner)
+            job = queue.claim(owner, due_by=due_by)
             if job is None:
                 break
             outcomes.append({"id": job.id, "kind": job.kind, "outcome": run_job(repo, queue, job)})

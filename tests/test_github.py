@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -156,6 +157,49 @@ def test_rate_limits_are_retried_after_the_wait_github_asks_for(repo, github, mo
     clock.t = job["next_attempt_at"]
     outcome, job = run_in_process(repo, github, monkeypatch, clock)
     assert outcome == "done" and len(github.ours("acme/app", 7)) == 1
+
+
+def status(repo):
+    return {j["payload"]["issue"]: (j["status"], j["attempts"]) for j in jobs(repo)}
+
+
+def make_due(repo):
+    """What waiting out the backoff does: every queued job is due now."""
+    conn = sqlite3.connect(os.path.join(repo.root, ".flowforge/state/queue.db"))
+    with conn:
+        conn.execute("UPDATE jobs SET next_attempt_at = 0 WHERE status = 'queued'")
+    conn.close()
+
+
+@pytest.mark.parametrize("command", [("queue", "run"), ("daemon", "--once")])
+def test_one_pass_runs_a_failing_job_once_even_when_it_is_due_again_before_the_end(
+        repo, github, command):
+    """Issue 7's server asks for no wait; its first backoff (at most 2 s) ends
+    while issue 8's slow answer (2.5 s) is still running.  The pass runs every
+    job that was due when it began, once: a flapping server costs one request
+    per pass, not all the job's attempts."""
+    enable(repo, github)
+    track(repo, "7", 60, github)
+    track(repo, "8", 30, github)
+    for _ in range(ff.DEFAULT_MAX_ATTEMPTS):
+        github.script.append(("GET", "/issues/7/comments", 429, {"retry-after": "0"},
+                              {"message": "Too Many Requests"}))
+    github.delay["GET"] = 2.5
+
+    def asked_for_7():
+        return sum("/issues/7/" in r[1] for r in github.requests)
+    repo.ok(*command, env=env(github))
+    assert asked_for_7() == 1 and len(github.ours("acme/app", 8)) == 1
+    assert status(repo) == {"7": ("queued", 1), "8": ("done", 1)}
+    github.delay.clear()
+    make_due(repo)
+    repo.ok(*command, env=env(github))
+    assert asked_for_7() == 2 and status(repo)["7"] == ("queued", 2)
+    github.script.clear()
+    make_due(repo)
+    repo.ok(*command, env=env(github))
+    assert [j["status"] for j in jobs(repo)] == ["done", "done"]
+    assert len(github.ours("acme/app", 7)) == 1
 
 
 @pytest.mark.parametrize("status,body,text", [
