@@ -2341,13 +2341,19 @@ def data_home():
     return base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), ".local", "share")
 
 
+def repo_identity(repo):
+    """The `repo_id` of the committed config (8 to 64 hex digits), the same in
+    every clone of the repository; None where the config has none."""
+    repo_id = repo.config.get("repo_id")
+    return repo_id if isinstance(repo_id, str) and 8 <= len(repo_id) <= 64 \
+        and _HEX.issuperset(repo_id) else None
+
+
 def mirror_root(repo):
     """$XDG_DATA_HOME/flowforge/<repo id>/: outside the work tree, so that
     `git clean -fdx` or a deleted clone cannot take the private data along.
     The repo id is in the committed config, so a fresh clone finds it too."""
-    repo_id = str(repo.config.get("repo_id", ""))
-    if not (8 <= len(repo_id) <= 64 and _HEX.issuperset(repo_id)):
-        repo_id = sha256_hex(repo.root.encode("utf-8"))[:16]
+    repo_id = repo_identity(repo) or sha256_hex(repo.root.encode("utf-8"))[:16]
     return os.path.join(data_home(), "flowforge", repo_id)
 
 
@@ -7697,13 +7703,16 @@ def ensure_daemon(repo, wait=5.0):
     running, info = daemon_state(repo)
     if running:
         return False, info.get("pid")
+    stale = info.get("pid")     # the heartbeat of the last run (a `--once`, say) until a new one
     pid = spawn_flowforge(repo, ["daemon", "-q"])
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         running, info = daemon_state(repo)
-        if running:
-            return True, info.get("pid", pid)
+        if running and info.get("pid") not in (None, stale):
+            return True, info["pid"]
         time.sleep(0.05)
+    if running:   # it holds the lock but has not written its heartbeat yet
+        return True, pid
     raise FlowForgeError("started a daemon (pid %d) but it is not running; see "
                          ".flowforge/state/logs/daemon.out" % pid)
 
@@ -10095,19 +10104,21 @@ def load_team_shards(repo, first=None, last=None, about=None, rows=True, summed=
                      and (months[1] is None or d["month"] <= months[1])]
 
 
-def aggregate_own(repo, user):
-    """Before a report on a developer's own clone: aggregate the user's store
-    here (incrementally; usually nothing to do), so that time tracked since the
-    last commit is in it.  Returns a line if it could not be; the report goes
-    on without that newest time, and says so."""
-    if user not in local_users(repo):
-        return []
-    try:
-        aggregate_store(repo, user, False, 2.0, routine=True)
-    except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
-        return ["the newest time of %s may be missing from this report: it could not be "
-                "aggregated (%s); run `flowforge aggregate`" % (user, one_line(e))]
-    return []
+def aggregate_own(repo):
+    """Before a report, a bill, a close or a push: aggregate every private store
+    in this clone (incrementally; usually nothing to do), so that time tracked
+    since the last commit is in it -- the stores an import made for teammates
+    too, or a close would bill their time as adjustments later.  Returns a line
+    for each store that could not be; the command goes on without that
+    newest time, and says so."""
+    lines = []
+    for user in local_users(repo):
+        try:
+            aggregate_store(repo, user, False, 2.0, routine=True)
+        except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
+            lines.append("the newest time of %s may be missing: it could not be aggregated "
+                         "(%s); run `flowforge aggregate --all`" % (user, one_line(e)))
+    return lines
 
 
 def data_age_line(about):
@@ -10473,6 +10484,13 @@ def open_sources(paths):
                                      % path)
             if any(os.path.realpath(r.root) == os.path.realpath(repo.root) for _, r in found):
                 raise FlowForgeError("%s is named twice (as %s)" % (path, repo.root), EXIT_USAGE)
+            ident = repo_identity(repo)
+            same = [r.root for _, r in found if ident and repo_identity(r) == ident]
+            if same:   # both ledgers hold the team's stores: a total of both counts them twice
+                raise FlowForgeError(
+                    "%s is named twice: %s is a clone of the same repository (repo_id %s in "
+                    ".flowforge/config.json) and holds the same stores; name one clone"
+                    % (same[0], repo.root, ident), EXIT_USAGE)
             found.append((None, repo))
         except FlowForgeError as e:
             if e.exit_code == EXIT_USAGE and "named twice" in str(e):
@@ -12340,9 +12358,8 @@ def cmd_fetch(ctx, args):
          area="team")
 def cmd_push(ctx, args):
     repo = ctx.repo
-    for user in local_users(repo):   # time tracked since the last commit travels too
-        for line in aggregate_own(repo, user):
-            warn(line)
+    for line in aggregate_own(repo):   # time tracked since the last commit travels too
+        warn(line)
     remote = check_remote(repo, args.remote) if args.remote else default_remote(repo)
     result = ledger_push(repo, remote, own_store_keys(repo), restore=args.restore)
     if queue_exists(repo):
@@ -12440,14 +12457,6 @@ NO_AGGREGATE = arg("--no-aggregate", action="store_true", help="only what the le
                    "not aggregate this clone's own stores first")
 
 
-def _own_user(ctx):
-    """Who runs the report, if this clone can tell (a CI clone may have no identity)."""
-    try:
-        return ctx.user
-    except FlowForgeError:
-        return None
-
-
 def _report_zone(ctx):
     """The zone of `report`'s and `bill`'s days: the user's store here (the one
     status and entries use), else the machine's."""
@@ -12520,12 +12529,11 @@ def _check_users(sources, selection):
                 EXIT_USAGE)
 
 
-def _aggregate_sources(ctx, sources, args):
-    """Aggregate the reporting user's own stores in each repository first."""
+def _aggregate_sources(sources, args):
+    """Aggregate the private stores of each repository first."""
     if args.no_aggregate:
         return []
-    user = _own_user(ctx)
-    return [line for _, repo in sources for line in aggregate_own(repo, user)]
+    return [line for _, repo in sources for line in aggregate_own(repo)]
 
 
 def _deliver(ctx, args, doc, text, name):
@@ -12557,7 +12565,7 @@ def cmd_report(ctx, args):
     sources = _sources(ctx, args)
     selection = _selection(ctx, args, "all")
     _check_users(sources, selection)
-    pending = _aggregate_sources(ctx, sources, args)
+    pending = _aggregate_sources(sources, args)
     as_json = UI.json or args.format == "json"
     report = build_report(sources, dims, selection, views=args.format == "html", documents=as_json)
     report["period"] = args.period
@@ -12592,7 +12600,7 @@ def cmd_bill(ctx, args):
     first, last = selection.first, selection.last
     _check_users(sources, selection)
     whole = first and last and first[:7] == last[:7] and (first, last) == month_bounds(first[:7])
-    pending = _aggregate_sources(ctx, sources, args)
+    pending = _aggregate_sources(sources, args)
     bill = build_bill(sources, selection, args.by_issue, month=first[:7] if whole else None)
     if last is None or last >= _today_local(ctx):   # after the bill: a failure says one thing
         pending.append("%s has not ended yet: this bill will still change"
@@ -12656,7 +12664,7 @@ def cmd_close(ctx, args):
                                  "what this clone has)" % e, EXIT_UNAVAILABLE)
         for line in fetched["warnings"]:
             warn(line)
-    for line in [] if args.no_aggregate else aggregate_own(repo, _own_user(ctx)):
+    for line in [] if args.no_aggregate else aggregate_own(repo):
         warn(line)
     record = close_month(repo, month, args.reason)
     lines = ["closed %s in %s: %s %s, %s h over %d store(s), by %s (%s%s)" % (

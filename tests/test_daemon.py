@@ -110,6 +110,18 @@ def test_one_daemon_per_repository(repo):
         daemon.wait(timeout=30)
 
 
+def test_ensure_after_a_once_run_names_the_new_daemon(repo):
+    repo.ok("daemon", "--once")
+    once = state(repo)["pid"]
+    r = repo.ok("daemon", "--ensure")
+    try:
+        pid = state(repo)["pid"]
+        assert pid != once and "started the daemon (pid %d)" % pid in r.out, (r, once)
+        assert "is running (pid %d)" % pid in repo.ok("daemon", "--ensure").out
+    finally:
+        assert "stopped" in repo.ok("daemon", "--stop").out
+
+
 def daemon_pids(root):
     pids = []
     for name in os.listdir("/proc"):

@@ -273,6 +273,23 @@ def test_close_records_the_bill_per_store_with_tips_signed_by_the_closer(month):
     assert month("close", "2026-12", env=DEC).rc == 64        # has not ended
 
 
+def test_a_close_takes_every_store_of_this_clone_not_only_the_closers(month):
+    """carol's store lives in alice's clone too (an import makes such stores);
+    her hour logged since the last aggregation is in alice's report and in the
+    close, never billed later as an adjustment."""
+    month.ok("log", "OPS-4", "1h", "--date", "2026-11-30", "--project", "ops", user="carol",
+             env=DEC)
+    report = month.ok("report", "--json", "--period", "2026-11", "--by", "user", env=DEC,
+                      user="alice")
+    assert rows_of(report, "user")[("carol",)] == 40 * 60 + 3600
+    month.ok("log", "OPS-4", "30m", "--date", "2026-11-30", "--project", "ops", user="carol",
+             env=DEC)
+    record = month.ok("close", "2026-11", "--json", env=DEC, user="alice").json["record"]
+    assert record["total_seconds"] == 10200 + 15000 + 2400 + 5400
+    bill = month.ok("bill", "--json", "--month", "2026-11", env=DEC, user="alice").json
+    assert bill["adjustments"] == [] and bill["total_amount"] == record["total_amount"]
+
+
 def test_time_into_a_closed_month_is_kept_warned_and_billed_once_as_an_adjustment(month):
     month.ok("close", "2026-11", env=DEC)
     invoiced = month.ok("bill", "--json", "--month", "2026-11", env=DEC).json
@@ -590,6 +607,20 @@ def test_one_repository_is_one_repository(month, tmp_path):
     assert r.rc == 64 and "named twice" in r.err
     r = month("-C", month.root, "-C", month.root, "close", "2026-11", env=DEC)
     assert r.rc == 64 and "-C is given 2 times" in r.err
+    other = str(tmp_path / "other-clone")      # a second clone: the same repo_id, the same stores
+    shutil.copytree(month.root, other, symlinks=True)
+    for command in ("bill", "report"):
+        r = month(command, "-C", month.root, "-C", other, env=DEC)
+        assert r.rc == 64 and "clone of the same repository" in r.err and r.out == "", r
+        assert len(r.err.strip().splitlines()) == 1
+    config = os.path.join(other, ".flowforge", "config.json")
+    with open(config) as f:
+        doc = json.load(f)
+    doc["repo_id"] = "0123456789abcdef"                           # another repository after all
+    with open(config, "w") as f:
+        json.dump(doc, f)
+    assert month.ok("report", "-C", month.root, "-C", other, "--json", env=DEC).json["repos"] == [
+        os.path.basename(month.root), "other-clone"]
 
 
 def test_credits_have_signed_hours_and_csv_says_what_is_in_the_total(month):
