@@ -6413,8 +6413,10 @@ class RetryQueue:
                                 % ",".join("?" * len(statuses)), statuses + (cutoff,)).rowcount
         return self._write(tx)
 
-    def jobs(self, status=None, limit=100):
+    def jobs(self, status=None, limit=100, job_id=None):
         where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        if job_id is not None:
+            where, args = "WHERE id = ?", (job_id,)
         rows = self._read("SELECT %s FROM jobs %s ORDER BY id DESC LIMIT ?"
                           % (", ".join(_JOB_COLUMNS), where), args + (limit,))
         out = []
@@ -12004,7 +12006,9 @@ def cmd_init(ctx, args):
             lines.append("private store of %s: store %s, time zone %s"
                          % (store.user, store.store_id, store.tz_name))
     lines += ledger_fetch_setup(repo)
-    lines.append("next: `git add .flowforge && git commit`, then `flowforge start ISSUE`")
+    vendored = os.path.relpath(os.path.realpath(__file__), os.path.realpath(root))
+    lines.append("next: `git add %s.flowforge && git commit`, then `flowforge start ISSUE`"
+                 % ("" if vendored.startswith("..") else vendored + " "))
     return ctx.emit("init", {"root": root, "created": created,
                              "user": store.user if store else None}, lines)
 
@@ -12795,6 +12799,17 @@ def cmd_hook(ctx, args):
     return EXIT_OK
 
 
+def _ran_line(ran, now_ts):
+    """`job 3 (sync): queued, attempt 1/10, next in 2s: GitHub 502 ...` for queue run."""
+    line = "job %(id)d (%(kind)s): %(outcome)s" % ran
+    if ran["outcome"] == "done":
+        return line
+    line += ", attempt %d/%d" % (ran["attempts"], ran["max_attempts"])
+    if ran["next_attempt_at"] is not None:
+        line += ", next in %s" % format_duration(max(0, ran["next_attempt_at"] - now_ts))
+    return line + ": " + " ".join((ran["error"] or "").split())[:200]
+
+
 @command("queue", "Inspect and repair the retry queue.", "flowforge queue retry 12",
          arg("action", choices=("status", "list", "run", "retry", "dead", "purge"),
              help="status, list, run (each due job once), retry ID, dead (dead-lettered), purge (done)"),
@@ -12835,11 +12850,18 @@ def cmd_queue(ctx, args):
             job = queue.claim(owner, due_by=due_by)
             if job is None:
                 break
-            outcomes.append({"id": job.id, "kind": job.kind, "outcome": run_job(repo, queue, job)})
+            ran = {"id": job.id, "kind": job.kind, "outcome": run_job(repo, queue, job)}
+            if ran["outcome"] != "done":   # what went wrong, and when it is tried again
+                [row] = queue.jobs(job_id=job.id)
+                ran.update(error=row["last_error"], attempts=row["attempts"],
+                           max_attempts=row["max_attempts"],
+                           next_attempt_at=row["next_attempt_at"] if ran["outcome"] == "queued"
+                           else None)
+            outcomes.append(ran)
             if args.once:
                 break
-        return ctx.emit("queue", {"ran": outcomes}, ["job %(id)d (%(kind)s): %(outcome)s" % o
-                                                    for o in outcomes] or ["no job is due"])
+        return ctx.emit("queue", {"ran": outcomes}, [_ran_line(o, queue.clock()) for o in outcomes]
+                        or ["no job is due"])
     if args.action == "retry":
         queue.retry(args.id)
         return ctx.emit("queue", {"retried": args.id}, ["job %d queued again" % args.id])
@@ -13245,8 +13267,8 @@ def _add_common(parser, suppress, skip=()):
         parser.add_argument("-C", metavar="REPO", help="run as if started in REPO",
                             **default(None))
     if "--user" not in skip:
-        parser.add_argument("--user", metavar="NAME", help="act as this user (default: git "
-                            "config)", **default(None))
+        parser.add_argument("--user", metavar="NAME", help="act as this user (default: "
+                            "$FLOWFORGE_USER, else git config)", **default(None))
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout",
                         **default(False))
     parser.add_argument("-q", "--quiet", action="store_true", help="fewer messages",

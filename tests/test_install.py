@@ -40,6 +40,10 @@ def test_install_repo_twice(tmp_path):
     assert os.path.isdir(os.path.join(repo, ".flowforge/user/alice"))
     r = sh("python3", "flowforge.py", "status", env=env, cwd=repo)
     assert r.returncode == 0, r.stderr
+    init = sh("python3", "flowforge.py", "init", env=env, cwd=repo)    # says what to commit
+    assert "next: `git add flowforge.py .flowforge && git commit`" in init.stdout, init
+    outside = sh("python3", os.path.join(ROOT, "flowforge.py"), "init", env=env, cwd=repo)
+    assert "next: `git add .flowforge && git commit`" in outside.stdout, outside
 
 
 def test_install_refuses_bad_arguments(tmp_path):
