@@ -7806,6 +7806,21 @@ def write_crontab(line, root):
 HEALTH_CODES = {"ok": 0, "degraded": 1, "unhealthy": 2}
 
 
+def daemon_verdict(repo):
+    """(status, detail, data) of the daemon for health and doctor: ok while one
+    runs with a fresh heartbeat, or when a scheduled `daemon --once` ran lately."""
+    running, info = daemon_state(repo)
+    interval = repo.config["daemon"]["interval"]
+    age = now() - info["heartbeat"] if info.get("heartbeat") else None
+    data = {"heartbeat_age": age, "running": running}
+    if running and age is not None and age <= 3 * interval + 60:
+        return "ok", "running (pid %s), heartbeat %ds ago" % (info.get("pid"), age), data
+    if age is not None and age <= 900:
+        return "ok", "last run %ds ago (cron or --once)" % age, data
+    return "degraded", "not running%s (run `flowforge daemon --ensure` or install a scheduler)" % (
+        ", last heartbeat %ds ago" % age if age is not None else ""), data
+
+
 def health_checks(repo):
     """[{check, status, detail, ...}]: status is ok, degraded or unhealthy."""
     checks = []
@@ -7819,19 +7834,8 @@ def health_checks(repo):
         "; ".join("%s %s" % kv for kv in bad.items()) + " (run `flowforge install hooks`)"
         if bad else "pre-commit, post-commit and pre-push installed and current", hooks=hooks)
 
-    running, info = daemon_state(repo)
-    interval = repo.config["daemon"]["interval"]
-    age = now() - info["heartbeat"] if info.get("heartbeat") else None
-    if running and age is not None and age <= 3 * interval + 60:
-        add("daemon", "ok", "running (pid %s), heartbeat %ds ago" % (info.get("pid"), age),
-            heartbeat_age=age, running=True)
-    elif age is not None and age <= 900:
-        add("daemon", "ok", "last run %ds ago (cron or --once)" % age, heartbeat_age=age,
-            running=running)
-    else:
-        add("daemon", "degraded", "not running%s (run `flowforge daemon --ensure` or install a "
-            "scheduler)" % (", last heartbeat %ds ago" % age if age is not None else ""),
-            heartbeat_age=age, running=running)
+    status, detail, data = daemon_verdict(repo)
+    add("daemon", status, detail, **data)
 
     stats = None
     if queue_exists(repo):
@@ -8000,8 +8004,7 @@ def doctor_findings(repo, notes=None):
     for hook, status in hook_status(repo).items():
         if status != "current":
             findings.append(("the %s hook is %s" % (hook, status), "run `flowforge install hooks`"))
-    running, info = daemon_state(repo)
-    if not running:
+    if daemon_verdict(repo)[0] != "ok":   # no daemon, and no recent scheduled run either
         findings.append(("no daemon is running here", "run `flowforge daemon --ensure`, or "
                          "`flowforge install cron|systemd|launchd --write`"))
     damaged = False
@@ -10113,13 +10116,15 @@ def aggregate_own(repo):
     too, or a close would bill their time as adjustments later.  Returns a line
     for each store that could not be; the command goes on without that
     newest time, and says so."""
-    lines = []
+    lines, took_in = [], False
     for user in local_users(repo):
         try:
-            aggregate_store(repo, user, False, 2.0, routine=True)
+            took_in |= bool(aggregate_store(repo, user, False, 2.0, routine=True)["months"])
         except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
             lines.append("the newest time of %s may be missing: it could not be aggregated "
                          "(%s); run `flowforge aggregate --all`" % (user, one_line(e)))
+    if took_in and not lines:   # `health` measures the wait for aggregation from this
+        record_metrics(repo, last_aggregate_success=now())
     return lines
 
 

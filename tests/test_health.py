@@ -1,5 +1,6 @@
 """health, metrics and doctor."""
 import contextlib
+import json
 import os
 import re
 import signal
@@ -57,6 +58,18 @@ def test_health_sees_waiting_private_time_and_quarantine(repo):
     assert checks(r)["aggregation"] == "unhealthy" and r.rc == 2
     repo.ok("aggregate")
     assert checks(repo("health", "--json"))["aggregation"] == "ok"
+    # aggregated 3 h ago, tracked 2 h ago: waiting; a report (or bill, close, push)
+    # aggregates first, and health sees that
+    repo.ok("log", "3", "1h", env=NOW)
+    metrics = os.path.join(repo.root, ".flowforge/state/metrics.json")
+    doc = json.load(open(metrics))
+    doc["last_aggregate_success"] = time.time() - 3 * 3600
+    json.dump(doc, open(metrics, "w"))
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(day, (two_hours_ago, two_hours_ago))
+    assert checks(repo("health", "--json"))["aggregation"] == "degraded"
+    repo.ok("report")
+    assert checks(repo("health", "--json"))["aggregation"] == "ok"
     with open(day, "ab") as f:
         f.write(b"torn")
     repo.ok("log", "2", "1h", env=NOW)
@@ -99,6 +112,9 @@ def test_metrics_prometheus_text_format(repo, tmp_path):
 def test_doctor(repo):
     r = repo("doctor")
     assert r.rc == 1 and "install hooks" in r.out and "no daemon" in r.out
+    repo.ok("daemon", "--once")                 # what cron runs: health and doctor agree
+    assert checks(repo("health", "--json"))["daemon"] == "ok"
+    assert "no daemon" not in repo("doctor").out
     os.chmod(os.path.join(repo.root, ".flowforge/user"), 0o755)
     git(repo.root, "add", "-f", ".flowforge/user")
     open(os.path.join(repo.root, ".flowforge/.gitignore"), "w").write("# emptied\n")
@@ -131,7 +147,7 @@ def test_the_sqlite_wal_reset_bug_is_a_note_unless_the_queue_is_damaged(repo, mo
     """A stock Debian/Ubuntu Python links an affected SQLite: doctor says so, but
     exits 0 on an otherwise good setup; only a damaged queue.db makes it a problem."""
     monkeypatch.setattr(ff, "sqlite_wal_reset_bug", lambda version: True)
-    monkeypatch.setattr(ff, "daemon_state", lambda r: (True, {}))   # one is running
+    monkeypatch.setattr(ff, "daemon_verdict", lambda r: ("ok", "running", {}))   # one runs
     repo.ok("install", "hooks")
     ff.open_queue(ff.Repo(repo.root)).enqueue("aggregate", {"user": "alice"})
     r = call(repo.root, "doctor")
