@@ -3586,8 +3586,9 @@ class Timers:
             line = "%s %s%s: %s" % (state, timer["issue"],
                                     " (%s)" % timer["project"] if timer.get("project") else "",
                                     format_duration(result["elapsed_seconds"]))
-            if timer.get("running_since") is not None:
-                line += " since %s" % self.show(timer["running_since"])[11:16]
+            if timer.get("running_since") is not None:   # the day too, if not today's
+                shown = self.show(timer["running_since"])
+                line += " since %s" % (shown[11:16] if shown[:10] == today else shown[:16])
             if timer.get("note"):
                 line += " - " + timer["note"]
             lines.append(line)
@@ -3635,7 +3636,7 @@ class Timers:
             self.store.append(day, [entry])
         when = self.span(entry["segments"]) if start is not None else day
         return {"entry": public_entry(entry), "changed": True}, ["logged %s to %s on %s (%s)%s" % (
-            format_duration(seconds), issue, when, entry_id,
+            exact_duration(seconds), issue, when, entry_id,
             " (overlap allowed)" if entry.get("overlap") else "")]
 
     def edit(self, entry_id, changes, allow_overlap=False):
@@ -9623,6 +9624,8 @@ def _v1_key(issue, user, start, session):
 def _v1_user(name, mapping):
     if isinstance(name, str):
         name = mapping.get(name, name)
+    if name is None:
+        raise ValueError("has no user")
     if not isinstance(name, str) or not valid_user_name(name):
         raise ValueError("user %r is not a valid name (use --map old=new)" % (name,))
     return name
@@ -9786,8 +9789,9 @@ def parse_timewarrior(path, user, default_issue, project, zone, hasher):
                     except ValueError as e:
                         raise _import_error(path, "%s line %d" % (name, number), str(e))
                 issue, rest = batch.issue_from_tags(tags)
-                found = (issue or default_issue, ("timewarrior: " + " ".join(
-                    rest + ([annotation] if annotation else []))).strip()[:NOTE_MAX])
+                words = " ".join(rest + ([annotation] if annotation else []))
+                found = (issue or default_issue,
+                         ("timewarrior: " + words if words else "timewarrior")[:NOTE_MAX])
                 if len(tagged) < 100000:   # (annotations may all differ)
                     tagged[text] = found
             issue, note = found
@@ -12456,9 +12460,13 @@ def cmd_aggregate(ctx, args):
 def _dims(text):
     dims = [d.strip() for d in (text or "").split(",") if d.strip()]
     bad = [d for d in dims if d not in REPORT_DIMENSIONS]
-    if bad or not dims or len(set(dims)) != len(dims):
-        raise FlowForgeError("--by takes a comma-separated list of %s" % ", ".join(REPORT_DIMENSIONS),
-                             EXIT_USAGE)
+    twice = sorted({d for d in dims if dims.count(d) > 1})
+    if bad or not dims or twice:
+        guess = closest(bad[0], REPORT_DIMENSIONS) if bad else None
+        what = ("no dimension %r%s" % (bad[0], " (did you mean %s?)" % guess if guess else "")
+                if bad else "%s given twice" % twice[0] if twice else "no dimension given")
+        raise FlowForgeError("--by: %s; it takes a comma-separated list of %s" % (
+            what, ", ".join(REPORT_DIMENSIONS)), EXIT_USAGE)
     return dims
 
 
@@ -12553,8 +12561,10 @@ def _deliver(ctx, args, doc, text, name):
             raise FlowForgeError("--open shows a page: use it with --format html", EXIT_USAGE)
         pages = os.path.join(ctx.repo.state, "pages")
         makedirs_private(pages)
-        path = os.path.join(pages, "%s-%s.html" % (name, (doc["from"] or "start") + "_"
-                                                   + (doc["to"] or "now")))
+        first, last = doc["from"], doc["to"]
+        span = "%s_%s" % (first, last) if first and last else "since-" + first if first else \
+            "until-" + last if last else "all-time"
+        path = os.path.join(pages, "%s-%s.html" % (name, span))
     ctx.write_output(text, path, 0o644)
     if path:
         info("wrote %s" % path)
@@ -13745,8 +13755,10 @@ def main(argv=None):
             if extra and name == "log" and args.duration is None and len(extra) == 1 \
                     and not extra[0].startswith("-"):
                 args.duration = extra[0]   # `log 123 --date yesterday 2h`: after the options
-            elif extra:
-                parser.error("unrecognized arguments: %s" % " ".join(extra))
+            elif extra:   # said by the command's own help, which lists what it takes
+                raise FlowForgeError("unrecognized arguments: %s (see `flowforge %s --help`)" % (
+                    " ".join(extra), name) if known else "unrecognized arguments: %s (see "
+                    "`flowforge --help`)" % " ".join(extra), EXIT_USAGE)
         _configure_ui(args)
         if not getattr(args, "handler", None):
             raise FlowForgeError("no command given (`flowforge --help` lists them)", EXIT_USAGE)

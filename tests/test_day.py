@@ -312,6 +312,8 @@ def test_running_timer_counts_on_today_in_status(dev):
     # 01:30 in Berlin: 1h30m of the timer's 2h30m are today's
     assert status["today_seconds"] == 0 and status["timer_today_seconds"] == 5400
     assert status["elapsed_seconds"] == 9000
+    text = dev.ok("status", env={"FLOWFORGE_NOW": "2026-11-20T00:30:00Z"}).out
+    assert "tracking 1: 2h30m since 2026-11-19 23:00" in text      # not today's: with its day
 
 
 def test_report_names_own_time_it_could_not_aggregate(dev):
@@ -451,6 +453,18 @@ def test_dates_out_of_range_are_one_line_and_create_nothing(repo):
         r = repo("--user", "fresh", *args, env=NOW)
         assert r.rc == 64 and r.err.count("\n") == 1 and "Traceback" not in r.err, (args, r)
     assert not os.path.exists(os.path.join(repo.root, ".flowforge/user/fresh"))
+
+
+def test_a_mistake_names_what_was_wrong_and_where_to_look(dev):
+    for args, said in ((["report", "--by", "user,isue"], "no dimension 'isue' (did you mean issue?)"),
+                       (["report", "--by", "colour"], "no dimension 'colour';"),
+                       (["bill", "--by-issue", "--by", "x"], "unrecognized arguments"),
+                       (["report", "--by", "user,user"], "user given twice"),
+                       (["start", "123", "--bogus"], "see `flowforge start --help`"),
+                       (["entries", "--bogus"], "see `flowforge entries --help`")):
+        r = dev(*args, env=NOW)
+        assert r.rc == 64 and said in r.err and r.err.count("\n") == 1, (args, r)
+    assert "logged 1h30m15s to 405" in dev.ok("log", "405", "1:30:15", env=NOW).out   # as stored
 
 
 def test_pause_and_resume_are_admitted_too(dev):

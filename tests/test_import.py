@@ -93,6 +93,7 @@ def test_timewarrior_import(repo):
     assert by_issue["OPS-3"]["note"] == "timewarrior: on call pager went off"
     assert by_issue["owner/repo#9"]["note"] == 'timewarrior: late "fix"'
     assert by_issue["ABC-12"]["project"] == "acme"
+    assert by_issue["ABC-12"]["note"] == "timewarrior"          # only the issue's tag: no words
     repo.ok("stop", "--at", "2026-11-20 09:00", env=NOW)
     repo.ok("aggregate", env=NOW)
     rows = repo.ok("report", "--json", "--by", "month").json["rows"]
@@ -179,6 +180,8 @@ MALFORMED = [
            '"user": "alice"}]}}', "not ISO-8601"),
     ("v1", '{"1": {"sessions": [{"start": "0001-01-01T00:00:00Z", "duration": 60, '
            '"user": "alice"}]}}', "not ISO-8601"),
+    ("v1", '{"1": {"sessions": [{"start": "garbage"}]}}', "has no user"),
+    ("v1", '{"1": {"sessions": [{"start": "garbage", "user": "alice"}]}}', "not ISO-8601"),
     ("watson", '{"frames": []}', "expected a list"),
     ("watson", '[[NaN, 1763283600, "p", "id1", ["1"]]]', "must be Unix times"),
     ("watson", '[[1763280000, 1e30, "p", "id1", ["1"]]]', "must be Unix times"),

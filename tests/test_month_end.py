@@ -232,9 +232,12 @@ def test_pages_render_in_headless_chromium(month, tmp_path):
 def test_open_writes_the_page_and_says_where_without_a_browser(month):
     r = month.ok("report", "--format", "html", "--open", env=dict(DEC, BROWSER="false"))
     [path] = re.findall(r"wrote (\S+\.html)", r.err)
-    assert path.startswith(os.path.join(month.root, ".flowforge/state/pages/"))
+    assert path == os.path.join(month.root, ".flowforge/state/pages/report-all-time.html")
     assert open(path).read().startswith("<!DOCTYPE html>")
     assert "no browser to open here: the page is %s" % path in r.err
+    r = month.ok("bill", "--format", "html", "--open", "--month", "2026-11",
+                 env=dict(DEC, BROWSER="false"))
+    assert re.findall(r"wrote (\S+\.html)", r.err)[0].endswith("/bill-2026-11-01_2026-11-30.html")
     assert month("report", "--open", env=DEC).rc == 64
 
 
