@@ -133,6 +133,34 @@ def test_granularity(repo, granularity, periods):
         assert halves == [3600, 7200]
 
 
+def test_a_report_skips_only_stores_with_nothing_to_take_in(repo):
+    """report, bill, close and push look at two small files per store to skip a
+    store whose aggregation would take nothing in; anything that would make it
+    take something in (a change, a lost or older state, other settings) is seen."""
+    repo.ok("log", "1", "1h", "--date", "2026-11-16", env=NOW)
+    repo.ok("log", "2", "1h", "--date", "2026-11-16", user="bob", env=NOW)
+
+    def settled(user="alice"):
+        r = ff.Repo(repo.root)
+        return ff.Aggregator(ff.PrivateStore(r, user), r.config["granularity"]).settled()
+    assert not settled() and not settled("bob")                   # days named, never aggregated
+    repo.ok("report", env=NOW)
+    assert settled() and settled("bob")
+    repo.ok("log", "1", "30m", "--date", "2026-11-17", user="bob", env=NOW)
+    assert settled() and not settled("bob")
+    assert repo.ok("report", "--json", env=NOW).json["total_seconds"] == 9000
+    assert settled("bob")
+    path = os.path.join(repo.root, ".flowforge/config.json")
+    config = json.load(open(path))
+    config["granularity"] = "week"
+    json.dump(config, open(path, "w"))
+    assert not settled()                                          # a full run is due
+    rows = repo.ok("report", "--json", "--by", "week", env=NOW).json["rows"]
+    assert {r["week"] for r in rows} == {"2026-W47"} and settled()
+    os.unlink(os.path.join(repo.root, ".flowforge/state/aggregate/alice.json"))
+    assert not settled()
+
+
 def test_edits_that_move_months_and_empty_a_month(repo):
     entry = repo.ok("log", "1", "1h", "--date", "2026-10-10", "--json", env=NOW).json["entry"]
     repo.ok("aggregate", env=NOW)
