@@ -5560,25 +5560,21 @@ class Aggregator:
             finally:
                 ledger.close()
 
-    def settled(self):
-        """True when a routine run would take nothing in: the store's list of
-        changed days names none, and the state was saved with this list and
-        these settings.  Two small files read, no lock and no git -- what a
-        report costs for each of a clone's stores before it reads the ledger."""
+    def settled(self, tip):
+        """True when a routine run against ledger tip `tip` would take nothing
+        in: the store's list of changed days names none, and the state (checked
+        as a run checks it) was saved against `tip` with this list and these
+        settings.  Small files read, no lock and no git -- what a report costs for
+        each of a clone's stores before it reads the ledger.  `tip` None (no
+        ref, or a fetched copy a run might take over): not settled."""
         store = self.store
-        if store.settings().get("schema", 1) < 2:
+        if tip is None or store.settings().get("schema", 1) < 2:
             return False
         _, named, token = store.read_changes()
         if token is None or named != set():
             return False
-        try:
-            header = load_json(read_bytes(AggregationState(self.repo, store.user).path))
-        except (OSError, ValueError, RecursionError, FlowForgeError):
-            return False
-        expected = self._state_fields(None)
-        del expected["tip"]      # a moved ledger ref is the explicit `aggregate`'s to say
-        return isinstance(header, dict) and header.get("journal") == token and all(
-            header.get(k) == v for k, v in expected.items())
+        state = AggregationState(self.repo, store.user)
+        return state.load(self._state_fields(tip)) and state.header.get("journal") == token
 
     def _private_chain(self):
         return AuditChain(os.path.join(self.store.dir, "audit.jsonl"))
@@ -6276,16 +6272,19 @@ class RetryQueue:
 
     def claim(self, owner, lease=DEFAULT_LEASE, kinds=None, due_by=None):
         """Lease the next due job (highest priority, then oldest), or None.
-        `due_by` ends a pass: a job that fails during the pass is due again only
-        after the time it failed, so it is not retried before the next pass."""
+        `due_by`, the start of a pass: a job tried before is taken only if it
+        was due by then, so one that fails during the pass (due again after
+        the time it failed) waits for the next pass."""
         import sqlite3
         now_ts = self.clock()
-        due_ts = now_ts if due_by is None else min(due_by, now_ts)
         token = os.urandom(8).hex()
         kind_sql, kind_args = "", ()
         if kinds:
             kind_sql = " AND kind IN (%s)" % ",".join("?" * len(kinds))
             kind_args = tuple(kinds)
+        if due_by is not None:   # a job queued during the pass (never tried) runs in it too
+            kind_sql += " AND (attempts = 0 OR next_attempt_at <= ?)"
+            kind_args += (due_by,)
         pick = ("SELECT id FROM jobs WHERE status = 'queued' AND next_attempt_at <= ?%s "
                 "ORDER BY priority, id LIMIT 1" % kind_sql)
         lease_sql = ("UPDATE jobs SET status = 'leased', lease_token = ?, lease_owner = ?, "
@@ -6296,9 +6295,9 @@ class RetryQueue:
             self._expire_leases(conn, now_ts)
             if sqlite3.sqlite_version_info >= (3, 35, 0):
                 row = conn.execute(lease_sql + "WHERE id = (%s) RETURNING *" % pick,
-                                   lease_args + (due_ts,) + kind_args).fetchone()
+                                   lease_args + (now_ts,) + kind_args).fetchone()
             else:  # pragma: no cover - SQLite without RETURNING
-                found = conn.execute(pick, (due_ts,) + kind_args).fetchone()
+                found = conn.execute(pick, (now_ts,) + kind_args).fetchone()
                 row = None
                 if found:
                     conn.execute(lease_sql + "WHERE id = ? AND status = 'queued'",
@@ -7645,8 +7644,9 @@ class Daemon:
         record_metrics(self.repo, last_aggregate_success=now())
 
     def drain(self):
-        """One pass: every job due when it starts runs once; a failure waits for
-        its backoff and the next round, so a flapping server cannot hold the loop."""
+        """One pass: every due job runs once (those queued meanwhile too); a
+        failure waits for its backoff and the next round, so a flapping server
+        cannot hold the loop."""
         due_by = self.queue.clock()
         while not self.stopping:
             job = self.queue.claim(self.owner, due_by=due_by)
@@ -7836,7 +7836,7 @@ def daemon_verdict(repo):
     data = {"heartbeat_age": age, "running": running}
     if running and age is not None and age <= 3 * interval + 60:
         return "ok", "running (pid %s), heartbeat %ds ago" % (info.get("pid"), age), data
-    if age is not None and age <= 900:
+    if info.get("once") is True and age is not None and age <= 900:   # not a stopped daemon
         return "ok", "last run %ds ago (cron or --once)" % age, data
     return "degraded", "not running%s (run `flowforge daemon --ensure` or install a scheduler)" % (
         ", last heartbeat %ds ago" % age if age is not None else ""), data
@@ -10141,10 +10141,21 @@ def aggregate_own(repo):
     for each store that could not be; the command goes on without that
     newest time, and says so."""
     lines, took_in = [], False
-    for user in local_users(repo):
+    users = local_users(repo)
+    tips, fetched = {}, {}
+    if users:   # one git process for every store: its ref, and the fetched copies of it
+        for ref, (oid, _, _) in list_ledger_refs(repo).items():
+            if ref.startswith(STORES_REF):
+                tips[ref[len(STORES_REF):]] = oid
+            elif ref.startswith(REMOTES_REF):
+                fetched.setdefault(ref.rpartition("/")[2], set()).add(oid)
+    for user in users:
         try:
-            aggregator = Aggregator(PrivateStore(repo, user), repo.config["granularity"])
-            if not aggregator.settled():
+            store = PrivateStore(repo, user)
+            aggregator = Aggregator(store, repo.config["granularity"])
+            key = store_key(user, store.store_id)
+            tip = tips.get(key)
+            if not aggregator.settled(tip if fetched.get(key, {tip}) == {tip} else None):
                 took_in |= bool(aggregator.run(False, 2.0, routine=True)["months"])
         except (FlowForgeError, OSError) as e:   # OSError: a read-only clone, say
             lines.append("the newest time of %s may be missing: it could not be aggregated "
@@ -12882,7 +12893,7 @@ def cmd_queue(ctx, args):
     if args.action == "run":
         owner = "queue-run:%d" % os.getpid()
         outcomes = []
-        due_by = queue.clock()      # one pass: a job that fails now waits for its backoff
+        due_by = queue.clock()      # one pass: a job that fails in it waits for its backoff
         while True:
             job = queue.claim(owner, due_by=due_by)
             if job is None:

@@ -142,7 +142,10 @@ def test_a_report_skips_only_stores_with_nothing_to_take_in(repo):
 
     def settled(user="alice"):
         r = ff.Repo(repo.root)
-        return ff.Aggregator(ff.PrivateStore(r, user), r.config["granularity"]).settled()
+        store = ff.PrivateStore(r, user)
+        tip = git(repo.root, "for-each-ref", "--format=%(objectname)", ff.STORES_REF
+                  + ff.store_key(user, store.store_id)).strip() or None
+        return ff.Aggregator(store, r.config["granularity"]).settled(tip)
     assert not settled() and not settled("bob")                   # days named, never aggregated
     repo.ok("report", env=NOW)
     assert settled() and settled("bob")
@@ -159,6 +162,22 @@ def test_a_report_skips_only_stores_with_nothing_to_take_in(repo):
     assert {r["week"] for r in rows} == {"2026-W47"} and settled()
     os.unlink(os.path.join(repo.root, ".flowforge/state/aggregate/alice.json"))
     assert not settled()
+    repo.ok("report", env=NOW)
+    assert settled()
+    # the ledger ref put back to an older commit (a .git restored from a backup), or
+    # gone: not settled, so the report says so or rebuilds -- never silently less time
+    ref = store_ref(repo.root)
+    older = git(repo.root, "rev-list", "--max-parents=0", ref).split()[0]
+    newest = git(repo.root, "rev-parse", ref).strip()
+    git(repo.root, "update-ref", ref, older)
+    assert not settled()
+    r = repo.ok("report", "--json", env=NOW)
+    assert "newest time of alice may be missing" in r.err and "last wrote" in r.err
+    git(repo.root, "update-ref", ref, newest)
+    assert settled()
+    git(repo.root, "update-ref", "-d", ref)
+    assert repo.ok("report", "--json", env=NOW).json["total_seconds"] == 9000   # rebuilt
+    assert settled()
 
 
 def test_edits_that_move_months_and_empty_a_month(repo):

@@ -207,6 +207,19 @@ def test_one_pass_runs_a_failing_job_once_even_when_it_is_due_again_before_the_e
     assert len(github.ours("acme/app", 7)) == 1
 
 
+@pytest.mark.parametrize("command", [("queue", "run"), ("daemon", "--once")])
+def test_a_job_queued_during_the_pass_runs_in_it(repo, github, command):
+    """The hook's aggregation failed and was queued; the pass runs it, and the
+    sync it asks for (queued then) too: one `queue run` or cron round delivers."""
+    enable(repo, github)
+    repo.ok("log", "7", "45m", "--date", "2026-11-19", env=env(github))
+    ff.enqueue_aggregate(ff.open_queue(ff.Repo(repo.root)), "alice")
+    repo.ok(*command, env=env(github))
+    assert sorted(j["kind"] for j in jobs(repo)) == ["aggregate", "sync"]
+    assert {j["status"] for j in jobs(repo)} == {"done"}
+    assert len(github.ours("acme/app", 7)) == 1
+
+
 @pytest.mark.parametrize("status,body,text", [
     (401, {"message": "Bad credentials"}, "Bad credentials"),
     (403, {"message": "Resource not accessible by personal access token"}, "not accessible"),

@@ -115,6 +115,10 @@ def test_doctor(repo):
     repo.ok("daemon", "--once")                 # what cron runs: health and doctor agree
     assert checks(repo("health", "--json"))["daemon"] == "ok"
     assert "no daemon" not in repo("doctor").out
+    repo.ok("daemon", "--ensure")
+    repo.ok("daemon", "--stop")                 # a stopped daemon's fresh heartbeat is no run
+    assert checks(repo("health", "--json"))["daemon"] == "degraded"
+    assert "no daemon" in repo("doctor").out
     os.chmod(os.path.join(repo.root, ".flowforge/user"), 0o755)
     git(repo.root, "add", "-f", ".flowforge/user")
     open(os.path.join(repo.root, ".flowforge/.gitignore"), "w").write("# emptied\n")
